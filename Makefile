@@ -1,0 +1,36 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel of torch (a plain `torch` would pull a multi-GB CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/dsarag models pull
+
+demo: models
+	$(BIN)/dsarag ingest corpora/demo/docs --store .dsarag/demo
+	$(BIN)/dsarag ask "Who leads the Harbor Street Kitchen project as of 2025?" --docs corpora/demo/docs --store .dsarag/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: models lint
+	$(BIN)/python -m pytest -q -x --durations=15
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .dsarag build dist *.egg-info

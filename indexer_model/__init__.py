@@ -1,0 +1,1 @@
+"""dsarag: indexer_model."""
