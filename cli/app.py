@@ -1,0 +1,188 @@
+"""The `dsarag` command line: parses options, calls rag/ and indexer_model/, renders with rich."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.models_cmd import models_app
+from rag.errors import DsaragError
+
+app = typer.Typer(
+    name="dsarag",
+    help="Long-context retrieval-augmented question answering on your own machine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Inspect and rebuild a store's FAISS index.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+StoreOption = Annotated[
+    Path | None, typer.Option("--store", help="Store folder (default: one per docs folder under ~/.local/share/dsarag).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def ingest(
+    docs: Annotated[Path, typer.Argument(help="Folder (or single file) of documents to ingest.")],
+    store: StoreOption = None,
+    index_factory: Annotated[
+        str | None, typer.Option("--index-factory", help="FAISS factory string, e.g. HNSW32 (default: by size).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read, chunk, embed and index DOCS incrementally (unchanged files are skipped)."""
+    from rag.config import resolve_store
+    from rag.embed import load_embedder
+    from rag.errors import EXIT_PARTIAL_INGEST
+    from rag.ingest import ingest_folder
+    from rag.store import ChunkStore
+
+    store_path = resolve_store(store, docs)
+    with stderr.status("loading the embedder"):
+        embedder = load_embedder()
+    report = ingest_folder(docs, ChunkStore(store_path), embedder, index_factory=index_factory, console=stderr)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        _render_ingest(report)
+    if report.failed:
+        raise typer.Exit(EXIT_PARTIAL_INGEST)
+
+
+def _render_ingest(report) -> None:  # noqa: ANN001
+    table = Table(title=f"ingest → {report.store}", show_header=False)
+    for name in ("files_seen", "unchanged", "added", "changed", "deleted", "chunks_total", "chunks_embedded"):
+        table.add_row(name.replace("_", " "), str(getattr(report, name)))
+    rate = report.chunks_embedded / report.seconds if report.seconds else 0.0
+    table.add_row("time", f"{report.seconds:.2f} s ({rate:.0f} chunks/s)")
+    table.add_row("index", report.index_factory or "-")
+    stderr.print(table)
+    for item in report.skipped:
+        stderr.print(f"[yellow]skipped[/] {item.path}: {item.reason}")
+    for item in report.failed:
+        stderr.print(f"[red]failed[/] {item.path}: {item.reason}")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    docs: Annotated[
+        Path | None, typer.Option("--docs", help="Documents folder; ingested first when new or changed.")
+    ] = None,
+    store: StoreOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf"),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Chunks to retrieve.", min=1)] = 6,
+    context_tokens: Annotated[int, typer.Option("--context-tokens", help="Token budget for sources.", min=64)] = 3072,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer QUESTION from your documents, with numbered citations."""
+    from rag.ask import AskOptions
+    from rag.ask import ask as run_ask
+    from rag.config import resolve_store
+
+    options = AskOptions(
+        question=question,
+        store=resolve_store(store, docs),
+        docs=docs,
+        model=model,
+        top_k=top_k,
+        context_tokens=context_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
+    if as_json:
+        _print_json(run_ask(options, console=stderr).to_json())
+        return
+    result = run_ask(options, console=stderr, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    sys.stdout.write("\n\n")
+    for source in result.sources:
+        stdout.print(f"[{source['number']}] {source['citation']}  ({source['date']})", highlight=False)
+    timing = ", ".join(f"{name.removesuffix('_s')} {value:.2f}s" for name, value in result.timings.items())
+    stderr.print(f"[dim]{result.model} · {result.attention} · {timing}[/]")
+
+
+@index_app.command("info")
+def index_info(store: StoreOption = None, docs: Annotated[Path | None, typer.Option("--docs")] = None, as_json: JsonOption = False) -> None:
+    """Show what a store holds: chunks, vectors, files, embedder and index type."""
+    from rag.config import resolve_store
+    from rag.store import ChunkStore
+
+    chunk_store = ChunkStore(resolve_store(store, docs))
+    manifest = chunk_store.read_manifest()
+    index = chunk_store.read_index(manifest)
+    info = {
+        "store": str(chunk_store.folder),
+        "root": manifest.root,
+        "chunks": manifest.n_chunks,
+        "vectors": int(index.ntotal),
+        "files": len(manifest.files),
+        "embedding_model": manifest.embedding_model,
+        "dim": manifest.dim,
+        "index_factory": manifest.index_factory,
+        "generation": manifest.generation,
+    }
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(show_header=False, title="dsarag index info")
+    for name, value in info.items():
+        table.add_row(name, str(value))
+    stdout.print(table)
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    store: StoreOption = None,
+    docs: Annotated[Path | None, typer.Option("--docs")] = None,
+    factory: Annotated[str | None, typer.Option("--factory", help="FAISS factory string (default: by size).")] = None,
+) -> None:
+    """Rebuild the FAISS index from the embeddings kept in the chunk file (no re-embedding)."""
+    from rag.config import resolve_store
+    from rag.index import build_index
+    from rag.store import ChunkStore, embeddings_of
+
+    chunk_store = ChunkStore(resolve_store(store, docs))
+    manifest = chunk_store.read_manifest(check_index=False)
+    chunks = chunk_store.read_chunks(manifest)
+    if factory:
+        manifest.index_override = factory
+    index, manifest.index_factory = build_index(
+        embeddings_of(chunks), chunks.column("chunk_id").to_numpy(), manifest.index_override or None
+    )
+    chunk_store.commit(manifest, chunks, index)
+    stderr.print(f"rebuilt {manifest.index_factory} over {index.ntotal} vectors in {chunk_store.folder}")
+
+
+def main() -> None:
+    try:
+        app()
+    except DsaragError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

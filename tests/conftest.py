@@ -1,0 +1,47 @@
+"""Shared fixtures: the embedded models come from the user cache (`make test` runs `dsarag models pull`)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_home(tmp_path_factory, monkeypatch):
+    """Default stores go to a temporary folder, never into the user's data dir."""
+    monkeypatch.setenv("DSARAG_HOME", str(tmp_path_factory.mktemp("dsarag-home")))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from rag.embed import load_embedder
+
+    return load_embedder()
+
+
+@pytest.fixture(scope="session")
+def embedder_tokenizer_json(embedder) -> Path:
+    """tokenizer.json of the embedded embedder (all-MiniLM-L6-v2)."""
+    return embedder.tokenizer_json
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `dsarag ARGS…` in-process; return (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        from cli.app import main
+
+        saved_argv = sys.argv
+        sys.argv = ["dsarag", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        finally:
+            sys.argv = saved_argv
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
