@@ -1,0 +1,109 @@
+"""DeepSeek Sparse Attention: each query attends only to the keys its lightning indexer selected.
+
+Shapes: q (B, Hq, T, d); KV cache (B, Hkv, S, d) with key s at position s; indices (B, T, topk), one set per
+query shared by all heads, -1 for unused slots. GQA as in HF `repeat_kv`: kv head h serves query heads
+h * G ... h * G + G - 1, G = Hq / Hkv.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from indexer_model.indexer import select_topk
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    topk: int = 2048
+    n_sink: int = 4  # attention sinks: dropping them collapses quality just past k tokens
+    window: int = 64  # local window always attended
+    dense_threshold: int = 2048  # shorter contexts run exact dense attention
+    index_heads: int = 4
+    index_dim: int = 64
+
+    def runs_dense(self, n_keys: int) -> bool:
+        """Below the threshold, or with k covering every key, sparse attention would equal dense anyway."""
+        return n_keys <= self.topk or n_keys < self.dense_threshold
+
+
+def gather_rows(cache: Tensor, indices: Tensor) -> Tensor:
+    """cache (B, H, S, d), indices (B, T, k) in [0, S) -> (B, H, T, k, d): the rows each query selected."""
+    rows = [one.index_select(1, idx.flatten()) for one, idx in zip(cache, indices, strict=True)]
+    return torch.stack(rows).unflatten(2, indices.shape[1:])
+
+
+def sparse_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float, block: int = 128
+) -> Tensor:
+    """Softmax attention over the gathered rows indices[b, t, :] only; out (B, Hq, T, d) in q's dtype.
+
+    Queries go in blocks so the gathered K/V stay O(block * topk * Hkv * d); each gathered row serves all
+    G query heads of its kv group. Scores and softmax run in fp32 (bf16 scores cost 5x SDPA's error).
+    Every query needs at least one valid index.
+    """
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for t0 in range(0, seq_len, block):
+        idx = indices[:, t0 : t0 + block]
+        k_sel = gather_rows(k_cache, idx.clamp(min=0)).float()  # (B, Hkv, Tb, topk, d)
+        v_sel = gather_rows(v_cache, idx.clamp(min=0)).float()
+        q_blk = q[:, :, t0 : t0 + block].float().unflatten(1, (n_kv_heads, -1))  # (B, Hkv, G, Tb, d)
+        scores = (q_blk.transpose(2, 3) @ k_sel.transpose(-1, -2)) * scale  # (B, Hkv, Tb, G, topk)
+        scores = scores.masked_fill((idx < 0)[:, None, :, None], float("-inf"))
+        out_blk = scores.softmax(dim=-1) @ v_sel  # (B, Hkv, Tb, G, d)
+        out[:, :, t0 : t0 + block] = out_blk.transpose(2, 3).flatten(1, 2).to(q.dtype)
+    return out
+
+
+def masked_dense_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float
+) -> Tensor:
+    """Test oracle for sparse_attention: dense fp32 scores masked to the selected keys. O(T x S) memory."""
+    batch, n_heads, seq_len, _ = q.shape
+    n_keys = k_cache.shape[2]
+    group = n_heads // k_cache.shape[1]
+    allowed = torch.zeros(batch, seq_len, n_keys + 1, dtype=torch.bool, device=q.device)
+    allowed.scatter_(-1, indices.masked_fill(indices < 0, n_keys), True)  # -1 slots land in a spare column
+    k = k_cache.float().repeat_interleave(group, dim=1)
+    v = v_cache.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None, :, :n_keys], float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+def causal_dense_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, q_positions: Tensor, n_keys: int, scale: float
+) -> Tensor:
+    """Exact dense attention (SDPA) over the first n_keys cache rows, key s visible to queries at >= s."""
+    k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+    if q.shape[2] == n_keys:  # a prefill from position 0: plain causal, which takes SDPA's flash kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    visible = torch.arange(n_keys, device=q.device)[None, :] <= q_positions[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+
+
+def dsa_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    idx_q: Tensor,
+    idx_w: Tensor,
+    idx_k_cache: Tensor,
+    q_positions: Tensor,
+    n_keys: int,
+    cfg: DSAConfig,
+    scale: float | None = None,
+) -> Tensor:
+    """DSA for one layer: indexer top-k then gather attention; exact dense when the context is short.
+
+    idx_q (B, T, H_I, d_I) and idx_w (B, T, H_I) come from LightningIndexer.project for the new tokens;
+    idx_k_cache (B, S, d_I) holds the indexer keys of the first n_keys positions (the new tokens included).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cfg.runs_dense(n_keys):
+        return causal_dense_attention(q, k_cache, v_cache, q_positions, n_keys, scale)
+    indices = select_topk(idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg.topk, cfg.n_sink, cfg.window)
+    return sparse_attention(q, k_cache, v_cache, indices, scale)

@@ -1,0 +1,138 @@
+"""Lightning indexer (DeepSeek Sparse Attention) and blockwise top-k key selection.
+
+One indexer per attention layer scores every (query t, key s) pair cheaply:
+    I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])
+and each query attends only to its top-k keys. Shapes: x (B, T, D); q (B, T, H_I, d_I); w (B, T, H_I);
+k (B, S, d_I), one key per token shared by all index heads; positions are 1-D (T,) and key s of a cache sits
+at position s.
+"""
+
+import torch
+from torch import Tensor, nn
+
+ROPE_LAYOUT = "half-split"  # NeoX / HF `rotate_half`: dims i and i + rope_dims/2 form a rotation pair
+
+
+def rope_cos_sin(positions: Tensor, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, rope_dims) in float32 for the half-split layout."""
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, rope_dims, 2, device=positions.device, dtype=torch.float32) / rope_dims
+    )
+    angles = positions.to(torch.float32)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] dims of x (half-split layout); the other dims carry no position."""
+    rope_dims = cos.shape[-1]
+    rotated, rest = x[..., :rope_dims].float(), x[..., rope_dims:]
+    x1, x2 = rotated.chunk(2, dim=-1)
+    rotated = rotated * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+
+
+class LightningIndexer(nn.Module):
+    """Index queries, weights and keys from a layer's normed hidden state (DeepSeek-V3.2 Indexer, small)."""
+
+    def __init__(self, dim: int, rope_base: float, n_heads: int = 4, head_dim: int = 64) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_base = n_heads, head_dim, float(rope_base)
+        self.rope_dims = head_dim // 2
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+
+    def config(self) -> dict:
+        """What a checkpoint must record: a different RoPE layout passes at 2K and fails at 16K."""
+        return {
+            "n_heads": self.n_heads,
+            "head_dim": self.head_dim,
+            "rope_dims": self.rope_dims,
+            "layout": ROPE_LAYOUT,
+            "rope_base": self.rope_base,
+        }
+
+    def check_config(self, recorded: dict) -> None:
+        """Raise ValueError if a checkpoint's recorded config differs from this indexer's."""
+        mine = self.config()
+        wrong = {key: (recorded.get(key), mine[key]) for key in mine if recorded.get(key) != mine[key]}
+        if wrong:
+            details = ", ".join(
+                f"{key}: checkpoint {got!r} vs model {want!r}" for key, (got, want) in wrong.items()
+            )
+            raise ValueError(
+                f"indexer checkpoint does not match this indexer ({details}); retrain or re-export it"
+            )
+
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D), positions (T,) -> q (B, T, H_I, d_I), w (B, T, H_I), k (B, T, d_I)."""
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))
+        w = self.weights_proj(x) * (self.n_heads * self.head_dim) ** -0.5
+        cos, sin = rope_cos_sin(positions, self.rope_dims, self.rope_base)
+        q = apply_partial_rope(q, cos[:, None], sin[:, None])
+        k = apply_partial_rope(k, cos, sin)
+        return q, w, k
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Index scores of x against itself, (B, T, T); for training at lengths where T x T fits."""
+        q, w, k = self.project(x, positions)
+        return index_scores(q, w, k, positions, positions)
+
+
+def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+    """I (B, T, S) float32 = sum_j w[t,j] * ReLU(q[t,j] . k[s]); -inf where key position > query position."""
+    # fp32 throughout: upcasting q and k is cheaper than upcasting the (T, H_I, S) logits, and on CPU an
+    # fp32 matmul was faster than bf16.
+    logits = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu_()
+    scores = torch.einsum("bths,bth->bts", logits, w.float())
+    future = k_positions[None, :] > q_positions[:, None]
+    return scores.masked_fill_(future, float("-inf"))
+
+
+def select_topk(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_positions: Tensor,
+    n_keys: int,
+    topk: int,
+    n_sink: int = 4,
+    window: int = 64,
+    query_block: int = 256,
+    key_block: int = 4096,
+) -> Tensor:
+    """Indices (B, T, topk) int64 of the keys each query attends to; -1 marks unused slots (t + 1 < topk).
+
+    k is the indexer key cache (B, >= n_keys, d_I). Sinks (positions < n_sink) and the local window
+    (positions t - window < s <= t) are always selected. Keys are scored one (query_block x key_block) tile at
+    a time and merged into a running top-k per query, so memory is O(query_block * (key_block * H_I + topk))
+    however long the context. Slot order is unspecified.
+    """
+    if topk < n_sink + window:
+        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    batch, seq_len = q.shape[:2]
+    key_positions = torch.arange(n_keys, device=k.device)
+    selected = torch.empty(batch, seq_len, topk, dtype=torch.long, device=q.device)
+    for t0 in range(0, seq_len, query_block):
+        rows = slice(t0, t0 + query_block)
+        q_pos = q_positions[rows]
+        best = torch.full((batch, len(q_pos), topk), float("-inf"), device=q.device)
+        best_idx = torch.full((batch, len(q_pos), topk), -1, dtype=torch.long, device=q.device)
+        keys_seen = min(n_keys, int(q_pos.max()) + 1)  # keys after the block's last query are all future
+        for s0 in range(0, keys_seen, key_block):
+            k_pos = key_positions[s0 : min(s0 + key_block, keys_seen)]
+            scores = index_scores(q[:, rows], w[:, rows], k[:, s0 : s0 + len(k_pos)], q_pos, k_pos)
+            past = k_pos[None, :] <= q_pos[:, None]
+            sink_or_window = (k_pos[None, :] < n_sink) | (k_pos[None, :] > q_pos[:, None] - window)
+            scores.masked_fill_(past & sink_or_window, float("inf"))
+            # One top-k over (running set + tile) equals merging the running set with the tile's top-k.
+            merged = torch.cat((best, scores), dim=-1)
+            merged_idx = torch.cat((best_idx, k_pos.expand_as(scores)), dim=-1)
+            best, pick = merged.topk(topk, dim=-1, sorted=False)  # unsorted: 2-4x faster on CPU
+            best_idx = merged_idx.gather(-1, pick)
+        selected[:, rows] = best_idx.masked_fill(best == float("-inf"), -1)
+    return selected
