@@ -27,7 +27,8 @@ stderr = Console(stderr=True)
 stdout = Console()
 
 StoreOption = Annotated[
-    Path | None, typer.Option("--store", help="Store folder (default: one per docs folder under ~/.local/share/dsarag).")
+    Path | None,
+    typer.Option("--store", help="Store folder (default: one per docs folder under ~/.local/share/dsarag)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
@@ -41,7 +42,8 @@ def ingest(
     docs: Annotated[Path, typer.Argument(help="Folder (or single file) of documents to ingest.")],
     store: StoreOption = None,
     index_factory: Annotated[
-        str | None, typer.Option("--index-factory", help="FAISS factory string, e.g. HNSW32 (default: by size).")
+        str | None,
+        typer.Option("--index-factory", help="FAISS factory string, e.g. HNSW32 (default: by size)."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -53,9 +55,9 @@ def ingest(
     from rag.store import ChunkStore
 
     store_path = resolve_store(store, docs)
-    with stderr.status("loading the embedder"):
-        embedder = load_embedder()
-    report = ingest_folder(docs, ChunkStore(store_path), embedder, index_factory=index_factory, console=stderr)
+    report = ingest_folder(
+        docs, ChunkStore(store_path), load_embedder(), index_factory=index_factory, console=stderr
+    )
     if as_json:
         _print_json(report.to_json())
     else:
@@ -87,10 +89,14 @@ def ask(
     store: StoreOption = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf"),
+        typer.Option(
+            "--model", help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf"
+        ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Chunks to retrieve.", min=1)] = 6,
-    context_tokens: Annotated[int, typer.Option("--context-tokens", help="Token budget for sources.", min=64)] = 3072,
+    context_tokens: Annotated[
+        int, typer.Option("--context-tokens", help="Token budget for sources.", min=64)
+    ] = 3072,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     as_json: JsonOption = False,
@@ -113,7 +119,9 @@ def ask(
     if as_json:
         _print_json(run_ask(options, console=stderr).to_json())
         return
-    result = run_ask(options, console=stderr, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    result = run_ask(
+        options, console=stderr, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush())
+    )
     sys.stdout.write("\n\n")
     for source in result.sources:
         stdout.print(f"[{source['number']}] {source['citation']}  ({source['date']})", highlight=False)
@@ -122,7 +130,11 @@ def ask(
 
 
 @index_app.command("info")
-def index_info(store: StoreOption = None, docs: Annotated[Path | None, typer.Option("--docs")] = None, as_json: JsonOption = False) -> None:
+def index_info(
+    store: StoreOption = None,
+    docs: Annotated[Path | None, typer.Option("--docs")] = None,
+    as_json: JsonOption = False,
+) -> None:
     """Show what a store holds: chunks, vectors, files, embedder and index type."""
     from rag.config import resolve_store
     from rag.store import ChunkStore
@@ -154,7 +166,9 @@ def index_info(store: StoreOption = None, docs: Annotated[Path | None, typer.Opt
 def index_rebuild(
     store: StoreOption = None,
     docs: Annotated[Path | None, typer.Option("--docs")] = None,
-    factory: Annotated[str | None, typer.Option("--factory", help="FAISS factory string (default: by size).")] = None,
+    factory: Annotated[
+        str | None, typer.Option("--factory", help="FAISS factory string (default: by size).")
+    ] = None,
 ) -> None:
     """Rebuild the FAISS index from the embeddings kept in the chunk file (no re-embedding)."""
     from rag.config import resolve_store

@@ -1,6 +1,8 @@
 """Sentence embeddings (sentence-transformers), normalized so inner product = cosine."""
 
+import json
 import os
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +11,24 @@ DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 
 
 class Embedder:
-    """A sentence-transformers model loaded from a local folder; never touches the network."""
+    """A sentence-transformers model in a local folder, loaded on first use (so bad input fails fast)."""
 
     def __init__(self, folder: Path, name: str, device: str | None = None) -> None:
+        self.folder = Path(folder)
+        self.name = name
+        self.device = device
+        self.tokenizer_json = self.folder / "tokenizer.json"
+        pooling = json.loads((self.folder / "1_Pooling" / "config.json").read_text())
+        self.dim = int(pooling["word_embedding_dimension"])
+
+    @cached_property
+    def model(self):  # noqa: ANN201 - SentenceTransformer, imported lazily (slow import)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
-        self.name = name
-        self.model = SentenceTransformer(str(folder), device=device or _best_device())
-        self.dim = int(self.model.get_embedding_dimension())
-        self.max_tokens = int(self.model.max_seq_length)
-        self.tokenizer_json = Path(folder) / "tokenizer.json"
+        transformers_logging.disable_progress_bar()
+        return SentenceTransformer(str(self.folder), device=self.device or _best_device())
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
