@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
 from rag.errors import DsaragError
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 index_app = typer.Typer(help="Inspect and rebuild a store's FAISS index.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+app.add_typer(indexer_app, name="indexer")
 
 stderr = Console(stderr=True)
 stdout = Console()

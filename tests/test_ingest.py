@@ -40,7 +40,9 @@ def chunk_ids_by_path(store: ChunkStore) -> dict[str, list[int]]:
     manifest = store.read_manifest()
     table = store.read_chunks(manifest, columns=["path", "chunk_id"])
     ids: dict[str, list[int]] = {}
-    for path, chunk_id in zip(table.column("path").to_pylist(), table.column("chunk_id").to_pylist(), strict=True):
+    for path, chunk_id in zip(
+        table.column("path").to_pylist(), table.column("chunk_id").to_pylist(), strict=True
+    ):
         ids.setdefault(path, []).append(chunk_id)
     return ids
 
@@ -90,7 +92,9 @@ def test_incremental_ingest_adds_changes_and_deletes_files(docs_folder, tmp_path
     ingest_folder(docs_folder, store, embedder)
     before = chunk_ids_by_path(store)
     (docs_folder / "new.md").write_text("The kitchen serves soup on Fridays.\n")
-    (docs_folder / "bikes.md").write_text("# Bike workshop\n\nThe bike workshop now opens at 10am on Sundays.\n")
+    (docs_folder / "bikes.md").write_text(
+        "# Bike workshop\n\nThe bike workshop now opens at 10am on Sundays.\n"
+    )
     (docs_folder / "notes/2023-11-02-minutes.md").unlink()
     report = ingest_folder(docs_folder, store, embedder)
     assert (report.added, report.changed, report.deleted, report.unchanged) == (1, 1, 1, 1)

@@ -1,0 +1,215 @@
+"""Generation: prefill, one-token decode, sampling, and the streaming loop; `Generator` wraps a loaded model."""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from indexer_model.gguf_convert import END_OF_TURN_TOKENS
+from indexer_model.model import Transformer
+from indexer_model.tokenizer import ChatTokenizer
+from rag.errors import ModelError
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # one-token forward passes (the first new token comes from the prefill)
+    stop_reason: str  # "eos" or "max_new_tokens"
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_steps else 0.0
+
+
+def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor) -> Tensor:
+    """Run the prompt (B, T) through the model, filling the KV cache; logits (B, V) of its last position."""
+    return model(prompt, input_pos, last_logits_only=True)[:, -1]
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
+    """Logits (B, V) after one token (B, 1) at position `input_pos` (1,)."""
+    return model(token, input_pos, last_logits_only=True)[:, -1]
+
+
+def sample(
+    logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Next token ids (B,): argmax when temperature == 0, else nucleus sampling at `temperature`."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    return sorted_ids.gather(-1, choice).squeeze(-1)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas, holding back incomplete multi-byte characters."""
+
+    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None) -> None:
+        self.decode, self.on_text = decode, on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its remaining bytes
+            return
+        self.flush(text)
+
+    def flush(self, text: str | None = None) -> str:
+        text = self.decode(self.ids) if text is None else text
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            if self.on_text is not None:
+                self.on_text(text[len(self.emitted) :])
+            self.emitted = text
+        return text
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    decode: Callable[[list[int]], str],
+    stop_ids: set[int],
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    on_text: Callable[[str], None] | None = None,
+    seed: int | None = None,
+) -> GenerationResult:
+    """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas."""
+    device = model.output.weight.device
+    prompt_len = len(prompt_ids)
+    total = prompt_len + max_new_tokens
+    if prompt_len == 0:
+        raise ValueError("empty prompt")
+    if total > model.args.max_seq_len:
+        raise ModelError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+            f"{model.args.max_seq_len}; lower the context budget or max_new_tokens"
+        )
+    model.setup_caches(max_batch_size=1, max_seq_len=total)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stream = TextStream(decode, on_text)
+
+    started = time.perf_counter()
+    prompt = torch.tensor([prompt_ids], device=device)
+    logits = prefill(model, prompt, torch.arange(prompt_len, device=device))
+    token = sample(logits, temperature, top_p, generator)
+    prefill_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    stop_reason, decode_steps = "max_new_tokens", 0
+    for position in range(prompt_len, total):
+        token_id = int(token)
+        if token_id in stop_ids:
+            stop_reason = "eos"
+            break
+        stream.push(token_id)
+        if position == total - 1:
+            break
+        logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device))
+        token = sample(logits, temperature, top_p, generator)
+        decode_steps += 1
+    text = stream.flush()
+    return GenerationResult(
+        text=text,
+        token_ids=stream.ids,
+        prompt_tokens=prompt_len,
+        new_tokens=len(stream.ids),
+        prefill_s=prefill_s,
+        decode_s=time.perf_counter() - started,
+        decode_steps=decode_steps,
+        stop_reason=stop_reason,
+    )
+
+
+def stop_token_ids(folder: Path, tokenizer: ChatTokenizer) -> set[int]:
+    """EOS ids of config.json and generation_config.json, plus the chat end markers the vocabulary holds."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for token in END_OF_TURN_TOKENS + (tokenizer.special_tokens.get("eos_token", ""),):
+        token_id = tokenizer.token_id(token) if token else None
+        if token_id is not None:
+            ids.add(token_id)
+    return ids
+
+
+class Generator:
+    """A loaded generator: model, tokenizer, stop tokens, and how long loading took."""
+
+    def __init__(
+        self, name: str, folder: Path, model: Transformer, tokenizer: ChatTokenizer, load_s: float
+    ) -> None:
+        self.name, self.folder, self.model, self.tokenizer, self.load_s = (
+            name,
+            folder,
+            model,
+            tokenizer,
+            load_s,
+        )
+        self.stop_ids = stop_token_ids(folder, tokenizer)
+        self.max_context = model.args.max_seq_len
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` in the model's chat template, ending with the assistant turn's opening."""
+        return self.tokenizer.chat_ids(messages, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def answer(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        on_text: Callable[[str], None] | None = None,
+        top_p: float = 0.9,
+        seed: int | None = 0,
+    ) -> GenerationResult:
+        return generate(
+            self.model,
+            self.chat_prompt_ids(messages),
+            max_new_tokens,
+            self.tokenizer.decode,
+            self.stop_ids,
+            temperature=temperature,
+            top_p=top_p,
+            on_text=on_text,
+            seed=seed,
+        )
+
+
+def load_generator(
+    spec: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> Generator:
+    """Resolve `spec` (see resolve_model) and load model + tokenizer (dtype None: weights.default_dtype)."""
+    from indexer_model.provision import DEFAULT_GENERATOR, registry_model
+    from indexer_model.resolve import resolve_model
+    from indexer_model.weights import load_model
+
+    started = time.perf_counter()
+    folder = resolve_model(spec)
+    model = load_model(folder, dtype=dtype, device=device)
+    tokenizer = ChatTokenizer(folder)
+    registered = registry_model(spec or DEFAULT_GENERATOR)
+    name = registered.name if registered is not None else (spec or DEFAULT_GENERATOR)
+    return Generator(name, folder, model, tokenizer, time.perf_counter() - started)

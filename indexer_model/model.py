@@ -1,0 +1,225 @@
+"""The decoder-only transformer of the Qwen2 and Llama families (gpt-fast style).
+
+Attention maths is one function, `dense_attention`; the DSA path will sit beside it and take the same
+projected q, k, v (plus the layer input for its indexer). Positions (`input_pos`) are passed explicitly and
+the KV cache is a small preallocated module of its own.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    intermediate_size: int
+    rope_base: float
+    norm_eps: float
+    max_seq_len: int
+    qkv_bias: bool
+    tie_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """From a Hugging Face config.json; raises ValueError for what this code does not implement."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"RoPE scaling {rope_type!r} is not supported")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {config['hidden_act']!r} is not supported (only silu)")
+        n_head = config["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layer=config["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=config.get("num_key_value_heads") or n_head,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
+            intermediate_size=config["intermediate_size"],
+            rope_base=float(config.get("rope_theta") or rope.get("rope_theta") or 10_000.0),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_seq_len=config.get("max_position_embeddings", 4096),
+            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(input_pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, head_dim) in float32 for the half-split layout: dims i and i + head_dim/2 pair up."""
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, head_dim, 2, device=input_pos.device, dtype=torch.float32) / head_dim
+    )
+    angles = input_pos.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate x (B, T, H, D) by position; the maths runs in float32."""
+    cos, sin = (t[None, :, None, :] for t in rope)
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, H_kv, S_max, D); `update` writes positions and returns the filled prefix."""
+
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        batch = k.shape[0]
+        self.k_cache[:batch, :, input_pos] = k
+        self.v_cache[:batch, :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """Causal softmax attention. q (B, H, T, D) at positions `input_pos`; k, v (B, H_kv, S, D) at 0..S-1."""
+    batch, n_head, q_len, head_dim = q.shape
+    n_kv_head, kv_len = k.shape[1], k.shape[2]
+    if q_len == 1:
+        # One query sees every cached key: fold each kv group's heads into the query axis (25x faster on CPU
+        # than enable_gqa, which takes the slow path for a single query).
+        grouped = q.view(batch, n_kv_head, n_head // n_kv_head, head_dim)
+        return F.scaled_dot_product_attention(grouped, k, v).view(batch, n_head, 1, head_dim)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = input_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_head * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_head * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_head * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D), k and v (B, H_kv, T, D), with RoPE applied to q and k."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor) -> Tensor:
+        q, k, v = self.project(x, rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = dense_attention(q, k, v, input_pos)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Give every layer a KV cache for `max_seq_len` positions (kept when the current one is big enough)."""
+        first = self.layers[0].attention.kv_cache
+        if (
+            first is not None
+            and first.max_seq_len >= max_seq_len
+            and first.k_cache.shape[0] >= max_batch_size
+        ):
+            return
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_head, self.args.head_dim, weight.dtype
+            ).to(weight.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward(self, idx: Tensor, input_pos: Tensor, last_logits_only: bool = True) -> Tensor:
+        """Logits (B, 1, V) for the last position, or (B, T, V) for all of `idx` (B, T) at `input_pos` (T,)."""
+        x = self.tok_embeddings(idx)
+        rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
+        for layer in self.layers:
+            x = layer(x, rope, input_pos)
+        if last_logits_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))

@@ -1,0 +1,256 @@
+"""`dsarag indexer train`: distil one lightning indexer per layer from the frozen model's dense attention.
+
+Dense warm-up (DeepSeek-V3.2): per layer, target p[t,:] = dense attention summed over heads, L1-normalized;
+loss = KL(p[t,:] || softmax(I[t,:])), computed block by block of queries. All layers learn from one frozen
+forward per step. An optional sparse stage restricts the KL to the selected top-k set.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from indexer_model.checkpoint import weights_fingerprint
+from indexer_model.distill import blockwise_indexer_kl_loss, dense_attention_target, topk_attention_mass_recall
+from indexer_model.indexer import LightningIndexer, select_topk
+from indexer_model.model import Transformer, rope_cos_sin
+
+RECALL_KS = (256, 512, 1024, 2048)
+N_SINK, WINDOW = 4, 64
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 8192
+    steps: int = 600
+    max_seconds: float = 0.0  # stop early when this wall time is spent (0 = no limit)
+    sparse_steps: int = 0  # extra steps of the sparse stage (KL over the selected set)
+    topk: int = 2048  # the selected set of the sparse stage
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    index_heads: int = 4
+    index_dim: int = 64
+    query_block: int = 1024
+    seed: int = 0
+
+
+def load_frozen_model(spec: str, device: str) -> Transformer:
+    """The base model in bf16, frozen. A `.gguf` path is read directly (no tokenizer needed)."""
+    if spec.endswith(".gguf"):
+        from indexer_model.gguf_convert import read_gguf
+        from indexer_model.model import ModelArgs
+        from indexer_model.weights import build_model, our_name
+
+        config, state_dict = read_gguf(Path(spec))
+        state_dict = {our_name(name): tensor for name, tensor in state_dict.items()}
+        model = build_model(ModelArgs.from_config(config), state_dict, Path(spec))
+    else:
+        from indexer_model.resolve import resolve_model
+        from indexer_model.weights import load_model
+
+        model = load_model(resolve_model(spec))
+    return model.to(device).requires_grad_(False)
+
+
+def load_token_stream(data: Path, encode: Callable[[str], list[int]] | None = None) -> np.ndarray:
+    """Token ids from a `.npy` file, or from every .txt/.rst/.md file under a folder (sorted, blank-line joined)."""
+    if data.suffix == ".npy":
+        return np.load(data).astype(np.int64)
+    if encode is None:
+        raise ValueError(f"{data}: a text folder needs the model's tokenizer; pass token ids as .npy instead")
+    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in {".txt", ".rst", ".md"})
+    return np.array(encode("\n\n".join(p.read_text(errors="replace") for p in files)), dtype=np.int64)
+
+
+def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
+    args = model.args
+    return nn.ModuleList(
+        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim) for _ in range(args.n_layer)
+    )
+
+
+@torch.no_grad()
+def frozen_attention_inputs(model: Transformer, tokens: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer: (normed input h (B,T,D), q (B,Hq,T,d), k (B,Hkv,T,d)) of one dense forward, q and k post-RoPE."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    rope = rope_cos_sin(positions, model.args.head_dim, model.args.rope_base)
+    x = model.tok_embeddings(tokens)
+    captured = []
+    for layer in model.layers:
+        h = layer.attention_norm(x)
+        q, k, _ = layer.attention.project(h, rope)
+        captured.append((h, q, k))
+        x = layer(x, rope, positions)
+    return captured
+
+
+def train_indexers(
+    model: Transformer,
+    tokens: np.ndarray,
+    config: TrainConfig,
+    log: Callable[[str], None] = print,
+    init: nn.ModuleList | None = None,
+) -> tuple[nn.ModuleList, list[dict]]:
+    """Train indexers (fresh, or continuing from `init`) on random windows of `tokens`; return them and the loss curve."""
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    indexers = (init if init is not None else make_indexers(model, config)).float().to(device)
+    optimizer = torch.optim.AdamW(indexers.parameters(), lr=config.lr, weight_decay=0.0)
+    total_steps = config.steps + config.sparse_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config, total_steps))
+    positions = torch.arange(config.seq_len, device=device)
+    curve: list[dict] = []
+    started = time.perf_counter()
+    for step in range(total_steps):
+        sparse = step >= config.steps
+        start = int(rng.integers(0, len(tokens) - config.seq_len))
+        window = torch.from_numpy(tokens[start : start + config.seq_len]).to(device)[None]
+        step_loss = 0.0
+        for indexer, (h, q, k) in zip(indexers, frozen_attention_inputs(model, window), strict=True):
+            idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
+            indices = None
+            if sparse:
+                with torch.no_grad():
+                    indices = select_topk(idx_q, idx_w, idx_k, positions, config.seq_len, config.topk, N_SINK, WINDOW)
+            loss = blockwise_indexer_kl_loss(q, k, positions, idx_q, idx_w, idx_k, indices, config.query_block)
+            loss.backward()  # layer by layer: only one layer's graph is alive at a time
+            step_loss += float(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        elapsed = time.perf_counter() - started
+        curve.append({"step": step, "loss": step_loss / len(indexers), "seconds": round(elapsed, 2), "sparse": sparse})
+        if step % 10 == 0 or step == total_steps - 1:
+            log(f"step {step:5d}  loss {step_loss / len(indexers):.4f}  {'sparse' if sparse else 'dense'}  {elapsed:.0f}s")
+        if config.max_seconds and elapsed > config.max_seconds:
+            log(f"stopping at step {step}: {config.max_seconds:.0f}s spent")
+            break
+    return indexers, curve
+
+
+def _lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def attention_mass_recall(
+    model: Transformer,
+    indexers: nn.ModuleList,
+    tokens: np.ndarray,
+    ks: tuple[int, ...] = RECALL_KS,
+    query_rows: int = 512,
+) -> dict:
+    """Per layer and k: share of the dense attention mass kept by the indexer's top-k (sinks + window
+    included), over the last `query_rows` queries of `tokens`; with the oracle ceiling (top-k of the true
+    attention) and the sinks-plus-recent baseline beside it."""
+    device = next(model.parameters()).device
+    seq_len = len(tokens)
+    ks = tuple(k for k in ks if k < seq_len)
+    window = torch.from_numpy(tokens).to(device)[None]
+    positions = torch.arange(seq_len, device=device)
+    rows = slice(seq_len - query_rows, seq_len)
+    result: dict = {"seq_len": seq_len, "query_rows": query_rows, "indexer": {}, "oracle": {}, "recent": {}}
+    for k in ks:
+        for name in ("indexer", "oracle", "recent"):
+            result[name][str(k)] = []
+    for indexer, (h, q, k_main) in zip(indexers, frozen_attention_inputs(model, window), strict=True):
+        target = dense_attention_target(q[:, :, rows], k_main, positions[rows])
+        idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
+        for k in ks:
+            chosen = select_topk(idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], seq_len, k, N_SINK, WINDOW)
+            oracle = target.topk(k, dim=-1).indices
+            result["indexer"][str(k)].append(float(topk_attention_mass_recall(target, chosen).mean()))
+            result["oracle"][str(k)].append(float(topk_attention_mass_recall(target, oracle).mean()))
+            result["recent"][str(k)].append(float(_recent_recall(target, positions[rows], k).mean()))
+    for name in ("indexer", "oracle", "recent"):
+        result[f"{name}_mean"] = {k: float(np.mean(values)) for k, values in result[name].items()}
+    return result
+
+
+def _recent_recall(target: Tensor, q_positions: Tensor, k: int) -> Tensor:
+    """Mass kept by the sinks plus the most recent k - N_SINK keys: what a trivial selector gets."""
+    key_positions = torch.arange(target.shape[-1], device=target.device)
+    recent = key_positions[None, :] > q_positions[:, None] - (k - N_SINK)
+    keep = (recent | (key_positions[None, :] < N_SINK)) & (key_positions[None, :] <= q_positions[:, None])
+    return (target * keep).sum(dim=-1)
+
+
+def checkpoint_config(model: Transformer, indexers: nn.ModuleList, config: TrainConfig, extra: dict) -> dict:
+    return {
+        "base_fingerprint": weights_fingerprint(model),
+        "n_layer": model.args.n_layer,
+        "dim": model.args.dim,
+        "indexer": indexers[0].config(),
+        "dsa": {"n_sink": N_SINK, "window": WINDOW},
+        "training": {**asdict(config), **extra},
+    }
+
+
+def run_training(
+    model_spec: str,
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    eval_data: Path | None = None,
+    eval_lengths: tuple[int, ...] = (8192, 16384),
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+    init_from: Path | None = None,
+) -> dict:
+    """Train, measure recall on held-out text (trained vs untrained indexer), write the checkpoint to `out`."""
+    from indexer_model.checkpoint import save_checkpoint
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    started = time.perf_counter()
+    model = load_frozen_model(model_spec, device)
+    tokens = load_token_stream(data, _tokenizer_encode(model_spec))
+    log(f"{model_spec}: {model.args.n_layer} layers; {len(tokens):,} training tokens; device {device}")
+    init = None
+    if init_from is not None:
+        from indexer_model.checkpoint import load_checkpoint
+
+        init = load_checkpoint(init_from, model.args.dim, model.args.n_layer)
+        log(f"continuing from {init_from}")
+    indexers, curve = train_indexers(model, tokens, config, log, init)
+    train_seconds = time.perf_counter() - started
+    metrics: dict = {"loss_curve": curve, "train_seconds": round(train_seconds, 1), "recall": {}}
+    if eval_data is not None:
+        held_out = load_token_stream(eval_data, _tokenizer_encode(model_spec))
+        untrained = make_indexers(model, config).to(device)
+        for length in eval_lengths:
+            if length > min(len(held_out), model.args.max_seq_len):
+                continue
+            sample = held_out[:length]
+            metrics["recall"][str(length)] = {
+                "trained": attention_mass_recall(model, indexers, sample),
+                "untrained": attention_mass_recall(model, untrained, sample)["indexer_mean"],
+            }
+            trained = metrics["recall"][str(length)]["trained"]
+            log(f"recall @{length}: trained {trained['indexer_mean']}  oracle {trained['oracle_mean']}")
+    extra = {"init_from": str(init_from) if init_from else None, "data": str(data), "tokens": int(len(tokens)), "device": _device_name(device), "seconds": train_seconds}
+    save_checkpoint(out, indexers, checkpoint_config(model, indexers, config, extra), metrics)
+    log(f"wrote {out}")
+    return metrics
+
+
+def _tokenizer_encode(model_spec: str) -> Callable[[str], list[int]] | None:
+    if model_spec.endswith(".gguf"):
+        return None  # token ids come pre-tokenized (.npy) where only the GGUF travels
+    from indexer_model.resolve import resolve_model
+    from indexer_model.tokenizer import ChatTokenizer
+
+    return ChatTokenizer(resolve_model(model_spec)).encode
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"

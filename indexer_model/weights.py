@@ -1,0 +1,105 @@
+"""Load a Hugging Face model folder (config.json + safetensors, sharded or not) into our Transformer.
+
+The model is built on the meta device and the tensors read from safetensors are assigned in place, so
+loading costs one read of the file and no initialization.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from indexer_model.model import ModelArgs, Transformer
+from rag.errors import ModelError
+
+# HF parameter names → ours (module names in model.py).
+_RENAMES = (
+    (r"^model\.embed_tokens\.", "tok_embeddings."),
+    (r"^model\.norm\.", "norm."),
+    (r"^lm_head\.", "output."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attention."),
+    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.feed_forward."),
+)
+
+
+def our_name(hf_name: str) -> str:
+    for pattern, replacement in _RENAMES:
+        name, count = re.subn(pattern, replacement, hf_name)
+        if count:
+            return name
+    return hf_name
+
+
+def load_config(folder: Path) -> tuple[dict, ModelArgs]:
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        return config, ModelArgs.from_config(config)
+    except FileNotFoundError:
+        raise ModelError(
+            f"{config_path}: missing; a model folder needs config.json + safetensors", config_path
+        ) from None
+    except (json.JSONDecodeError, KeyError, ValueError) as error:
+        raise ModelError(
+            f"{config_path}: unusable model config ({error}); use a qwen2 or llama model", config_path
+        ) from error
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(
+            f"{folder}: no *.safetensors weights; convert the model to safetensors first", folder
+        )
+    return files
+
+
+def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of every shard under our names, in `dtype` (no copy when the file already holds it)."""
+    from safetensors.torch import load_file
+
+    state_dict = {}
+    for path in safetensors_files(folder):
+        for hf_name, tensor in load_file(path).items():
+            if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; we compute it
+                continue
+            state_dict[our_name(hf_name)] = tensor.to(dtype)
+    return state_dict
+
+
+def load_model(
+    folder: Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Our Transformer with the weights of an HF-format folder, in eval mode."""
+    folder = Path(folder)
+    _, args = load_config(folder)
+    return build_model(args, load_state_dict(folder, dtype), folder).to(device)
+
+
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], source: Path) -> Transformer:
+    """Assign `state_dict` (our names) to a Transformer built on the meta device; `source` names it in errors."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    state_dict = dict(state_dict)
+    if args.tie_embeddings:
+        state_dict.pop("output.weight", None)
+        if "tok_embeddings.weight" in state_dict:
+            state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelError(
+            f"{source}: weights do not match config.json ({problem}); re-convert the model", source
+        )
+    model.load_state_dict(state_dict, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
