@@ -101,6 +101,15 @@ def ask(
     ] = 3072,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    attention: Annotated[
+        str,
+        typer.Option(
+            "--attention", help="dense | sparse (DSA even on short contexts) | auto (DSA from 2048 tokens)."
+        ),
+    ] = "auto",
+    topk: Annotated[
+        int | None, typer.Option("--topk", help="DSA top-k tokens per query (default 2048).", min=68)
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Answer QUESTION from your documents, with numbered citations."""
@@ -117,6 +126,8 @@ def ask(
         context_tokens=context_tokens,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
+        attention=attention,
+        attention_topk=topk,
     )
     if as_json:
         _print_json(run_ask(options, console=stderr).to_json())
@@ -128,7 +139,10 @@ def ask(
     for source in result.sources:
         stdout.print(f"[{source['number']}] {source['citation']}  ({source['date']})", highlight=False)
     timing = ", ".join(f"{name.removesuffix('_s')} {value:.2f}s" for name, value in result.timings.items())
-    stderr.print(f"[dim]{result.model} · {result.attention} · {timing}[/]")
+    mode = (
+        result.attention if result.attention_topk is None else f"{result.attention} k={result.attention_topk}"
+    )
+    stderr.print(f"[dim]{result.model} · {mode} · {timing}[/]")
 
 
 @index_app.command("info")

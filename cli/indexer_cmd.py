@@ -12,18 +12,28 @@ stderr = Console(stderr=True)
 
 @indexer_app.command("train")
 def train(
-    data: Annotated[Path, typer.Option("--data", help="Training text: a folder of .txt/.rst/.md, or token ids (.npy).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Training text: a folder of .txt/.rst/.md, or token ids (.npy).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write.")],
-    model: Annotated[str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")] = "default",
+    model: Annotated[
+        str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")
+    ] = "default",
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for recall.")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=128)] = 8192,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Dense warm-up steps.")] = 600,
-    sparse_steps: Annotated[int, typer.Option("--sparse-steps", min=0, help="Sparse-stage steps after it.")] = 0,
+    sparse_steps: Annotated[
+        int, typer.Option("--sparse-steps", min=0, help="Sparse-stage steps after it.")
+    ] = 0,
     topk: Annotated[int, typer.Option("--topk", min=128, help="Selected set of the sparse stage.")] = 2048,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-    max_seconds: Annotated[float, typer.Option("--max-seconds", help="Stop after this much time (0 = none).")] = 0.0,
+    max_seconds: Annotated[
+        float, typer.Option("--max-seconds", help="Stop after this much time (0 = none).")
+    ] = 0.0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
-    init_from: Annotated[Path | None, typer.Option("--init-from", help="Continue from this checkpoint.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="Continue from this checkpoint.")
+    ] = None,
 ) -> None:
     """Distil one lightning indexer per layer from the frozen model's dense attention (KL warm-up)."""
     from indexer_model.train import TrainConfig, run_training
@@ -31,4 +41,6 @@ def train(
     config = TrainConfig(
         seq_len=seq_len, steps=steps, sparse_steps=sparse_steps, topk=topk, lr=lr, max_seconds=max_seconds
     )
-    run_training(model, data, out, config, eval_data=eval_data, device=device, log=stderr.print, init_from=init_from)
+    run_training(
+        model, data, out, config, eval_data=eval_data, device=device, log=stderr.print, init_from=init_from
+    )

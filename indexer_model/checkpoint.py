@@ -55,7 +55,10 @@ def checkpoint_folders() -> list[Path]:
 def find_checkpoint(fingerprint: str) -> Path | None:
     for folder in checkpoint_folders():
         config_path = folder / "config.json"
-        if config_path.is_file() and json.loads(config_path.read_text()).get("base_fingerprint") == fingerprint:
+        if (
+            config_path.is_file()
+            and json.loads(config_path.read_text()).get("base_fingerprint") == fingerprint
+        ):
             return folder
     return None
 
@@ -73,19 +76,26 @@ def save_checkpoint(folder: Path, indexers: nn.ModuleList, config: dict, metrics
     atomic_write_json(folder / "config.json", config)
 
 
-def load_checkpoint(folder: Path, dim: int, n_layer: int, dtype: torch.dtype = torch.float32) -> nn.ModuleList:
+def load_checkpoint(
+    folder: Path, dim: int, n_layer: int, dtype: torch.dtype = torch.float32
+) -> nn.ModuleList:
     """Indexers of a checkpoint, after checking that their RoPE layout is the one this code implements."""
     config = json.loads((folder / "config.json").read_text())
     recorded = config["indexer"]
     if config.get("n_layer") != n_layer:
-        raise ModelError(f"{folder}: indexer for {config.get('n_layer')} layers, model has {n_layer} — retrain it")
+        raise ModelError(
+            f"{folder}: indexer for {config.get('n_layer')} layers, model has {n_layer} — retrain it"
+        )
     indexers = nn.ModuleList(
-        LightningIndexer(dim, recorded["rope_base"], recorded["n_heads"], recorded["head_dim"]) for _ in range(n_layer)
+        LightningIndexer(dim, recorded["rope_base"], recorded["n_heads"], recorded["head_dim"])
+        for _ in range(n_layer)
     )
     try:
         indexers[0].check_config(recorded)
     except ValueError as error:
-        raise ModelError(f"{folder / 'config.json'}: {error} — retrain the indexer with this dsarag") from error
+        raise ModelError(
+            f"{folder / 'config.json'}: {error} — retrain the indexer with this dsarag"
+        ) from error
     state = load_file(str(folder / "indexer.safetensors"))
     for i, indexer in enumerate(indexers):
         prefix = f"layers.{i}."

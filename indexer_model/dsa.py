@@ -74,15 +74,19 @@ def masked_dense_attention_reference(
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
-def causal_dense_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, q_positions: Tensor, n_keys: int, scale: float
-) -> Tensor:
-    """Exact dense attention (SDPA) over the first n_keys cache rows, key s visible to queries at >= s."""
-    k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
-    if q.shape[2] == n_keys:  # a prefill from position 0: plain causal, which takes SDPA's flash kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    visible = torch.arange(n_keys, device=q.device)[None, :] <= q_positions[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """Causal softmax attention. q (B, H, T, D) at positions `input_pos`; k, v (B, H_kv, S, D) at 0..S-1."""
+    batch, n_head, q_len, head_dim = q.shape
+    n_kv_head, kv_len = k.shape[1], k.shape[2]
+    if q_len == 1:
+        # One query sees every cached key: fold each kv group's heads into the query axis (25x faster on CPU
+        # than enable_gqa, which takes the slow path for a single query).
+        grouped = q.view(batch, n_kv_head, n_head // n_kv_head, head_dim)
+        return F.scaled_dot_product_attention(grouped, k, v).view(batch, n_head, 1, head_dim)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = input_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def dsa_attention(
@@ -102,8 +106,8 @@ def dsa_attention(
     idx_q (B, T, H_I, d_I) and idx_w (B, T, H_I) come from LightningIndexer.project for the new tokens;
     idx_k_cache (B, S, d_I) holds the indexer keys of the first n_keys positions (the new tokens included).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cfg.runs_dense(n_keys):
-        return causal_dense_attention(q, k_cache, v_cache, q_positions, n_keys, scale)
+        return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     indices = select_topk(idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg.topk, cfg.n_sink, cfg.window)
     return sparse_attention(q, k_cache, v_cache, indices, scale)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from indexer_model.dsa import DSAConfig
 from indexer_model.gguf_convert import END_OF_TURN_TOKENS
 from indexer_model.model import Transformer
 from indexer_model.tokenizer import ChatTokenizer
@@ -25,20 +26,48 @@ class GenerationResult:
     decode_s: float
     decode_steps: int  # one-token forward passes (the first new token comes from the prefill)
     stop_reason: str  # "eos" or "max_new_tokens"
+    attention: str = "dense"  # which attention ran: "dense" or "sparse"
+    topk: int | None = None  # the DSA top-k when sparse
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_steps else 0.0
 
 
-def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor) -> Tensor:
+def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, dsa: DSAConfig | None = None) -> Tensor:
     """Run the prompt (B, T) through the model, filling the KV cache; logits (B, V) of its last position."""
-    return model(prompt, input_pos, last_logits_only=True)[:, -1]
+    return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
 
 
-def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
-    """Logits (B, V) after one token (B, 1) at position `input_pos` (1,)."""
-    return model(token, input_pos, last_logits_only=True)[:, -1]
+def decode_one_token(
+    model: Transformer, token: Tensor, input_pos: Tensor, dsa: DSAConfig | None = None
+) -> Tensor:
+    """Logits (B, V) after one token (B, 1) at position `input_pos` (1,); with DSA it selects its top-k
+    among every cached position."""
+    return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
+
+
+def choose_attention(mode: str, n_context: int, topk: int | None, has_indexers: bool) -> DSAConfig | None:
+    """The attention of one generation: None for dense, else the DSA config.
+
+    dense: always dense. sparse: DSA even on short contexts (k below the context length). auto: DSA once the
+    context reaches the dense threshold and k < context, when a trained indexer is attached."""
+    default = DSAConfig()
+    if mode == "dense":
+        return None
+    if mode == "sparse":
+        if not has_indexers:
+            raise ModelError(
+                "no trained indexer for this model — run `dsarag indexer train`, or use --attention dense"
+            )
+        k = topk or min(default.topk, max(default.n_sink + default.window, n_context // 2))
+        return DSAConfig(topk=max(k, default.n_sink + default.window), dense_threshold=0)
+    if mode != "auto":
+        raise ValueError(f"attention mode {mode!r}: use dense, sparse or auto")
+    k = topk or default.topk
+    if not has_indexers or n_context < default.dense_threshold or k >= n_context:
+        return None
+    return DSAConfig(topk=k)
 
 
 def sample(
@@ -90,8 +119,10 @@ def generate(
     top_p: float = 0.9,
     on_text: Callable[[str], None] | None = None,
     seed: int | None = None,
+    dsa: DSAConfig | None = None,
 ) -> GenerationResult:
-    """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas."""
+    """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas.
+    With `dsa`, prefill and every decode step use DeepSeek Sparse Attention."""
     device = model.output.weight.device
     prompt_len = len(prompt_ids)
     total = prompt_len + max_new_tokens
@@ -108,7 +139,7 @@ def generate(
 
     started = time.perf_counter()
     prompt = torch.tensor([prompt_ids], device=device)
-    logits = prefill(model, prompt, torch.arange(prompt_len, device=device))
+    logits = prefill(model, prompt, torch.arange(prompt_len, device=device), dsa)
     token = sample(logits, temperature, top_p, generator)
     prefill_s = time.perf_counter() - started
 
@@ -122,7 +153,7 @@ def generate(
         stream.push(token_id)
         if position == total - 1:
             break
-        logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device))
+        logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device), dsa)
         token = sample(logits, temperature, top_p, generator)
         decode_steps += 1
     text = stream.flush()
@@ -135,6 +166,8 @@ def generate(
         decode_s=time.perf_counter() - started,
         decode_steps=decode_steps,
         stop_reason=stop_reason,
+        attention="dense" if dsa is None else "sparse",
+        topk=None if dsa is None else dsa.topk,
     )
 
 
@@ -168,6 +201,18 @@ class Generator:
         )
         self.stop_ids = stop_token_ids(folder, tokenizer)
         self.max_context = model.args.max_seq_len
+        self.indexer_checkpoint: Path | None = None
+
+    def attach_trained_indexers(self) -> Path | None:
+        """Attach the trained indexer checkpoint made for these exact weights, if there is one."""
+        from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+
+        folder = find_checkpoint(weights_fingerprint(self.model))
+        if folder is not None:
+            args = self.model.args
+            self.model.attach_indexers(load_checkpoint(folder, args.dim, args.n_layer))
+            self.indexer_checkpoint = folder
+        return folder
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` in the model's chat template, ending with the assistant turn's opening."""
@@ -184,10 +229,15 @@ class Generator:
         on_text: Callable[[str], None] | None = None,
         top_p: float = 0.9,
         seed: int | None = 0,
+        attention: str = "auto",
+        topk: int | None = None,
     ) -> GenerationResult:
+        """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention)."""
+        prompt_ids = self.chat_prompt_ids(messages)
+        dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers)
         return generate(
             self.model,
-            self.chat_prompt_ids(messages),
+            prompt_ids,
             max_new_tokens,
             self.tokenizer.decode,
             self.stop_ids,
@@ -195,6 +245,7 @@ class Generator:
             top_p=top_p,
             on_text=on_text,
             seed=seed,
+            dsa=dsa,
         )
 
 
@@ -212,4 +263,7 @@ def load_generator(
     tokenizer = ChatTokenizer(folder)
     registered = registry_model(spec or DEFAULT_GENERATOR)
     name = registered.name if registered is not None else (spec or DEFAULT_GENERATOR)
-    return Generator(name, folder, model, tokenizer, time.perf_counter() - started)
+    generator = Generator(name, folder, model, tokenizer, 0.0)
+    generator.attach_trained_indexers()
+    generator.load_s = time.perf_counter() - started
+    return generator

@@ -32,6 +32,21 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated.to(x.dtype), rest), dim=-1)
 
 
+class IndexKeyCache(nn.Module):
+    """Preallocated indexer keys (B, S_max, d_I) beside the KV cache; `update` returns the filled prefix."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer(
+            "k_cache", torch.zeros(max_batch_size, max_seq_len, head_dim, dtype=dtype), persistent=False
+        )
+
+    def update(self, input_pos: Tensor, k: Tensor) -> Tensor:
+        batch = k.shape[0]
+        self.k_cache[:batch, input_pos] = k
+        return self.k_cache[:batch, : int(input_pos[-1]) + 1]
+
+
 class LightningIndexer(nn.Module):
     """Index queries, weights and keys from a layer's normed hidden state (DeepSeek-V3.2 Indexer, small)."""
 

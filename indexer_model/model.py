@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention
+from indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
@@ -74,16 +77,6 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(input_pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (T, head_dim) in float32 for the half-split layout: dims i and i + head_dim/2 pair up."""
-    inv_freq = 1.0 / base ** (
-        torch.arange(0, head_dim, 2, device=input_pos.device, dtype=torch.float32) / head_dim
-    )
-    angles = input_pos.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate x (B, T, H, D) by position; the maths runs in float32."""
     cos, sin = (t[None, :, None, :] for t in rope)
@@ -116,21 +109,6 @@ class KVCache(nn.Module):
         return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-    """Causal softmax attention. q (B, H, T, D) at positions `input_pos`; k, v (B, H_kv, S, D) at 0..S-1."""
-    batch, n_head, q_len, head_dim = q.shape
-    n_kv_head, kv_len = k.shape[1], k.shape[2]
-    if q_len == 1:
-        # One query sees every cached key: fold each kv group's heads into the query axis (25x faster on CPU
-        # than enable_gqa, which takes the slow path for a single query).
-        grouped = q.view(batch, n_kv_head, n_head // n_kv_head, head_dim)
-        return F.scaled_dot_product_attention(grouped, k, v).view(batch, n_head, 1, head_dim)
-    if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    mask = input_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -140,6 +118,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_head * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.indexer: LightningIndexer | None = None  # attached with a trained checkpoint (DSA)
+        self.index_cache: IndexKeyCache | None = None
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, T, D), k and v (B, H_kv, T, D), with RoPE applied to q and k."""
@@ -150,11 +130,24 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, dsa: DSAConfig | None = None
+    ) -> Tensor:
+        """Dense attention, or DSA when `dsa` is given and an indexer is attached (x is the normed input)."""
         q, k, v = self.project(x, rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = dense_attention(q, k, v, input_pos)
+        if self.indexer is None:
+            y = dense_attention(q, k, v, input_pos)
+        else:
+            # Index keys are cached in every mode, so a sparse decode step can score every earlier token.
+            idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
+            if self.index_cache is not None:
+                idx_k = self.index_cache.update(input_pos, idx_k)
+            if dsa is None:
+                y = dense_attention(q, k, v, input_pos)
+            else:
+                y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, k.shape[2], dsa)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -179,8 +172,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos)
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, dsa: DSAConfig | None = None
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, dsa)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -206,20 +201,41 @@ class Transformer(nn.Module):
             return
         weight = self.output.weight
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
+            attention = layer.attention
+            attention.kv_cache = KVCache(
                 max_batch_size, max_seq_len, self.args.n_kv_head, self.args.head_dim, weight.dtype
             ).to(weight.device)
+            if attention.indexer is not None:
+                attention.index_cache = IndexKeyCache(
+                    max_batch_size, max_seq_len, attention.indexer.head_dim, weight.dtype
+                ).to(weight.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
+            layer.attention.index_cache = None
 
-    def forward(self, idx: Tensor, input_pos: Tensor, last_logits_only: bool = True) -> Tensor:
-        """Logits (B, 1, V) for the last position, or (B, T, V) for all of `idx` (B, T) at `input_pos` (T,)."""
+    def attach_indexers(self, indexers: nn.ModuleList) -> None:
+        """Give each attention layer its trained lightning indexer (enables DSA; caches are rebuilt)."""
+        weight = self.output.weight
+        for layer, indexer in zip(self.layers, indexers, strict=True):
+            layer.attention.indexer = indexer.to(device=weight.device, dtype=weight.dtype).eval()
+        self.clear_caches()
+
+    @property
+    def has_indexers(self) -> bool:
+        return self.layers[0].attention.indexer is not None
+
+    def forward(
+        self, idx: Tensor, input_pos: Tensor, last_logits_only: bool = True, dsa: DSAConfig | None = None
+    ) -> Tensor:
+        """Logits (B, 1, V) for the last position, or (B, T, V) for all of `idx` (B, T) at `input_pos` (T,).
+
+        `dsa` switches attention to DeepSeek Sparse Attention for this call (needs attached indexers)."""
         x = self.tok_embeddings(idx)
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
         for layer in self.layers:
-            x = layer(x, rope, input_pos)
+            x = layer(x, rope, input_pos, dsa)
         if last_logits_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

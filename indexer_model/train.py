@@ -16,7 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from indexer_model.checkpoint import weights_fingerprint
-from indexer_model.distill import blockwise_indexer_kl_loss, dense_attention_target, topk_attention_mass_recall
+from indexer_model.distill import (
+    blockwise_indexer_kl_loss,
+    dense_attention_target,
+    topk_attention_mass_recall,
+)
 from indexer_model.indexer import LightningIndexer, select_topk
 from indexer_model.model import Transformer, rope_cos_sin
 
@@ -70,7 +74,8 @@ def load_token_stream(data: Path, encode: Callable[[str], list[int]] | None = No
 def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
     args = model.args
     return nn.ModuleList(
-        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim) for _ in range(args.n_layer)
+        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim)
+        for _ in range(args.n_layer)
     )
 
 
@@ -103,7 +108,9 @@ def train_indexers(
     indexers = (init if init is not None else make_indexers(model, config)).float().to(device)
     optimizer = torch.optim.AdamW(indexers.parameters(), lr=config.lr, weight_decay=0.0)
     total_steps = config.steps + config.sparse_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, config, total_steps)
+    )
     positions = torch.arange(config.seq_len, device=device)
     curve: list[dict] = []
     started = time.perf_counter()
@@ -117,17 +124,25 @@ def train_indexers(
             indices = None
             if sparse:
                 with torch.no_grad():
-                    indices = select_topk(idx_q, idx_w, idx_k, positions, config.seq_len, config.topk, N_SINK, WINDOW)
-            loss = blockwise_indexer_kl_loss(q, k, positions, idx_q, idx_w, idx_k, indices, config.query_block)
+                    indices = select_topk(
+                        idx_q, idx_w, idx_k, positions, config.seq_len, config.topk, N_SINK, WINDOW
+                    )
+            loss = blockwise_indexer_kl_loss(
+                q, k, positions, idx_q, idx_w, idx_k, indices, config.query_block
+            )
             loss.backward()  # layer by layer: only one layer's graph is alive at a time
             step_loss += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         elapsed = time.perf_counter() - started
-        curve.append({"step": step, "loss": step_loss / len(indexers), "seconds": round(elapsed, 2), "sparse": sparse})
+        curve.append(
+            {"step": step, "loss": step_loss / len(indexers), "seconds": round(elapsed, 2), "sparse": sparse}
+        )
         if step % 10 == 0 or step == total_steps - 1:
-            log(f"step {step:5d}  loss {step_loss / len(indexers):.4f}  {'sparse' if sparse else 'dense'}  {elapsed:.0f}s")
+            log(
+                f"step {step:5d}  loss {step_loss / len(indexers):.4f}  {'sparse' if sparse else 'dense'}  {elapsed:.0f}s"
+            )
         if config.max_seconds and elapsed > config.max_seconds:
             log(f"stopping at step {step}: {config.max_seconds:.0f}s spent")
             break
@@ -167,7 +182,9 @@ def attention_mass_recall(
         target = dense_attention_target(q[:, :, rows], k_main, positions[rows])
         idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
         for k in ks:
-            chosen = select_topk(idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], seq_len, k, N_SINK, WINDOW)
+            chosen = select_topk(
+                idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], seq_len, k, N_SINK, WINDOW
+            )
             oracle = target.topk(k, dim=-1).indices
             result["indexer"][str(k)].append(float(topk_attention_mass_recall(target, chosen).mean()))
             result["oracle"][str(k)].append(float(topk_attention_mass_recall(target, oracle).mean()))
@@ -237,7 +254,13 @@ def run_training(
             }
             trained = metrics["recall"][str(length)]["trained"]
             log(f"recall @{length}: trained {trained['indexer_mean']}  oracle {trained['oracle_mean']}")
-    extra = {"init_from": str(init_from) if init_from else None, "data": str(data), "tokens": int(len(tokens)), "device": _device_name(device), "seconds": train_seconds}
+    extra = {
+        "init_from": str(init_from) if init_from else None,
+        "data": str(data),
+        "tokens": int(len(tokens)),
+        "device": _device_name(device),
+        "seconds": train_seconds,
+    }
     save_checkpoint(out, indexers, checkpoint_config(model, indexers, config, extra), metrics)
     log(f"wrote {out}")
     return metrics

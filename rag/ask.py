@@ -14,6 +14,7 @@ from rag.pack import build_messages, pack_sources
 from rag.retrieve import Retriever
 from rag.store import ChunkStore
 
+ATTENTION_MODES = ("auto", "dense", "sparse")
 ANSWER_RESERVE_TOKENS = 512  # room left in the model's context for the chat template and the answer
 
 
@@ -27,6 +28,8 @@ class AskOptions:
     context_tokens: int = 3072
     max_new_tokens: int = 256
     temperature: float = 0.0
+    attention: str = "auto"  # dense | sparse | auto
+    attention_topk: int | None = None  # DSA top-k (default 2048)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class AskResult:
     sources: list[dict]
     model: str
     attention: str
+    attention_topk: int | None
     timings: dict[str, float]
     tokens: dict[str, int]
     ingest: dict | None = None
@@ -45,11 +49,17 @@ class AskResult:
         return dict(vars(self))
 
 
-def ask(options: AskOptions, console: Console | None = None, on_text: Callable[[str], None] | None = None) -> AskResult:
+def ask(
+    options: AskOptions, console: Console | None = None, on_text: Callable[[str], None] | None = None
+) -> AskResult:
     """Answer one question over the store (ingesting `docs` first when the store is missing or stale)."""
     question = options.question.strip()
+    if options.attention not in ATTENTION_MODES:
+        raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
     if not question:
-        raise BadInputError("empty question — pass the question as the first argument, e.g. dsarag ask \"What …?\"")
+        raise BadInputError(
+            'empty question — pass the question as the first argument, e.g. dsarag ask "What …?"'
+        )
     from indexer_model.generate import load_generator
 
     timings: dict[str, float] = {}
@@ -72,13 +82,17 @@ def ask(options: AskOptions, console: Console | None = None, on_text: Callable[[
     generator = load_generator(options.model)
     timings["load_model_s"] = time.perf_counter() - started
 
-    budget = min(options.context_tokens, generator.max_context - ANSWER_RESERVE_TOKENS - options.max_new_tokens)
+    budget = min(
+        options.context_tokens, generator.max_context - ANSWER_RESERVE_TOKENS - options.max_new_tokens
+    )
     packed = pack_sources(hits, generator.count_tokens, budget)
     generation = generator.answer(
         build_messages(question, packed),
         max_new_tokens=options.max_new_tokens,
         temperature=options.temperature,
         on_text=on_text,
+        attention=options.attention,
+        topk=options.attention_topk,
     )
     timings["prefill_s"] = generation.prefill_s
     timings["decode_s"] = generation.decode_s
@@ -100,7 +114,8 @@ def ask(options: AskOptions, console: Console | None = None, on_text: Callable[[
         answer=generation.text.strip(),
         sources=sources,
         model=generator.name,
-        attention="dense",
+        attention=generation.attention,
+        attention_topk=generation.topk,
         timings={name: round(value, 3) for name, value in timings.items()},
         tokens={
             "context": packed.tokens,

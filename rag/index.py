@@ -26,7 +26,9 @@ def choose_factory(n_vectors: int, dim: int) -> str:
     return f"IDMap2,OPQ{pq_m}_{4 * pq_m},IVF{n_lists},PQ{pq_m}"
 
 
-def build_index(embeddings: np.ndarray, ids: np.ndarray, factory: str | None = None) -> tuple[faiss.Index, str]:
+def build_index(
+    embeddings: np.ndarray, ids: np.ndarray, factory: str | None = None
+) -> tuple[faiss.Index, str]:
     """Build an inner-product index over normalized embeddings with the chunk ids as FAISS ids."""
     n_vectors, dim = embeddings.shape
     factory = factory or choose_factory(n_vectors, dim)

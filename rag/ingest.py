@@ -22,7 +22,15 @@ from corpora.walk import walk_folder
 from rag.embed import Embedder
 from rag.errors import DsaragError, MissingInputError, StoreError
 from rag.index import build_index
-from rag.store import ChunkStore, FileRecord, Manifest, chunk_schema, embeddings_of, file_sha256, stable_chunk_id
+from rag.store import (
+    ChunkStore,
+    FileRecord,
+    Manifest,
+    chunk_schema,
+    embeddings_of,
+    file_sha256,
+    stable_chunk_id,
+)
 
 CHUNK_TOKENS = 200  # the embedder reads 256 tokens; leave room for special tokens and boundary snapping
 CHUNK_OVERLAP_TOKENS = 40
@@ -81,7 +89,9 @@ def ingest_folder(
     walk = walk_folder(root)
     base = root.resolve() if root.is_dir() else root.resolve().parent
     if not walk.files and not walk.skipped:
-        raise MissingInputError(f"{root}: no documents found — add .txt/.md/.html/.pdf/code files or pick another folder")
+        raise MissingInputError(
+            f"{root}: no documents found — add .txt/.md/.html/.pdf/code files or pick another folder"
+        )
     if not walk.files:
         raise MissingInputError(
             f"{root}: none of its {len(walk.skipped)} files is a readable document "
@@ -210,7 +220,9 @@ def _read_and_chunk(rel_path: str, path: Path, sha: str, spans, embedding_model:
             }
         )
     stat = path.stat()
-    record = FileRecord(sha256=sha, size=stat.st_size, mtime_ns=stat.st_mtime_ns, n_chunks=len(rows), date=str(date))
+    record = FileRecord(
+        sha256=sha, size=stat.st_size, mtime_ns=stat.st_mtime_ns, n_chunks=len(rows), date=str(date)
+    )
     return _NewDocument(rel_path, record, rows)
 
 

@@ -42,8 +42,11 @@ class Retriever:
     def semantic(self, question: str, k: int) -> list[Hit]:
         query = self.embedder.encode([question])
         scores, ids = search(self.index, query, k)
-        return [self._hit(int(chunk_id), float(score)) for score, chunk_id in zip(scores[0], ids[0]) if chunk_id >= 0]
+        return [
+            self._hit(int(chunk_id), float(score))
+            for score, chunk_id in zip(scores[0], ids[0], strict=True)
+            if chunk_id >= 0
+        ]
 
     def _hit(self, chunk_id: int, score: float) -> Hit:
         return Hit(**self.rows[self.row_of_id[chunk_id]], score=score)
-

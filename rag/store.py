@@ -131,7 +131,9 @@ class ChunkStore:
 
     def read_manifest(self, check_index: bool = True) -> Manifest:
         if not self.exists():
-            raise StoreError(f"{self.folder}: no dsarag store here — run `dsarag ingest DIR --store {self.folder}`")
+            raise StoreError(
+                f"{self.folder}: no dsarag store here — run `dsarag ingest DIR --store {self.folder}`"
+            )
         try:
             data = json.loads(self.manifest_path.read_text())
             if data.get("format") != STORE_FORMAT:
@@ -141,10 +143,14 @@ class ChunkStore:
             raise StoreError(
                 f"{self.manifest_path}: unreadable manifest ({error}) — delete {self.folder} and ingest again"
             ) from error
-        self._check_file(self.chunks_path(manifest.generation), manifest, f"delete {self.folder} and ingest again")
+        self._check_file(
+            self.chunks_path(manifest.generation), manifest, f"delete {self.folder} and ingest again"
+        )
         if check_index:
             self._check_file(
-                self.index_path(manifest.generation), manifest, f"run `dsarag index rebuild --store {self.folder}`"
+                self.index_path(manifest.generation),
+                manifest,
+                f"run `dsarag index rebuild --store {self.folder}`",
             )
         return manifest
 
@@ -153,7 +159,11 @@ class ChunkStore:
         expected = manifest.checksums.get(path.name)
         if expected is None:
             return
-        if not path.is_file() or path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+        if (
+            not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or file_sha256(path) != expected["sha256"]
+        ):
             raise StoreError(f"{path}: missing or damaged store file (checksum mismatch) — {fix}")
 
     def read_chunks(self, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
@@ -161,7 +171,9 @@ class ChunkStore:
         try:
             return pq.read_table(path, columns=columns, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as error:
-            raise StoreError(f"{path}: corrupt chunk file ({error}) — delete {self.folder} and ingest again") from error
+            raise StoreError(
+                f"{path}: corrupt chunk file ({error}) — delete {self.folder} and ingest again"
+            ) from error
 
     def read_index(self, manifest: Manifest) -> faiss.Index:
         path = self.index_path(manifest.generation)
@@ -187,12 +199,15 @@ class ChunkStore:
         previous = manifest.generation if self.exists() else None
         generation = manifest.generation + 1
         chunks_path, index_path = self.chunks_path(generation), self.index_path(generation)
-        atomic_write(chunks_path, lambda tmp: pq.write_table(chunks, tmp, compression="zstd", write_page_checksum=True))
+        atomic_write(
+            chunks_path, lambda tmp: pq.write_table(chunks, tmp, compression="zstd", write_page_checksum=True)
+        )
         atomic_write(index_path, lambda tmp: faiss.write_index(index, str(tmp)))
         manifest.generation = generation
         manifest.n_chunks = chunks.num_rows
         manifest.checksums = {
-            path.name: {"size": path.stat().st_size, "sha256": file_sha256(path)} for path in (chunks_path, index_path)
+            path.name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            for path in (chunks_path, index_path)
         }
         self.write_manifest(manifest)
         if previous is not None and previous != generation:
@@ -206,4 +221,6 @@ def embeddings_of(chunks: pa.Table) -> np.ndarray:
     column = chunks.column("embedding").combine_chunks()
     if len(column) == 0:
         return np.zeros((0, column.type.list_size), dtype=np.float32)
-    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32, copy=False)
+    return (
+        column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32, copy=False)
+    )

@@ -1,0 +1,112 @@
+"""DSA inside the model: trained indexers found by fingerprint, sparse generation, recall against a random indexer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer_model.checkpoint import load_checkpoint
+from indexer_model.dsa import DSAConfig
+from indexer_model.generate import choose_attention, generate, load_generator
+from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
+from rag.errors import ModelError
+
+TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_generator("tiny")
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tiny) -> list[int]:
+    text = "\n\n".join(path.read_text() for path in sorted(TEXT.glob("*.md")))
+    return tiny.tokenizer.encode(text)[:320]
+
+
+def test_the_shipped_indexer_of_the_tiny_model_is_found_by_its_weights(tiny):
+    assert tiny.indexer_checkpoint is not None
+    assert tiny.indexer_checkpoint.name == "smollm2-135m-instruct"
+    assert tiny.model.has_indexers
+
+
+def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny, long_prompt):
+    dense = generate(tiny.model, long_prompt, 8, tiny.tokenizer.decode, set())
+    sparse = generate(
+        tiny.model, long_prompt, 8, tiny.tokenizer.decode, set(), dsa=DSAConfig(topk=512, dense_threshold=0)
+    )
+    assert sparse.attention == "sparse" and sparse.topk == 512
+    assert sparse.token_ids == dense.token_ids
+
+
+def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, long_prompt):
+    model = tiny.model
+    prompt = torch.tensor([long_prompt])
+    positions = torch.arange(len(long_prompt))
+    with torch.inference_mode():
+        model.setup_caches(1, len(long_prompt) + 2)
+        dense = model(prompt, positions).float()
+        model.clear_caches()
+        model.setup_caches(1, len(long_prompt) + 2)
+        sparse = model(prompt, positions, dsa=DSAConfig(topk=128, dense_threshold=0)).float()
+        next_token = sparse.argmax(-1)
+        step = model(next_token, torch.tensor([len(long_prompt)]), dsa=DSAConfig(topk=128, dense_threshold=0))
+    assert not torch.equal(dense, sparse)  # the sparse path really ran
+    kl = torch.nn.functional.kl_div(sparse.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="sum")
+    print("KL", float(kl), dense.argmax(), sparse.argmax())
+    assert float(kl) < 0.5
+    assert torch.isfinite(step).all()
+
+
+def test_trained_indexer_keeps_more_attention_mass_than_a_random_one(tiny, long_prompt):
+    model = tiny.model.float()
+    try:
+        tokens = np.array(long_prompt)
+        trained = [layer.attention.indexer for layer in model.layers]
+        trained_recall = attention_mass_recall(model, torch.nn.ModuleList(trained), tokens, ks=(96,), query_rows=64)
+        random_indexers = make_indexers(model, TrainConfig())
+        random_recall = attention_mass_recall(model, random_indexers, tokens, ks=(96,), query_rows=64)
+    finally:
+        model.to(torch.bfloat16)
+    assert trained_recall["indexer_mean"]["96"] > random_recall["indexer_mean"]["96"] + 0.03
+    assert trained_recall["indexer_mean"]["96"] <= trained_recall["oracle_mean"]["96"] + 1e-6
+
+
+def test_checkpoint_with_another_rope_layout_is_refused(tmp_path, tiny):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny.indexer_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["indexer"]["layout"] = "interleaved"
+    (folder / "config.json").write_text(json.dumps(config))
+    args = tiny.model.args
+    with pytest.raises(ModelError, match="layout"):
+        load_checkpoint(folder, args.dim, args.n_layer)
+
+
+def test_attention_modes_pick_dense_or_sparse_as_documented():
+    assert choose_attention("dense", 10_000, None, True) is None
+    assert choose_attention("auto", 1_000, None, True) is None  # below the dense threshold
+    assert choose_attention("auto", 10_000, None, False) is None  # no trained indexer
+    assert choose_attention("auto", 10_000, None, True).topk == 2048
+    assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
+    forced = choose_attention("sparse", 600, None, True)
+    assert forced.topk < 600 and forced.dense_threshold == 0
+    with pytest.raises(ModelError, match="indexer"):
+        choose_attention("sparse", 600, None, False)
+
+
+def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "kitchen.md").write_text("# Kitchen\n\nThe community kitchen serves lunch at noon on weekdays.\n")
+    code, out, _ = run_cli(
+        "ask", "When does the kitchen serve lunch?", "--docs", str(docs), "--model", "tiny",
+        "--attention", "sparse", "--topk", "96", "--max-new-tokens", "4", "--json",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert result["attention"] == "sparse" and result["attention_topk"] == 96
