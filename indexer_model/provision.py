@@ -191,9 +191,10 @@ def _file_record(path: Path) -> dict:
 
 def _read_manifest(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
 
 def _stamps_match(folder: Path, manifest: dict) -> bool:
@@ -228,7 +229,10 @@ def _refresh_stamps(folder: Path, manifest: dict) -> None:
     for relative, record in manifest["files"].items():
         stat = (folder / relative).stat()
         record |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _write_manifest(folder, manifest)
+    try:
+        _write_manifest(folder, manifest)
+    except OSError:  # a read-only cache stays correct, it just keeps taking the rehash path
+        pass
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:

@@ -1,0 +1,958 @@
+"""DSA quality of the local generator: attention-mass recall, perplexity, multi-key NIAH and CPU prefill time.
+
+Four steps; the GPU machine has no tokenizer, so NIAH prompts are tokenized here and answers decoded here:
+
+    # 1. here: tokenize the NIAH cases (haystacks from held-out text, questions in the chat template)
+    .venv/bin/python benchmarks/dsa_quality.py prepare --model default \\
+        --heldout .devcarry/dd/default-heldout.npy --out .devcarry/q/niah-default.json
+    # 2. on the GPU: recall, perplexity, NIAH answers as token ids (--model takes a .gguf path)
+    PYTHONPATH=. python3 benchmarks/dsa_quality.py measure --model /tmp/qwen.gguf \\
+        --heldout .devcarry/dd/default-heldout.npy --niah .devcarry/q/niah-default.json --out $OUT/gpu.json
+    # 3. here: CPU prefill time, dense vs DSA (PyTorch reference path), bf16
+    .venv/bin/python benchmarks/dsa_quality.py measure --cpu-timing --model default --out docs/cpu.json
+    # 4. here: decode and score the answers, write the Markdown and the merged JSON
+    .venv/bin/python benchmarks/dsa_quality.py report --from-json gpu.json cpu.json --md docs/dsa-quality.md
+
+Held-out text: token ids of the Python 3.11 docs' `whatsnew/` folder (the indexers trained on the other parts).
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evals.niah import NiahCase, build_case, is_correct
+from indexer_model.dsa import DSAConfig
+from indexer_model.generate import decode_one_token, sample
+from indexer_model.model import ModelArgs, Transformer
+from indexer_model.train import RECALL_KS, TrainConfig, attention_mass_recall, make_indexers
+
+DEPTHS = (0.1, 0.5, 0.9)
+LENGTHS = (4096, 8192, 16384, 32768)
+GOALS = {
+    "recall_2048": 0.95,
+    "recall_2048_of_oracle": 0.98,
+    "recall_512": 0.87,
+    "niah_points": 2.0,
+    "ppl_16k": 0.02,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One attention setting: dense (topk None), or DSA at `topk` with the trained or an untrained indexer."""
+
+    name: str
+    topk: int | None
+    indexers: str = "trained"
+
+    def dsa(self) -> DSAConfig | None:
+        return None if self.topk is None else DSAConfig(topk=self.topk, dense_threshold=0)
+
+
+def modes_for(topks: list[int], untrained_topk: int | None) -> list[Mode]:
+    modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
+    if untrained_topk:
+        modes.append(Mode(f"dsa-{untrained_topk}-untrained", untrained_topk, "untrained"))
+    return modes
+
+
+class Deadline:
+    """Wall-clock budget of a run: sections skip the units that would start after it (0 = none)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.started = seconds, time.perf_counter()
+
+    def passed(self) -> bool:
+        return bool(self.seconds) and time.perf_counter() - self.started > self.seconds
+
+
+class Recorder:
+    """The result dict of a run, rewritten to disk after every unit so a killed run still leaves its data."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path, self.data = path, {"runs": [meta]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def run_meta(device: str) -> dict:
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "device": device_name(device),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+        platform.processor(),
+    )
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _cpuinfo() -> list[str]:
+    path = Path("/proc/cpuinfo")
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def window_starts(total: int, length: int, count: int) -> list[int]:
+    """`count` window starts spread evenly over a stream of `total` tokens; the first window starts at 0."""
+    return [round(i * (total - length) / count) for i in range(count)]
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def load_base_model(spec: str, device: str, state_cache: Path | None) -> Transformer:
+    """The frozen bf16 model; with `state_cache`, a .gguf is dequantized once and later runs load the cache."""
+    from indexer_model.train import load_frozen_model
+    from indexer_model.weights import build_model
+
+    if state_cache is not None and state_cache.is_file():
+        saved = torch.load(state_cache, weights_only=True)
+        model = build_model(ModelArgs(**saved["args"]), saved["state"], state_cache)
+        return model.to(device).requires_grad_(False)
+    model = load_frozen_model(spec, device)
+    if state_cache is not None:
+        torch.save({"args": dataclasses.asdict(model.args), "state": model.state_dict()}, state_cache)
+    return model
+
+
+def load_trained_indexers(model: Transformer, checkpoint: Path | None) -> tuple[nn.ModuleList, Path]:
+    """The trained indexers (fp32) of `checkpoint`, or of the checkpoint made for these exact weights."""
+    from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+
+    folder = checkpoint or find_checkpoint(weights_fingerprint(model))
+    if folder is None:
+        raise SystemExit("no trained indexer checkpoint matches these weights; pass --checkpoint")
+    return load_checkpoint(folder, model.args.dim, model.args.n_layer), folder
+
+
+def untrained_indexers(model: Transformer, seed: int = 0) -> nn.ModuleList:
+    torch.manual_seed(seed)
+    return make_indexers(model, TrainConfig())
+
+
+# --- 1. attention-mass recall ------------------------------------------------------------------------------
+
+
+def recall_section(
+    model: Transformer,
+    indexer_sets: dict[str, nn.ModuleList],
+    heldout: np.ndarray,
+    lengths: list[int],
+    ks: tuple[int, ...],
+    windows: int,
+    deadline: Deadline,
+    save: Callable[[dict], None],
+) -> dict:
+    """Per length: per-layer recall of the trained and untrained indexers, the oracle and sinks+recent,
+    averaged over `windows` windows of held-out text (the last 512 queries of each)."""
+    device = str(model.output.weight.device)
+    trained = indexer_sets["trained"].float().to(device)
+    untrained = indexer_sets["untrained"].float().to(device)
+    section: dict = {}
+    for length in lengths:
+        if deadline.passed():
+            section[str(length)] = {"skipped": "deadline"}
+            continue
+        started = time.perf_counter()
+        starts = window_starts(len(heldout), length, windows)
+        runs = [_recall_one_window(model, trained, untrained, heldout[s : s + length], ks) for s in starts]
+        section[str(length)] = {
+            "windows": starts,
+            "query_rows": runs[0]["query_rows"],
+            **{
+                name: _mean_per_layer([run[name] for run in runs]) for name in runs[0] if name != "query_rows"
+            },
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        save(section)
+    return section
+
+
+def _recall_one_window(
+    model: Transformer,
+    trained: nn.ModuleList,
+    untrained: nn.ModuleList,
+    tokens: np.ndarray,
+    ks: tuple[int, ...],
+) -> dict:
+    result = attention_mass_recall(model, trained, tokens, ks)
+    baseline = attention_mass_recall(model, untrained, tokens, ks)
+    return {
+        "query_rows": result["query_rows"],
+        "trained": result["indexer"],
+        "oracle": result["oracle"],
+        "recent": result["recent"],
+        "untrained": baseline["indexer"],
+    }
+
+
+def _mean_per_layer(runs: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    return {k: np.mean([run[k] for run in runs], axis=0).round(4).tolist() for k in runs[0]}
+
+
+# --- 2. perplexity -----------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def window_nll(
+    model: Transformer, ids: np.ndarray, scored: int, dsa: DSAConfig | None
+) -> tuple[float, float]:
+    """(summed NLL of the last `scored` next-token predictions in `ids`, seconds): a prefill of all but the
+    scored positions (last logits only), then the scored positions with every logit, attention as `dsa`."""
+    device = str(model.output.weight.device)
+    inputs = torch.from_numpy(ids[:-1].astype(np.int64)).to(device)[None]
+    targets = torch.from_numpy(ids[-scored:].astype(np.int64)).to(device)
+    positions = torch.arange(inputs.shape[1], device=device)
+    split = inputs.shape[1] - scored
+    model.setup_caches(1, inputs.shape[1])
+    synchronize(device)
+    started = time.perf_counter()
+    model(inputs[:, :split], positions[:split], last_logits_only=True, dsa=dsa)
+    logits = model(inputs[:, split:], positions[split:], last_logits_only=False, dsa=dsa)
+    nll = F.cross_entropy(logits[0].float(), targets, reduction="sum")
+    synchronize(device)
+    return float(nll), time.perf_counter() - started
+
+
+def perplexity_section(
+    model: Transformer,
+    indexer_sets: dict[str, nn.ModuleList],
+    heldout: np.ndarray,
+    lengths: list[int],
+    windows: int,
+    scored: int,
+    modes: list[Mode],
+    deadline: Deadline,
+    save: Callable[[dict], None],
+) -> dict:
+    """Per length and mode: perplexity of the last `scored` tokens of `windows` held-out windows."""
+    section: dict = {}
+    for length in lengths:
+        starts = window_starts(len(heldout), length + 1, windows)
+        entry: dict = {"windows": starts, "scored": scored, "modes": {}}
+        section[str(length)] = entry
+        for mode in modes:
+            if deadline.passed():
+                entry["modes"][mode.name] = {"skipped": "deadline"}
+                continue
+            model.attach_indexers(indexer_sets[mode.indexers])
+            runs = [window_nll(model, heldout[s : s + length + 1], scored, mode.dsa()) for s in starts]
+            nll = sum(run[0] for run in runs)
+            entry["modes"][mode.name] = {
+                "nll_per_window": [round(run[0] / scored, 5) for run in runs],
+                "ppl": round(float(np.exp(nll / (scored * len(runs)))), 4),
+                "seconds": [round(run[1], 2) for run in runs],
+            }
+            save(section)
+    return section
+
+
+# --- 3. needle in a haystack -------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def answer_case(
+    model: Transformer, case: NiahCase, dsa: DSAConfig | None, max_new_tokens: int, stop_ids: set[int]
+) -> dict:
+    """Greedy answers (token ids) to every question of a case: the shared haystack is prefilled once and each
+    question is prefilled after it, overwriting the previous question's cache positions."""
+    device = str(model.output.weight.device)
+    prefix_len = len(case.prefix_ids)
+    model.setup_caches(1, prefix_len + max(map(len, case.question_ids)) + max_new_tokens)
+    synchronize(device)
+    started = time.perf_counter()
+    prefix = torch.tensor([case.prefix_ids], device=device)
+    model(prefix, torch.arange(prefix_len, device=device), last_logits_only=True, dsa=dsa)
+    synchronize(device)
+    prefill_s = time.perf_counter() - started
+    answers = []
+    for question in case.question_ids:
+        positions = torch.arange(prefix_len, prefix_len + len(question), device=device)
+        logits = model(torch.tensor([question], device=device), positions, dsa=dsa)[:, -1]
+        answers.append(
+            greedy_continue(model, logits, prefix_len + len(question), max_new_tokens, stop_ids, dsa)
+        )
+    return {
+        "answers": answers,
+        "prefill_s": round(prefill_s, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def greedy_continue(
+    model: Transformer,
+    logits: torch.Tensor,
+    position: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    dsa: DSAConfig | None,
+) -> list[int]:
+    """Up to `max_new_tokens` greedy tokens after `logits`, the next one going to `position`."""
+    device = logits.device
+    ids: list[int] = []
+    for step in range(max_new_tokens):
+        token = sample(logits)
+        if int(token) in stop_ids:
+            break
+        ids.append(int(token))
+        if step < max_new_tokens - 1:
+            logits = decode_one_token(
+                model, token.view(1, 1), torch.tensor([position + step], device=device), dsa
+            )
+    return ids
+
+
+def niah_section(
+    model: Transformer,
+    indexer_sets: dict[str, nn.ModuleList],
+    spec: dict,
+    modes: list[Mode],
+    deadline: Deadline,
+    save: Callable[[dict], None],
+    variants: list[int] | None = None,
+) -> dict:
+    """Every case (or those of `variants`) under every mode; answers stay token ids, decoded by `report`."""
+    # Variant by variant, each over every length: a deadline then cuts trials, not whole lengths.
+    cases = sorted(spec["cases"], key=lambda case: (case["meta"].get("variant", 0), case["length"]))
+    if variants is not None:
+        cases = [case for case in cases if case["meta"].get("variant", 0) in variants]
+    section: dict = {"modes": [mode.name for mode in modes], "cases": []}
+    stop_ids = set(spec["stop_ids"])
+    for data in cases:
+        case = NiahCase.from_json(data)
+        entry = {
+            "length": case.length,
+            "needles": [vars(n) for n in case.needles],
+            "meta": case.meta,
+            "modes": {},
+        }
+        section["cases"].append(entry)
+        for mode in modes:
+            if deadline.passed():
+                entry["modes"][mode.name] = {"skipped": "deadline"}
+                continue
+            model.attach_indexers(indexer_sets[mode.indexers])
+            entry["modes"][mode.name] = answer_case(model, case, mode.dsa(), spec["max_new_tokens"], stop_ids)
+        save(section)
+    return section
+
+
+# --- 4. CPU prefill time -----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def prefill_seconds(model: Transformer, ids: np.ndarray, dsa: DSAConfig | None) -> float:
+    model.setup_caches(1, len(ids))
+    prompt = torch.from_numpy(ids.astype(np.int64))[None]
+    started = time.perf_counter()
+    model(prompt, torch.arange(len(ids)), last_logits_only=True, dsa=dsa)
+    return time.perf_counter() - started
+
+
+def cpu_timing_section(
+    model: Transformer,
+    trained: nn.ModuleList,
+    heldout: np.ndarray,
+    lengths: list[int],
+    topk: int,
+    limit_s: float,
+    save: Callable[[dict], None],
+    log: Callable[[str], None],
+) -> dict:
+    """Prefill seconds per length, dense (no indexer attached) then DSA at `topk`; one measurement each.
+    A DSA length is skipped when even a linear extrapolation (in positions past k) of the last one exceeds
+    `limit_s` (the indexer's share grows quadratically, so the real time is longer still)."""
+    section: dict = {"topk": topk, "dtype": "bfloat16", "threads": torch.get_num_threads(), "lengths": {}}
+    prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
+    for length in lengths:
+        seconds = prefill_seconds(model, heldout[:length], None)
+        section["lengths"][str(length)] = {"dense_s": round(seconds, 2)}
+        log(f"dense {length}: {seconds:.1f} s")
+        save(section)
+    model.attach_indexers(trained)
+    dsa = DSAConfig(topk=topk, dense_threshold=0)
+    previous: tuple[int, float] | None = None
+    for length in lengths:
+        entry = section["lengths"][str(length)]
+        if previous is not None:
+            estimate = previous[1] * (length - topk) / (previous[0] - topk)
+            if estimate > limit_s:
+                entry["dsa_skipped"] = f"estimated at least {estimate:.0f} s from {previous[0]} tokens"
+                log(f"dsa {length}: skipped ({entry['dsa_skipped']})")
+                continue
+        seconds = prefill_seconds(model, heldout[:length], dsa)
+        entry["dsa_s"] = round(seconds, 2)
+        log(f"dsa {length}: {seconds:.1f} s")
+        previous = (length, seconds)
+        save(section)
+    return section
+
+
+# --- measure: run the sections -----------------------------------------------------------------------------
+
+
+def measure(options: argparse.Namespace) -> None:
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    recorder = Recorder(options.out, run_meta(device))
+    deadline = Deadline(options.deadline_s)
+    started = time.perf_counter()
+    model = load_base_model(options.model, device, options.state_cache)
+    trained, folder = load_trained_indexers(model, options.checkpoint)
+    recorder.data["runs"][0].update(
+        model=options.model, checkpoint=str(folder), load_s=time.perf_counter() - started
+    )
+    heldout = np.load(options.heldout).astype(np.int64)
+    recorder.data["runs"][0]["heldout"] = {"path": str(options.heldout), "tokens": len(heldout)}
+    run_sections(model, trained, heldout, options, deadline, recorder)
+    recorder.data["runs"][0]["seconds"] = round(time.perf_counter() - started, 1)
+    recorder.save()
+
+
+def run_sections(
+    model: Transformer,
+    trained: nn.ModuleList,
+    heldout: np.ndarray,
+    options: argparse.Namespace,
+    deadline: Deadline,
+    recorder: Recorder,
+) -> None:
+    """The sections named in --sections (or --cpu-timing), each saved as it goes under its own key."""
+
+    def saver(key: str) -> Callable[[dict], None]:
+        def save(section: dict) -> None:
+            recorder.data[key] = section
+            recorder.save()
+
+        return save
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    indexer_sets = {"trained": trained, "untrained": untrained_indexers(model)}
+    max_len = model.args.max_seq_len
+    if options.cpu_timing:
+        cpu_timing_section(
+            model,
+            trained,
+            heldout,
+            options.timing_lengths,
+            options.timing_topk,
+            options.limit_s,
+            saver("cpu_timing"),
+            log,
+        )
+        return
+    sections = options.sections.split(",")
+    if "recall" in sections:
+        lengths = [n for n in options.recall_lengths if n <= max_len]
+        recall_section(
+            model,
+            indexer_sets,
+            heldout,
+            lengths,
+            tuple(options.ks),
+            options.recall_windows,
+            deadline,
+            saver("recall"),
+        )
+        log(f"recall done at {deadline_elapsed(deadline):.0f} s")
+    # Attaching casts the indexers to the model's dtype in place: later sections get their own copies.
+    indexer_sets = {name: copy.deepcopy(indexers) for name, indexers in indexer_sets.items()}
+    if "ppl" in sections:
+        lengths = [n for n in options.ppl_lengths if n <= max_len]
+        modes = modes_for(options.ppl_topks, None)
+        perplexity_section(
+            model,
+            indexer_sets,
+            heldout,
+            lengths,
+            options.ppl_windows,
+            options.ppl_scored,
+            modes,
+            deadline,
+            saver("perplexity"),
+        )
+        log(f"perplexity done at {deadline_elapsed(deadline):.0f} s")
+    if "niah" in sections:
+        spec = json.loads(options.niah.read_text())
+        modes = modes_for(options.niah_topks, options.untrained_topk)
+        recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
+        niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
+        log(f"niah done at {deadline_elapsed(deadline):.0f} s")
+
+
+def deadline_elapsed(deadline: Deadline) -> float:
+    return time.perf_counter() - deadline.started
+
+
+# --- prepare: tokenize the NIAH cases ----------------------------------------------------------------------
+
+
+def prepare(options: argparse.Namespace) -> None:
+    from indexer_model.generate import stop_token_ids
+    from indexer_model.resolve import resolve_model
+    from indexer_model.tokenizer import ChatTokenizer
+    from indexer_model.weights import load_config
+
+    folder = resolve_model(options.model)
+    tokenizer = ChatTokenizer(folder)
+    max_seq_len = load_config(folder)[1].max_seq_len
+    heldout = np.load(options.heldout).astype(np.int64)
+    line_ends = {int(i) for i in np.unique(heldout) if "\n" in tokenizer.decode([int(i)])}
+    rng = np.random.default_rng(options.seed)
+    cases = []
+    for length in options.niah_lengths:
+        length = min(length, max_seq_len - options.max_new_tokens)
+        for variant in range(options.variants):
+            start = int(rng.integers(0, len(heldout) - length))
+            case = build_case(tokenizer, heldout[start : start + length], length, DEPTHS, rng, line_ends)
+            case.meta = {"variant": variant, "filler_start": start, "requested_length": length}
+            cases.append(case.to_json())
+    spec = {
+        "model": options.model,
+        "heldout": str(options.heldout),
+        "depths": list(DEPTHS),
+        "max_new_tokens": options.max_new_tokens,
+        "stop_ids": sorted(stop_token_ids(folder, tokenizer)),
+        "cases": cases,
+    }
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(spec) + "\n")
+    print(f"{len(cases)} cases, {sum(len(c['question_ids']) for c in cases)} questions -> {options.out}")
+
+
+# --- report: score and write Markdown ----------------------------------------------------------------------
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One dict of several measure outputs: runs and NIAH cases concatenated, other sections merged by key."""
+    merged: dict = {"runs": []}
+    for path in paths:
+        data = json.loads(path.read_text())
+        merged["runs"] += data.pop("runs", [])
+        if "niah" in data and "niah" in merged:
+            merged["niah"]["cases"] += data.pop("niah")["cases"]
+        for key, section in data.items():
+            merged.setdefault(key, {}).update(section)
+    return merged
+
+
+def score_niah(niah: dict, decode: Callable[[list[int]], str]) -> list[dict]:
+    """One row per (case, question, mode): the decoded answer and whether it names the right value."""
+    rows = []
+    for case_index, case in enumerate(niah["cases"]):
+        for mode, result in case["modes"].items():
+            if "answers" not in result:
+                continue
+            for needle, answer_ids in zip(case["needles"], result["answers"], strict=True):
+                answer = decode(answer_ids)
+                rows.append(
+                    {
+                        "case": case_index,
+                        "length": case["length"],
+                        "depth": needle["depth"],
+                        "mode": mode,
+                        "value": needle["value"],
+                        "answer": answer,
+                        "correct": is_correct(answer, needle["value"]),
+                    }
+                )
+    return rows
+
+
+def niah_summary(rows: list[dict]) -> dict:
+    """Accuracy per mode and length, per mode/length/depth, and on the questions dense answered correctly."""
+    solved = {(r["case"], r["depth"]) for r in rows if r["mode"] == "dense" and r["correct"]}
+    summary: dict = {"by_length": {}, "by_depth": {}, "on_dense_solved": {}}
+    for row in rows:
+        mode, length, depth = row["mode"], str(row["length"]), str(row["depth"])
+        _tally(summary["by_length"].setdefault(mode, {}).setdefault(length, [0, 0]), row["correct"])
+        _tally(
+            summary["by_depth"].setdefault(mode, {}).setdefault(f"{length}@{depth}", [0, 0]), row["correct"]
+        )
+        if (row["case"], row["depth"]) in solved:
+            _tally(summary["on_dense_solved"].setdefault(mode, {}).setdefault(length, [0, 0]), row["correct"])
+    return summary
+
+
+def _tally(cell: list[int], correct: bool) -> None:
+    cell[0] += int(correct)
+    cell[1] += 1
+
+
+def report(options: argparse.Namespace) -> None:
+    data = merge_results(options.from_json)
+    if "niah" in data:
+        from indexer_model.resolve import resolve_model
+        from indexer_model.tokenizer import ChatTokenizer
+
+        tokenizer = ChatTokenizer(resolve_model(data.get("niah_spec", {}).get("model", "default")))
+        rows = score_niah(data["niah"], tokenizer.decode)
+        data["niah_scored"] = {"rows": rows, "summary": niah_summary(rows)}
+    data["goals"] = check_goals(data)
+    data["notes"] = options.note or []
+    options.md.parent.mkdir(parents=True, exist_ok=True)
+    options.md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    options.md.write_text(render_markdown(data))
+    print(f"wrote {options.md} and {options.md.with_suffix('.json')}")
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values))
+
+
+def check_goals(data: dict) -> list[dict]:
+    """Each quality goal with the measured value and whether it is met."""
+    goals = []
+    for length, entry in data.get("recall", {}).items():
+        if "trained" not in entry:
+            continue
+        recall = {k: _mean(v) for k, v in entry["trained"].items()}
+        oracle = {k: _mean(v) for k, v in entry["oracle"].items()}
+        if "2048" in recall:
+            goals.append(_goal(f"mean recall @k=2048, {length} tokens", recall["2048"], GOALS["recall_2048"]))
+            ratio = recall["2048"] / oracle["2048"]
+            goals.append(
+                _goal(f"recall/oracle @k=2048, {length} tokens", ratio, GOALS["recall_2048_of_oracle"])
+            )
+        if "512" in recall:
+            goals.append(_goal(f"mean recall @k=512, {length} tokens", recall["512"], GOALS["recall_512"]))
+    for mode, by_length in data.get("niah_scored", {}).get("summary", {}).get("on_dense_solved", {}).items():
+        if mode == "dense":
+            continue
+        correct, total = (sum(cell[i] for cell in by_length.values()) for i in (0, 1))
+        points = 100.0 * (1 - correct / total) if total else float("nan")
+        goals.append(
+            {
+                "goal": f"NIAH {mode}: points lost on what dense solves ({correct}/{total} kept)",
+                "value": round(points, 1),
+                "target": f"<= {GOALS['niah_points']}",
+                "met": points <= GOALS["niah_points"],
+            }
+        )
+    ppl16 = data.get("perplexity", {}).get("16384", {}).get("modes", {})
+    for mode, entry in ppl16.items():
+        if mode != "dense" and "ppl" in entry and "ppl" in ppl16.get("dense", {}):
+            increase = entry["ppl"] / ppl16["dense"]["ppl"] - 1
+            goals.append(
+                {
+                    "goal": f"perplexity increase at 16K, {mode}",
+                    "value": round(100 * increase, 2),
+                    "target": f"<= {100 * GOALS['ppl_16k']:.0f} %",
+                    "met": increase <= GOALS["ppl_16k"],
+                }
+            )
+    for length, entry in data.get("cpu_timing", {}).get("lengths", {}).items():
+        if int(length) >= 8192:
+            met = "dsa_s" in entry and entry["dsa_s"] < entry["dense_s"]
+            value = entry.get("dsa_s", entry.get("dsa_skipped"))
+            goals.append(
+                {
+                    "goal": f"CPU DSA prefill faster than dense at {length}",
+                    "value": value,
+                    "target": f"< {entry['dense_s']} s",
+                    "met": met,
+                }
+            )
+    return goals
+
+
+def _goal(name: str, value: float, target: float) -> dict:
+    return {"goal": name, "value": round(value, 4), "target": f">= {target}", "met": value >= target}
+
+
+def render_markdown(data: dict) -> str:
+    lines = ["# DSA quality: trained lightning indexers vs dense attention", ""]
+    lines += _runs_markdown(data["runs"])
+    if data.get("goals"):
+        lines += ["## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+        lines += [
+            f"| {g['goal']} | {g['value']} | {g['target']} | {'yes' if g['met'] else '**no**'} |"
+            for g in data["goals"]
+        ]
+        lines.append("")
+    for key, render in (
+        ("recall", _recall_markdown),
+        ("perplexity", _perplexity_markdown),
+        ("niah_scored", _niah_markdown),
+        ("cpu_timing", _cpu_markdown),
+    ):
+        if key in data:
+            lines += render(data[key], data)
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in data["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _runs_markdown(runs: list[dict]) -> list[str]:
+    lines = ["## Runs", "", "| date (UTC) | device | command |", "|---|---|---|"]
+    lines += [f"| {run['date']} | {run['device']} | `{run['command']}` |" for run in runs]
+    lines += ["", "Report: `python " + " ".join(sys.argv) + "`", ""]
+    return lines
+
+
+def _recall_markdown(recall: dict, data: dict) -> list[str]:
+    lines = [
+        "## 1. Attention-mass recall",
+        "",
+        "Share of each layer's dense attention mass (summed over heads) that the selected top-k keys hold, over "
+        "the last 512 queries of each held-out window; sinks (4) and the local window (64) are always selected. "
+        "Oracle: top-k of the true attention. Recent: the 4 sinks plus the k - 4 most recent keys. "
+        "Untrained: a randomly initialised indexer of the same shape.",
+        "",
+        "| tokens | k | trained | oracle | trained / oracle | sinks + recent | untrained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for length, entry in recall.items():
+        if "trained" not in entry:
+            lines.append(f"| {length} | skipped ({entry.get('skipped')}) | | | | | |")
+            continue
+        for k in entry["trained"]:
+            trained, oracle = _mean(entry["trained"][k]), _mean(entry["oracle"][k])
+            lines.append(
+                f"| {length} | {k} | {trained:.3f} | {oracle:.3f} | {trained / oracle:.3f} | "
+                f"{_mean(entry['recent'][k]):.3f} | {_mean(entry['untrained'][k]):.3f} |"
+            )
+    lines.append("")
+    for length, entry in recall.items():
+        if "trained" not in entry:
+            continue
+        ks = [k for k in ("512", "2048") if k in entry["trained"]] or list(entry["trained"])[-2:]
+        lines += [f"Per layer, {length} tokens (windows at {entry['windows']}):", ""]
+        header = " | ".join(
+            f"{name} @{k}" for k in ks for name in ("trained", "oracle", "recent", "untrained")
+        )
+        lines += [f"| layer | {header} |", "|---" * (1 + 4 * len(ks)) + "|"]
+        for layer in range(len(entry["trained"][ks[0]])):
+            cells = " | ".join(
+                f"{entry[name][k][layer]:.3f}"
+                for k in ks
+                for name in ("trained", "oracle", "recent", "untrained")
+            )
+            lines.append(f"| {layer} | {cells} |")
+        lines.append("")
+    return lines
+
+
+def _perplexity_markdown(perplexity: dict, data: dict) -> list[str]:
+    first = next(iter(perplexity.values()))
+    modes = list(first["modes"])
+    lines = [
+        "## 2. Perplexity",
+        "",
+        f"Perplexity of the last {first['scored']} tokens of each held-out window, the whole window (prefix and "
+        "scored part) run with the attention named; DSA with `dense_threshold=0`. Change against dense in brackets.",
+        "",
+        "| tokens | windows | " + " | ".join(modes) + " |",
+        "|---" * (2 + len(modes)) + "|",
+    ]
+    for length, entry in perplexity.items():
+        dense = entry["modes"].get("dense", {}).get("ppl")
+        cells = []
+        for mode in modes:
+            result = entry["modes"].get(mode, {})
+            if "ppl" not in result:
+                cells.append(f"skipped ({result.get('skipped', 'missing')})")
+            elif mode == "dense" or dense is None:
+                cells.append(f"{result['ppl']:.3f}")
+            else:
+                cells.append(f"{result['ppl']:.3f} ({100 * (result['ppl'] / dense - 1):+.2f} %)")
+        lines.append(f"| {length} | {len(entry['windows'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Seconds per window (prefill + scored part; PyTorch reference DSA path; device under Runs):",
+        "",
+    ]
+    lines += ["| tokens | " + " | ".join(modes) + " |", "|---" * (1 + len(modes)) + "|"]
+    for length, entry in perplexity.items():
+        cells = [str(entry["modes"].get(mode, {}).get("seconds", "-")) for mode in modes]
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _niah_markdown(scored: dict, data: dict) -> list[str]:
+    summary = scored["summary"]
+    spec = data.get("niah_spec", {})
+    modes = data["niah"]["modes"]
+    lengths = sorted({length for by_length in summary["by_length"].values() for length in by_length}, key=int)
+    lines = [
+        "## 3. Multi-key needle in a haystack",
+        "",
+        f'Each haystack is held-out text with {len(spec.get("depths", DEPTHS))} needles ("The pass key for <name> '
+        'is <5 digits>.") at depths '
+        + ", ".join(f"{round(100 * d)} %" for d in spec.get("depths", DEPTHS))
+        + "; each needle is asked for in turn through the chat template, greedy decoding of up to "
+        f"{spec.get('max_new_tokens', '?')} tokens, scored by exact match of the first number in the answer. "
+        "Tokens = the longest prompt of the case (the 32K cases stop short of the model's 32,768 positions to "
+        "leave room for the answer).",
+        "",
+        "Accuracy (correct / asked):",
+        "",
+        "| mode | " + " | ".join(lengths) + " | all |",
+        "|---" * (2 + len(lengths)) + "|",
+    ]
+    for mode in modes:
+        cells = summary["by_length"].get(mode, {})
+        lines.append(
+            f"| {mode} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + f" | {_cell(_total(cells))} |"
+        )
+    lines += ["", "On the questions dense answered correctly:", ""]
+    lines += ["| mode | " + " | ".join(lengths) + " | all |", "|---" * (2 + len(lengths)) + "|"]
+    for mode in modes:
+        cells = summary["on_dense_solved"].get(mode, {})
+        lines.append(
+            f"| {mode} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + f" | {_cell(_total(cells))} |"
+        )
+    depth_keys = sorted(
+        {key for by_depth in summary["by_depth"].values() for key in by_depth}, key=_depth_order
+    )
+    lines += [
+        "",
+        "By length and depth:",
+        "",
+        "| tokens @ depth | " + " | ".join(modes) + " |",
+        "|---" * (1 + len(modes)) + "|",
+    ]
+    for key in depth_keys:
+        cells = [_cell(summary["by_depth"].get(mode, {}).get(key)) for mode in modes]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _depth_order(key: str) -> tuple[int, float]:
+    length, depth = key.split("@")
+    return int(length), float(depth)
+
+
+def _total(cells: dict) -> list[int] | None:
+    return [sum(c[0] for c in cells.values()), sum(c[1] for c in cells.values())] if cells else None
+
+
+def _cell(cell: list[int] | None) -> str:
+    return "-" if not cell else f"{cell[0]}/{cell[1]} ({100 * cell[0] / cell[1]:.0f} %)"
+
+
+def _cpu_markdown(timing: dict, data: dict) -> list[str]:
+    lines = [
+        "## 4. CPU prefill time",
+        "",
+        f"One prefill per length, {timing['dtype']}, {timing['threads']} threads, last logits only; dense without "
+        f"indexers, DSA with k = {timing['topk']} through the PyTorch reference path (blockwise top-k, gather "
+        "attention). One measurement each.",
+        "",
+        "| tokens | dense (s) | DSA (s) | DSA / dense |",
+        "|---|---|---|---|",
+    ]
+    for length, entry in timing["lengths"].items():
+        if "dsa_s" in entry:
+            lines.append(
+                f"| {length} | {entry['dense_s']} | {entry['dsa_s']} | {entry['dsa_s'] / entry['dense_s']:.2f} |"
+            )
+        else:
+            lines.append(f"| {length} | {entry['dense_s']} | not run: {entry.get('dsa_skipped', '-')} | |")
+    lines.append("")
+    return lines
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prepare", help="tokenize the NIAH cases (needs the tokenizer)")
+    prep.add_argument("--model", default="default")
+    prep.add_argument("--heldout", type=Path, required=True)
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--niah-lengths", type=_ints, default=list(LENGTHS))
+    prep.add_argument("--variants", type=int, default=3, help="haystacks per length (each asks every needle)")
+    prep.add_argument("--max-new-tokens", type=int, default=10)
+    prep.add_argument("--seed", type=int, default=0)
+
+    run = commands.add_parser("measure", help="recall, perplexity, NIAH answers; or --cpu-timing")
+    run.add_argument("--model", default="default", help="default, tiny, a model folder or a .gguf path")
+    run.add_argument(
+        "--checkpoint", type=Path, default=None, help="indexer checkpoint (default: by fingerprint)"
+    )
+    run.add_argument("--heldout", type=Path, required=True, help="held-out token ids (.npy)")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--device", default=None)
+    run.add_argument(
+        "--state-cache", type=Path, default=None, help="bf16 weights cache (skips GGUF dequantizing)"
+    )
+    run.add_argument("--sections", default="recall,ppl,niah")
+    run.add_argument("--deadline-s", type=float, default=0.0, help="start no new unit after this (0 = none)")
+    run.add_argument("--recall-lengths", type=_ints, default=[8192, 16384])
+    run.add_argument("--ks", type=_ints, default=list(RECALL_KS))
+    run.add_argument("--recall-windows", type=int, default=2)
+    run.add_argument("--ppl-lengths", type=_ints, default=list(LENGTHS))
+    run.add_argument("--ppl-windows", type=int, default=2)
+    run.add_argument("--ppl-scored", type=int, default=1024)
+    run.add_argument("--ppl-topks", type=_ints, default=[2048, 512])
+    run.add_argument("--niah", type=Path, default=None, help="cases written by `prepare`")
+    run.add_argument("--niah-topks", type=_ints, default=[2048, 512])
+    run.add_argument("--untrained-topk", type=int, default=2048)
+    run.add_argument("--niah-variants", type=_ints, default=None, help="run only these haystack variants")
+    run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
+    run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
+    run.add_argument("--timing-topk", type=int, default=2048)
+    run.add_argument(
+        "--limit-s", type=float, default=300.0, help="skip a DSA timing estimated longer than this"
+    )
+
+    rep = commands.add_parser("report", help="score NIAH answers, write Markdown + JSON")
+    rep.add_argument("--from-json", type=Path, nargs="+", required=True)
+    rep.add_argument("--md", type=Path, default=Path("docs/dsa-quality.md"))
+    rep.add_argument("--note", action="append", help="a line for the Notes section (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    options = parse_args()
+    if options.command == "prepare":
+        prepare(options)
+    elif options.command == "measure":
+        if options.cpu_timing:
+            torch.set_num_threads(os.cpu_count() or 1)
+        measure(options)
+    else:
+        report(options)
+
+
+if __name__ == "__main__":
+    main()
