@@ -19,7 +19,7 @@ models: $(STAMP)
 
 demo: models
 	$(BIN)/dsarag ingest corpora/demo/docs --store .dsarag/demo
-	$(BIN)/dsarag ask "Who leads the Harbor Street Kitchen project as of 2025?" --docs corpora/demo/docs --store .dsarag/demo
+	$(BIN)/dsarag ask "Who is the privacy officer of Lumen Harbor Cooperative?" --docs corpora/demo/docs --store .dsarag/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
