@@ -3,17 +3,19 @@
 Four steps; the GPU machine has no tokenizer, so NIAH prompts are tokenized here and answers decoded here:
 
     # 1. here: tokenize the NIAH cases (haystacks from held-out text, questions in the chat template)
-    .venv/bin/python benchmarks/dsa_quality.py prepare --model default \\
+    .venv/bin/python benchmarks/dsa_quality.py prepare --model default --variants 6 \\
         --heldout .devcarry/dd/default-heldout.npy --out .devcarry/q/niah-default.json
-    # 2. on the GPU: recall, perplexity, NIAH answers as token ids (--model takes a .gguf path)
+    # 2. on the GPU (with the `gguf` wheel on PYTHONPATH): recall, perplexity, NIAH answers as token ids
     PYTHONPATH=. python3 benchmarks/dsa_quality.py measure --model /tmp/qwen.gguf \\
         --heldout .devcarry/dd/default-heldout.npy --niah .devcarry/q/niah-default.json --out $OUT/gpu.json
     # 3. here: CPU prefill time, dense vs DSA (PyTorch reference path), bf16
-    .venv/bin/python benchmarks/dsa_quality.py measure --cpu-timing --model default --out docs/cpu.json
-    # 4. here: decode and score the answers, write the Markdown and the merged JSON
+    .venv/bin/python benchmarks/dsa_quality.py measure --cpu-timing --model default \\
+        --heldout .devcarry/dd/default-heldout.npy --out cpu.json
+    # 4. here: decode and score the answers, write the Markdown and the merged JSON beside it
     .venv/bin/python benchmarks/dsa_quality.py report --from-json gpu.json cpu.json --md docs/dsa-quality.md
 
-Held-out text: token ids of the Python 3.11 docs' `whatsnew/` folder (the indexers trained on the other parts).
+`report --from-json docs/dsa-quality.json` rewrites the Markdown from the merged JSON alone. Held-out text:
+token ids of the Python 3.11 docs' `whatsnew/` folder (the indexers were trained on the other parts).
 """
 
 import argparse
@@ -376,6 +378,11 @@ def prefill_seconds(model: Transformer, ids: np.ndarray, dsa: DSAConfig | None) 
     return time.perf_counter() - started
 
 
+def load_average() -> float:
+    """The 1-minute load average: other processes on a shared CPU slow a timing down."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
 def cpu_timing_section(
     model: Transformer,
     trained: nn.ModuleList,
@@ -387,31 +394,29 @@ def cpu_timing_section(
     log: Callable[[str], None],
 ) -> dict:
     """Prefill seconds per length, dense (no indexer attached) then DSA at `topk`; one measurement each.
-    A DSA length is skipped when even a linear extrapolation (in positions past k) of the last one exceeds
-    `limit_s` (the indexer's share grows quadratically, so the real time is longer still)."""
+    A length is skipped when even a linear extrapolation of the previous one exceeds `limit_s` (attention and
+    the indexer grow quadratically, so the real time would be longer still)."""
     section: dict = {"topk": topk, "dtype": "bfloat16", "threads": torch.get_num_threads(), "lengths": {}}
+    for length in lengths:
+        section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
-    for length in lengths:
-        seconds = prefill_seconds(model, heldout[:length], None)
-        section["lengths"][str(length)] = {"dense_s": round(seconds, 2)}
-        log(f"dense {length}: {seconds:.1f} s")
-        save(section)
-    model.attach_indexers(trained)
-    dsa = DSAConfig(topk=topk, dense_threshold=0)
-    previous: tuple[int, float] | None = None
-    for length in lengths:
-        entry = section["lengths"][str(length)]
-        if previous is not None:
-            estimate = previous[1] * (length - topk) / (previous[0] - topk)
+    for mode, dsa in (("dense", None), ("dsa", DSAConfig(topk=topk, dense_threshold=0))):
+        if dsa is not None:
+            model.attach_indexers(trained)
+        previous: tuple[int, float] | None = None
+        for length in lengths:
+            entry = section["lengths"][str(length)]
+            estimate = previous[1] * length / previous[0] if previous else 0.0
             if estimate > limit_s:
-                entry["dsa_skipped"] = f"estimated at least {estimate:.0f} s from {previous[0]} tokens"
-                log(f"dsa {length}: skipped ({entry['dsa_skipped']})")
+                entry[f"{mode}_skipped"] = f"estimated over {estimate:.0f} s from {previous[0]} tokens"
+                log(f"{mode} {length}: skipped ({entry[f'{mode}_skipped']})")
                 continue
-        seconds = prefill_seconds(model, heldout[:length], dsa)
-        entry["dsa_s"] = round(seconds, 2)
-        log(f"dsa {length}: {seconds:.1f} s")
-        previous = (length, seconds)
-        save(section)
+            load = load_average()
+            seconds = prefill_seconds(model, heldout[:length], dsa)
+            entry[f"{mode}_s"], entry[f"{mode}_load"] = round(seconds, 2), [load, load_average()]
+            log(f"{mode} {length}: {seconds:.1f} s")
+            previous = (length, seconds)
+            save(section)
     return section
 
 
@@ -561,7 +566,10 @@ def merge_results(paths: list[Path]) -> dict:
         if "niah" in data and "niah" in merged:
             merged["niah"]["cases"] += data.pop("niah")["cases"]
         for key, section in data.items():
-            merged.setdefault(key, {}).update(section)
+            if isinstance(section, dict):
+                merged.setdefault(key, {}).update(section)
+            else:
+                merged[key] = section
     return merged
 
 
@@ -618,7 +626,7 @@ def report(options: argparse.Namespace) -> None:
         rows = score_niah(data["niah"], tokenizer.decode)
         data["niah_scored"] = {"rows": rows, "summary": niah_summary(rows)}
     data["goals"] = check_goals(data)
-    data["notes"] = options.note or []
+    data["notes"] = options.note if options.note is not None else data.get("notes", [])
     options.md.parent.mkdir(parents=True, exist_ok=True)
     options.md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     options.md.write_text(render_markdown(data))
@@ -671,14 +679,13 @@ def check_goals(data: dict) -> list[dict]:
                 }
             )
     for length, entry in data.get("cpu_timing", {}).get("lengths", {}).items():
-        if int(length) >= 8192:
+        if int(length) >= 8192 and "dense_s" in entry:
             met = "dsa_s" in entry and entry["dsa_s"] < entry["dense_s"]
-            value = entry.get("dsa_s", entry.get("dsa_skipped"))
             goals.append(
                 {
-                    "goal": f"CPU DSA prefill faster than dense at {length}",
-                    "value": value,
-                    "target": f"< {entry['dense_s']} s",
+                    "goal": f"CPU DSA prefill faster than dense at {length} tokens (s)",
+                    "value": entry.get("dsa_s", entry.get("dsa_skipped")),
+                    "target": f"< {entry['dense_s']}",
                     "met": met,
                 }
             )
@@ -715,8 +722,23 @@ def render_markdown(data: dict) -> str:
 def _runs_markdown(runs: list[dict]) -> list[str]:
     lines = ["## Runs", "", "| date (UTC) | device | command |", "|---|---|---|"]
     lines += [f"| {run['date']} | {run['device']} | `{run['command']}` |" for run in runs]
-    lines += ["", "Report: `python " + " ".join(sys.argv) + "`", ""]
+    checkpoints = sorted({Path(run["checkpoint"]).name for run in runs if "checkpoint" in run})
+    lines += (
+        ["", f"Indexer checkpoint: `indexer_model/checkpoints/{', '.join(checkpoints)}`."]
+        if checkpoints
+        else []
+    )
+    lines += ["", f"Report: `{report_command()}`", ""]
     return lines
+
+
+def report_command() -> str:
+    """This command line, with the text of --note options left out."""
+    words, skip = ["python"], False
+    for word in sys.argv:
+        words.append("…" if skip else word)
+        skip = word == "--note"
+    return " ".join(words)
 
 
 def _recall_markdown(recall: dict, data: dict) -> list[str]:
@@ -862,6 +884,10 @@ def _cell(cell: list[int] | None) -> str:
     return "-" if not cell else f"{cell[0]}/{cell[1]} ({100 * cell[0] / cell[1]:.0f} %)"
 
 
+def _load(loads: list[float] | None) -> str:
+    return " / ".join(map(str, loads)) if loads else "-"
+
+
 def _cpu_markdown(timing: dict, data: dict) -> list[str]:
     lines = [
         "## 4. CPU prefill time",
@@ -870,18 +896,23 @@ def _cpu_markdown(timing: dict, data: dict) -> list[str]:
         f"indexers, DSA with k = {timing['topk']} through the PyTorch reference path (blockwise top-k, gather "
         "attention). One measurement each.",
         "",
-        "| tokens | dense (s) | DSA (s) | DSA / dense |",
-        "|---|---|---|---|",
+        "Load: the machine's 1-minute load average before / after each timing (other work shared its cores).",
+        "",
+        "| tokens | dense (s) | load | DSA (s) | load | DSA / dense |",
+        "|---|---|---|---|---|---|",
     ]
     for length, entry in timing["lengths"].items():
-        if "dsa_s" in entry:
-            lines.append(
-                f"| {length} | {entry['dense_s']} | {entry['dsa_s']} | {entry['dsa_s'] / entry['dense_s']:.2f} |"
-            )
-        else:
-            lines.append(f"| {length} | {entry['dense_s']} | not run: {entry.get('dsa_skipped', '-')} | |")
+        cells = [_timing_cell(entry, mode) for mode in ("dense", "dsa")]
+        ratio = f"{entry['dsa_s'] / entry['dense_s']:.2f}" if "dsa_s" in entry and "dense_s" in entry else ""
+        lines.append(f"| {length} | {' | '.join(cells)} | {ratio} |")
     lines.append("")
     return lines
+
+
+def _timing_cell(entry: dict, mode: str) -> str:
+    if f"{mode}_s" in entry:
+        return f"{entry[f'{mode}_s']} | {_load(entry.get(f'{mode}_load'))}"
+    return f"not run: {entry.get(f'{mode}_skipped', '-')} | "
 
 
 # --- command line ------------------------------------------------------------------------------------------

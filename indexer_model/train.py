@@ -82,6 +82,7 @@ def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
 @torch.no_grad()
 def frozen_attention_inputs(model: Transformer, tokens: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per layer: (normed input h (B,T,D), q (B,Hq,T,d), k (B,Hkv,T,d)) of one dense forward, q and k post-RoPE."""
+    model.clear_caches()  # one full causal pass: a generation's KV cache must not take part
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     rope = rope_cos_sin(positions, model.args.head_dim, model.args.rope_base)
     x = model.tok_embeddings(tokens)

@@ -74,11 +74,29 @@ def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return state_dict
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 matmuls run ~3x
+    slower than fp32 (measured: 231 ms vs 71 ms for a 1100x896x4864 product on an AVX-512 Xeon without BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 on GPUs and on CPUs with native bf16, else fp32 (faster there, at twice the memory)."""
+    if torch.device(device).type == "cuda" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_model(
-    folder: Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    folder: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Transformer:
-    """Our Transformer with the weights of an HF-format folder, in eval mode."""
+    """Our Transformer with the weights of an HF-format folder, in eval mode (dtype None: default_dtype)."""
     folder = Path(folder)
+    dtype = dtype or default_dtype(device)
     _, args = load_config(folder)
     return build_model(args, load_state_dict(folder, dtype), folder).to(device)
 

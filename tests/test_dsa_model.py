@@ -64,6 +64,7 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
 
 
 def test_trained_indexer_keeps_more_attention_mass_than_a_random_one(tiny, long_prompt):
+    dtype = tiny.model.output.weight.dtype
     model = tiny.model.float()
     try:
         tokens = np.array(long_prompt)
@@ -74,7 +75,7 @@ def test_trained_indexer_keeps_more_attention_mass_than_a_random_one(tiny, long_
         random_indexers = make_indexers(model, TrainConfig())
         random_recall = attention_mass_recall(model, random_indexers, tokens, ks=(96,), query_rows=64)
     finally:
-        model.to(torch.bfloat16)
+        model.to(dtype)
     assert trained_recall["indexer_mean"]["96"] > random_recall["indexer_mean"]["96"] + 0.03
     assert trained_recall["indexer_mean"]["96"] <= trained_recall["oracle_mean"]["96"] + 1e-6
 
