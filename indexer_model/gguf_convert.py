@@ -175,4 +175,5 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-    save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
+    # One metadata key only: safetensors writes metadata in hash order, and the file should be reproducible.
+    save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
