@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from indexer_model.provision import sha256_file as file_sha256
 from rag.atomic import atomic_write, atomic_write_json
 from rag.errors import StoreError
 
@@ -42,14 +43,6 @@ def chunk_schema(dim: int) -> pa.Schema:
             ("embedding", pa.list_(pa.float32(), dim)),
         ]
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stable_chunk_id(path: str, ordinal: int, text: str) -> int:
