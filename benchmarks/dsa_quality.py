@@ -392,6 +392,7 @@ def cpu_timing_section(
     limit_s: float,
     save: Callable[[dict], None],
     log: Callable[[str], None],
+    modes: tuple[str, ...] = ("dense", "dsa"),
 ) -> dict:
     """Prefill seconds per length, dense (no indexer attached) then DSA at `topk`; one measurement each.
     A length is skipped when even a linear extrapolation of the previous one exceeds `limit_s` (attention and
@@ -401,6 +402,8 @@ def cpu_timing_section(
         section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
     for mode, dsa in (("dense", None), ("dsa", DSAConfig(topk=topk, dense_threshold=0))):
+        if mode not in modes:
+            continue
         if dsa is not None:
             model.attach_indexers(trained)
         previous: tuple[int, float] | None = None
@@ -473,6 +476,7 @@ def run_sections(
             options.limit_s,
             saver("cpu_timing"),
             log,
+            tuple(options.timing_modes.split(",")),
         )
         return
     sections = options.sections.split(",")
@@ -558,19 +562,28 @@ def prepare(options: argparse.Namespace) -> None:
 
 
 def merge_results(paths: list[Path]) -> dict:
-    """One dict of several measure outputs: runs and NIAH cases concatenated, other sections merged by key."""
+    """One dict of several measure outputs: runs and NIAH cases concatenated, other sections merged key by key
+    (nested dicts too, later files winning); a CPU timing measured later replaces an earlier skip."""
     merged: dict = {"runs": []}
     for path in paths:
         data = json.loads(path.read_text())
         merged["runs"] += data.pop("runs", [])
         if "niah" in data and "niah" in merged:
             merged["niah"]["cases"] += data.pop("niah")["cases"]
-        for key, section in data.items():
-            if isinstance(section, dict):
-                merged.setdefault(key, {}).update(section)
-            else:
-                merged[key] = section
+        _merge_into(merged, data)
+    for entry in merged.get("cpu_timing", {}).get("lengths", {}).values():
+        for mode in ("dense", "dsa"):
+            if f"{mode}_s" in entry:
+                entry.pop(f"{mode}_skipped", None)
     return merged
+
+
+def _merge_into(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
 
 
 def score_niah(niah: dict, decode: Callable[[list[int]], str]) -> list[dict]:
@@ -962,6 +975,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
     run.add_argument("--timing-topk", type=int, default=2048)
+    run.add_argument("--timing-modes", default="dense,dsa", help="which prefills to time")
     run.add_argument(
         "--limit-s", type=float, default=300.0, help="skip a DSA timing estimated longer than this"
     )
