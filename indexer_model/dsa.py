@@ -22,6 +22,8 @@ class DSAConfig:
     dense_threshold: int = 2048  # shorter contexts run exact dense attention
     index_heads: int = 4
     index_dim: int = 64
+    kernels: str = "auto"  # "triton" (GPU kernels), "torch" (reference path), "auto": triton on CUDA
+    fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
 
     def runs_dense(self, n_keys: int) -> bool:
         """Below the threshold, or with k covering every key, sparse attention would equal dense anyway."""
@@ -109,5 +111,33 @@ def dsa_attention(
     if cfg.runs_dense(n_keys):
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cfg.kernels == "triton" or (cfg.kernels == "auto" and q.is_cuda):
+        return dsa_attention_triton(
+            q, k_cache, v_cache, idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg, scale
+        )
     indices = select_topk(idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg.topk, cfg.n_sink, cfg.window)
     return sparse_attention(q, k_cache, v_cache, indices, scale)
+
+
+def dsa_attention_triton(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    idx_q: Tensor,
+    idx_w: Tensor,
+    idx_k_cache: Tensor,
+    q_positions: Tensor,
+    n_keys: int,
+    cfg: DSAConfig,
+    scale: float,
+) -> Tensor:
+    """The GPU path of `dsa_attention`: fused index scores + radix top-k, then gather attention (kernels/)."""
+    from kernels.indexer import select_topk as select_topk_triton
+    from kernels.sparse_attention import sparse_attention as sparse_attention_triton
+
+    # New tokens sit at consecutive positions (prefill chunk or one decode step) ending at n_keys - 1.
+    q_start = n_keys - q.shape[2]
+    indices = select_topk_triton(
+        idx_q, idx_w, idx_k_cache, q_start, n_keys, cfg.topk, cfg.n_sink, cfg.window, fp8=cfg.fp8_indexer
+    )
+    return sparse_attention_triton(q, k_cache, v_cache, indices, scale)

@@ -1,9 +1,16 @@
 """Shared fixtures: the embedded models come from the user cache (`make test` runs `dsarag models pull`)."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run in its interpreter on machines without a GPU; the flag must be set before the first
+# kernel is defined, so here, before any test module imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,259 @@
+"""GPU benchmark of the DSA kernels against dense SDPA (flash), side by side in one run.
+
+    python benchmarks/dsa_kernels.py --out results.json [--lengths 8192,32768,...] [--skip-e2e]
+
+1. Per kernel at the default model's attention shape (14 q / 2 kv heads, d 64; indexer 4 x 64; k = 2048;
+   batch 1): ms and TFLOP/s on the work actually done (causal pairs for the indexer, min(t + 1, k) keys per
+   query for the sparse attention); the top-k pass in ms and GB/s of scores read.
+2. One DSA attention layer (index scores + top-k + gather attention, bf16 and FP8 indexer) against
+   `F.scaled_dot_product_attention` with the flash backend; the share of the layer spent in top-k.
+3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
+   positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
+   and 16 with caches of L tokens.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer_model.dsa import DSAConfig  # noqa: E402
+from indexer_model.indexer import LightningIndexer  # noqa: E402
+from indexer_model.model import ModelArgs, Transformer  # noqa: E402
+from kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
+from kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, INDEX_HEADS, INDEX_DIM, TOPK = 14, 2, 64, 4, 64, 2048
+DEFAULT_MODEL = ModelArgs(  # Qwen2.5-Coder-0.5B-Instruct (DESIGN.md)
+    model_type="qwen2",
+    vocab_size=151936,
+    dim=896,
+    n_layer=24,
+    n_head=14,
+    n_kv_head=2,
+    head_dim=64,
+    intermediate_size=4864,
+    rope_base=1e6,
+    norm_eps=1e-6,
+    max_seq_len=131072 + 64,
+    qkv_bias=True,
+    tie_embeddings=False,
+)
+
+
+def causal_pairs(length: int) -> int:
+    return length * (length + 1) // 2
+
+
+def sparse_pairs(length: int, topk: int) -> int:
+    """Sum over queries of min(t + 1, k): the (query, key) pairs the gather attention computes."""
+    return causal_pairs(min(length, topk)) + max(0, length - topk) * topk
+
+
+def time_ms(fn) -> float:
+    return do_bench(fn, warmup=5, rep=30)
+
+
+def dense_sdpa(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def layer_row(length: int, fp8_too: bool) -> dict:
+    """Kernels and one attention layer at context `length`, batch 1, bf16."""
+    device = "cuda"
+    q = torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, KV_HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    idx_w = torch.randn(1, length, INDEX_HEADS, device=device, dtype=torch.bfloat16)
+    idx_k = torch.randn(1, length, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    chunk = max(1, min(length, (1 << 30) // length))  # as kernels.indexer.select_topk: 2 GiB of bf16 scores
+    buffer = torch.empty(1, chunk, length, dtype=torch.bfloat16, device=device)
+    indices = torch.empty(1, length, TOPK, dtype=torch.int32, device=device)
+
+    quantized = (*quantize_fp8(idx_q), *quantize_fp8(idx_k))
+
+    def run_indexer(fp8: bool = False, scores: bool = True, topk: bool = True):
+        """index_scores and/or topk_select over the query chunks, as kernels.indexer.select_topk runs them."""
+        for t0 in range(0, length, chunk):
+            rows = slice(t0, min(t0 + chunk, length))
+            out = buffer[:, : rows.stop - t0]
+            if scores and fp8:
+                q8, q_scale, k8, k_scale = quantized
+                index_scores(q8[:, rows], idx_w[:, rows], k8, t0, 4, 64, q_scale[:, rows], k_scale, out=out)
+            elif scores:
+                index_scores(idx_q[:, rows], idx_w[:, rows], idx_k, t0, 4, 64, out=out)
+            if topk:
+                topk_select(out, t0, length, TOPK, out=indices[:, rows])
+
+    run_indexer()
+    scale = HEAD_DIM**-0.5
+    row = {"length": length, "topk": TOPK}
+    row["dense_sdpa_ms"] = time_ms(lambda: dense_sdpa(q, k, v))
+    row["dense_tflops"] = 4 * HEADS * HEAD_DIM * causal_pairs(length) / row["dense_sdpa_ms"] / 1e9
+    row["index_scores_ms"] = time_ms(lambda: run_indexer(topk=False))
+    row["index_scores_tflops"] = (
+        2 * INDEX_HEADS * INDEX_DIM * causal_pairs(length) / row["index_scores_ms"] / 1e9
+    )
+    # Top-k alone re-reads the buffer (the last chunk's scores): the same bytes and work as a real pass.
+    run_indexer(topk=False)
+    row["topk_ms"] = time_ms(lambda: run_indexer(scores=False))
+    row["topk_gbps"] = 3 * 2 * causal_pairs(length) / row["topk_ms"] / 1e6  # three passes over bf16 rows
+    row["sparse_attention_ms"] = time_ms(lambda: sparse_attention_prefill(q, k, v, indices, scale))
+    row["sparse_attention_tflops"] = (
+        4 * HEADS * HEAD_DIM * sparse_pairs(length, TOPK) / row["sparse_attention_ms"] / 1e9
+    )
+    row["dsa_layer_ms"] = time_ms(lambda: (run_indexer(), sparse_attention_prefill(q, k, v, indices, scale)))
+    row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["dsa_layer_ms"]
+    row["topk_share"] = row["topk_ms"] / row["dsa_layer_ms"]
+    if fp8_too:
+        row["index_scores_fp8_ms"] = time_ms(lambda: run_indexer(fp8=True, topk=False))
+        row["dsa_layer_fp8_ms"] = time_ms(
+            lambda: (run_indexer(fp8=True), sparse_attention_prefill(q, k, v, indices, scale))
+        )
+        row["speedup_vs_dense_fp8"] = row["dense_sdpa_ms"] / row["dsa_layer_fp8_ms"]
+    flops_dense = 4 * HEADS * HEAD_DIM * causal_pairs(length)
+    flops_dsa = 4 * HEADS * HEAD_DIM * sparse_pairs(
+        length, TOPK
+    ) + 2 * INDEX_HEADS * INDEX_DIM * causal_pairs(length)
+    row["flop_ratio"] = flops_dense / flops_dsa
+    return row
+
+
+def decode_row(length: int, batch: int) -> dict:
+    """Kernel-level decode: one new query per sequence over `length` cached keys."""
+    device = "cuda"
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    idx_q = torch.randn(batch, 1, INDEX_HEADS, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    idx_w = torch.randn(batch, 1, INDEX_HEADS, device=device, dtype=torch.bfloat16)
+    idx_k = torch.randn(batch, length, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    k8, k_scale = quantize_fp8(idx_k)  # FP8 index keys as a cache would hold them
+    q8, q_scale = quantize_fp8(idx_q)
+    scores = torch.empty(batch, 1, length, dtype=torch.bfloat16, device=device)
+    scale = HEAD_DIM**-0.5
+
+    def dsa(fp8: bool):
+        if fp8:
+            index_scores(q8, idx_w, k8, length - 1, 4, 64, q_scale, k_scale, out=scores)
+        else:
+            index_scores(idx_q, idx_w, idx_k, length - 1, 4, 64, out=scores)
+        indices = topk_select(scores, length - 1, length, TOPK)
+        return sparse_attention_decode(q, k, v, indices, scale)
+
+    def dense():
+        grouped = q.view(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+        return F.scaled_dot_product_attention(grouped, k, v)
+
+    row = {"length": length, "batch": batch}
+    row["dense_ms"] = time_ms(dense)
+    row["dsa_ms"] = time_ms(lambda: dsa(False))
+    row["dsa_fp8_ms"] = time_ms(lambda: dsa(True))
+    row["speedup"] = row["dense_ms"] / row["dsa_ms"]
+    row["speedup_fp8"] = row["dense_ms"] / row["dsa_fp8_ms"]
+    return row
+
+
+def default_model_with_indexers() -> Transformer:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(DEFAULT_MODEL)
+        indexers = torch.nn.ModuleList(
+            LightningIndexer(DEFAULT_MODEL.dim, DEFAULT_MODEL.rope_base) for _ in range(DEFAULT_MODEL.n_layer)
+        )
+    model = model.to(torch.bfloat16).eval()
+    model.attach_indexers(indexers)
+    return model
+
+
+@torch.inference_mode()
+def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
+    model = default_model_with_indexers()
+    dsa = DSAConfig(topk=TOPK)
+    rows = []
+    for length in lengths:
+        row = {"length": length}
+        model.setup_caches(1, length + 8)
+        tokens = torch.randint(0, DEFAULT_MODEL.vocab_size, (1, length), device="cuda")
+        positions = torch.arange(length, device="cuda")
+        for name, mode in (("dense", None), ("dsa", dsa)):
+            model(tokens, positions, dsa=mode)  # warm-up (Triton compiles on the first call)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(tokens, positions, dsa=mode)
+            torch.cuda.synchronize()
+            row[f"prefill_{name}_s"] = time.perf_counter() - started
+        row["prefill_speedup"] = row["prefill_dense_s"] / row["prefill_dsa_s"]
+        for batch in decode_batches:
+            model.clear_caches()
+            torch.cuda.empty_cache()
+            model.setup_caches(batch, length + 8)
+            for layer in model.layers:  # caches as after a prefill of `length` tokens (random content)
+                attention = layer.attention
+                attention.kv_cache.k_cache.normal_()
+                attention.kv_cache.v_cache.normal_()
+                attention.index_cache.k_cache.normal_()
+            token = torch.randint(0, DEFAULT_MODEL.vocab_size, (batch, 1), device="cuda")
+            position = torch.tensor([length], device="cuda")
+            for name, mode in (("dense", None), ("dsa", dsa)):
+                row[f"decode_b{batch}_{name}_ms"] = time_ms(
+                    lambda mode=mode, token=token, position=position: model(token, position, dsa=mode)
+                )
+            row[f"decode_b{batch}_speedup"] = (
+                row[f"decode_b{batch}_dense_ms"] / row[f"decode_b{batch}_dsa_ms"]
+            )
+        model.clear_caches()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--e2e-lengths", default="8192,32768,131072")
+    parser.add_argument("--decode-batches", default="1,16")
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    batches = [int(n) for n in args.decode_batches.split(",")]
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "layer": [],
+        "decode_kernels": [],
+        "e2e": [],
+    }
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    for length in lengths:
+        result["layer"].append(layer_row(length, fp8))
+        print(json.dumps(result["layer"][-1]), flush=True)
+    for length in lengths:
+        for batch in batches:
+            result["decode_kernels"].append(decode_row(length, batch))
+            print(json.dumps(result["decode_kernels"][-1]), flush=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if not args.skip_e2e:
+        result["e2e"] = e2e_rows([int(n) for n in args.e2e_lengths.split(",")], batches)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

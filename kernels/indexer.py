@@ -1,0 +1,265 @@
+"""Triton lightning-indexer kernels: fused index scores and an exact per-query top-k (radix select).
+
+Shapes (one layer, queries at contiguous positions q_start ... q_start + T - 1, keys at 0 ... S - 1):
+    q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I)  ->  indices (B, T, topk) int32, -1 in unused slots.
+`select_topk` matches `indexer_model.indexer.select_topk` (sinks and the local window always selected).
+
+Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16, causal tiles only) and
+`topk_select` reduces each row to its top-k in three passes over the row: a histogram of the high byte of
+the bf16 score's order key, a histogram of the low byte inside the boundary bin, then the emit pass. Memory is
+O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from indexer_model.indexer import index_scores as index_scores_torch
+from kernels.common import INTERPRETED, dot
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def _index_scores_kernel(
+    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr,
+    n_queries, n_keys, q_start, n_sink, window,
+    stride_qb, stride_qt, stride_qh,
+    stride_wb, stride_wt,
+    stride_kb, stride_ks,
+    stride_qsb, stride_qst, stride_ksb,
+    stride_ob, stride_ot,
+    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
+    if pid_k * BLOCK_K > last_query_pos:
+        return  # the whole tile is in the future: the top-k pass never reads it
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < n_queries
+    key_ok = keys < n_keys
+    # Keys loaded transposed (d_I, BLOCK_K) so the dot needs no register transpose (fp8 wants K-major).
+    k_t = tl.load(
+        k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0
+    )
+    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for head in tl.static_range(N_HEADS):
+        q = tl.load(
+            q_ptr + batch * stride_qb + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        logits = dot(q, k_t, UPCAST)
+        if SCALED:  # fp8: one scale per index-query vector and per key
+            q_scale = tl.load(
+                q_scale_ptr + batch * stride_qsb + rows * stride_qst + head, mask=row_ok, other=0.0
+            )
+            logits = logits * q_scale[:, None]
+        weight = tl.load(w_ptr + batch * stride_wb + rows * stride_wt + head, mask=row_ok, other=0.0)
+        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+    if SCALED:
+        k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
+        scores = scores * k_scale[None, :]
+    positions = q_start + rows
+    past = keys[None, :] <= positions[:, None]
+    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
+    scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
+    tl.store(
+        out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
+        scores.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & key_ok[None, :],
+    )
+
+
+def index_scores(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_start: int,
+    n_sink: int,
+    window: int,
+    q_scale: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Scores (B, T, S) bf16 for queries at q_start + i: +inf for sinks and window, -inf in the future.
+
+    Tiles entirely in the future are left unwritten. With q_scale (B, T, H_I) and k_scale (B, S), q and k are
+    float8_e4m3fn and the logits are rescaled (the FP8 indexer).
+    """
+    batch, n_queries, n_heads, head_dim = q.shape
+    n_keys = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1
+    if out is None:
+        out = torch.empty(batch, n_queries, n_keys, dtype=torch.bfloat16, device=q.device)
+    scaled = q_scale is not None
+    block_q, block_k = 64, 128
+    grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k), batch)
+    _index_scores_kernel[grid](
+        q, w, k, q_scale if scaled else q, k_scale if scaled else q, out,
+        n_queries, n_keys, q_start, n_sink, window,
+        q.stride(0), q.stride(1), q.stride(2),
+        w.stride(0), w.stride(1),
+        k.stride(0), k.stride(1),
+        q_scale.stride(0) if scaled else 0, q_scale.stride(1) if scaled else 0,
+        k_scale.stride(0) if scaled else 0,
+        out.stride(0), out.stride(1),
+        N_HEADS=n_heads, HEAD_DIM=head_dim, SCALED=scaled, UPCAST=INTERPRETED, BLOCK_Q=block_q, BLOCK_K=block_k,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def index_scores_reference(q: Tensor, w: Tensor, k: Tensor, q_start: int, n_sink: int, window: int) -> Tensor:
+    """float32 oracle of `index_scores` (the model's own index_scores plus the forced sinks and window)."""
+    q_pos = torch.arange(q_start, q_start + q.shape[1], device=q.device)
+    k_pos = torch.arange(k.shape[1], device=q.device)
+    scores = index_scores_torch(q, w, k, q_pos, k_pos)
+    past = k_pos[None, :] <= q_pos[:, None]
+    forced = past & ((k_pos[None, :] < n_sink) | (k_pos[None, :] > q_pos[:, None] - window))
+    return scores.masked_fill(forced, float("inf"))
+
+
+@triton.jit
+def _order_key(scores):
+    """bf16 -> uint16-valued int32 whose unsigned order is the float order (-inf lowest, +inf highest)."""
+    bits = scores.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+
+
+@triton.jit
+def _topk_select_kernel(
+    scores_ptr, out_ptr, n_queries, q_start, n_keys, topk,
+    stride_sb, stride_st, stride_ob, stride_ot,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row, batch = tl.program_id(0), tl.program_id(1)
+    row_scores = scores_ptr + batch * stride_sb + row * stride_st
+    row_out = out_ptr + batch * stride_ob + row * stride_ot
+    row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
+
+    # Pass 1: histogram of the high byte, counted from the top (bin 0 = largest scores). Padding lanes go to
+    # bin 511, below every real bin, so no histogram mask is needed (older Triton has none).
+    high_hist = tl.zeros((512,), dtype=tl.int32)
+    for start in range(0, row_len, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = cols < row_len
+        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+        high_hist += tl.histogram(tl.where(valid, 255 - (key >> 8), 511), 512)
+    high_cum = tl.cumsum(high_hist, 0)
+    high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)  # >= 256 when the row has fewer than topk keys
+    need = topk - tl.sum(tl.where(high_cum < topk, high_hist, 0), 0)
+
+    # Pass 2: inside the boundary bin, histogram of the low byte.
+    low_hist = tl.zeros((512,), dtype=tl.int32)
+    for start in range(0, row_len, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        key = _order_key(tl.load(row_scores + cols, mask=cols < row_len, other=float("-inf")))
+        in_bin = (cols < row_len) & (255 - (key >> 8) == high_bin)
+        low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 511), 512)
+    low_cum = tl.cumsum(low_hist, 0)
+    low_bin = tl.sum((low_cum < need).to(tl.int32), 0)
+    ties_to_take = need - tl.sum(tl.where(low_cum < need, low_hist, 0), 0)
+
+    # Pass 3: emit every key above the threshold and the first `ties_to_take` keys equal to it.
+    n_out = 0
+    ties_taken = 0
+    for start in range(0, row_len, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = cols < row_len
+        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+        rank_high = 255 - (key >> 8)
+        rank_low = 255 - (key & 0xFF)
+        above = valid & ((rank_high < high_bin) | ((rank_high == high_bin) & (rank_low < low_bin)))
+        tie = valid & (rank_high == high_bin) & (rank_low == low_bin)
+        tie_rank = ties_taken + tl.cumsum(tie.to(tl.int32), 0) - 1
+        take = above | (tie & (tie_rank < ties_to_take))
+        slot = n_out + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(row_out + slot, cols, mask=take)
+        n_out += tl.sum(take.to(tl.int32), 0)
+        ties_taken += tl.sum(tie.to(tl.int32), 0)
+    for start in range(n_out, topk, BLOCK):  # rows with fewer than topk keys: the rest are unused slots
+        slots = start + tl.arange(0, BLOCK)
+        tl.store(row_out + slots, tl.full((BLOCK,), -1, tl.int32), mask=slots < topk)
+
+
+def topk_select(scores: Tensor, q_start: int, n_keys: int, topk: int, out: Tensor | None = None) -> Tensor:
+    """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
+
+    Exact on the bf16 scores; among equal scores at the threshold the lowest positions win.
+    """
+    batch, n_queries, _ = scores.shape
+    if out is None:
+        out = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=scores.device)
+    _topk_select_kernel[(n_queries, batch)](
+        scores, out, n_queries, q_start, n_keys, topk,
+        scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        BLOCK=1024, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def topk_select_reference(scores: Tensor, q_start: int, n_keys: int, topk: int) -> Tensor:
+    """Oracle: torch.topk over each row's causal prefix; -1 for slots beyond the row's key count."""
+    batch, n_queries, _ = scores.shape
+    out = torch.full((batch, n_queries, topk), -1, dtype=torch.int32, device=scores.device)
+    for row in range(n_queries):
+        row_len = min(q_start + row + 1, n_keys)
+        picked = scores[:, row, :row_len].float().topk(min(topk, row_len), dim=-1).indices
+        out[:, row, : picked.shape[-1]] = picked.to(torch.int32)
+    return out
+
+
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-vector float8_e4m3fn: x (..., d) -> (x8, scale (...)) with x ≈ x8 * scale."""
+    scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def select_topk(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_start: int,
+    n_keys: int,
+    topk: int,
+    n_sink: int = 4,
+    window: int = 64,
+    fp8: bool = False,
+    chunk_elements: int = 1 << 30,
+) -> Tensor:
+    """Indices (B, T, topk) int32 for queries at q_start + t over keys k[:, :n_keys]: the GPU `select_topk`.
+
+    Query chunks keep the bf16 score buffer under `chunk_elements` (2 GiB by default) at any context length.
+    """
+    if topk < n_sink + window:
+        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    batch, n_queries = q.shape[:2]
+    k = k[:, :n_keys]
+    q_scale = k_scale = None
+    if fp8:
+        q, q_scale = quantize_fp8(q)
+        k, k_scale = quantize_fp8(k)
+    indices = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=q.device)
+    chunk = max(1, min(n_queries, chunk_elements // max(1, batch * n_keys)))
+    buffer = torch.empty(batch, chunk, n_keys, dtype=torch.bfloat16, device=q.device)
+    for t0 in range(0, n_queries, chunk):
+        rows = slice(t0, min(t0 + chunk, n_queries))
+        n_rows = rows.stop - t0
+        scores = index_scores(
+            q[:, rows],
+            w[:, rows],
+            k,
+            q_start + t0,
+            n_sink,
+            window,
+            q_scale[:, rows] if fp8 else None,
+            k_scale,
+            out=buffer[:, :n_rows],
+        )
+        topk_select(scores, q_start + t0, n_keys, topk, out=indices[:, rows])
+    return indices

@@ -1,0 +1,190 @@
+"""Triton gather attention for DSA: each query attends only to the keys its indexer selected.
+
+Shapes as in `indexer_model.dsa`: q (B, Hq, T, d); KV cache (B, Hkv, S, d); indices (B, T, k) int32 shared by
+all heads, -1 in unused slots. One program serves one query and one kv group: every gathered K/V row is
+loaded once and used by all G = Hq / Hkv query heads of the group (the heads are the rows of the tile, padded
+to 16 for the tensor cores). Softmax is online (flash-attention style) in float32.
+
+Prefill: one program per (query, kv group). Decode (T = 1): the k selected keys are split across programs
+that each write a partial (max, sum, output), merged by `merge_partials` — enough parallelism at batch 1.
+The PyTorch reference (and the CPU path) is `indexer_model.dsa.sparse_attention`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.common import INTERPRETED, dot
+
+
+@triton.jit
+def _gather_attention_block(
+    q, m_i, l_i, acc, k_base, v_base, idx_base, slot_start, slot_end, stride_ks, stride_vs, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (m_i, l_i, acc) over the selected keys in slots [slot_start, slot_end)."""
+    dims = tl.arange(0, HEAD_DIM)
+    for start in range(slot_start, slot_end, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        idx = tl.load(idx_base + slots, mask=slots < slot_end, other=-1)
+        valid = idx >= 0
+        safe_idx = tl.where(valid, idx, 0).to(tl.int64)
+        k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=valid[None, :], other=0.0)
+        scores = dot(q, k_t, UPCAST) * scale_log2  # (G_PAD, BLOCK_N), log2 domain
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid slot changes nothing
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, topk, scale_log2,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ib, stride_it,
+    stride_ob, stride_oh, stride_ot,
+    N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    t, batch_group = tl.program_id(0), tl.program_id(1)
+    batch, kv_head = batch_group // N_KV_HEADS, batch_group % N_KV_HEADS
+    heads = kv_head * GROUP + tl.arange(0, G_PAD)
+    head_ok = tl.arange(0, G_PAD) < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + batch * stride_qb + heads[:, None] * stride_qh + t * stride_qt + dims[None, :],
+        mask=head_ok[:, None],
+        other=0.0,
+    )
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, HEAD_DIM), tl.float32)
+    m_i, l_i, acc = _gather_attention_block(
+        q, m_i, l_i, acc,
+        k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
+        idx_ptr + batch * stride_ib + t * stride_it, 0, topk, stride_ks, stride_vs, scale_log2,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+    )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + batch * stride_ob + heads[:, None] * stride_oh + t * stride_ot + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=head_ok[:, None],
+    )
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, topk, slots_per_split, scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ib,
+    N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    batch_group, split = tl.program_id(0), tl.program_id(1)
+    batch, kv_head = batch_group // N_KV_HEADS, batch_group % N_KV_HEADS
+    rows = tl.arange(0, G_PAD)
+    heads = kv_head * GROUP + rows
+    head_ok = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=head_ok[:, None],
+        other=0.0,
+    )
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, HEAD_DIM), tl.float32)
+    slot_start = split * slots_per_split
+    m_i, l_i, acc = _gather_attention_block(
+        q, m_i, l_i, acc,
+        k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
+        idx_ptr + batch * stride_ib, slot_start, tl.minimum(slot_start + slots_per_split, topk),
+        stride_ks, stride_vs, scale_log2,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+    )  # fmt: skip
+    partial = (batch_group * tl.num_programs(1) + split) * G_PAD + rows
+    tl.store(m_ptr + partial, m_i)
+    tl.store(l_ptr + partial, l_i)
+    tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc)
+
+
+def _group_padding(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
+    group = n_heads // n_kv_heads
+    return group, max(16, triton.next_power_of_2(group))
+
+
+def sparse_attention_prefill(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float
+) -> Tensor:
+    """Gather attention for every query of q (B, Hq, T, d); every query needs at least one valid index."""
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group, g_pad = _group_padding(n_heads, n_kv_heads)
+    out = torch.empty_like(q)
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("indices", indices)):
+        assert tensor.stride(-1) == 1, f"{name} must be contiguous in its last dimension"
+    _sparse_prefill_kernel[(n_queries, batch * n_kv_heads)](
+        q, k_cache, v_cache, indices, out, indices.shape[-1], scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+def sparse_attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float, slots_per_split: int = 256
+) -> Tensor:
+    """Gather attention for one new token per sequence: q (B, Hq, 1, d), indices (B, 1, k) -> (B, Hq, 1, d)."""
+    batch, n_heads, _, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group, g_pad = _group_padding(n_heads, n_kv_heads)
+    topk = indices.shape[-1]
+    n_splits = triton.cdiv(topk, slots_per_split)
+    partial_shape = (batch * n_kv_heads, n_splits, g_pad)
+    m = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    lse_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    acc = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
+    _sparse_decode_kernel[(batch * n_kv_heads, n_splits)](
+        q, k_cache, v_cache, indices, m, lse_sum, acc, topk, slots_per_split, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        indices.stride(0),
+        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    out = merge_partials(m, lse_sum, acc)[:, :group]  # (B * Hkv, G, d)
+    return out.reshape(batch, n_heads, 1, head_dim).to(q.dtype)
+
+
+def merge_partials(m: Tensor, lse_sum: Tensor, acc: Tensor) -> Tensor:
+    """Combine split softmax partials (max m and sum l in the log2 domain, unnormalized acc) along dim 1."""
+    m_max = m.amax(dim=1, keepdim=True)
+    m_max = torch.where(m_max == float("-inf"), 0.0, m_max)
+    weight = torch.exp2(m - m_max)  # splits that saw no valid key have l = 0 and acc = 0
+    total = (lse_sum * weight).sum(dim=1)
+    return (acc * weight[..., None]).sum(dim=1) / total[..., None]
+
+
+def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """The GPU path of `indexer_model.dsa.sparse_attention`: decode kernel for one query, prefill otherwise."""
+    if q.shape[2] == 1:
+        return sparse_attention_decode(q, k_cache, v_cache, indices, scale)
+    return sparse_attention_prefill(q, k_cache, v_cache, indices, scale)

@@ -1,0 +1,98 @@
+"""Triton gather attention (prefill and decode) against the PyTorch path (TRITON_INTERPRET=1 on CPU)."""
+
+import pytest
+import torch
+
+from indexer_model.dsa import masked_dense_attention_reference
+from indexer_model.dsa import sparse_attention as sparse_attention_torch
+from kernels.sparse_attention import merge_partials, sparse_attention_decode, sparse_attention_prefill
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_inputs(
+    dtype: torch.dtype, batch=2, heads=6, kv_heads=2, n_queries=5, n_keys=40, dim=16, topk=24
+):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, n_queries, dim, generator=generator)
+    k = torch.randn(batch, kv_heads, n_keys, dim, generator=generator)
+    v = torch.randn(batch, kv_heads, n_keys, dim, generator=generator)
+    indices = torch.stack(
+        [
+            torch.stack([torch.randperm(n_keys, generator=generator)[:topk] for _ in range(n_queries)])
+            for _ in range(batch)
+        ]
+    )
+    # Ragged rows: the first query has only 3 valid slots, a later one has invalid slots in the middle
+    indices[:, 0, 3:] = -1
+    indices[:, -1, 5:12] = -1
+    return (t.to(DEVICE, dtype) for t in (q, k, v)), indices.to(DEVICE, torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_kernel_matches_gather_attention_with_ragged_and_invalid_indices(dtype):
+    (q, k, v), indices = attention_inputs(dtype)
+    got = sparse_attention_prefill(q, k, v, indices, scale=0.25)
+    want = masked_dense_attention_reference(q, k, v, indices.long(), scale=0.25)
+    assert got.dtype == dtype
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    torch.testing.assert_close(
+        got.float(), sparse_attention_torch(q, k, v, indices.long(), 0.25).float(), **tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_kernel_splits_and_merges_like_one_softmax(dtype):
+    (q, k, v), indices = attention_inputs(dtype, n_queries=1, n_keys=300, topk=200)
+    indices[1, 0, 64:] = -1  # a whole split with no valid key must not disturb the merge
+    got = sparse_attention_decode(q, k, v, indices, scale=0.25, slots_per_split=64)
+    want = masked_dense_attention_reference(q, k, v, indices.long(), scale=0.25)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+
+
+def test_more_slots_than_keys_is_fine():
+    (q, k, v), indices = attention_inputs(torch.float32, n_queries=2, n_keys=8, topk=8)
+    wide = torch.full((2, 2, 70), -1, dtype=torch.int32, device=DEVICE)  # k > t: most slots unused
+    wide[..., :8] = indices
+    got = sparse_attention_prefill(q, k, v, wide, scale=0.25)
+    torch.testing.assert_close(
+        got, masked_dense_attention_reference(q, k, v, indices.long(), 0.25), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_merge_partials_equals_softmax_over_the_union():
+    scores = torch.randn(1, 2, 1, 10)  # two splits of 10 keys, log2 domain
+    values = torch.randn(1, 2, 10, 3)
+    m = scores.amax(-1)
+    weights = torch.exp2(scores - m[..., None])
+    merged = merge_partials(m, weights.sum(-1), (weights[..., None] * values[:, :, None]).sum(-2))
+    probs = torch.softmax(scores.flatten(1) * torch.log(torch.tensor(2.0)), dim=-1)
+    torch.testing.assert_close(merged[0, 0], probs[0] @ values.flatten(1, 2)[0])
+
+
+@pytest.mark.parametrize("n_new", [48, 1])
+def test_dsa_attention_triton_path_equals_the_torch_path(n_new):
+    """The model's one switch: DSAConfig(kernels=...) picks Triton or PyTorch; prefill chunk and decode agree."""
+    from indexer_model.dsa import DSAConfig, dsa_attention
+
+    generator = torch.Generator().manual_seed(5)
+    n_keys, heads, kv_heads, dim = 96, 6, 2, 16
+    q = torch.randn(1, heads, n_new, dim, generator=generator).to(DEVICE)
+    k = torch.randn(1, kv_heads, n_keys, dim, generator=generator).to(DEVICE)
+    v = torch.randn(1, kv_heads, n_keys, dim, generator=generator).to(DEVICE)
+    # Index scores = a distinct small integer per key (exact in bf16), so both paths select the same keys
+    idx_q = torch.zeros(1, n_new, 2, 16, device=DEVICE)
+    idx_q[..., 0, 0] = 1.0
+    idx_w = torch.ones(1, n_new, 2, device=DEVICE)
+    idx_k = torch.zeros(1, n_keys, 16, device=DEVICE)
+    idx_k[0, :, 0] = torch.randperm(n_keys, generator=generator).float().to(DEVICE)
+    positions = torch.arange(n_keys - n_new, n_keys, device=DEVICE)
+    outputs = {}
+    for kernels in ("torch", "triton"):
+        cfg = DSAConfig(
+            topk=24, n_sink=2, window=4, dense_threshold=32, index_heads=2, index_dim=16, kernels=kernels
+        )
+        outputs[kernels] = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys, cfg)
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
