@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,6 +62,20 @@ def sparse_pairs(length: int, topk: int) -> int:
 
 def time_ms(fn) -> float:
     return do_bench(fn, warmup=5, rep=30)
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph: a decode step is a handful of tiny kernels, and launching them from
+    Python would measure the launcher (as gpt-fast, real decoding loops replay graphs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def dense_sdpa(q, k, v):
@@ -156,13 +171,48 @@ def decode_row(length: int, batch: int) -> dict:
         grouped = q.view(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
         return F.scaled_dot_product_attention(grouped, k, v)
 
-    row = {"length": length, "batch": batch}
-    row["dense_ms"] = time_ms(dense)
-    row["dsa_ms"] = time_ms(lambda: dsa(False))
-    row["dsa_fp8_ms"] = time_ms(lambda: dsa(True))
+    row = {"length": length, "batch": batch, "cuda_graphs": True}
+    row["dense_ms"] = time_ms(graphed(dense))
+    row["dsa_ms"] = time_ms(graphed(lambda: dsa(False)))
+    row["dsa_fp8_ms"] = time_ms(graphed(lambda: dsa(True)))
     row["speedup"] = row["dense_ms"] / row["dsa_ms"]
     row["speedup_fp8"] = row["dense_ms"] / row["dsa_fp8_ms"]
     return row
+
+
+def tune(length: int) -> dict:
+    """Launch parameters of each kernel at one length: where the layer's time goes and what moves it."""
+    device, scale = "cuda", HEAD_DIM**-0.5
+    q = torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    idx_w = torch.randn(1, length, INDEX_HEADS, device=device, dtype=torch.bfloat16)
+    idx_k = torch.randn(1, length, INDEX_DIM, device=device, dtype=torch.bfloat16)
+    rows = min(length, 8192)  # one chunk of queries: the last (longest) rows
+    t0 = length - rows
+    buffer = torch.empty(1, rows, length, dtype=torch.bfloat16, device=device)
+    indices = torch.empty(1, length, TOPK, dtype=torch.int32, device=device)
+    result = {"length": length, "rows": rows, "index_scores": [], "topk": [], "attention": []}
+    for block_q, block_k, warps in [(64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)]:
+        run = partial(index_scores, idx_q[:, t0:], idx_w[:, t0:], idx_k, t0, 4, 64, out=buffer)
+        ms = time_ms(partial(run, block_q=block_q, block_k=block_k, num_warps=warps))
+        result["index_scores"].append({"block_q": block_q, "block_k": block_k, "warps": warps, "ms": ms})
+    index_scores(idx_q[:, t0:], idx_w[:, t0:], idx_k, t0, 4, 64, out=buffer)
+    for block, warps in [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
+        run = partial(topk_select, buffer, t0, length, TOPK, out=indices[:, t0:])
+        result["topk"].append(
+            {"block": block, "warps": warps, "ms": time_ms(partial(run, block=block, num_warps=warps))}
+        )
+    for t in range(0, length, rows):  # every query gets a real selection for the attention sweep
+        n = min(rows, length - t)
+        index_scores(idx_q[:, t : t + n], idx_w[:, t : t + n], idx_k, t, 4, 64, out=buffer[:, :n])
+        topk_select(buffer[:, :n], t, length, TOPK, out=indices[:, t : t + n])
+    for block_n, warps, stages in [(64, 4, 2), (32, 2, 2), (64, 2, 3), (128, 4, 2), (128, 8, 3), (64, 4, 4)]:
+        run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n)
+        ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
+        result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})
+    return result
 
 
 def default_model_with_indexers() -> Transformer:
@@ -229,7 +279,12 @@ def main() -> None:
     parser.add_argument("--e2e-lengths", default="8192,32768,131072")
     parser.add_argument("--decode-batches", default="1,16")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--tune", type=int, help="only sweep launch parameters at this length")
     args = parser.parse_args()
+    if args.tune:
+        args.out.write_text(json.dumps(tune(args.tune), indent=1))
+        print(args.out.read_text())
+        return
     lengths = [int(n) for n in args.lengths.split(",")]
     batches = [int(n) for n in args.decode_batches.split(",")]
     result = {

@@ -85,6 +85,9 @@ def index_scores(
     q_scale: Tensor | None = None,
     k_scale: Tensor | None = None,
     out: Tensor | None = None,
+    block_q: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
 ) -> Tensor:
     """Scores (B, T, S) bf16 for queries at q_start + i: +inf for sinks and window, -inf in the future.
 
@@ -97,7 +100,6 @@ def index_scores(
     if out is None:
         out = torch.empty(batch, n_queries, n_keys, dtype=torch.bfloat16, device=q.device)
     scaled = q_scale is not None
-    block_q, block_k = 64, 128
     grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k), batch)
     _index_scores_kernel[grid](
         q, w, k, q_scale if scaled else q, k_scale if scaled else q, out,
@@ -109,7 +111,7 @@ def index_scores(
         k_scale.stride(0) if scaled else 0,
         out.stride(0), out.stride(1),
         N_HEADS=n_heads, HEAD_DIM=head_dim, SCALED=scaled, UPCAST=INTERPRETED, BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -142,25 +144,26 @@ def _topk_select_kernel(
     row_out = out_ptr + batch * stride_ob + row * stride_ot
     row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
 
-    # Pass 1: histogram of the high byte, counted from the top (bin 0 = largest scores). Padding lanes go to
-    # bin 511, below every real bin, so no histogram mask is needed (older Triton has none).
-    high_hist = tl.zeros((512,), dtype=tl.int32)
+    # Pass 1: histogram of the high byte, counted from the top (bin 0 = largest scores). Padding lanes load
+    # -inf, which only they can hold (the causal prefix is finite or +inf), so they sit in the last bin and
+    # never reach the output: no histogram mask is needed (Triton 3.6 has none).
+    high_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, row_len, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         valid = cols < row_len
         key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
-        high_hist += tl.histogram(tl.where(valid, 255 - (key >> 8), 511), 512)
+        high_hist += tl.histogram(255 - (key >> 8), 256)
     high_cum = tl.cumsum(high_hist, 0)
-    high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)  # >= 256 when the row has fewer than topk keys
+    high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
     need = topk - tl.sum(tl.where(high_cum < topk, high_hist, 0), 0)
 
     # Pass 2: inside the boundary bin, histogram of the low byte.
-    low_hist = tl.zeros((512,), dtype=tl.int32)
+    low_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, row_len, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         key = _order_key(tl.load(row_scores + cols, mask=cols < row_len, other=float("-inf")))
         in_bin = (cols < row_len) & (255 - (key >> 8) == high_bin)
-        low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 511), 512)
+        low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
     low_bin = tl.sum((low_cum < need).to(tl.int32), 0)
     ties_to_take = need - tl.sum(tl.where(low_cum < need, low_hist, 0), 0)
@@ -187,7 +190,15 @@ def _topk_select_kernel(
         tl.store(row_out + slots, tl.full((BLOCK,), -1, tl.int32), mask=slots < topk)
 
 
-def topk_select(scores: Tensor, q_start: int, n_keys: int, topk: int, out: Tensor | None = None) -> Tensor:
+def topk_select(
+    scores: Tensor,
+    q_start: int,
+    n_keys: int,
+    topk: int,
+    out: Tensor | None = None,
+    block: int = 4096,
+    num_warps: int = 8,
+) -> Tensor:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
     Exact on the bf16 scores; among equal scores at the threshold the lowest positions win.
@@ -198,7 +209,7 @@ def topk_select(scores: Tensor, q_start: int, n_keys: int, topk: int, out: Tenso
     _topk_select_kernel[(n_queries, batch)](
         scores, out, n_queries, q_start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=1024, num_warps=4,
+        BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -126,7 +126,14 @@ def _group_padding(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
 
 
 def sparse_attention_prefill(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    indices: Tensor,
+    scale: float,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> Tensor:
     """Gather attention for every query of q (B, Hq, T, d); every query needs at least one valid index."""
     batch, n_heads, n_queries, head_dim = q.shape
@@ -142,8 +149,8 @@ def sparse_attention_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
-        num_warps=4, num_stages=2,
+        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, UPCAST=INTERPRETED,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
