@@ -199,7 +199,7 @@ def tune(length: int) -> dict:
         ms = time_ms(partial(run, block_q=block_q, block_k=block_k, num_warps=warps))
         result["index_scores"].append({"block_q": block_q, "block_k": block_k, "warps": warps, "ms": ms})
     index_scores(idx_q[:, t0:], idx_w[:, t0:], idx_k, t0, 4, 64, out=buffer)
-    for block, warps in [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
+    for block, warps in [(256, 1), (512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 8)]:
         run = partial(topk_select, buffer, t0, length, TOPK, out=indices[:, t0:])
         result["topk"].append(
             {"block": block, "warps": warps, "ms": time_ms(partial(run, block=block, num_warps=warps))}
@@ -208,7 +208,14 @@ def tune(length: int) -> dict:
         n = min(rows, length - t)
         index_scores(idx_q[:, t : t + n], idx_w[:, t : t + n], idx_k, t, 4, 64, out=buffer[:, :n])
         topk_select(buffer[:, :n], t, length, TOPK, out=indices[:, t : t + n])
-    for block_n, warps, stages in [(64, 4, 2), (32, 2, 2), (64, 2, 3), (128, 4, 2), (128, 8, 3), (64, 4, 4)]:
+    for block_n, warps, stages in [
+        (128, 4, 2),
+        (128, 4, 1),
+        (128, 2, 2),
+        (256, 4, 2),
+        (256, 8, 2),
+        (128, 4, 3),
+    ]:
         run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n)
         ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
         result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})

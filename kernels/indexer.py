@@ -196,8 +196,8 @@ def topk_select(
     n_keys: int,
     topk: int,
     out: Tensor | None = None,
-    block: int = 4096,
-    num_warps: int = 8,
+    block: int = 1024,
+    num_warps: int = 4,
 ) -> Tensor:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 

@@ -131,7 +131,7 @@ def sparse_attention_prefill(
     v_cache: Tensor,
     indices: Tensor,
     scale: float,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> Tensor:
