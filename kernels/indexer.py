@@ -5,9 +5,10 @@ Shapes (one layer, queries at contiguous positions q_start ... q_start + T - 1, 
 `select_topk` matches `indexer_model.indexer.select_topk` (sinks and the local window always selected).
 
 Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16, causal tiles only) and
-`topk_select` reduces each row to its top-k in three passes over the row: a histogram of the high byte of
-the bf16 score's order key, a histogram of the low byte inside the boundary bin, then the emit pass. Memory is
-O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
+`topk_select` reduces each row to its top-k: a threshold from a sorted sample of the row keeps a few x k
+candidates in one pass, and an exact radix select (histograms of the high then the low byte of the bf16
+score's order key, then an emit pass) runs on the candidates — or on the whole row when the sample missed.
+Memory is O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
 """
 
 import torch
@@ -134,46 +135,41 @@ def _order_key(scores):
 
 
 @triton.jit
-def _topk_select_kernel(
-    scores_ptr, out_ptr, n_queries, q_start, n_keys, topk,
-    stride_sb, stride_st, stride_ob, stride_ot,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    row, batch = tl.program_id(0), tl.program_id(1)
-    row_scores = scores_ptr + batch * stride_sb + row * stride_st
-    row_out = out_ptr + batch * stride_ob + row * stride_ot
-    row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
+def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
+    """Write the columns of the topk largest of n scores to row_out (exact; ties: the first ones win).
 
-    # Pass 1: histogram of the high byte, counted from the top (bin 0 = largest scores). Padding lanes load
-    # -inf, which only they can hold (the causal prefix is finite or +inf), so they sit in the last bin and
-    # never reach the output: no histogram mask is needed (Triton 3.6 has none).
+    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list). Three passes:
+    a histogram of the high byte of the order key (bin 0 = largest), a histogram of the low byte inside the
+    boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix never holds, so they
+    sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6 has none).
+    """
     high_hist = tl.zeros((256,), dtype=tl.int32)
-    for start in range(0, row_len, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        valid = cols < row_len
-        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
         high_hist += tl.histogram(255 - (key >> 8), 256)
     high_cum = tl.cumsum(high_hist, 0)
     high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
     need = topk - tl.sum(tl.where(high_cum < topk, high_hist, 0), 0)
 
-    # Pass 2: inside the boundary bin, histogram of the low byte.
     low_hist = tl.zeros((256,), dtype=tl.int32)
-    for start in range(0, row_len, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        key = _order_key(tl.load(row_scores + cols, mask=cols < row_len, other=float("-inf")))
-        in_bin = (cols < row_len) & (255 - (key >> 8) == high_bin)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
+        in_bin = (i < n) & (255 - (key >> 8) == high_bin)
         low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
     low_bin = tl.sum((low_cum < need).to(tl.int32), 0)
     ties_to_take = need - tl.sum(tl.where(low_cum < need, low_hist, 0), 0)
 
-    # Pass 3: emit every key above the threshold and the first `ties_to_take` keys equal to it.
     n_out = 0
     ties_taken = 0
-    for start in range(0, row_len, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        valid = cols < row_len
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        valid = i < n
+        cols = tl.load(row_cols + i, mask=valid, other=0) if INDIRECT else i
         key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
         rank_high = 255 - (key >> 8)
         rank_low = 255 - (key & 0xFF)
@@ -185,9 +181,66 @@ def _topk_select_kernel(
         tl.store(row_out + slot, cols, mask=take)
         n_out += tl.sum(take.to(tl.int32), 0)
         ties_taken += tl.sum(tie.to(tl.int32), 0)
-    for start in range(n_out, topk, BLOCK):  # rows with fewer than topk keys: the rest are unused slots
-        slots = start + tl.arange(0, BLOCK)
-        tl.store(row_out + slots, tl.full((BLOCK,), -1, tl.int32), mask=slots < topk)
+    return n_out
+
+
+@triton.jit
+def _topk_candidates_kernel(
+    scores_ptr, cand_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
+    stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
+    SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Fast path: a threshold from a sorted sample of the row keeps a few x topk candidates in one pass, and
+    the exact radix select runs on those. status[row] = -1 when done, else the row needs `_topk_full_kernel`."""
+    row, batch = tl.program_id(0), tl.program_id(1)
+    row_scores = scores_ptr + batch * stride_sb + row * stride_st
+    row_out = out_ptr + batch * stride_ob + row * stride_ot
+    row_cands = cand_ptr + batch * stride_cb + row * stride_ct
+    row_status = status_ptr + batch * n_queries + row
+    row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
+    if row_len <= topk:  # every key is selected; the rest are unused slots
+        for start in range(0, topk, BLOCK):
+            slots = start + tl.arange(0, BLOCK)
+            tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
+        tl.store(row_status, -1)
+        return
+
+    # The sample rank keeps ~1.25 x topk keys above the threshold, plus a margin of 4 standard deviations.
+    sample_cols = (tl.arange(0, SAMPLE).to(tl.int64) * row_len // SAMPLE).to(tl.int32)
+    sample = tl.sort(_order_key(tl.load(row_scores + sample_cols)), descending=True)
+    expected = SAMPLE * topk / row_len
+    rank = tl.minimum(expected * 1.25 + 4.0 * tl.sqrt(expected) + 8.0, SAMPLE - 1).to(tl.int32)
+    threshold = tl.sum(tl.where(tl.arange(0, SAMPLE) == rank, sample, 0), 0)
+
+    n_cands = 0
+    for start in range(0, row_len, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        key = _order_key(tl.load(row_scores + cols, mask=cols < row_len, other=float("-inf")))
+        keep = (cols < row_len) & (key >= threshold)
+        slot = n_cands + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(row_cands + slot, cols, mask=keep & (slot < capacity))
+        n_cands += tl.sum(keep.to(tl.int32), 0)
+    if (n_cands >= topk) & (n_cands <= capacity):
+        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, INDIRECT=True)
+        tl.store(row_status, -1)
+    else:
+        tl.store(row_status, n_cands)
+
+
+@triton.jit
+def _topk_full_kernel(
+    scores_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk,
+    stride_sb, stride_st, stride_ob, stride_ot,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Exact radix select over the whole row, for the rows the fast path could not settle."""
+    row, batch = tl.program_id(0), tl.program_id(1)
+    if tl.load(status_ptr + batch * n_queries + row) == -1:
+        return
+    row_len = tl.minimum(q_start + row + 1, n_keys)
+    row_scores = scores_ptr + batch * stride_sb + row * stride_st
+    _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
+                BLOCK=BLOCK, INDIRECT=False)  # fmt: skip
 
 
 def topk_select(
@@ -198,6 +251,7 @@ def topk_select(
     out: Tensor | None = None,
     block: int = 1024,
     num_warps: int = 4,
+    sample: int | None = None,
 ) -> Tensor:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
@@ -206,8 +260,18 @@ def topk_select(
     batch, n_queries, _ = scores.shape
     if out is None:
         out = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=scores.device)
-    _topk_select_kernel[(n_queries, batch)](
-        scores, out, n_queries, q_start, n_keys, topk,
+    capacity = 4 * topk
+    if sample is None:  # 1024 keys at long context, fewer for short rows (the sort is per row)
+        sample = max(16, min(1024, triton.next_power_of_2(n_keys) // 8))
+    candidates = torch.empty(batch, n_queries, capacity, dtype=torch.int32, device=scores.device)
+    status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
+    _topk_candidates_kernel[(n_queries, batch)](
+        scores, candidates, status, out, n_queries, q_start, n_keys, topk, capacity,
+        scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0), out.stride(1),
+        SAMPLE=sample, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    _topk_full_kernel[(n_queries, batch)](
+        scores, status, out, n_queries, q_start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
         BLOCK=block, num_warps=num_warps,
     )  # fmt: skip

@@ -58,6 +58,20 @@ def test_topk_select_keeps_the_largest_scores_and_pads_short_rows():
             assert torch.equal(mine, best)  # the same scores (ties may pick other positions)
 
 
+def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
+    """Large scores exactly at the sampled positions push the threshold too high: the exact pass must run."""
+    generator = torch.Generator().manual_seed(2)
+    n_keys, sample = 512, 16
+    scores = torch.randn(1, 4, n_keys, generator=generator)
+    scores[..., torch.arange(sample) * n_keys // sample] = 50.0
+    scores = scores.to(DEVICE, torch.bfloat16)
+    got = topk_select(scores, q_start=n_keys - 4, n_keys=n_keys, topk=40, sample=sample)
+    want = topk_select_reference(scores, q_start=n_keys - 4, n_keys=n_keys, topk=40)
+    for row in range(4):
+        mine = scores[0, row, got[0, row].long()].float().sort().values
+        assert torch.equal(mine, scores[0, row, want[0, row].long()].float().sort().values)
+
+
 def test_topk_select_breaks_ties_by_position():
     scores = torch.zeros(1, 1, 50, dtype=torch.bfloat16, device=DEVICE)
     got = topk_select(scores, q_start=49, n_keys=50, topk=10)
