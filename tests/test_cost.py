@@ -1,0 +1,78 @@
+"""The analytic cost model against hand-computed values and its invariants."""
+
+import pytest
+
+from rag.cost import (
+    GpuSpec,
+    ModelShape,
+    decode_cost,
+    dollars_per_million_tokens,
+    keys_seen,
+    meter_answer,
+    phase_cost,
+    prefill_cost,
+)
+
+QWEN_05B = ModelShape(
+    n_layer=24, n_head=14, n_kv_head=2, head_dim=64, dim=896, intermediate_size=4864, vocab_size=151936
+)
+
+
+def test_keys_seen_counts_causal_and_clamped_keys_by_hand():
+    assert keys_seen(0, 4, None) == 1 + 2 + 3 + 4
+    assert keys_seen(0, 4, 2) == 1 + 2 + 2 + 2
+    assert keys_seen(3, 2, None) == 4 + 5
+    assert keys_seen(3, 2, 4) == 4 + 4
+    assert keys_seen(10, 1, 4) == 4
+
+
+def test_design_worked_example_32k_prefill_per_layer():
+    """DESIGN.md: 0.5B model, 32K prefill, k = 2048 -> about 2.9 vs 1.5 TFLOP per layer (linear layers included)."""
+    dense = prefill_cost(QWEN_05B, 32768, None)
+    sparse = prefill_cost(QWEN_05B, 32768, 2048)
+    logits = 2 * QWEN_05B.dim * QWEN_05B.vocab_size
+    assert (dense.flops - logits) / QWEN_05B.n_layer / 1e12 == pytest.approx(2.90, abs=0.01)
+    assert (sparse.flops - logits) / QWEN_05B.n_layer / 1e12 == pytest.approx(1.50, abs=0.01)
+
+
+def test_attention_flops_by_hand_for_a_tiny_model():
+    shape = ModelShape(n_layer=1, n_head=2, n_kv_head=1, head_dim=4, dim=8, intermediate_size=16, vocab_size=10,
+                       index_heads=1, index_dim=2)  # fmt: skip
+    cost = phase_cost(shape, 0, 3, topk=2, logits_tokens=0)
+    assert cost.attention_flops == 4 * 2 * 4 * (1 + 2 + 2)
+    assert cost.indexer_flops == 2 * 1 * 2 * (1 + 2 + 3)
+    linear = 2 * (8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 16 + 8 * (1 * 2 + 2 + 1)) * 3
+    assert cost.flops == cost.attention_flops + cost.indexer_flops + linear
+
+
+@pytest.mark.parametrize("topk", [None, 512])
+def test_costs_grow_with_context(topk):
+    prefills = [prefill_cost(QWEN_05B, n, topk).flops for n in (1024, 4096, 16384)]
+    decodes = [decode_cost(QWEN_05B, n, 8, topk).bytes_moved for n in (1024, 4096, 16384)]
+    assert prefills == sorted(prefills) and decodes == sorted(decodes)
+
+
+def test_sparse_attention_equals_dense_when_k_covers_the_context():
+    dense = prefill_cost(QWEN_05B, 1500, None)
+    sparse = prefill_cost(QWEN_05B, 1500, 2048)
+    assert sparse.attention_flops == dense.attention_flops  # only the indexer's own work differs
+
+
+def test_per_million_token_curves_favour_sparse_only_at_long_context():
+    gpu = GpuSpec()
+    for phase in ("prefill", "decode"):
+        short = [dollars_per_million_tokens(QWEN_05B, 1000, phase, k, gpu) for k in (None, 2048)]
+        long = [dollars_per_million_tokens(QWEN_05B, 128_000, phase, k, gpu) for k in (None, 2048)]
+        assert long[1] < long[0]  # sparse is cheaper at 128K
+        assert short[1] >= short[0]  # below k the indexer is pure overhead
+    with pytest.raises(ValueError, match="prefill or decode"):
+        dollars_per_million_tokens(QWEN_05B, 10, "train", None, gpu)
+
+
+def test_meter_answer_reports_savings_and_measured_dollars():
+    gpu = GpuSpec(price_per_hour=3.6)  # one cent per 10 s
+    meter = meter_answer(QWEN_05B, 8000, 32, 2048, {"prefill_s": 8.0, "decode_s": 2.0}, "sparse", gpu)
+    assert 0 < meter["flops_saving"] < 1 and 0 < meter["decode_bytes_saving"] < 1
+    assert meter["sparse"]["roofline_ms"] < meter["dense"]["roofline_ms"]
+    assert meter["measured"]["dollars_at_price"] == pytest.approx(0.01)
+    assert meter["measured"]["tokens_per_s"] == pytest.approx(16.0)
