@@ -1,5 +1,7 @@
 """The analytic cost model against hand-computed values and its invariants."""
 
+from pathlib import Path
+
 import pytest
 
 from rag.cost import (
@@ -76,3 +78,43 @@ def test_meter_answer_reports_savings_and_measured_dollars():
     assert meter["sparse"]["roofline_ms"] < meter["dense"]["roofline_ms"]
     assert meter["measured"]["dollars_at_price"] == pytest.approx(0.01)
     assert meter["measured"]["tokens_per_s"] == pytest.approx(16.0)
+
+
+def test_ledger_appends_rows_and_reports_per_day_and_mode(tmp_path):
+    from rag.cost_ledger import append_row, cost_report, ledger_row, read_ledger
+
+    gpu = GpuSpec()
+    for mode in ("sparse", "dense", "sparse"):
+        meter = meter_answer(QWEN_05B, 9000, 16, 2048, {"prefill_s": 1.0, "decode_s": 0.5}, mode, gpu)
+        append_row(ledger_row("q?", "default", meter), tmp_path)
+    table = read_ledger(tmp_path)
+    assert table.num_rows == 3
+    report = cost_report(table)
+    assert report["total"]["answers"] == 3 and report["total"]["new_tokens"] == 48
+    assert {mode: group["answers"] for mode, group in report["by_mode"].items()} == {"dense": 1, "sparse": 2}
+    assert sum(group["answers"] for group in report["by_day"].values()) == 3
+    assert 0 < report["total"]["flops_saving"] < 1
+
+
+def test_ledger_compaction_keeps_every_row_once_even_if_interrupted(tmp_path, monkeypatch):
+    import rag.cost_ledger as ledger
+
+    monkeypatch.setattr(ledger, "COMPACT_AFTER_PARTS", 4)
+    meter = meter_answer(QWEN_05B, 100, 2, 2048, {"prefill_s": 0.1, "decode_s": 0.1}, "dense", GpuSpec())
+    for _ in range(7):
+        ledger.append_row(ledger.ledger_row("q", "m", meter), tmp_path)
+    assert ledger.read_ledger(tmp_path).num_rows == 7
+    assert len(list(tmp_path.glob("*merged.parquet"))) == 1
+    # A crash after a merge but before its inputs were removed: the inputs are still on disk
+    parts = ledger.live_parts(tmp_path)
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)
+    ledger.compact(tmp_path, parts)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert ledger.read_ledger(tmp_path).num_rows == 7
+
+
+def test_empty_ledger_reports_zero(tmp_path):
+    from rag.cost_ledger import cost_report, read_ledger
+
+    assert cost_report(read_ledger(tmp_path / "none"))["total"]["answers"] == 0
