@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.cost_cmd import bench, cost_app
 from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
 from rag.errors import DsaragError
@@ -24,6 +25,8 @@ index_app = typer.Typer(help="Inspect and rebuild a store's FAISS index.", no_ar
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 app.add_typer(indexer_app, name="indexer")
+app.add_typer(cost_app, name="cost")
+app.command("bench")(bench)
 
 stderr = Console(stderr=True)
 stdout = Console()

@@ -1,0 +1,159 @@
+"""`dsarag cost report` and `dsarag bench`: what answers cost, and dense vs sparse across context lengths."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rag.errors import BadInputError
+
+cost_app = typer.Typer(help="The cost ledger of answered questions.", no_args_is_help=True)
+stderr = Console(stderr=True)
+
+PRICE_ENV = "DSARAG_GPU_PRICE"
+
+
+def gpu_price(price_per_hour: float | None) -> float:
+    """--price-per-hour, else $DSARAG_GPU_PRICE, else $2 (DeepSeek's published curve uses $2/GPU-hour)."""
+    if price_per_hour is None:
+        raw = os.environ.get(PRICE_ENV, "2.0")
+        try:
+            price_per_hour = float(raw)
+        except ValueError:
+            raise BadInputError(
+                f"${PRICE_ENV}={raw!r} is not a number — set it to dollars per GPU-hour"
+            ) from None
+    if price_per_hour < 0:
+        raise BadInputError(f"GPU price {price_per_hour} is negative — pass dollars per GPU-hour, e.g. 2.0")
+    return price_per_hour
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInputError(
+            f"{option} {text!r}: give comma-separated whole numbers, e.g. 1024,4096"
+        ) from None
+    if not values or min(values) < 1:
+        raise BadInputError(f"{option} {text!r}: give at least one positive number")
+    return values
+
+
+@cost_app.command("report")
+def report(
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Sum the ledger: answers, tokens, measured time and $, and the analytic saving — per day, per mode."""
+    from rag.cost_ledger import cost_report, ledger_dir, read_ledger
+
+    summary = cost_report(read_ledger())
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    if not summary["total"]["answers"]:
+        stderr.print(f"no answers in the ledger yet ({ledger_dir()}): run `dsarag ask` first")
+        return
+    table = Table(title="cost ledger")
+    for column in (
+        "group",
+        "answers",
+        "tokens in/out",
+        "measured s",
+        "measured $",
+        "dense $",
+        "sparse $",
+        "FLOP saving",
+    ):
+        table.add_column(column, justify="right" if column != "group" else "left")
+    groups = [("total", summary["total"])]
+    groups += [(f"day {day}", values) for day, values in summary["by_day"].items()]
+    groups += [(f"mode {mode}", values) for mode, values in summary["by_mode"].items()]
+    for name, values in groups:
+        table.add_row(
+            name,
+            str(values["answers"]),
+            f"{values['prompt_tokens']}/{values['new_tokens']}",
+            f"{values['measured_s']:.1f}",
+            f"{values['measured_dollars']:.6f}",
+            f"{values['dense_dollars']:.6f}",
+            f"{values['sparse_dollars']:.6f}",
+            f"{values['flops_saving']:.0%}",
+        )
+    stderr.print(table)
+
+
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="Folder for bench.json and the PNG plots.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Generator (see `dsarag ask --model`).")
+    ] = None,
+    lengths: Annotated[
+        str, typer.Option("--lengths", help="Context lengths, comma-separated.")
+    ] = "1024,4096,8192",
+    topk: Annotated[
+        str, typer.Option("--topk", help="Top-k values to sweep, comma-separated.")
+    ] = "256,512,2048",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    decode_steps: Annotated[
+        int, typer.Option("--decode-steps", min=1, help="Decode steps timed per run.")
+    ] = 8,
+    price_per_hour: Annotated[
+        float | None, typer.Option("--price-per-hour", help=f"GPU $/hour for the curves (env {PRICE_ENV}).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
+) -> None:
+    """Sweep context length and top-k: dense vs sparse latency, accuracy, analytic cost; JSON + PNG plots."""
+    from evals.bench import bench as run_bench
+    from evals.bench import write_report
+    from indexer_model.generate import load_generator
+    from rag.cost import GpuSpec
+
+    length_list, topk_list = _int_list(lengths, "--lengths"), _int_list(topk, "--topk")
+    gpu = GpuSpec(price_per_hour=gpu_price(price_per_hour))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BadInputError("--device cuda: no CUDA GPU is visible here — use --device cpu")
+    generator = load_generator(model, device=device)
+    stderr.print(f"bench {generator.name} on {device}: L = {length_list}, k = {topk_list}")
+    result = run_bench(generator, length_list, topk_list, device, decode_steps, gpu)
+    written = write_report(result, out)
+    table = Table(title=f"dense vs sparse — {result['model']} on {result['device']}")
+    for column in (
+        "L",
+        "mode",
+        "k",
+        "prefill s",
+        "decode ms/tok",
+        "speedup (FLOP ratio)",
+        "agreement",
+        "peak MB",
+    ):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        speedup = (
+            f"{row['measured_prefill_speedup']:.2f}× ({row['analytic_prefill_flop_ratio']:.2f}×)"
+            if row["mode"] == "sparse"
+            else ""
+        )
+        table.add_row(
+            str(row["length"]),
+            row["mode"],
+            str(row["topk"] or ""),
+            f"{row['prefill_s']:.3f}",
+            f"{row['decode_ms_per_token']:.1f}",
+            speedup,
+            f"{row['accuracy']:.2f}",
+            f"{row['peak_memory_mb']:.0f}",
+        )
+    stderr.print(table)
+    stderr.print("wrote " + ", ".join(str(path) for path in written))
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,45 @@
+"""`dsarag bench` and `dsarag cost report` through the CLI, on the tiny model at tiny lengths."""
+
+import json
+
+import pytest
+
+
+def test_bench_sweeps_dense_and_sparse_and_writes_json_and_plots(tmp_path, run_cli):
+    out = tmp_path / "bench"
+    code, stdout, stderr = run_cli(
+        "bench", "--model", "tiny", "--lengths", "200", "--topk", "128,256", "--decode-steps", "2",
+        "--out", str(out), "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    rows = {(row["mode"], row["topk"]): row for row in result["rows"]}
+    assert set(rows) == {("dense", None), ("sparse", 128)}  # k = 256 covers all 200 keys: nothing to compare
+    sparse = rows[("sparse", 128)]
+    assert 0.0 <= sparse["accuracy"] <= 1.0 and sparse["analytic_prefill_flop_ratio"] > 0
+    curves = result["cost_curves"]
+    assert len(curves["prefill"]["dense"]) == len(curves["positions"])
+    assert curves["decode"]["sparse"][-1] < curves["decode"]["dense"][-1]  # sparse is cheaper far out
+    assert json.loads((out / "bench.json").read_text())["model"] == result["model"]
+    for plot in ("cost_per_million.png", "latency_accuracy_vs_k.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lengths", "1k"], "--lengths"),
+        (["--topk", "0"], "--topk"),
+        (["--price-per-hour", "-1"], "negative"),
+    ],
+)
+def test_bench_bad_input_exits_2_with_one_line(tmp_path, run_cli, args, message):
+    code, _, stderr = run_cli("bench", "--model", "tiny", "--out", str(tmp_path), *args)
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_cost_report_on_an_empty_ledger(run_cli):
+    code, stdout, _ = run_cli("cost", "report", "--json")
+    assert code == 0
+    assert json.loads(stdout)["total"]["answers"] == 0
