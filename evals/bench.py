@@ -100,8 +100,8 @@ def bench(generator: Generator, lengths: list[int], topks: list[int], device: st
                 continue  # k covers every key: sparse would be dense
             dsa = DSAConfig(topk=topk, dense_threshold=0)
             if device.startswith("cuda"):
-                run_mode(generator, ids, dsa, reference[1:], decode_steps, device)
-            sparse = run_mode(generator, ids, dsa, reference[1:], decode_steps, device)
+                run_mode(generator, ids, dsa, reference, decode_steps, device)
+            sparse = run_mode(generator, ids, dsa, reference, decode_steps, device)
             agree = sum(a == b for a, b in zip(sparse["tokens"], reference, strict=True)) / len(reference)
             analytic = prefill_cost(shape, length, None).flops / prefill_cost(shape, length, topk).flops
             rows.append({

@@ -8,15 +8,16 @@ import pytest
 def test_bench_sweeps_dense_and_sparse_and_writes_json_and_plots(tmp_path, run_cli):
     out = tmp_path / "bench"
     code, stdout, stderr = run_cli(
-        "bench", "--model", "tiny", "--lengths", "200", "--topk", "128,256", "--decode-steps", "2",
+        "bench", "--model", "tiny", "--lengths", "200", "--topk", "128,192,256", "--decode-steps", "3",
         "--out", str(out), "--json",
     )  # fmt: skip
     assert code == 0, stderr
     result = json.loads(stdout)
     rows = {(row["mode"], row["topk"]): row for row in result["rows"]}
-    assert set(rows) == {("dense", None), ("sparse", 128)}  # k = 256 covers all 200 keys: nothing to compare
-    sparse = rows[("sparse", 128)]
-    assert 0.0 <= sparse["accuracy"] <= 1.0 and sparse["analytic_prefill_flop_ratio"] > 0
+    assert set(rows) == {("dense", None), ("sparse", 128), ("sparse", 192)}  # k = 256 covers all 200 keys
+    assert rows[("sparse", 192)]["accuracy"] >= 0.75  # 8 of 200 keys dropped: the greedy tokens barely move
+    assert 0.0 <= rows[("sparse", 128)]["accuracy"] <= 1.0
+    assert rows[("sparse", 128)]["analytic_prefill_flop_ratio"] > 0
     curves = result["cost_curves"]
     assert len(curves["prefill"]["dense"]) == len(curves["positions"])
     assert curves["decode"]["sparse"][-1] < curves["decode"]["dense"][-1]  # sparse is cheaper far out
