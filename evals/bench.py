@@ -111,7 +111,7 @@ def bench(generator: Generator, lengths: list[int], topks: list[int], device: st
                 "analytic_prefill_flop_ratio": analytic,
             })  # fmt: skip
     positions = sorted({1024 * 2**i for i in range(8)} | set(lengths))
-    curve_k = topks[0] if topks else 2048
+    curve_k = max(topks)  # DeepSeek's curve is drawn at k = 2048
     curves = {
         phase: {
             mode: [dollars_per_million_tokens(shape, p, phase, k, gpu) for p in positions]
