@@ -35,6 +35,10 @@ RETRY_STRATEGY = {"semantic": "hybrid", "temporal": "hybrid", "multi-query": "hy
 ANSWER_RESERVE_TOKENS = 512  # room left in the model's context for the chat template and the answer
 
 
+def _add_timings(old: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    return {name: old.get(name, 0.0) + new.get(name, 0.0) for name in old | new}
+
+
 class AgentState(TypedDict, total=False):
     question: str
     features: QueryFeatures
@@ -52,9 +56,7 @@ class AgentState(TypedDict, total=False):
     grounding: Grounding
     attempt: int
     retry: bool
-    timings: Annotated[
-        dict[str, float], lambda old, new: {k: old.get(k, 0.0) + new.get(k, 0.0) for k in old | new}
-    ]
+    timings: Annotated[dict[str, float], _add_timings]  # seconds per step, summed over a retry
     trace: Annotated[list[dict], operator.add]
 
 
@@ -225,10 +227,10 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     budget = topk_budget(
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
     )
-    # An explicit --attention dense|sparse wins; auto follows the budget.
-    attention = budget.attention if options.attention == "auto" else options.attention
-    if attention == "sparse" and options.attention == "auto":
-        attention = "auto"  # DSA where a trained indexer exists, dense otherwise
+    # An explicit --attention dense|sparse wins; under auto a sparse budget still needs a trained indexer.
+    attention = options.attention
+    if attention == "auto" and budget.attention == "dense":
+        attention = "dense"
     generation = generator.answer(
         messages,
         max_new_tokens=options.max_new_tokens,

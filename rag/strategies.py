@@ -16,7 +16,9 @@ MAX_SUB_QUESTIONS = 3
 _SUB_QUESTION_MAX_CHARS = 200
 SUB_QUESTION_PROMPT = (
     "Split the user's question into at most three short, self-contained search questions, one per line, "
-    "each asking for one fact (for a comparison: one question per side). Write only the questions."
+    "each asking for one fact (for a comparison: one question per side). Write only the questions, each "
+    "ending with a question mark. Example: for 'Was the 2024 budget bigger than the 2023 one?' write\n"
+    "What was the 2024 budget?\nWhat was the 2023 budget?"
 )
 
 
@@ -43,9 +45,15 @@ def write_sub_questions(question: str, generator: Generator) -> list[str]:
         {"role": "user", "content": question},
     ]
     reply = generator.answer(messages, max_new_tokens=64, attention="dense").text
+    return parse_sub_questions(reply, question)
+
+
+def parse_sub_questions(reply: str, question: str) -> list[str]:
+    """Question lines of `reply` (list markers stripped), distinct, not the question itself, at most three."""
     sub_questions: list[str] = []
     for line in reply.splitlines():
         line = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip()
-        if 8 <= len(line) <= _SUB_QUESTION_MAX_CHARS and line.lower() != question.lower():
+        is_question = line.endswith("?") and 8 <= len(line) <= _SUB_QUESTION_MAX_CHARS
+        if is_question and line.lower() != question.lower():
             sub_questions.append(line)
     return list(dict.fromkeys(sub_questions))[:MAX_SUB_QUESTIONS]

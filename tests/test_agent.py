@@ -23,6 +23,7 @@ from rag.query_features import query_features, time_window
 from rag.rerank import RecencyBlend
 from rag.retrieve import Hit, Retriever
 from rag.store import ChunkStore
+from rag.strategies import parse_sub_questions
 
 
 def hit(
@@ -157,6 +158,14 @@ def test_dedup_merges_the_same_chunk_and_drops_near_duplicates_of_the_same_date(
     assert report.same_id == 2  # chunks 1 and 3 were found by both rankings
     assert [h.chunk_id for h in report.kept] == [1, 3, 4]  # 4 is as close to 1 but of another date: a version
     assert [(dropped, kept) for dropped, kept, _ in report.near_duplicates] == [(2, 1)]
+
+
+def test_sub_questions_are_parsed_from_question_lines_only():
+    reply = "1. What was the fee in 2024?\n- What was the fee in 2025?\nThe fee rose by $5.\n2. What was the fee in 2024?"
+    assert parse_sub_questions(reply, "How did the fee change?") == [
+        "What was the fee in 2024?",
+        "What was the fee in 2025?",
+    ]
 
 
 def test_bm25_finds_an_exact_ticket_number(retriever):
