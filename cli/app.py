@@ -113,9 +113,22 @@ def ask(
     topk: Annotated[
         int | None, typer.Option("--topk", help="DSA top-k tokens per query (default 2048).", min=68)
     ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="Force semantic | multi-query | temporal | hybrid | none (default: the agent decides).",
+        ),
+    ] = None,
+    critical: Annotated[bool, typer.Option("--critical", help="Always use exact dense attention.")] = False,
+    show_trace: Annotated[
+        bool,
+        typer.Option("--trace", help="Print the path through the agent graph and every decision (stderr)."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer QUESTION from your documents, with numbered citations."""
+    """Answer QUESTION from your documents, with numbered citations (the agent decides whether and how to
+    retrieve; see `dsarag graph`)."""
     from rag.ask import AskOptions
     from rag.ask import ask as run_ask
     from rag.config import resolve_store
@@ -131,13 +144,18 @@ def ask(
         temperature=temperature,
         attention=attention,
         attention_topk=topk,
+        strategy=strategy,
+        critical=critical,
     )
     if as_json:
-        _print_json(run_ask(options, console=stderr).to_json())
+        result = run_ask(options, console=stderr)
+        if show_trace:
+            _render_trace(result.trace)
+        _print_json(result.to_json())
         return
-    result = run_ask(
-        options, console=stderr, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush())
-    )
+    result = run_ask(options, console=stderr, on_text=sys.stdout.write)
+    if show_trace:
+        _render_trace(result.trace)
     sys.stdout.write("\n\n")
     for source in result.sources:
         stdout.print(f"[{source['number']}] {source['citation']}  ({source['date']})", highlight=False)
@@ -146,6 +164,27 @@ def ask(
         result.attention if result.attention_topk is None else f"{result.attention} k={result.attention_topk}"
     )
     stderr.print(f"[dim]{result.model} · {mode} · {timing}[/]")
+
+
+def _render_trace(trace: list[dict]) -> None:
+    nodes = [entry["node"] for entry in trace]
+    path = [
+        node for i, node in enumerate(nodes) if i == 0 or node != nodes[i - 1]
+    ]  # a node's entries in a row
+    stderr.print(f"[bold]agent path:[/] {' → '.join(path)}", highlight=False)
+    for entry in trace:
+        details = {key: value for key, value in entry.items() if key != "node"}
+        stderr.print(
+            f"[cyan]{entry['node']:>8}[/] {json.dumps(details, default=str)}", highlight=False, soft_wrap=True
+        )
+
+
+@app.command()
+def graph() -> None:
+    """Print the agent graph (decide → plan → retrieve → … → check) as a mermaid diagram."""
+    from rag.agent import graph_mermaid
+
+    sys.stdout.write(graph_mermaid() + "\n")
 
 
 @index_app.command("info")

@@ -1,4 +1,4 @@
-"""`dsarag ask`: bring the store up to date, retrieve, pack, generate, cite."""
+"""`dsarag ask`: bring the store up to date, then run the agent graph (rag/agent.py) and cite its sources."""
 
 import time
 from collections.abc import Callable
@@ -10,12 +10,12 @@ from rich.console import Console
 from rag.embed import load_embedder
 from rag.errors import BadInputError
 from rag.ingest import IngestReport, ingest_folder
-from rag.pack import build_messages, pack_sources
 from rag.retrieve import Retriever
+from rag.route import STRATEGIES
 from rag.store import ChunkStore
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
-ANSWER_RESERVE_TOKENS = 512  # room left in the model's context for the chat template and the answer
+STRATEGY_CHOICES = (*STRATEGIES, "none")
 
 
 @dataclass
@@ -29,7 +29,9 @@ class AskOptions:
     max_new_tokens: int = 256
     temperature: float = 0.0
     attention: str = "auto"  # dense | sparse | auto
-    attention_topk: int | None = None  # DSA top-k (default 2048)
+    attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (rag/budget.py)
+    strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
+    critical: bool = False  # always dense attention
 
 
 @dataclass
@@ -44,6 +46,8 @@ class AskResult:
     tokens: dict[str, int]
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
+    strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
+    trace: list[dict] = field(default_factory=list)  # every node's decision and reason, in order
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -52,15 +56,21 @@ class AskResult:
 def ask(
     options: AskOptions, console: Console | None = None, on_text: Callable[[str], None] | None = None
 ) -> AskResult:
-    """Answer one question over the store (ingesting `docs` first when the store is missing or stale)."""
+    """Answer one question over the store (ingesting `docs` first when the store is missing or stale).
+
+    The agent may answer twice (its check retries an unsupported answer), so `on_text` gets the final
+    answer once, not a stream."""
     question = options.question.strip()
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
+    if options.strategy is not None and options.strategy not in STRATEGY_CHOICES:
+        raise BadInputError(f"--strategy {options.strategy!r}: use one of {', '.join(STRATEGY_CHOICES)}")
     if not question:
         raise BadInputError(
             'empty question — pass the question as the first argument, e.g. dsarag ask "What …?"'
         )
     from indexer_model.generate import load_generator
+    from rag.agent import AgentContext, run_agent
 
     timings: dict[str, float] = {}
     embedder = load_embedder()
@@ -73,29 +83,18 @@ def ask(
     started = time.perf_counter()
     _ = embedder.model  # loaded here unless the ingest above needed it already
     timings["load_embedder_s"] = time.perf_counter() - started
-    started = time.perf_counter()
     retriever = Retriever(store, embedder)
-    hits = retriever.semantic(question, options.top_k)
-    timings["retrieve_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     generator = load_generator(options.model)
     timings["load_model_s"] = time.perf_counter() - started
 
-    budget = min(
-        options.context_tokens, generator.max_context - ANSWER_RESERVE_TOKENS - options.max_new_tokens
-    )
-    packed = pack_sources(hits, generator.count_tokens, budget)
-    generation = generator.answer(
-        build_messages(question, packed),
-        max_new_tokens=options.max_new_tokens,
-        temperature=options.temperature,
-        on_text=on_text,
-        attention=options.attention,
-        topk=options.attention_topk,
-    )
-    timings["prefill_s"] = generation.prefill_s
-    timings["decode_s"] = generation.decode_s
+    state = run_agent(question, AgentContext(options=options, retriever=retriever, generator=generator))
+    timings |= state["timings"]
+    generation, packed = state["generation"], state.get("packed")
+    answer = generation.text.strip()
+    if on_text is not None:
+        on_text(answer)
     sources = [
         {
             "number": number,
@@ -107,20 +106,22 @@ def ask(
             "score": round(hit.score, 4),
             "chunk_id": hit.chunk_id,
         }
-        for number, hit in enumerate(packed.sources, start=1)
+        for number, hit in enumerate(packed.sources if packed else [], start=1)
     ]
     return AskResult(
         question=question,
-        answer=generation.text.strip(),
+        answer=answer,
         sources=sources,
         model=generator.name,
         attention=generation.attention,
         attention_topk=generation.topk,
         timings={name: round(value, 3) for name, value in timings.items()},
         tokens={
-            "context": packed.tokens,
+            "context": packed.tokens if packed else 0,
             "prompt": generation.prompt_tokens,
             "generated": generation.new_tokens,
         },
         ingest=report.to_json() if report else None,
+        strategy=state["strategy"],
+        trace=state["trace"],
     )

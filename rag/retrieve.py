@@ -1,11 +1,15 @@
-"""Semantic retrieval: embed the question, search FAISS, return the chunks with their citations."""
+"""Retrieval over one committed store generation: dense (FAISS) and lexical (BM25) search → hits with citations."""
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
+from functools import cached_property
 
+import numpy as np
+
+from rag.bm25 import BM25Index
 from rag.embed import Embedder
 from rag.index import search
-from rag.store import ChunkStore
+from rag.store import ChunkStore, embeddings_of
 
 CHUNK_COLUMNS = ["chunk_id", "path", "text", "char_start", "char_end", "line_start", "line_end", "date"]
 
@@ -28,25 +32,61 @@ class Hit:
 
 
 class Retriever:
-    """Reads a committed store generation once and answers semantic searches over it."""
+    """Reads a committed store generation once and answers dense and lexical searches over it."""
 
     def __init__(self, store: ChunkStore, embedder: Embedder) -> None:
         self.store = store
         self.embedder = embedder
         self.manifest = store.read_manifest()
         self.index = store.read_index(self.manifest)
-        chunks = store.read_chunks(self.manifest, columns=CHUNK_COLUMNS)
-        self.rows = chunks.to_pylist()
+        chunks = store.read_chunks(self.manifest, columns=[*CHUNK_COLUMNS, "embedding"])
+        self.embeddings = embeddings_of(chunks)  # row i ↔ self.rows[i]; for near-duplicate checks
+        self.rows = chunks.drop_columns(["embedding"]).to_pylist()
         self.row_of_id = {row["chunk_id"]: i for i, row in enumerate(self.rows)}
 
+    @cached_property
+    def bm25(self) -> BM25Index:
+        """Built on first lexical search (≈ 1 s per 10K chunks), so purely dense questions never pay for it."""
+        return BM25Index([row["text"] for row in self.rows])
+
     def semantic(self, question: str, k: int) -> list[Hit]:
-        query = self.embedder.encode([question])
-        scores, ids = search(self.index, query, k)
+        return self.semantic_many([question], k)[0]
+
+    def semantic_many(self, questions: list[str], k: int) -> list[list[Hit]]:
+        """Dense search for several queries in one embedding batch."""
+        scores, ids = search(self.index, self.embedder.encode(questions), k)
         return [
-            self._hit(int(chunk_id), float(score))
-            for score, chunk_id in zip(scores[0], ids[0], strict=True)
-            if chunk_id >= 0
+            [
+                self.hit(int(chunk_id), float(score))
+                for score, chunk_id in zip(row_scores, row_ids, strict=True)
+                if chunk_id >= 0
+            ]
+            for row_scores, row_ids in zip(scores, ids, strict=True)
         ]
 
-    def _hit(self, chunk_id: int, score: float) -> Hit:
+    def lexical(self, question: str, k: int) -> list[Hit]:
+        """BM25 search; hits with a zero score (no query term in the chunk) are left out."""
+        return [
+            Hit(**self.rows[row], score=score) for row, score in self.bm25.search(question, k) if score > 0
+        ]
+
+    def embedding(self, chunk_id: int) -> np.ndarray:
+        return self.embeddings[self.row_of_id[chunk_id]]
+
+    @cached_property
+    def undated_paths(self) -> frozenset[str]:
+        """Documents whose date is their file's modification day: no date of their own was found (front
+        matter, file name), so their date says when the file was copied, not when it was written."""
+        return frozenset(
+            path
+            for path, record in self.manifest.files.items()
+            if record.date == datetime.fromtimestamp(record.mtime_ns / 1e9, tz=UTC).date().isoformat()
+        )
+
+    def newest_date(self) -> date:
+        """The newest date a document states of itself (the reference for "latest" questions)."""
+        dated = [row["date"] for row in self.rows if row["path"] not in self.undated_paths]
+        return max(dated or [row["date"] for row in self.rows])
+
+    def hit(self, chunk_id: int, score: float) -> Hit:
         return Hit(**self.rows[self.row_of_id[chunk_id]], score=score)

@@ -1,0 +1,291 @@
+"""The ask agent: one LangGraph StateGraph deciding whether and how to retrieve, then answering.
+
+decide → plan → retrieve → dedup → rerank → pack → generate → check, with two conditional edges: `decide`
+may go straight to `generate` (no retrieval), and `check` may send an unsupported answer back to `retrieve`
+once, with another strategy and a doubled budget. Every node appends what it decided and why to `trace`.
+Loaded parts (retriever, generator, options) travel in the run's context, so the graph itself can be
+built and drawn without loading anything.
+"""
+
+import operator
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+
+from indexer_model.generate import GenerationResult, Generator
+from rag.budget import TopkBudget, topk_budget
+from rag.dedup import dedup_rankings
+from rag.grounding import Grounding, check_grounding
+from rag.pack import PackedContext, build_messages, pack_sources
+from rag.query_features import QueryFeatures, query_features
+from rag.rerank import RecencyBlend
+from rag.retrieve import Hit, Retriever
+from rag.route import choose_complexity, choose_strategy, decide_retrieval
+from rag.strategies import retrieve_rankings, write_sub_questions
+
+if TYPE_CHECKING:
+    from rag.ask import AskOptions
+
+MAX_ATTEMPTS = 2  # the first answer plus one retry: a bounded loop
+RETRY_STRATEGY = {"semantic": "hybrid", "temporal": "hybrid", "multi-query": "hybrid", "hybrid": "semantic"}
+ANSWER_RESERVE_TOKENS = 512  # room left in the model's context for the chat template and the answer
+
+
+def _add_timings(old: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    return {name: old.get(name, 0.0) + new.get(name, 0.0) for name in old | new}
+
+
+class AgentState(TypedDict, total=False):
+    question: str
+    features: QueryFeatures
+    retrieval: str  # "retrieve" | "no_retrieve"
+    strategy: str  # "semantic" | "multi-query" | "temporal" | "hybrid" | "none"
+    complexity: str
+    queries: list[str]  # the question, then any sub-questions
+    retrieve_k: int
+    context_budget: int
+    rankings: list[list[Hit]]
+    hits: list[Hit]
+    packed: PackedContext | None
+    topk: TopkBudget
+    generation: GenerationResult
+    grounding: Grounding
+    attempt: int
+    retry: bool
+    timings: Annotated[dict[str, float], _add_timings]  # seconds per step, summed over a retry
+    trace: Annotated[list[dict], operator.add]
+
+
+@dataclass
+class AgentContext:
+    options: "AskOptions"
+    retriever: Retriever
+    generator: Generator
+
+
+def build_graph() -> CompiledStateGraph:
+    """Every node and edge of the agent, wired in one place."""
+    graph = StateGraph(AgentState, context_schema=AgentContext)
+    for name, node in (
+        ("decide", decide),
+        ("plan", plan),
+        ("retrieve", retrieve),
+        ("dedup", dedup),
+        ("rerank", rerank),
+        ("pack", pack),
+        ("generate", generate),
+        ("check", check),
+    ):
+        graph.add_node(name, node)
+    graph.add_edge(START, "decide")
+    graph.add_conditional_edges("decide", after_decide, {"retrieve": "plan", "no_retrieve": "generate"})
+    graph.add_edge("plan", "retrieve")
+    graph.add_edge("retrieve", "dedup")
+    graph.add_edge("dedup", "rerank")
+    graph.add_edge("rerank", "pack")
+    graph.add_edge("pack", "generate")
+    graph.add_edge("generate", "check")
+    graph.add_conditional_edges("check", after_check, {"retry": "retrieve", "done": END})
+    return graph.compile()
+
+
+def graph_mermaid() -> str:
+    return build_graph().get_graph().draw_mermaid()
+
+
+def run_agent(question: str, context: AgentContext) -> AgentState:
+    """Run the graph on `question`; the final state holds the answer, its sources and the trace."""
+    return build_graph().invoke(
+        {"question": question, "attempt": 1, "timings": {}, "trace": []}, context=context
+    )
+
+
+def after_decide(state: AgentState) -> str:
+    return state["retrieval"]
+
+
+def after_check(state: AgentState) -> str:
+    return "retry" if state.get("retry") else "done"
+
+
+def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Retrieve or answer directly: forced by --strategy, else the LLM and the query features."""
+    started = time.perf_counter()
+    question, options = state["question"], runtime.context.options
+    features = query_features(question)
+    if options.strategy is not None:
+        retrieval = "no_retrieve" if options.strategy == "none" else "retrieve"
+        reason = f"forced by --strategy {options.strategy}"
+    else:
+        best = runtime.context.retriever.semantic(question, 1)
+        decision = decide_retrieval(
+            question, features, best[0].score if best else 0.0, runtime.context.generator
+        )
+        retrieval, reason = decision.choice, decision.reason
+    update: dict = {"features": features, "retrieval": retrieval}
+    if retrieval == "no_retrieve":
+        update |= {"strategy": "none", "packed": None}
+    return update | {
+        "timings": {"decide_s": time.perf_counter() - started},
+        "trace": [
+            {"node": "decide", "decision": retrieval, "reason": reason, "features": features.to_json()}
+        ],
+    }
+
+
+def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Strategy, time window, task complexity, sub-questions and the retrieval/packing budgets."""
+    started = time.perf_counter()
+    question, features = state["question"], state["features"]
+    options, generator = runtime.context.options, runtime.context.generator
+    if options.strategy is not None:
+        strategy, strategy_reason = options.strategy, f"forced by --strategy {options.strategy}"
+    else:
+        decision = choose_strategy(question, features, generator)
+        strategy, strategy_reason = decision.choice, decision.reason
+    complexity = choose_complexity(question, features, generator)
+    queries = [question]
+    if strategy == "multi-query":
+        queries += write_sub_questions(question, generator)
+    trace = [
+        {"node": "plan", "decision": "strategy", "choice": strategy, "reason": strategy_reason},
+        {"node": "plan", "decision": "complexity", "choice": complexity.choice, "reason": complexity.reason},
+    ]
+    if strategy == "temporal":
+        window = features.window.describe() if features.window else "none: newest available"
+        trace.append({"node": "plan", "decision": "time window", "choice": window})
+    if len(queries) > 1:
+        trace.append({"node": "plan", "decision": "sub-questions", "choice": queries[1:]})
+    return {
+        "strategy": strategy,
+        "complexity": complexity.choice,
+        "queries": queries,
+        "retrieve_k": options.top_k,
+        "context_budget": min(options.context_tokens, _context_room(options, generator)),
+        "timings": {"plan_s": time.perf_counter() - started},
+        "trace": trace,
+    }
+
+
+def retrieve(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    started = time.perf_counter()
+    rankings = retrieve_rankings(
+        state["strategy"], state["queries"], runtime.context.retriever, state["retrieve_k"]
+    )
+    return {
+        "rankings": rankings,
+        "timings": {"retrieve_s": time.perf_counter() - started},
+        "trace": [
+            {
+                "node": "retrieve",
+                "strategy": state["strategy"],
+                "k": state["retrieve_k"],
+                "rankings": [len(ranking) for ranking in rankings],
+                "attempt": state["attempt"],
+            }
+        ],
+    }
+
+
+def dedup(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    report = dedup_rankings(state["rankings"], runtime.context.retriever.embedding)
+    return {"hits": report.kept, "trace": [{"node": "dedup", **report.to_json()}]}
+
+
+def rerank(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Temporal questions: relevance × recency inside the time window; then keep the k best."""
+    hits = state["hits"]
+    entry: dict = {"node": "rerank"}
+    if state["strategy"] == "temporal":
+        blend = RecencyBlend()
+        retriever = runtime.context.retriever
+        hits = blend.rerank(hits, state["features"].window, retriever.newest_date(), retriever.undated_paths)
+        entry["method"] = (
+            f"(1-{blend.weight})·relevance + {blend.weight}·recency, half-life {blend.half_life_days:.0f} d"
+        )
+    else:
+        entry["method"] = "relevance order kept"
+    hits = hits[: state["retrieve_k"]]
+    entry["top"] = [f"{hit.citation} ({hit.date}, {hit.score:.3f})" for hit in hits[:5]]
+    return {"hits": hits, "trace": [entry]}
+
+
+def pack(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    packed = pack_sources(state["hits"], runtime.context.generator.count_tokens, state["context_budget"])
+    return {"packed": packed, "trace": [{"node": "pack", **packed.to_json()}]}
+
+
+def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Answer with the top-k budget of the task's complexity (dense below the DSA threshold)."""
+    options, generator = runtime.context.options, runtime.context.generator
+    messages = build_messages(state["question"], state.get("packed"))
+    prompt_tokens = len(generator.chat_prompt_ids(messages))
+    budget = topk_budget(
+        state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
+    )
+    # An explicit --attention dense|sparse wins; under auto a sparse budget still needs a trained indexer.
+    attention = options.attention
+    if attention == "auto" and budget.attention == "dense":
+        attention = "dense"
+    generation = generator.answer(
+        messages,
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        attention=attention,
+        topk=budget.topk,
+    )
+    return {
+        "topk": budget,
+        "generation": generation,
+        "timings": {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
+        "trace": [
+            {
+                "node": "generate",
+                "topk_budget": budget.to_json(),
+                "attention": generation.attention,
+                "topk": generation.topk,
+                "prompt_tokens": generation.prompt_tokens,
+                "new_tokens": generation.new_tokens,
+            }
+        ],
+    }
+
+
+def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """Is the answer supported by the packed sources? If not, retry once with another strategy (unless
+    forced) and twice the chunks and context budget."""
+    packed = state.get("packed")
+    if packed is None or not packed.sources:
+        return {
+            "retry": False,
+            "trace": [{"node": "check", "supported": None, "reason": "no sources: not retrieved"}],
+        }
+    grounding = check_grounding(state["generation"].text, packed.text)
+    entry = {"node": "check", **grounding.to_json(), "attempt": state["attempt"]}
+    if grounding.supported or state["attempt"] >= MAX_ATTEMPTS:
+        if not grounding.supported:
+            entry["retry"] = f"no: {MAX_ATTEMPTS} attempts made"
+        return {"grounding": grounding, "retry": False, "trace": [entry]}
+    options, generator = runtime.context.options, runtime.context.generator
+    strategy = state["strategy"] if options.strategy is not None else RETRY_STRATEGY[state["strategy"]]
+    retry_k = state["retrieve_k"] * 2
+    retry_budget = min(state["context_budget"] * 2, _context_room(options, generator))
+    entry["retry"] = f"strategy {strategy}, k {retry_k}, context budget {retry_budget} tokens"
+    return {
+        "grounding": grounding,
+        "retry": True,
+        "attempt": state["attempt"] + 1,
+        "strategy": strategy,
+        "retrieve_k": retry_k,
+        "context_budget": retry_budget,
+        "trace": [entry],
+    }
+
+
+def _context_room(options: "AskOptions", generator: Generator) -> int:
+    """Tokens the sources may take: the model's context less the template, question and answer."""
+    return generator.max_context - ANSWER_RESERVE_TOKENS - options.max_new_tokens
