@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.cost_cmd import bench, cost_app
+from cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
 from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
 from rag.errors import DsaragError
@@ -125,6 +125,16 @@ def ask(
         bool,
         typer.Option("--trace", help="Print the path through the agent graph and every decision (stderr)."),
     ] = False,
+    compare_dense: Annotated[
+        bool,
+        typer.Option(
+            "--compare-dense", help="Also answer in the other attention mode; report speedup and agreement."
+        ),
+    ] = False,
+    price_per_hour: Annotated[
+        float | None,
+        typer.Option("--price-per-hour", help=f"GPU $/hour of the cost meter (env {PRICE_ENV}, default 2)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Answer QUESTION from your documents, with numbered citations (the agent decides whether and how to
@@ -146,6 +156,8 @@ def ask(
         attention_topk=topk,
         strategy=strategy,
         critical=critical,
+        compare_dense=compare_dense,
+        price_per_hour=gpu_price(price_per_hour),
     )
     if as_json:
         result = run_ask(options, console=stderr)
@@ -164,6 +176,7 @@ def ask(
         result.attention if result.attention_topk is None else f"{result.attention} k={result.attention_topk}"
     )
     stderr.print(f"[dim]{result.model} · {mode} · {timing}[/]")
+    render_cost(result.cost)
 
 
 def _render_trace(trace: list[dict]) -> None:

@@ -33,6 +33,53 @@ def gpu_price(price_per_hour: float | None) -> float:
     return price_per_hour
 
 
+def render_cost(cost: dict) -> None:
+    """The compact meter after an answer: sparse vs dense, analytic, with what was measured."""
+    if not cost:
+        return
+    dense, sparse = cost["dense"], cost["sparse"]
+    table = Table(
+        title=f"cost: ran {cost['mode_ran']} (k = {cost['topk']}), {cost['prompt_tokens']} tokens in"
+    )
+    for column in ("", "dense", "sparse", "saving"):
+        table.add_column(column, justify="right")
+
+    def saving(a: float, b: float) -> str:
+        return f"{1 - b / a:.0%}" if a else ""
+
+    dense_flops = dense["prefill_flops"] + dense["decode_flops"]
+    sparse_flops = sparse["prefill_flops"] + sparse["decode_flops"]
+    table.add_row(
+        "GFLOP", f"{dense_flops / 1e9:,.1f}", f"{sparse_flops / 1e9:,.1f}", saving(dense_flops, sparse_flops)
+    )
+    table.add_row(
+        "decode MB read", f"{dense['decode_bytes'] / 2**20:,.1f}", f"{sparse['decode_bytes'] / 2**20:,.1f}",
+        saving(dense["decode_bytes"], sparse["decode_bytes"]),
+    )  # fmt: skip
+    table.add_row(
+        f"GPU ms / $ ({cost['gpu']['name']})",
+        f"{dense['roofline_ms']:.2f} / ${dense['dollars']:.2e}",
+        f"{sparse['roofline_ms']:.2f} / ${sparse['dollars']:.2e}",
+        saving(dense["dollars"], sparse["dollars"]),
+    )
+    measured = cost["measured"]
+    stderr.print(table)
+    line = (
+        f"measured here ({cost['mode_ran']}): prefill {measured['prefill_s']:.2f}s, decode {measured['decode_s']:.2f}s"
+        f", {measured['tokens_per_s'] or 0:.1f} tok/s, peak {measured['peak_memory_mb']:.0f} MB"
+        f", ${measured['dollars_at_price']:.2e} at ${cost['gpu']['price_per_hour']}/h"
+    )
+    compare = cost.get("compare")
+    if compare and "skipped" in compare:
+        line += f"; compare: {compare['skipped']}"
+    elif compare:
+        agreement = (
+            "same answer" if compare["answers_identical"] else f"word overlap {compare['token_overlap']:.0%}"
+        )
+        line += f"; sparse vs dense measured: {compare['speedup']:.2f}× ({agreement})"
+    stderr.print(f"[dim]{line}[/]", highlight=False)
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]

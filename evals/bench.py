@@ -9,7 +9,6 @@ dense vs sparse: DeepSeek-V3.2's Figure 3 axes) and latency / accuracy against k
 """
 
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from corpora.demo_corpus import DEMO_DOCS
 from indexer_model.dsa import DSAConfig
 from indexer_model.generate import Generator
-from rag.cost import GpuSpec, ModelShape, dollars_per_million_tokens, prefill_cost
+from rag.cost import GpuSpec, ModelShape, dollars_per_million_tokens, peak_memory_mb, prefill_cost
 from rag.errors import BadInputError
 
 
@@ -33,13 +32,6 @@ def context_ids(generator: Generator, length: int) -> torch.Tensor:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def peak_memory_mb(device: str) -> float:
-    """GPU: the allocator's peak since the last reset; CPU: the process's resident high-water mark."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.inference_mode()

@@ -4,15 +4,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from rag.cost import GpuSpec, ModelShape, meter_answer, peak_memory_mb, token_overlap
+from rag.cost_ledger import append_row, ledger_row
 from rag.embed import load_embedder
 from rag.errors import BadInputError
 from rag.ingest import IngestReport, ingest_folder
+from rag.pack import build_messages
 from rag.retrieve import Retriever
 from rag.route import STRATEGIES
 from rag.store import ChunkStore
+
+if TYPE_CHECKING:
+    from indexer_model.generate import GenerationResult, Generator
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
 STRATEGY_CHOICES = (*STRATEGIES, "none")
@@ -32,6 +39,9 @@ class AskOptions:
     attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (rag/budget.py)
     strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
     critical: bool = False  # always dense attention
+    compare_dense: bool = False  # also answer in the other attention mode and compare (rag/cost.py)
+    price_per_hour: float = 2.0  # GPU $/hour of the cost meter
+    record_cost: bool = True  # append the cost meter's row to the ledger (rag/cost_ledger.py)
 
 
 @dataclass
@@ -48,6 +58,7 @@ class AskResult:
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
     trace: list[dict] = field(default_factory=list)  # every node's decision and reason, in order
+    cost: dict = field(default_factory=dict)  # the cost meter: sparse vs dense, measured and analytic
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -92,6 +103,11 @@ def ask(
     state = run_agent(question, AgentContext(options=options, retriever=retriever, generator=generator))
     timings |= state["timings"]
     generation, packed = state["generation"], state.get("packed")
+    cost = meter_generation(generator, generation, GpuSpec(price_per_hour=options.price_per_hour))
+    if options.compare_dense:
+        cost["compare"] = compare_modes(generator, build_messages(question, packed), generation, options)
+    if options.record_cost:
+        append_row(ledger_row(question, generator.name, cost))
     answer = generation.text.strip()
     if on_text is not None:
         on_text(answer)
@@ -124,4 +140,50 @@ def ask(
         ingest=report.to_json() if report else None,
         strategy=state["strategy"],
         trace=state["trace"],
+        cost=cost,
     )
+
+
+def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
+    """The cost meter of one generation: the mode that ran against the other, at the answer's top-k."""
+    from indexer_model.dsa import DSAConfig
+
+    meter = meter_answer(
+        ModelShape.from_args(generator.model.args),
+        generation.prompt_tokens,
+        generation.new_tokens,
+        generation.topk or DSAConfig().topk,
+        {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
+        "sparse" if generation.attention == "sparse" else "dense",
+        gpu,
+    )
+    meter["measured"]["peak_memory_mb"] = round(peak_memory_mb(str(generator.model.output.weight.device)), 1)
+    return meter
+
+
+def compare_modes(
+    generator: "Generator", messages: list[dict], first: "GenerationResult", options: AskOptions
+) -> dict:
+    """Answer the same prompt in the other attention mode (dense after sparse, sparse after dense) and
+    report the measured speedup of sparse and whether the answers agree."""
+    other_mode = "dense" if first.attention == "sparse" else "sparse"
+    if other_mode == "sparse" and not generator.model.has_indexers:
+        return {"skipped": f"{generator.name} has no trained indexer: only dense attention can run"}
+    other = generator.answer(
+        messages,
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        attention=other_mode,
+        topk=first.topk or options.attention_topk,
+    )
+    sparse, dense = (first, other) if first.attention == "sparse" else (other, first)
+    seconds = {name: g.prefill_s + g.decode_s for name, g in (("sparse", sparse), ("dense", dense))}
+    return {
+        "sparse_s": round(seconds["sparse"], 3),
+        "dense_s": round(seconds["dense"], 3),
+        "prefill_speedup": dense.prefill_s / sparse.prefill_s if sparse.prefill_s else None,
+        "speedup": seconds["dense"] / seconds["sparse"] if seconds["sparse"] else None,
+        "answers_identical": sparse.text.strip() == dense.text.strip(),
+        "token_overlap": round(token_overlap(sparse.text, dense.text), 3),
+        "other_answer": other.text.strip(),
+    }

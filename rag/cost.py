@@ -207,3 +207,26 @@ def meter_answer(
             "dollars_at_price": gpu.dollars(measured_s),
         },
     }
+
+
+def peak_memory_mb(device: str) -> float:
+    """GPU: the allocator's peak since the last reset; CPU: the process's resident high-water mark."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def token_overlap(a: str, b: str) -> float:
+    """F1 of the two answers' whitespace tokens (1.0 = same words)."""
+    left, right = a.lower().split(), b.lower().split()
+    if not left or not right:
+        return float(left == right)
+    common = sum(min(left.count(word), right.count(word)) for word in set(left))
+    if not common:
+        return 0.0
+    precision, recall = common / len(left), common / len(right)
+    return 2 * precision * recall / (precision + recall)

@@ -44,3 +44,31 @@ def test_cost_report_on_an_empty_ledger(run_cli):
     code, stdout, _ = run_cli("cost", "report", "--json")
     assert code == 0
     assert json.loads(stdout)["total"]["answers"] == 0
+
+
+def test_ask_reports_cost_compares_modes_and_fills_the_ledger(tmp_path, run_cli):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "harbor.md").write_text(
+        "# Harbor log\n\n" + "The harbor crane inspection found worn cables on pier four. " * 30
+    )
+    (docs / "garden.md").write_text("# Garden\n\n" + "The community garden plants tomatoes in May. " * 30)
+    code, out, err = run_cli(
+        "ask", "What did the crane inspection find?", "--docs", str(docs), "--model", "tiny",
+        "--strategy", "semantic", "--attention", "sparse", "--topk", "128", "--max-new-tokens", "6",
+        "--compare-dense", "--price-per-hour", "3.6", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    cost = json.loads(out)["cost"]
+    assert cost["mode_ran"] == "sparse" and cost["topk"] == 128
+    assert cost["prompt_tokens"] > 128  # the context is longer than k, so sparse attention really ran
+    assert cost["sparse"]["attention_flops"] < cost["dense"]["attention_flops"]
+    assert cost["gpu"]["price_per_hour"] == 3.6 and cost["measured"]["dollars_at_price"] > 0
+    compare = cost["compare"]
+    assert compare["speedup"] > 0 and isinstance(compare["answers_identical"], bool)
+    assert 0.0 <= compare["token_overlap"] <= 1.0
+
+    code, out, _ = run_cli("cost", "report", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["total"]["answers"] == 1 and set(report["by_mode"]) == {"sparse"}
