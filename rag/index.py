@@ -92,7 +92,11 @@ def can_remove(index: faiss.Index) -> bool:
 
 def remove_ids(index: faiss.Index, ids: Iterable[int]) -> int:
     ids = np.fromiter(ids, dtype=np.int64)
-    return int(index.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
+    if not len(ids):
+        return 0
+    if faiss.try_extract_index_ivf(index) is not None:  # the hash-table direct map looks each id up itself
+        return int(index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
+    return int(index.remove_ids(faiss.IDSelectorBatch(ids)))
 
 
 def build_index(

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -128,6 +128,7 @@ class WorkResult:
     n_records: int = 0
     text_bytes: int = 0
     record: FileRecord | None = None  # documents: the record to store once the rows are committed
+    vectors: np.ndarray | None = None  # embeddings, when an engine embedded the rows already (Ray)
 
 
 @dataclass
@@ -160,16 +161,17 @@ def ingest(
     report.files_seen = len(sources)
     report.leftovers_removed = len(store.remove_leftovers(manifest if store.exists() else None))
 
-    plan = _plan(sources, folders, manifest, base, report, options.columns, options.batch_chunks)
+    plan = _plan(sources, folders, manifest, base, report)
     if options.index_factory:
         manifest.index_override = options.index_factory
     writer = _BatchWriter(store, manifest, embedder, options, report, plan, console)
     if options.engine == "ray":
         from rag.ingest_ray import run_ray_pipeline
 
-        run_ray_pipeline(plan.work, embedder, options, writer)
+        writer.consume(run_ray_pipeline(plan.to_read, plan.resume_from, embedder, options))
     else:
-        writer.consume(_run_pool(plan.work, embedder, options))
+        work = work_items(plan.to_read, plan.resume_from, options.columns, block_records(options))
+        writer.consume(_run_pool(work, embedder, options))
     writer.finish()
 
     if store.exists():
@@ -264,7 +266,7 @@ def _key(path: Path, base: Path) -> str:
 
 @dataclass
 class _Plan:
-    work: Iterator[WorkItem | SourceEnd]
+    to_read: list[tuple[Source, str]]  # (source, sha256) to read, in order
     deleted: list[str]
     changed: set[str]  # known sources whose old chunks go when their first new chunks are committed
     resume_from: dict[str, int]  # corpus files to continue: key → first record not yet committed
@@ -278,8 +280,6 @@ def _plan(
     manifest: Manifest,
     base: Path,
     report: IngestReport,
-    columns: CorpusColumns,
-    batch_chunks: int,
 ) -> _Plan:
     seen: set[str] = set()
     to_read: list[tuple[Source, str]] = []
@@ -317,13 +317,18 @@ def _plan(
     )
     report.deleted = len(deleted)
     total = sum(source.path.stat().st_size for source, _ in to_read)
-    work = _work_items(to_read, resume_from, columns, min(BLOCK_RECORDS, batch_chunks))
-    return _Plan(work, deleted, changed, resume_from, touched, total)
+    return _Plan(to_read, deleted, changed, resume_from, touched, total)
 
 
-def _work_items(
+def block_records(options: IngestOptions) -> int:
+    return min(BLOCK_RECORDS, options.batch_chunks)
+
+
+def work_items(
     to_read: list[tuple[Source, str]], resume_from: dict[str, int], columns: CorpusColumns, block_records: int
 ) -> Iterator[WorkItem | SourceEnd]:
+    """Documents whole, corpus files as blocks of records from their resume point, each file closed by a
+    SourceEnd."""
     for source, sha in to_read:
         if not source.corpus:
             yield WorkItem(source, sha)
@@ -465,9 +470,12 @@ class _BatchWriter:
         self.store, self.manifest, self.embedder = store, manifest, embedder
         self.options, self.report, self.plan = options, report, plan
         self.rows: list[dict] = []
+        self.vectors: list[np.ndarray] = []
         self.drop: set[str] = set(plan.deleted)
         self.records: dict[str, FileRecord] = {}  # manifest updates that take effect with the next commit
         self.to_drop_first = set(plan.changed)
+        self.shas = {source.key: sha for source, sha in plan.to_read}
+        self.begun: set[str] = set()
         self.progress = _progress(console)
         self.progress.start()
         self.task = self.progress.add_task("ingest", total=plan.total_bytes or None, chunks="0", rate="")
@@ -490,6 +498,8 @@ class _BatchWriter:
             elif result.records_through:
                 self._advance_corpus(result)
             self.rows.extend(result.rows)
+            if result.vectors is not None:
+                self.vectors.append(result.vectors)
             self.progress.advance(self.task, result.text_bytes)
         if len(self.rows) >= self.options.batch_chunks:
             self.commit()
@@ -498,20 +508,19 @@ class _BatchWriter:
         return isinstance(result, WorkResult) and result.record is None and not result.records_through
 
     def _corpus_record(self, key: str) -> FileRecord:
+        """The record a corpus file gets at the next commit: continued from the manifest once its first
+        blocks are committed (in this run or a killed one), else a fresh one."""
         if key not in self.records:
             known = self.manifest.files.get(key)
-            source_path = Path(self.manifest.root) / key
-            stat = source_path.stat()
-            resuming = key in self.plan.resume_from
-            self.records[key] = FileRecord(
-                sha256=known.sha256 if resuming else file_sha256(source_path),
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                n_chunks=known.n_chunks if resuming else 0,
-                date=str(_mtime_date(source_path)),
-                records_done=known.records_done if resuming else 0,
-                complete=False,
-            )
+            if known is not None and (key in self.plan.resume_from or key in self.begun):
+                self.records[key] = replace(known, complete=False)
+            else:
+                stat = (Path(self.manifest.root) / key).stat()
+                date_text = str(datetime.fromtimestamp(stat.st_mtime, tz=UTC).date())
+                self.records[key] = FileRecord(
+                    self.shas[key], stat.st_size, stat.st_mtime_ns, 0, date_text, 0, False
+                )
+            self.begun.add(key)
         return self.records[key]
 
     def _advance_corpus(self, result: WorkResult) -> None:
@@ -531,10 +540,13 @@ class _BatchWriter:
             return
         new_chunks = None
         if self.rows:
-            texts = [row["text"] for row in self.rows]
-            embed_started = time.perf_counter()
-            vectors = self.embedder.encode(texts, batch_size=256 if self.embedder.on_gpu else 64)
-            self.report.embed_seconds += time.perf_counter() - embed_started
+            if self.vectors:
+                vectors = np.concatenate(self.vectors)
+            else:
+                texts = [row["text"] for row in self.rows]
+                embed_started = time.perf_counter()
+                vectors = self.embedder.encode(texts, batch_size=256 if self.embedder.on_gpu else 64)
+                self.report.embed_seconds += time.perf_counter() - embed_started
             self.report.chunks_embedded += len(self.rows)
             self.report.tokens_embedded += sum(row.pop("n_tokens") for row in self.rows)
             new_chunks = _table(self.rows, vectors, self.manifest.dim)
@@ -544,7 +556,7 @@ class _BatchWriter:
         self.manifest = self.store.commit_batch(self.manifest, new_chunks, self.drop)
         self.report.batches_committed += 1
         self.report.committed = True
-        self.rows, self.drop, self.records = [], set(), {}
+        self.rows, self.vectors, self.drop, self.records = [], [], set(), {}
         elapsed = time.perf_counter() - self.started
         rate = f"{self.report.chunks_embedded / elapsed:.1f} chunks/s · {self.report.tokens_embedded / elapsed:.0f} tok/s"
         self.progress.update(self.task, chunks=str(self.report.chunks_embedded), rate=rate)

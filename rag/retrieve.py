@@ -41,7 +41,7 @@ class Retriever:
 
     def semantic(self, question: str, k: int) -> list[Hit]:
         query = self.embedder.encode([question])
-        scores, ids = search(self.index, query, k)
+        scores, ids = search(self.index, query, k, exclude_ids=self.manifest.tombstones)
         return [
             self._hit(int(chunk_id), float(score))
             for score, chunk_id in zip(scores[0], ids[0], strict=True)

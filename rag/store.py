@@ -204,7 +204,7 @@ class ChunkStore:
         return pa.concat_tables(tables)
 
     def read_index(self, manifest: Manifest) -> faiss.Index:
-        """The committed index (memory-mapped where FAISS can) plus the chunks committed since it was written.
+        """The committed index (its vectors memory-mapped) plus the chunks committed since it was written.
 
         Search it with `rag.index.search(index, queries, k, exclude_ids=manifest.tombstones)`."""
         from rag.index import add_vectors, build_index
@@ -212,7 +212,9 @@ class ChunkStore:
         if manifest.index_file:
             path = self.folder / manifest.index_file
             try:
-                index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                # Zero-copy mmap of the vectors, unless shards must be added: FAISS cannot grow a mapped index.
+                flags = 0 if manifest.pending_shards else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                index = faiss.read_index(str(path), flags)
             except RuntimeError as error:
                 message = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
                 raise StoreError(
