@@ -44,25 +44,65 @@ def _print_json(data: object) -> None:
 
 @app.command()
 def ingest(
-    docs: Annotated[Path, typer.Argument(help="Folder (or single file) of documents to ingest.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Folders, files or glob patterns. .jsonl/.ndjson/.parquet/.csv files named here are corpus "
+            "files: one document per record.",
+            show_default=False,
+        ),
+    ],
     store: StoreOption = None,
+    text_column: Annotated[
+        str, typer.Option("--text-column", help="Corpus files: the text column.")
+    ] = "text",
+    id_column: Annotated[
+        str | None, typer.Option("--id-column", help="Corpus files: record ids (default: line/row number).")
+    ] = None,
+    title_column: Annotated[str | None, typer.Option("--title-column", help="Corpus files: titles.")] = None,
+    date_column: Annotated[
+        str | None, typer.Option("--date-column", help="Corpus files: dates (default: the file's mtime).")
+    ] = None,
     index_factory: Annotated[
         str | None,
         typer.Option("--index-factory", help="FAISS factory string, e.g. HNSW32 (default: by size)."),
     ] = None,
+    batch_chunks: Annotated[
+        int, typer.Option("--batch-chunks", min=1, help="Chunks per commit (one Parquet shard each).")
+    ] = 1024,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=0, help="Read/chunk processes (default: cores - 1; 0 = in-process)."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local | ray (Ray Data; needs the `ray` extra).")
+    ] = "local",
     as_json: JsonOption = False,
 ) -> None:
-    """Read, chunk, embed and index DOCS incrementally (unchanged files are skipped)."""
+    """Read, chunk, embed and index documents and corpus files incrementally and resumably.
+
+    Unchanged sources are skipped; a run that was killed continues where its last batch commit ended."""
+    from corpora.corpus_files import CorpusColumns
     from rag.config import resolve_store
     from rag.embed import load_embedder
-    from rag.errors import EXIT_PARTIAL_INGEST
-    from rag.ingest import ingest_folder
+    from rag.errors import EXIT_PARTIAL_INGEST, BadInputError
+    from rag.ingest import IngestOptions
+    from rag.ingest import ingest as run_ingest
     from rag.store import ChunkStore
 
-    store_path = resolve_store(store, docs)
-    report = ingest_folder(
-        docs, ChunkStore(store_path), load_embedder(), index_factory=index_factory, console=stderr
+    if engine not in ("local", "ray"):
+        raise BadInputError(f"--engine {engine}: unknown engine — use local or ray")
+    if store is None and len(inputs) > 1:
+        raise BadInputError("several inputs need one store — pass --store PATH")
+    options = IngestOptions(
+        columns=CorpusColumns(text_column, id_column, title_column, date_column),
+        batch_chunks=batch_chunks,
+        workers=workers,
+        index_factory=index_factory,
+        engine=engine,
     )
+    store_path = resolve_store(store, Path(inputs[0]))
+    report = run_ingest(inputs, ChunkStore(store_path), load_embedder(), options, console=stderr)
     if as_json:
         _print_json(report.to_json())
     else:
@@ -73,16 +113,24 @@ def ingest(
 
 def _render_ingest(report) -> None:  # noqa: ANN001
     table = Table(title=f"ingest → {report.store}", show_header=False)
-    for name in ("files_seen", "unchanged", "added", "changed", "deleted", "chunks_total", "chunks_embedded"):
-        table.add_row(name.replace("_", " "), str(getattr(report, name)))
-    rate = report.chunks_embedded / report.seconds if report.seconds else 0.0
-    table.add_row("time", f"{report.seconds:.2f} s ({rate:.0f} chunks/s)")
-    table.add_row("index", report.index_factory or "-")
+    names = ("files_seen", "unchanged", "added", "changed", "deleted", "resumed", "records_read")
+    for name in (*names, "chunks_total", "chunks_embedded", "tokens_embedded", "batches_committed"):
+        table.add_row(name.replace("_", " "), f"{getattr(report, name):,}")
+    seconds = report.seconds or float("nan")
+    table.add_row(
+        "time",
+        f"{report.seconds:.2f} s ({report.chunks_embedded / seconds:.1f} chunks/s, "
+        f"{report.tokens_embedded / seconds:.0f} tokens/s; embedding {report.embed_seconds:.2f} s)",
+    )
+    table.add_row(
+        "index", f"{report.index_factory or '-'} ({report.index_action}, {report.index_seconds:.2f} s)"
+    )
+    table.add_row("failed", str(len(report.failed)))
     stderr.print(table)
     for item in report.skipped:
-        stderr.print(f"[yellow]skipped[/] {item.path}: {item.reason}")
+        stderr.print(f"[yellow]skipped[/] {item.path}: {item.reason}", highlight=False, soft_wrap=True)
     for item in report.failed:
-        stderr.print(f"[red]failed[/] {item.path}: {item.reason}")
+        stderr.print(f"[red]failed[/] {item.path}: {item.reason}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -206,56 +254,65 @@ def index_info(
     docs: Annotated[Path | None, typer.Option("--docs")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show what a store holds: chunks, vectors, files, embedder and index type."""
+    """Show what a store holds: chunks, vectors, tombstones, index type and parameters, shards, file sizes."""
     from rag.config import resolve_store
     from rag.store import ChunkStore
+    from rag.store_index import index_info as store_index_info
 
     chunk_store = ChunkStore(resolve_store(store, docs))
-    manifest = chunk_store.read_manifest()
-    index = chunk_store.read_index(manifest)
-    info = {
-        "store": str(chunk_store.folder),
-        "root": manifest.root,
-        "chunks": manifest.n_chunks,
-        "vectors": int(index.ntotal),
-        "files": len(manifest.files),
-        "embedding_model": manifest.embedding_model,
-        "dim": manifest.dim,
-        "index_factory": manifest.index_factory,
-        "generation": manifest.generation,
-    }
+    info = store_index_info(chunk_store, chunk_store.read_manifest())
     if as_json:
         _print_json(info)
         return
     table = Table(show_header=False, title="dsarag index info")
     for name, value in info.items():
-        table.add_row(name, str(value))
+        table.add_row(
+            name, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        )
     stdout.print(table)
+
+
+FactoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--factory", help="FAISS factory string, e.g. HNSW32 or OPQ48_192,IVF4096,PQ48 (default: by size)."
+    ),
+]
+
+
+@index_app.command("build")
+def index_build(
+    store: StoreOption = None,
+    docs: Annotated[Path | None, typer.Option("--docs")] = None,
+    factory: FactoryOption = None,
+) -> None:
+    """Bring the index up to date: add shards committed since it was written, apply deletions."""
+    _update_index(store, docs, factory, rebuild=False)
 
 
 @index_app.command("rebuild")
 def index_rebuild(
     store: StoreOption = None,
     docs: Annotated[Path | None, typer.Option("--docs")] = None,
-    factory: Annotated[
-        str | None, typer.Option("--factory", help="FAISS factory string (default: by size).")
-    ] = None,
+    factory: FactoryOption = None,
 ) -> None:
-    """Rebuild the FAISS index from the embeddings kept in the chunk file (no re-embedding)."""
+    """Rebuild the FAISS index from the embeddings kept in the chunk shards (no re-embedding)."""
+    _update_index(store, docs, factory, rebuild=True)
+
+
+def _update_index(store: Path | None, docs: Path | None, factory: str | None, rebuild: bool) -> None:
     from rag.config import resolve_store
-    from rag.index import build_index
-    from rag.store import ChunkStore, embeddings_of
+    from rag.store import ChunkStore
+    from rag.store_index import update_index
 
     chunk_store = ChunkStore(resolve_store(store, docs))
     manifest = chunk_store.read_manifest(check_index=False)
-    chunks = chunk_store.read_chunks(manifest)
-    if factory:
-        manifest.index_override = factory
-    index, manifest.index_factory = build_index(
-        embeddings_of(chunks), chunks.column("chunk_id").to_numpy(), manifest.index_override or None
+    with stderr.status(f"indexing {manifest.n_chunks} chunks"):
+        update = update_index(chunk_store, manifest, factory, rebuild=rebuild)
+    stderr.print(
+        f"{update.action} {update.factory} over {update.ntotal} vectors ({update.tombstones} tombstones) "
+        f"in {update.seconds:.2f} s — {chunk_store.folder}"
     )
-    chunk_store.commit(manifest, chunks, index)
-    stderr.print(f"rebuilt {manifest.index_factory} over {index.ntotal} vectors in {chunk_store.folder}")
 
 
 def main() -> None:

@@ -30,6 +30,10 @@ class Embedder:
         transformers_logging.disable_progress_bar()
         return SentenceTransformer(str(self.folder), device=self.device or _best_device())
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.model.device.type == "cuda"
+
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -1,6 +1,11 @@
-"""FAISS index choice, building and search. The index is named by a factory string, as FAISS does."""
+"""FAISS index choice, building, updating and search. The index is named by a factory string, as FAISS does.
+
+Flat and HNSW sit inside an `IDMap2` (they number vectors 0..n-1 themselves); IVF indexes keep the chunk ids
+natively, with a hash-table direct map so `remove_ids` and `reconstruct` by id are cheap.
+"""
 
 import math
+from collections.abc import Iterable
 
 import faiss
 import numpy as np
@@ -11,8 +16,15 @@ from rag.errors import BadInputError
 # IVF+OPQ for large or memory-bound stores.
 FLAT_MAX_CHUNKS = 50_000
 HNSW_MAX_CHUNKS = 2_000_000
+# Measured in docs/benchmarks.md (recall@10 against exact search on 100K/200K real-text embeddings).
+HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 32
+# IVF training sample per inverted list: FAISS warns below 39, more than 256 adds little.
+IVF_TRAIN_MIN_PER_LIST = 30
+IVF_TRAIN_MAX_PER_LIST = 256
+# HNSW cannot delete: once this fraction of its vectors are tombstones the next update rebuilds it.
+TOMBSTONE_REBUILD_FRACTION = 0.1
 
 
 def choose_factory(n_vectors: int, dim: int) -> str:
@@ -23,7 +35,68 @@ def choose_factory(n_vectors: int, dim: int) -> str:
         return "IDMap2,HNSW32"
     pq_m = 48 if dim % 48 == 0 else 32
     n_lists = 1 << round(math.log2(8 * math.sqrt(n_vectors)))
-    return f"IDMap2,OPQ{pq_m}_{4 * pq_m},IVF{n_lists},PQ{pq_m}"
+    return f"OPQ{pq_m}_{4 * pq_m},IVF{n_lists},PQ{pq_m}"
+
+
+def normalize_factory(factory: str) -> str:
+    """IVF factories keep ids natively; every other index gets an `IDMap2` in front for the chunk ids."""
+    if "IVF" in factory:
+        return factory.removeprefix("IDMap2,").removeprefix("IDMap,")
+    return factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty, untrained index for `factory` (normalized), with the project's build parameters."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise BadInputError(
+            f"index factory {factory!r} is not valid for FAISS ({str(error).strip().splitlines()[-1]}) — "
+            "try Flat, HNSW32 or OPQ16_64,IVF1024,PQ16"
+        ) from error
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+def training_sample_size(index: faiss.Index, n_vectors: int) -> int:
+    """How many vectors to train on: 256 per IVF list at most, everything when that is fewer."""
+    ivf = faiss.try_extract_index_ivf(index)
+    per_list = ivf.nlist if ivf is not None else 1024
+    return min(n_vectors, IVF_TRAIN_MAX_PER_LIST * per_list)
+
+
+def train(index: faiss.Index, sample: np.ndarray) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and len(sample) < IVF_TRAIN_MIN_PER_LIST * ivf.nlist:
+        raise BadInputError(
+            f"IVF{ivf.nlist} needs at least {IVF_TRAIN_MIN_PER_LIST * ivf.nlist} vectors to train, the store "
+            f"has {len(sample)} — pick fewer lists (e.g. IVF{max(1, len(sample) // 100)}) or HNSW32"
+        )
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def add_vectors(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(embeddings, dtype=np.float32), ids.astype(np.int64))
+
+
+def can_remove(index: faiss.Index) -> bool:
+    """Flat and IVF indexes delete for real; HNSW cannot, so its deletions are tombstones."""
+    return _hnsw_of(index) is None
+
+
+def remove_ids(index: faiss.Index, ids: Iterable[int]) -> int:
+    ids = np.fromiter(ids, dtype=np.int64)
+    if not len(ids):
+        return 0
+    if faiss.try_extract_index_ivf(index) is not None:  # the hash-table direct map looks each id up itself
+        return int(index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
+    return int(index.remove_ids(faiss.IDSelectorBatch(ids)))
 
 
 def build_index(
@@ -31,29 +104,54 @@ def build_index(
 ) -> tuple[faiss.Index, str]:
     """Build an inner-product index over normalized embeddings with the chunk ids as FAISS ids."""
     n_vectors, dim = embeddings.shape
-    factory = factory or choose_factory(n_vectors, dim)
-    if not factory.startswith("IDMap"):
-        factory = f"IDMap2,{factory}"
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise BadInputError(f"index factory {factory!r} is not valid for FAISS ({error})") from error
+    factory = normalize_factory(factory or choose_factory(n_vectors, dim))
+    index = new_index(dim, factory)
     if not index.is_trained:
-        # IVF/PQ need a training sample; more than ~256 vectors per list adds little.
-        sample = embeddings[np.random.default_rng(0).permutation(n_vectors)[: 256 * 1024]]
-        index.train(sample)
-    if n_vectors:
-        index.add_with_ids(np.ascontiguousarray(embeddings, dtype=np.float32), ids.astype(np.int64))
+        sample = embeddings[
+            np.random.default_rng(0).permutation(n_vectors)[: training_sample_size(index, n_vectors)]
+        ]
+        train(index, sample)
+    add_vectors(index, embeddings, ids)
     return index, factory
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, chunk_ids) of the k nearest chunks per query; missing slots have id -1."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-    ivf = faiss.try_extract_index_ivf(inner)
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, exclude_ids: Iterable[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, chunk_ids) of the k nearest chunks per query; missing slots have id -1.
+
+    `exclude_ids` are the store's tombstones (manifest.tombstones): vectors still in an HNSW graph whose
+    chunks are gone; FAISS skips them during the search, so k live results still come back."""
+    k = max(1, min(k, index.ntotal))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = IVF_NPROBE
-    k = max(1, min(k, index.ntotal))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    hnsw = _hnsw_of(index)
+    if hnsw is None:
+        return index.search(queries, k)
+    params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+    excluded = np.fromiter(exclude_ids, dtype=np.int64)
+    if len(excluded):
+        params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
+    return index.search(queries, k, params=params)
+
+
+def index_params(index: faiss.Index) -> dict:
+    """The search and build parameters that matter for this index type, for `dsarag index info`."""
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        return {
+            "M": hnsw.hnsw.nb_neighbors(1),
+            "efConstruction": hnsw.hnsw.efConstruction,
+            "efSearch": HNSW_EF_SEARCH,
+        }
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nlist": ivf.nlist, "nprobe": IVF_NPROBE}
+    return {"search": "exact"}
+
+
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return inner if isinstance(inner, faiss.IndexHNSW) else None

@@ -4,7 +4,6 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from rag.errors import MissingInputError, StoreError
@@ -52,7 +51,7 @@ def test_ingest_writes_parquet_index_and_manifest_that_agree(docs_folder, tmp_pa
     report = ingest_folder(docs_folder, store, embedder)
     assert report.added == 3 and report.committed
     manifest = store.read_manifest()
-    table = pq.read_table(store.chunks_path(manifest.generation))
+    table = store.read_chunks(manifest)
     assert table.num_rows == manifest.n_chunks == report.chunks_total >= 3
     assert store.read_index(manifest).ntotal == table.num_rows
     assert set(table.column("path").to_pylist()) == {"bikes.md", "solar.txt", "notes/2023-11-02-minutes.md"}
@@ -124,7 +123,7 @@ def test_store_built_with_another_embedder_is_refused_and_left_unchanged(docs_fo
 def test_corrupt_parquet_is_reported_with_the_file_name(docs_folder, tmp_path, embedder):
     store = ChunkStore(tmp_path / "store")
     ingest_folder(docs_folder, store, embedder)
-    chunks_path = store.chunks_path(store.read_manifest().generation)
+    chunks_path = store.folder / store.read_manifest().shards[0].name
     data = bytearray(chunks_path.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # garbled, same size
     chunks_path.write_bytes(bytes(data))
@@ -135,7 +134,7 @@ def test_corrupt_parquet_is_reported_with_the_file_name(docs_folder, tmp_path, e
 def test_truncated_index_is_reported_and_index_rebuild_repairs_it(docs_folder, tmp_path, embedder, run_cli):
     store = ChunkStore(tmp_path / "store")
     ingest_folder(docs_folder, store, embedder)
-    index_path = store.index_path(store.read_manifest().generation)
+    index_path = store.folder / store.read_manifest().index_file
     index_path.write_bytes(index_path.read_bytes()[:100])
     with pytest.raises(StoreError, match="index rebuild"):
         Retriever(store, embedder)

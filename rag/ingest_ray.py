@@ -1,0 +1,104 @@
+"""`dsarag ingest --engine ray`: the same read → chunk → embed pipeline on Ray Data.
+
+Each source (a document, or a corpus file from its resume point) becomes one row of a Ray dataset. A pool of
+CPU actors reads and chunks it, yielding one result per block of records; a pool of embedding actors (one
+GPU each when the cluster has GPUs) embeds them. Order is preserved, so the driver commits the results in
+batches exactly as the local engine does: same shards, same manifest progress, same resumability. The driver
+then updates the index from the shards. Workers read the sources by path: on a cluster the input files and
+the store must be on a filesystem every node sees.
+"""
+
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+from rag.embed import Embedder
+from rag.errors import BadInputError
+from rag.ingest import (
+    IngestOptions,
+    Source,
+    SourceEnd,
+    WorkResult,
+    block_records,
+    chunk_work_item,
+    default_workers,
+    init_worker,
+    work_items,
+)
+
+
+class _ReadAndChunk:
+    """Ray actor: reads one source and yields its chunked blocks (pickled), in order."""
+
+    def __init__(self, tokenizer_json: Path, embedding_model: str, options: IngestOptions) -> None:
+        init_worker(tokenizer_json, embedding_model)
+        self.options = options
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        for blob in batch["source"]:
+            source, sha, start = pickle.loads(blob)
+            items = work_items(
+                [(source, sha)], {source.key: start}, self.options.columns, block_records(self.options)
+            )
+            for item in items:
+                result = item if isinstance(item, SourceEnd) else chunk_work_item(item)
+                yield {"result": [pickle.dumps(result)]}
+
+
+class _Embed:
+    """Ray actor: embeds the rows of each result on the actor's device (its GPU when it has one)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.embedder = Embedder(folder, name)
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for blob in batch["result"]:
+            result = pickle.loads(blob)
+            if isinstance(result, WorkResult) and result.rows:
+                texts = [row["text"] for row in result.rows]
+                result.vectors = self.embedder.encode(texts, batch_size=256 if self.embedder.on_gpu else 64)
+            out.append(pickle.dumps(result))
+        return {"result": out}
+
+
+def run_ray_pipeline(
+    to_read: list[tuple[Source, str]], resume_from: dict[str, int], embedder: Embedder, options: IngestOptions
+) -> Iterator[WorkResult | SourceEnd]:
+    """Results of the Ray pipeline in source order, embeddings attached."""
+    try:
+        import ray
+    except ImportError:
+        raise BadInputError(
+            "--engine ray needs Ray Data — install it with `pip install 'dsarag[ray]'`, or use --engine local"
+        ) from None
+    if not to_read:
+        return
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the manifest records progress in source order
+    context.enable_progress_bars = False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    sources = [
+        {"source": pickle.dumps((source, sha, resume_from.get(source.key, 0)))} for source, sha in to_read
+    ]
+    dataset = (
+        ray.data.from_items(sources, override_num_blocks=len(sources))
+        .map_batches(
+            _ReadAndChunk,
+            fn_constructor_args=(embedder.tokenizer_json, embedder.name, options),
+            batch_size=1,
+            concurrency=options.workers or default_workers(),
+        )
+        .map_batches(
+            _Embed,
+            fn_constructor_args=(embedder.folder, embedder.name),
+            batch_size=4,
+            concurrency=max(1, gpus),
+            num_gpus=1 if gpus else 0,
+        )
+    )
+    for row in dataset.iter_rows():
+        yield pickle.loads(row["result"])

@@ -1,0 +1,132 @@
+"""Keeping a store's FAISS index in step with its shards: incremental update, full rebuild, info.
+
+An update adds the shards committed since the index was written and removes tombstoned ids where FAISS can
+(Flat, IVF). It rebuilds instead when the factory chosen by size changes (Flat below 50K chunks, HNSW32
+below 2M, OPQ+IVF+PQ above), when HNSW tombstones pass `TOMBSTONE_REBUILD_FRACTION`, or when an id comes
+back that is still a tombstone in the graph. A rebuild trains on a sample drawn across shards and adds the
+shards one at a time, so memory holds one shard of embeddings besides the index itself.
+"""
+
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from rag.index import (
+    TOMBSTONE_REBUILD_FRACTION,
+    add_vectors,
+    can_remove,
+    choose_factory,
+    index_params,
+    new_index,
+    normalize_factory,
+    remove_ids,
+    train,
+    training_sample_size,
+)
+from rag.store import ChunkStore, Manifest, embeddings_of
+
+
+@dataclass
+class IndexUpdate:
+    factory: str
+    action: str  # "unchanged", "updated" or "rebuilt"
+    ntotal: int
+    tombstones: int
+    seconds: float
+
+
+def target_factory(manifest: Manifest, factory: str | None = None) -> str:
+    return normalize_factory(
+        factory or manifest.index_override or choose_factory(manifest.n_chunks, manifest.dim)
+    )
+
+
+def update_index(
+    store: ChunkStore, manifest: Manifest, factory: str | None = None, rebuild: bool = False
+) -> IndexUpdate:
+    """Bring the index file up to date with the manifest's shards and commit it; return what was done."""
+    started = time.perf_counter()
+    if factory:
+        manifest.index_override = normalize_factory(factory)
+    target = target_factory(manifest)
+    pending_ids = {
+        int(chunk_id)
+        for shard in manifest.pending_shards
+        for chunk_id in store.read_shard(shard.name, ["chunk_id"]).column("chunk_id").to_pylist()
+    }
+    tombstones = set(manifest.tombstones)
+    if not rebuild and manifest.index_file and target == manifest.index_factory:
+        if not pending_ids and not tombstones:
+            return IndexUpdate(target, "unchanged", manifest.n_chunks, 0, time.perf_counter() - started)
+        index = faiss.read_index(str(store.folder / manifest.index_file))
+        if can_remove(index):
+            remove_ids(index, tombstones)
+            tombstones = set()
+        too_many = len(tombstones) > TOMBSTONE_REBUILD_FRACTION * max(1, index.ntotal)
+        rebuild = too_many or bool(tombstones & pending_ids)
+        if not rebuild:
+            for shard in manifest.pending_shards:
+                table = store.read_shard(shard.name, ["chunk_id", "embedding"])
+                add_vectors(index, embeddings_of(table), table.column("chunk_id").to_numpy())
+    else:
+        rebuild = True
+    if rebuild:
+        index, tombstones = _build_from_shards(store, manifest, target), set()
+    store.commit_index(manifest, index, target, sorted(tombstones))
+    return IndexUpdate(
+        target,
+        "rebuilt" if rebuild else "updated",
+        int(index.ntotal),
+        len(tombstones),
+        time.perf_counter() - started,
+    )
+
+
+def _build_from_shards(store: ChunkStore, manifest: Manifest, factory: str) -> faiss.Index:
+    index = new_index(manifest.dim, factory)
+    if not index.is_trained:
+        train(index, _training_sample(store, manifest, training_sample_size(index, manifest.n_chunks)))
+    for shard in manifest.shards:
+        table = store.read_shard(shard.name, ["chunk_id", "embedding"])
+        add_vectors(index, embeddings_of(table), table.column("chunk_id").to_numpy())
+    return index
+
+
+def _training_sample(store: ChunkStore, manifest: Manifest, size: int) -> np.ndarray:
+    """`size` embeddings drawn uniformly from all shards (fixed seed), read one shard at a time."""
+    rows = np.sort(np.random.default_rng(0).choice(manifest.n_chunks, size=size, replace=False))
+    parts, first = [], 0
+    for shard in manifest.shards:
+        inside = rows[(rows >= first) & (rows < first + shard.rows)] - first
+        if len(inside):
+            parts.append(embeddings_of(store.read_shard(shard.name, ["embedding"]).take(inside)))
+        first += shard.rows
+    return np.concatenate(parts) if parts else np.zeros((0, manifest.dim), dtype=np.float32)
+
+
+def index_info(store: ChunkStore, manifest: Manifest) -> dict:
+    """What `dsarag index info` shows: the index, its parameters, shards, tombstones and file sizes."""
+    index = store.read_index(manifest)
+    sizes = store.file_sizes(manifest)
+    return {
+        "store": str(store.folder),
+        "root": manifest.root,
+        "chunks": manifest.n_chunks,
+        "vectors": int(index.ntotal),
+        "tombstones": len(manifest.tombstones),
+        "files": len(manifest.files),
+        "embedding_model": manifest.embedding_model,
+        "dim": manifest.dim,
+        "index_factory": manifest.index_factory or "(none yet)",
+        "index_factory_by_size": target_factory(manifest),
+        "index_params": index_params(index),
+        "index_file": manifest.index_file,
+        "index_bytes": sizes.get(manifest.index_file, 0),
+        "memory_mapped": bool(manifest.index_file) and not manifest.pending_shards,
+        "shards": len(manifest.shards),
+        "shards_pending_index": len(manifest.pending_shards),
+        "shard_bytes": sum(size for name, size in sizes.items() if name != manifest.index_file),
+        "generation": manifest.generation,
+    }
