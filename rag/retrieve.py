@@ -54,7 +54,9 @@ class Retriever:
 
     def semantic_many(self, questions: list[str], k: int) -> list[list[Hit]]:
         """Dense search for several queries in one embedding batch."""
-        scores, ids = search(self.index, self.embedder.encode(questions), k, exclude_ids=self.manifest.tombstones)
+        scores, ids = search(
+            self.index, self.embedder.encode(questions), k, exclude_ids=self.manifest.tombstones
+        )
         return [
             [
                 self.hit(int(chunk_id), float(score))
