@@ -489,6 +489,11 @@ class _BatchWriter:
         if self.to_drop_first and result.key in self.to_drop_first and not self._failed_document(result):
             self.to_drop_first.discard(result.key)
             self.drop.add(result.key)  # the old chunks go in the commit that brings the first new ones
+        if self._failed_document(result):  # counted as added or changed when planned; it keeps what it had
+            if result.key in self.plan.changed:
+                self.report.changed -= 1
+            else:
+                self.report.added -= 1
         if isinstance(result, SourceEnd):
             self._end_corpus(result)
         else:
