@@ -18,7 +18,7 @@ from langgraph.runtime import Runtime
 
 from indexer_model.generate import GenerationResult, Generator
 from rag.budget import TopkBudget, topk_budget
-from rag.dedup import dedup_rankings
+from rag.dedup import dedup_rankings, drop_superseded_versions
 from rag.grounding import Grounding, check_grounding
 from rag.pack import PackedContext, build_messages, pack_sources
 from rag.query_features import QueryFeatures, query_features
@@ -197,13 +197,18 @@ def dedup(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
 
 def rerank(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Temporal questions: relevance × recency inside the time window; then keep the k best."""
+    """Temporal questions: relevance × recency inside the time window, then only the best-fitting version
+    of each fact; then keep the k best."""
     hits = state["hits"]
     entry: dict = {"node": "rerank"}
     if state["strategy"] == "temporal":
         blend = RecencyBlend()
         retriever = runtime.context.retriever
         hits = blend.rerank(hits, state["features"].window, retriever.newest_date(), retriever.undated_paths)
+        hits, superseded = drop_superseded_versions(hits, retriever.embedding)
+        entry["superseded_versions_dropped"] = [
+            {"dropped": dropped, "kept": kept, "cosine": cosine} for dropped, kept, cosine in superseded
+        ]
         entry["method"] = (
             f"(1-{blend.weight})·relevance + {blend.weight}·recency, half-life {blend.half_life_days:.0f} d"
         )
