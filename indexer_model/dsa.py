@@ -112,32 +112,15 @@ def dsa_attention(
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cfg.kernels == "triton" or (cfg.kernels == "auto" and q.is_cuda):
-        return dsa_attention_triton(
-            q, k_cache, v_cache, idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg, scale
-        )
+        # The GPU path (kernels/): fused index scores + top-k, then gather attention. New tokens sit at
+        # consecutive positions ending at n_keys - 1 (a prefill chunk or one decode step).
+        from kernels.indexer import select_topk as select_topk_triton
+        from kernels.sparse_attention import sparse_attention as sparse_attention_triton
+
+        indices = select_topk_triton(
+            idx_q, idx_w, idx_k_cache, n_keys - q.shape[2], n_keys, cfg.topk, cfg.n_sink, cfg.window,
+            fp8=cfg.fp8_indexer,
+        )  # fmt: skip
+        return sparse_attention_triton(q, k_cache, v_cache, indices, scale)
     indices = select_topk(idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg.topk, cfg.n_sink, cfg.window)
     return sparse_attention(q, k_cache, v_cache, indices, scale)
-
-
-def dsa_attention_triton(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    idx_q: Tensor,
-    idx_w: Tensor,
-    idx_k_cache: Tensor,
-    q_positions: Tensor,
-    n_keys: int,
-    cfg: DSAConfig,
-    scale: float,
-) -> Tensor:
-    """The GPU path of `dsa_attention`: fused index scores + radix top-k, then gather attention (kernels/)."""
-    from kernels.indexer import select_topk as select_topk_triton
-    from kernels.sparse_attention import sparse_attention as sparse_attention_triton
-
-    # New tokens sit at consecutive positions (prefill chunk or one decode step) ending at n_keys - 1.
-    q_start = n_keys - q.shape[2]
-    indices = select_topk_triton(
-        idx_q, idx_w, idx_k_cache, q_start, n_keys, cfg.topk, cfg.n_sink, cfg.window, fp8=cfg.fp8_indexer
-    )
-    return sparse_attention_triton(q, k_cache, v_cache, indices, scale)
