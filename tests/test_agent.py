@@ -12,7 +12,7 @@ from corpora.demo_corpus import DEMO_DOCS
 from rag.agent import MAX_ATTEMPTS, AgentContext, build_graph, run_agent
 from rag.ask import AskOptions
 from rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
-from rag.dedup import dedup_rankings
+from rag.dedup import dedup_rankings, drop_superseded_versions
 from rag.errors import EXIT_BAD_INPUT
 from rag.fusion import RRF_K, reciprocal_rank_fusion
 from rag.grounding import Grounding, check_grounding
@@ -158,6 +158,16 @@ def test_dedup_merges_the_same_chunk_and_drops_near_duplicates_of_the_same_date(
     assert report.same_id == 2  # chunks 1 and 3 were found by both rankings
     assert [h.chunk_id for h in report.kept] == [1, 3, 4]  # 4 is as close to 1 but of another date: a version
     assert [(dropped, kept) for dropped, kept, _ in report.near_duplicates] == [(2, 1)]
+
+
+def test_superseded_versions_of_a_fact_are_dropped_after_the_recency_rerank():
+    vectors = {1: [1.0, 0.0, 0.0], 2: [0.8, 0.6, 0.0], 3: [0.0, 0.0, 1.0], 4: [0.8, 0.6, 0.0]}
+    embedding_of = {key: np.array(value) for key, value in vectors.items()}.__getitem__
+    ranked = [hit(1, "prices-2025.md", when=date(2025, 1, 6)), hit(2, "prices-2024.md", when=date(2024, 1, 2)),
+              hit(3, "policy.md", when=date(2024, 1, 2)), hit(4, "prices-2025.md", start=300, when=date(2025, 1, 6))]  # fmt: skip
+    kept, dropped = drop_superseded_versions(ranked, embedding_of)
+    assert [h.chunk_id for h in kept] == [1, 3, 4]  # 4 is the same document: another part, not a version
+    assert dropped == [(2, 1, 0.8)]
 
 
 def test_sub_questions_are_parsed_from_question_lines_only():
