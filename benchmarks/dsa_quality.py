@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evals.niah import NiahCase, build_case, is_correct
+from evals.niah import NiahCase, answer_case, build_case, is_correct
 from indexer_model.dsa import DSAConfig
-from indexer_model.generate import decode_one_token, sample
 from indexer_model.model import ModelArgs, Transformer
 from indexer_model.train import RECALL_KS, TrainConfig, attention_mass_recall, make_indexers
 
@@ -277,58 +276,6 @@ def perplexity_section(
 
 
 # --- 3. needle in a haystack -------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def answer_case(
-    model: Transformer, case: NiahCase, dsa: DSAConfig | None, max_new_tokens: int, stop_ids: set[int]
-) -> dict:
-    """Greedy answers (token ids) to every question of a case: the shared haystack is prefilled once and each
-    question is prefilled after it, overwriting the previous question's cache positions."""
-    device = str(model.output.weight.device)
-    prefix_len = len(case.prefix_ids)
-    model.setup_caches(1, prefix_len + max(map(len, case.question_ids)) + max_new_tokens)
-    synchronize(device)
-    started = time.perf_counter()
-    prefix = torch.tensor([case.prefix_ids], device=device)
-    model(prefix, torch.arange(prefix_len, device=device), last_logits_only=True, dsa=dsa)
-    synchronize(device)
-    prefill_s = time.perf_counter() - started
-    answers = []
-    for question in case.question_ids:
-        positions = torch.arange(prefix_len, prefix_len + len(question), device=device)
-        logits = model(torch.tensor([question], device=device), positions, dsa=dsa)[:, -1]
-        answers.append(
-            greedy_continue(model, logits, prefix_len + len(question), max_new_tokens, stop_ids, dsa)
-        )
-    return {
-        "answers": answers,
-        "prefill_s": round(prefill_s, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-
-
-def greedy_continue(
-    model: Transformer,
-    logits: torch.Tensor,
-    position: int,
-    max_new_tokens: int,
-    stop_ids: set[int],
-    dsa: DSAConfig | None,
-) -> list[int]:
-    """Up to `max_new_tokens` greedy tokens after `logits`, the next one going to `position`."""
-    device = logits.device
-    ids: list[int] = []
-    for step in range(max_new_tokens):
-        token = sample(logits)
-        if int(token) in stop_ids:
-            break
-        ids.append(int(token))
-        if step < max_new_tokens - 1:
-            logits = decode_one_token(
-                model, token.view(1, 1), torch.tensor([position + step], device=device), dsa
-            )
-    return ids
 
 
 def niah_section(

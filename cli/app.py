@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
+from cli.eval_cmd import eval_app
 from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
 from rag.errors import DsaragError
@@ -26,6 +27,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 app.add_typer(indexer_app, name="indexer")
 app.add_typer(cost_app, name="cost")
+app.add_typer(eval_app, name="eval")
 app.command("bench")(bench)
 
 stderr = Console(stderr=True)

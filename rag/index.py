@@ -116,7 +116,12 @@ def build_index(
 
 
 def search(
-    index: faiss.Index, queries: np.ndarray, k: int, exclude_ids: Iterable[int] = ()
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    exclude_ids: Iterable[int] = (),
+    ef_search: int = HNSW_EF_SEARCH,
+    nprobe: int = IVF_NPROBE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, chunk_ids) of the k nearest chunks per query; missing slots have id -1.
 
@@ -126,11 +131,11 @@ def search(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        ivf.nprobe = IVF_NPROBE
+        ivf.nprobe = nprobe
     hnsw = _hnsw_of(index)
     if hnsw is None:
         return index.search(queries, k)
-    params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+    params = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))
     excluded = np.fromiter(exclude_ids, dtype=np.int64)
     if len(excluded):
         params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
