@@ -9,7 +9,7 @@ built and drawn without loading anything.
 
 import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -19,7 +19,7 @@ from langgraph.runtime import Runtime
 from indexer_model.generate import GenerationResult, Generator
 from rag.budget import TopkBudget, topk_budget
 from rag.dedup import dedup_rankings, drop_superseded_versions
-from rag.grounding import Grounding, check_grounding
+from rag.grounding import Grounding, add_citations, check_grounding
 from rag.pack import PackedContext, build_messages, pack_sources
 from rag.query_features import QueryFeatures, query_features
 from rag.rerank import RecencyBlend
@@ -274,7 +274,13 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     if grounding.supported or state["attempt"] >= MAX_ATTEMPTS:
         if not grounding.supported:
             entry["retry"] = f"no: {MAX_ATTEMPTS} attempts made"
-        return {"grounding": grounding, "retry": False, "trace": [entry]}
+            return {"grounding": grounding, "retry": False, "trace": [entry]}
+        text, cited = add_citations(state["generation"].text, [hit.text for hit in packed.sources])
+        if cited is None:
+            return {"grounding": grounding, "retry": False, "trace": [entry]}
+        entry["cited"] = f"[{cited}] added: the answer named no source, [{cited}] holds most of its terms"
+        generation = replace(state["generation"], text=text)
+        return {"grounding": grounding, "retry": False, "generation": generation, "trace": [entry]}
     options, generator = runtime.context.options, runtime.context.generator
     strategy = state["strategy"] if options.strategy is not None else RETRY_STRATEGY[state["strategy"]]
     retry_k = state["retrieve_k"] * 2

@@ -55,3 +55,19 @@ def check_grounding(answer: str, sources_text: str, threshold: float = SUPPORT_T
         f"; missing: {', '.join(missing)}" if missing else ""
     )
     return Grounding(support >= threshold, support, reason)
+
+
+def add_citations(
+    answer: str, source_texts: list[str], threshold: float = SUPPORT_THRESHOLD
+) -> tuple[str, int | None]:
+    """A small model often answers without the [n] it was asked for: cite the source that alone holds the
+    most of the answer's content terms (the best-ranked one on a tie), when it holds at least `threshold`
+    of them. Answers that cite already, or say the sources lack the answer, stay as they are."""
+    terms = answer_terms(answer)
+    if not terms or not source_texts or _CITATION.search(answer) or _NOT_KNOWN.search(answer):
+        return answer, None
+    supports = [sum(term.lstrip("$") in text.lower() for term in terms) / len(terms) for text in source_texts]
+    best = max(range(len(supports)), key=lambda i: (supports[i], -i))
+    if supports[best] < threshold:
+        return answer, None
+    return f"{answer.rstrip()} [{best + 1}]", best + 1

@@ -15,7 +15,7 @@ from rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
 from rag.dedup import dedup_rankings, drop_superseded_versions
 from rag.errors import EXIT_BAD_INPUT
 from rag.fusion import RRF_K, reciprocal_rank_fusion
-from rag.grounding import Grounding, check_grounding
+from rag.grounding import Grounding, add_citations, check_grounding
 from rag.ingest import ingest_folder
 from rag.label_choice import LabelChoice
 from rag.pack import pack_sources
@@ -240,6 +240,19 @@ def test_grounding_by_overlap_and_i_do_not_know():
     assert check_grounding("The cap is $600 [1].", sources).supported
     assert not check_grounding("The cap is $900, approved by Marisol Venkatesan.", sources).supported
     assert not check_grounding("The sources do not contain the answer.", sources).supported
+
+
+def test_an_answer_without_markers_cites_the_source_holding_its_terms():
+    sources = [
+        "Treasurer until June 2024: Marisol Venkatesan.",
+        "Treasurer from July 2024: Tobias Achterberg.",
+    ]
+    assert add_citations("Tobias Achterberg.", sources) == ("Tobias Achterberg. [2]", 2)
+    assert add_citations("It is Tobias Achterberg [2].", sources) == ("It is Tobias Achterberg [2].", None)
+    assert add_citations("Greta Novak.", sources) == ("Greta Novak.", None)  # in no source: no citation
+    assert add_citations("The sources do not contain it.", sources)[1] is None
+    both = ["Treasurer: Tobias Achterberg (2024).", "Tobias Achterberg, treasurer."]
+    assert add_citations("Tobias Achterberg", both)[1] == 1  # a tie goes to the better-ranked source
 
 
 def test_label_choice_scores_are_normalized_log_probabilities(tiny):

@@ -224,7 +224,9 @@ def test_topk_sweep_small(tmp_path, console):
 
 
 def test_docqa_on_squad_contexts_scores_and_cites(tmp_path, console):
-    options = tiny_options(tmp_path, "docqa", data=write_squad(tmp_path / "dev.json"), context_tokens=256, limit=1)
+    options = tiny_options(
+        tmp_path, "docqa", data=write_squad(tmp_path / "dev.json"), context_tokens=256, limit=1
+    )
     summary = run_suite(options, console)
     metrics = summary["metrics"]
     assert metrics["source_recall"] == 1.0  # each question's context is retrieved and packed
