@@ -15,8 +15,10 @@ otherwise tombstones (HNSW), filtered out of searches until the next rebuild.
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -30,6 +32,9 @@ from rag.errors import StoreError
 
 STORE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"  # of the manifest's own content: a garbled byte is caught on open
+READ_ATTEMPTS = 5
+T = TypeVar("T")
 _DATA_FILE = re.compile(r"(chunks-\d+(-\d+)?\.parquet|index-\d+\.faiss|\..+\.tmp)")
 
 
@@ -156,13 +161,19 @@ class ChunkStore:
             data = json.loads(self.manifest_path.read_text())
             if data.get("format") != STORE_FORMAT:
                 raise ValueError(f"store format {data.get('format')} (this dsarag reads {STORE_FORMAT})")
+            expected = data.pop(MANIFEST_CHECKSUM_KEY, None)  # absent in stores written before it existed
+            if expected is not None and expected != manifest_checksum(data):
+                raise ValueError("its content does not match its checksum: the file was altered or damaged")
             manifest = Manifest.from_json(data)
         except (ValueError, KeyError, TypeError) as error:
             raise StoreError(
-                f"{self.manifest_path}: unreadable manifest ({error}) — delete {self.folder} and ingest again"
+                f"{self.manifest_path}: unreadable manifest ({error}) — run `dsarag doctor --store "
+                f"{self.folder} --repair --docs DIR`, or delete {self.folder} and ingest again"
             ) from error
         for shard in manifest.shards:
-            self._check_file(self.folder / shard.name, manifest, f"delete {self.folder} and ingest again")
+            self._check_file(
+                self.folder / shard.name, manifest, f"run `dsarag doctor --store {self.folder} --repair`"
+            )
         if check_index and manifest.index_file:
             self._check_file(
                 self.folder / manifest.index_file,
@@ -170,6 +181,25 @@ class ChunkStore:
                 f"run `dsarag index rebuild --store {self.folder}`",
             )
         return manifest
+
+    def read_committed(self, read: Callable[[Manifest], T], attempts: int = READ_ATTEMPTS) -> T:
+        """`read(manifest)` against the last committed state, without the write lock. A writer that commits
+        meanwhile may delete files the old manifest named (rewritten shards, the replaced index): the read is
+        then retried on the new commit; a failure on an unchanged manifest is real damage and is raised."""
+        for attempt in range(attempts):
+            before = self._manifest_bytes()
+            try:
+                return read(self.read_manifest())
+            except StoreError:
+                if attempt + 1 == attempts or self._manifest_bytes() == before:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _manifest_bytes(self) -> bytes:
+        try:
+            return self.manifest_path.read_bytes()
+        except OSError:
+            return b""
 
     def _check_file(self, path: Path, manifest: Manifest, fix: str) -> None:
         """A truncated, garbled or replaced data file no longer matches the size and sha256 of its commit."""
@@ -236,7 +266,8 @@ class ChunkStore:
         return index
 
     def write_manifest(self, manifest: Manifest) -> None:
-        atomic_write_json(self.manifest_path, manifest.to_json())
+        data = manifest.to_json()
+        atomic_write_json(self.manifest_path, data | {MANIFEST_CHECKSUM_KEY: manifest_checksum(data)})
 
     def commit_batch(
         self, manifest: Manifest, new_chunks: pa.Table | None, drop_sources: set[str]
@@ -320,6 +351,12 @@ class ChunkStore:
 
     def file_sizes(self, manifest: Manifest) -> dict[str, int]:
         return {name: (self.folder / name).stat().st_size for name in sorted(manifest.checksums)}
+
+
+def manifest_checksum(data: dict) -> str:
+    """sha256 of the manifest's content in a canonical form (sorted keys, no whitespace)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _checksum(path: Path) -> dict:
