@@ -152,7 +152,8 @@ class ChunkStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def read_manifest(self, check_index: bool = True) -> Manifest:
+    def parse_manifest(self) -> Manifest:
+        """The manifest alone: readable, of this format, matching its own checksum (data files unchecked)."""
         if not self.exists():
             raise StoreError(
                 f"{self.folder}: no dsarag store here — run `dsarag ingest DIR --store {self.folder}`"
@@ -165,11 +166,15 @@ class ChunkStore:
             if expected is not None and expected != manifest_checksum(data):
                 raise ValueError("its content does not match its checksum: the file was altered or damaged")
             manifest = Manifest.from_json(data)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise StoreError(
                 f"{self.manifest_path}: unreadable manifest ({error}) — run `dsarag doctor --store "
                 f"{self.folder} --repair --docs DIR`, or delete {self.folder} and ingest again"
             ) from error
+        return manifest
+
+    def read_manifest(self, check_index: bool = True) -> Manifest:
+        manifest = self.parse_manifest()
         for shard in manifest.shards:
             self._check_file(
                 self.folder / shard.name, manifest, f"run `dsarag doctor --store {self.folder} --repair`"
@@ -202,15 +207,19 @@ class ChunkStore:
             return b""
 
     def _check_file(self, path: Path, manifest: Manifest, fix: str) -> None:
-        """A truncated, garbled or replaced data file no longer matches the size and sha256 of its commit."""
-        expected = manifest.checksums.get(path.name)
-        if (
-            expected is None
-            or not path.is_file()
-            or path.stat().st_size != expected["size"]
-            or file_sha256(path) != expected["sha256"]
-        ):
+        if not self.file_intact(path.name, manifest):
             raise StoreError(f"{path}: missing or damaged store file (checksum mismatch) — {fix}")
+
+    def file_intact(self, name: str, manifest: Manifest) -> bool:
+        """A truncated, garbled or replaced data file no longer matches the size and sha256 of its commit."""
+        expected = manifest.checksums.get(name)
+        path = self.folder / name
+        return (
+            expected is not None
+            and path.is_file()
+            and path.stat().st_size == expected["size"]
+            and file_sha256(path) == expected["sha256"]
+        )
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
         path = self.folder / name
@@ -218,7 +227,7 @@ class ChunkStore:
             return pq.read_table(path, columns=columns, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as error:
             raise StoreError(
-                f"{path}: corrupt chunk file ({error}) — delete {self.folder} and ingest again"
+                f"{path}: corrupt chunk file ({error}) — run `dsarag doctor --store {self.folder} --repair`"
             ) from error
 
     def read_chunks(self, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
@@ -337,6 +346,11 @@ class ChunkStore:
         for name in obsolete:
             (self.folder / name).unlink(missing_ok=True)
         return manifest
+
+    @staticmethod
+    def is_data_file(name: str) -> bool:
+        """A shard, index or temp file: what a writer creates (other files in the folder are left alone)."""
+        return bool(_DATA_FILE.fullmatch(name))
 
     def remove_leftovers(self, manifest: Manifest | None) -> list[str]:
         """Delete data and temp files no manifest names: what a killed writer left behind."""
