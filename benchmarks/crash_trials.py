@@ -30,13 +30,16 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         reference = reference_run(Path(tmp))
-        print(f"reference: {len(reference.ids)} chunks, kill window {reference.window_s:.2f} s", flush=True)
+        print(
+            f"reference: {len(reference.ids)} chunks, {reference.commits} commits, longest gap {reference.gap_s:.2f} s",
+            flush=True,
+        )
         trials = []
         for seed in range(options.first_seed, options.first_seed + options.trials):
             trial = run_trial(Path(tmp), reference, embedder, seed, options.max_kills)
             trials.append(trial)
             print(
-                f"trial {seed:3d} {trial.mode:6s} kills at {trial.kill_delays_s} s → generations "
+                f"trial {seed:3d} {trial.mode:6s} kills after (commits, s) {trial.kill_points} → generations "
                 f"{trial.killed_at_generation}, leftovers seen {trial.leftovers_seen}: "
                 f"{'ok' if trial.ok else trial.problems}",
                 flush=True,
@@ -46,11 +49,14 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
         "trials": len(trials),
         "trials_ok": sum(trial.ok for trial in trials),
-        "kills": sum(len(trial.kill_delays_s) - trial.finished_before_kill for trial in trials),
+        "kills": sum(len(trial.kill_points) - trial.finished_before_kill for trial in trials),
         "runs_that_finished_before_their_kill": sum(trial.finished_before_kill for trial in trials),
-        "kills_mid_run_with_leftover_files": sum(trial.leftovers_seen > 0 for trial in trials),
+        "kills_that_left_half_written_files": sum(trial.leftovers_seen for trial in trials),
+        "kills_after_at_least_one_commit": sum(
+            1 for trial in trials for commits, _ in trial.kill_points if commits > 0
+        ),
         "reference_chunks": len(reference.ids),
-        "kill_window_s": round(reference.window_s, 2),
+        "reference_commits": reference.commits,
         "seconds": round(time.monotonic() - started, 1),
         "results": [trial.to_json() for trial in trials],
     }

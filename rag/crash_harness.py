@@ -3,14 +3,16 @@ compare with a clean run.
 
 A trial copies a small corpus (Markdown documents + a JSONL corpus file), optionally ingests an older version
 of it first (so the killed run also replaces, deletes and tombstones chunks), then starts `dsarag ingest` in a
-fresh process 1–`max_kills` times and kills each at a uniformly random moment of its working window (from
-taking the store lock to its normal end, as timed by the reference run). After every kill the store must pass
+fresh process 1–`max_kills` times and kills each at a random moment of its work: after a random number of its
+commits (0 = as soon as it holds the store lock), plus a random part of a typical gap between commits (as timed
+by the reference run) — so kills land while embedding, while a shard or index is written, between commits. After every kill the store must pass
 `check_store` (the last commit intact: manifest, Parquet and index agree, no duplicate id; files of the killed
 writer are allowed). Then an ingest runs to the end, and the store must hold exactly the reference run's
 chunk ids, fully indexed, with nothing left over. Used by tests/test_reliability_crash.py (a few trials) and
 benchmarks/crash_trials.py (the recorded run).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -44,7 +46,7 @@ TOPICS = [
 class CrashTrial:
     seed: int
     mode: str  # "fresh" (empty store) or "update" (an older version ingested first)
-    kill_delays_s: list[float] = field(default_factory=list)
+    kill_points: list[tuple[int, float]] = field(default_factory=list)  # (after n commits, + seconds)
     killed_at_generation: list[int] = field(default_factory=list)
     finished_before_kill: int = 0
     leftovers_seen: int = 0
@@ -63,8 +65,6 @@ class CrashTrial:
 def write_corpus(folder: Path, version: int = 2) -> list[Path]:
     """The trial's inputs: a docs folder and a JSONL corpus. Version 1 is the older state an update starts from
     (one document differs, one is gone in version 2, the JSONL file has fewer and partly other records)."""
-    import json
-
     docs = folder / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     for i in range(6):
@@ -107,12 +107,10 @@ def start_ingest(inputs: list[Path], store: Path) -> subprocess.Popen:
 
 
 def wait_until_working(process: subprocess.Popen, store: Path, timeout_s: float = 120) -> float:
-    """Wait until the ingest holds the store lock (imports done, work begins); the moment (monotonic)."""
+    """Wait until the ingest holds the store lock (imports done, its work begins) or has ended; when."""
     deadline = time.monotonic() + timeout_s
-    while process.poll() is None and time.monotonic() < deadline:
-        if (store / LOCK_NAME).exists():
-            break
-        time.sleep(0.002)
+    while process.poll() is None and time.monotonic() < deadline and not (store / LOCK_NAME).exists():
+        time.sleep(0.001)
     return time.monotonic()
 
 
@@ -125,22 +123,58 @@ def options() -> IngestOptions:
 @dataclass
 class Reference:
     ids: set[int]
-    window_s: float  # how long an ingest of the fresh corpus works once it holds the lock
+    commits: int  # commits of a fresh ingest (batches + index)
+    gaps_s: list[float]  # seconds from its lock to the 1st commit, 1st to 2nd, …, last commit to its end
+
+    @property
+    def gap_s(self) -> float:
+        return max(self.gaps_s)
+
+
+def generation(store: Path) -> int:
+    try:
+        return int(json.loads((store / "manifest.json").read_text())["generation"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def reference_run(workdir: Path) -> Reference:
-    """A clean, uninterrupted `dsarag ingest` in its own process: the expected chunk ids and the kill window."""
+    """A clean, uninterrupted `dsarag ingest` in its own process: the expected chunk ids and its timing."""
     inputs = write_corpus(workdir / "reference-corpus")
     store = workdir / "reference-store"
     process = start_ingest(inputs, store)
-    began = wait_until_working(process, store)
-    if process.wait() != 0:
+    events = [wait_until_working(process, store)]
+    seen = 0
+    while process.poll() is None:
+        if generation(store) != seen:
+            seen = generation(store)
+            events.append(time.monotonic())
+        time.sleep(0.002)
+    events.append(time.monotonic())
+    if process.returncode != 0:
         raise RuntimeError(f"reference ingest failed with exit code {process.returncode}")
-    window = time.monotonic() - began
     health = check_store(ChunkStore(store))
     if not health.ok:
         raise RuntimeError(f"reference store is inconsistent: {health.problems}")
-    return Reference(health.live_ids, window)
+    gaps = [float(gap) for gap in np.diff(events)]
+    return Reference(health.live_ids, health.manifest.generation, gaps)
+
+
+def kill_at_random_moment(process: subprocess.Popen, store: Path, after_commits: int, delay_s: float) -> bool:
+    """SIGKILL once the run has made `after_commits` commits and `delay_s` more seconds passed; False if it
+    ended by itself first."""
+    wait_until_working(process, store)
+    start = generation(store)
+    while process.poll() is None and generation(store) < start + after_commits:
+        time.sleep(0.001)
+    deadline = time.monotonic() + delay_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
 
 
 def run_trial(
@@ -157,17 +191,12 @@ def run_trial(
         ingest(write_corpus(folder, version=1), store, embedder, options())
     inputs = write_corpus(folder, version=2)
     for _ in range(int(rng.integers(1, max_kills + 1))):
-        delay = float(rng.uniform(0, reference.window_s * 1.1))
+        after_commits = int(rng.integers(0, len(reference.gaps_s)))
+        delay = float(rng.uniform(0, reference.gaps_s[after_commits]))
         process = start_ingest(inputs, store_path)
-        began = wait_until_working(process, store_path)
-        while process.poll() is None and time.monotonic() < began + delay:
-            time.sleep(0.001)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        else:
+        if not kill_at_random_moment(process, store_path, after_commits, delay):
             trial.finished_before_kill += 1
-        process.wait()
-        trial.kill_delays_s.append(round(delay, 3))
+        trial.kill_points.append((after_commits, round(delay, 3)))
         if store.exists():
             health = check_store(store)
             trial.killed_at_generation.append(health.manifest.generation if health.manifest else -1)
