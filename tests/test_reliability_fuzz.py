@@ -21,7 +21,7 @@ from corpora.readers import read_document
 from corpora.walk import walk_folder
 from rag.ingest import Source, WorkItem, chunk_work_item, init_worker
 
-EXAMPLES = int(os.environ.get("DSARAG_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("DSARAG_FUZZ_EXAMPLES", "25"))
 fuzz = settings(
     max_examples=EXAMPLES,
     deadline=None,  # shared CI machines: a slow case is not a failure
@@ -45,6 +45,9 @@ def ingest_one_file(folder: Path, name: str, data: bytes) -> None:
     path = case / name
     path.write_bytes(data)
     walk = walk_folder(case)
+    if name.startswith("."):  # hidden files are passed over silently, like .git
+        assert walk.files == walk.skipped == []
+        return
     if not walk.files:  # skipped by the walk: one reason, naming the fix or the cause
         assert len(walk.skipped) == 1 and walk.skipped[0].reason
         return
@@ -60,9 +63,7 @@ def ingest_one_file(folder: Path, name: str, data: bytes) -> None:
         assert row["text"] == text[row["char_start"] : row["char_end"]] and row["text"].strip()
         assert 1 <= row["line_start"] <= row["line_end"] <= text.count("\n") + 1
         assert row["n_tokens"] <= 256
-    if text.strip():
-        covered = "".join(row["text"] for row in result.rows)
-        assert set(text.split()) <= set(covered.split()) or len(result.rows) > 1
+    assert bool(result.rows) == bool(text.strip())  # text in, chunks out; nothing from nothing
 
 
 @fuzz
