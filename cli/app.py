@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
+from cli.doctor_cmd import doctor
 from cli.eval_cmd import eval_app
 from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
@@ -29,6 +30,7 @@ app.add_typer(indexer_app, name="indexer")
 app.add_typer(cost_app, name="cost")
 app.add_typer(eval_app, name="eval")
 app.command("bench")(bench)
+app.command("doctor")(doctor)
 
 stderr = Console(stderr=True)
 stdout = Console()

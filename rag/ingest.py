@@ -64,6 +64,7 @@ class IngestOptions:
     index_factory: str | None = None
     engine: str = "local"  # or "ray" (rag/ingest_ray.py)
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # wait this long for another writer of the store
+    take_lock: bool = True  # False only for a caller that holds the store's lock already (doctor --repair)
     max_file_bytes: int = MAX_FILE_BYTES  # documents above this size are skipped with a reason
 
 
@@ -159,7 +160,10 @@ def ingest(
         if source.corpus:
             check_columns(source.path, options.columns)
     # One writer at a time: the plan, the leftovers sweep and every commit need the store to stand still.
-    with store_write_lock(store.folder, options.lock_timeout_s):
+    if options.take_lock:
+        with store_write_lock(store.folder, options.lock_timeout_s):
+            _ingest_locked(paths, sources, folders, store, embedder, options, report, console)
+    else:
         _ingest_locked(paths, sources, folders, store, embedder, options, report, console)
     report.seconds = time.perf_counter() - started
     return report
