@@ -40,7 +40,7 @@ def main() -> None:
             trials.append(trial)
             print(
                 f"trial {seed:3d} {trial.mode:6s} kills after (commits, s) {trial.kill_points} → generations "
-                f"{trial.killed_at_generation}, leftovers seen {trial.leftovers_seen}: "
+                f"{trial.killed_at_generation}, commits of the killed runs {trial.commits_before_kill}, leftovers seen {trial.leftovers_seen}: "
                 f"{'ok' if trial.ok else trial.problems}",
                 flush=True,
             )
@@ -49,12 +49,15 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
         "trials": len(trials),
         "trials_ok": sum(trial.ok for trial in trials),
-        "kills": sum(len(trial.kill_points) - trial.finished_before_kill for trial in trials),
+        "kills": sum(len(trial.commits_before_kill) for trial in trials),
+        "kills_before_the_first_commit_of_the_run": sum(
+            commits == 0 for trial in trials for commits in trial.commits_before_kill
+        ),
+        "kills_after_one_or_more_commits": sum(
+            commits > 0 for trial in trials for commits in trial.commits_before_kill
+        ),
         "runs_that_finished_before_their_kill": sum(trial.finished_before_kill for trial in trials),
         "kills_that_left_half_written_files": sum(trial.leftovers_seen for trial in trials),
-        "kills_after_at_least_one_commit": sum(
-            1 for trial in trials for commits, _ in trial.kill_points if commits > 0
-        ),
         "reference_chunks": len(reference.ids),
         "reference_commits": reference.commits,
         "seconds": round(time.monotonic() - started, 1),

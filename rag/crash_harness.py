@@ -49,6 +49,7 @@ class CrashTrial:
     kill_points: list[tuple[int, float]] = field(default_factory=list)  # (after n commits, + seconds)
     killed_at_generation: list[int] = field(default_factory=list)
     finished_before_kill: int = 0
+    commits_before_kill: list[int] = field(default_factory=list)  # of each killed run, when it was killed
     leftovers_seen: int = 0
     problems: list[str] = field(default_factory=list)
     chunks: int = 0
@@ -160,9 +161,11 @@ def reference_run(workdir: Path) -> Reference:
     return Reference(health.live_ids, health.manifest.generation, gaps)
 
 
-def kill_at_random_moment(process: subprocess.Popen, store: Path, after_commits: int, delay_s: float) -> bool:
-    """SIGKILL once the run has made `after_commits` commits and `delay_s` more seconds passed; False if it
-    ended by itself first."""
+def kill_at_random_moment(
+    process: subprocess.Popen, store: Path, after_commits: int, delay_s: float
+) -> int | None:
+    """SIGKILL once the run has made `after_commits` commits and `delay_s` more seconds passed. Returns the
+    number of commits the run had made when killed, or None if it ended by itself first."""
     wait_until_working(process, store)
     start = generation(store)
     while process.poll() is None and generation(store) < start + after_commits:
@@ -171,10 +174,10 @@ def kill_at_random_moment(process: subprocess.Popen, store: Path, after_commits:
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     if process.poll() is not None:
-        return False
+        return None
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return True
+    return generation(store) - start
 
 
 def run_trial(
@@ -190,12 +193,18 @@ def run_trial(
     if trial.mode == "update":
         ingest(write_corpus(folder, version=1), store, embedder, options())
     inputs = write_corpus(folder, version=2)
+    first_generation = generation(store_path)
     for _ in range(int(rng.integers(1, max_kills + 1))):
-        after_commits = int(rng.integers(0, len(reference.gaps_s)))
-        delay = float(rng.uniform(0, reference.gaps_s[after_commits]))
+        # a later run of the trial has only the rest of the work left: aim within what remains
+        remaining = max(1, len(reference.gaps_s) - (generation(store_path) - first_generation))
+        after_commits = int(rng.integers(0, remaining))
+        delay = float(rng.uniform(0, reference.gaps_s[min(after_commits, len(reference.gaps_s) - 1)]))
         process = start_ingest(inputs, store_path)
-        if not kill_at_random_moment(process, store_path, after_commits, delay):
+        commits = kill_at_random_moment(process, store_path, after_commits, delay)
+        if commits is None:
             trial.finished_before_kill += 1
+        else:
+            trial.commits_before_kill.append(commits)
         trial.kill_points.append((after_commits, round(delay, 3)))
         if store.exists():
             health = check_store(store)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rag.errors import EXIT_LOCKED, DsaragError
+from rag.errors import EXIT_LOCKED, DsaragError, StoreError
 
 LOCK_NAME = ".dsarag.lock"
 DEFAULT_LOCK_TIMEOUT_S = 60.0
@@ -77,8 +77,14 @@ def store_write_lock(
 def _acquire(path: Path, timeout_s: float, folder: Path) -> int:
     deadline = time.monotonic() + max(0.0, timeout_s)
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StoreError(
+                f"{folder}: cannot create the store's lock file ({error.strerror}) — pass a writable --store folder",
+                folder,
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
