@@ -130,3 +130,31 @@ def test_a_reader_retries_on_the_new_commit_when_a_writer_removed_its_files(docs
     parquet.write_bytes(parquet.read_bytes()[:-100])
     with pytest.raises(StoreError, match=parquet.name):
         store.read_committed(lambda manifest: store.read_chunks(manifest))
+
+
+def test_two_concurrent_ingests_of_one_store_serialize_without_duplicates(docs, tmp_path, embedder):
+    """Without the lock both would plan every file as new and commit it twice."""
+    import threading
+
+    for i in range(6):
+        (docs / f"extra-{i}.md").write_text(f"# Extra {i}\n\nNote {i} about the repair café.\n")
+    store = ChunkStore(tmp_path / "store")
+    reports, errors = [], []
+
+    def run() -> None:
+        try:
+            reports.append(ingest_folder(docs, store, embedder, lock_timeout_s=60))
+        except Exception as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted((report.added, report.unchanged) for report in reports) == [(0, 8), (8, 0)]
+    from rag.store_check import check_store
+
+    health = check_store(store)
+    assert health.ok and len(health.live_ids) == 8 and not health.leftovers
