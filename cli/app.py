@@ -42,7 +42,7 @@ StoreOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 LockTimeoutOption = Annotated[
     float,
-    typer.Option("--lock-timeout", min=0, help="Seconds to wait for another writer of the store (exit 7)."),
+    typer.Option("--lock-timeout", min=0, help="Seconds to wait for another writer of the store (exit 8)."),
 ]
 
 

@@ -36,7 +36,7 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Check models, caches, free disk and a store; exit 0 when healthy, else the code of the first failing area
-    (5 models, 4 store, 8 disk or caches). --repair fixes the store from its embeddings and its documents."""
+    (5 models, 4 store, 9 disk or caches). --repair fixes the store from its embeddings and its documents."""
     from rag.config import resolve_store
     from rag.doctor import run_doctor
 

@@ -1,4 +1,4 @@
-"""Concurrency: writers of one store serialize on its lock (timeout → exit 7 naming the holder); readers never
+"""Concurrency: writers of one store serialize on its lock (timeout → exit 8 naming the holder); readers never
 take it and see the last committed state, even while a writer commits."""
 
 import json
