@@ -306,13 +306,21 @@ def _affected_sources(store: ChunkStore, health: StoreHealth) -> set[str]:
 
 
 def _reingest(store: ChunkStore, keys: list[str], console: Console | None) -> list[str]:
+    from corpora.corpus_files import corpus_kind
     from rag.embed import load_embedder
     from rag.ingest import IngestOptions, ingest
 
     root = Path(store.parse_manifest().root)
     present = [root / key for key in keys if (root / key).is_file()]
     gone = [key for key in keys if not (root / key).is_file()]
+    corpus = [path for path in present if corpus_kind(path)]  # their column options are not in the manifest
+    present = [path for path in present if not corpus_kind(path)]
     lines = []
+    if corpus:
+        lines.append(
+            f"{len(corpus)} corpus file(s) lost their chunks; ingest them again with their column options: "
+            f"dsarag ingest {' '.join(str(path) for path in corpus)} --store {store.folder} [--text-column …]"
+        )
     if present:
         report = ingest(present, store, load_embedder(), IngestOptions(take_lock=False), console)
         lines.append(

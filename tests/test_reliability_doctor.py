@@ -123,3 +123,18 @@ def test_garbled_safetensors_with_its_mtime_restored_is_refused_before_use(tmp_p
     (check,) = [check for check in failures(result) if check["area"] == "models"]
     assert check["name"] == "all-minilm-l6-v2" and "model.safetensors" in check["detail"]
     assert check["fix"] == "dsarag models pull all-minilm-l6-v2"
+
+
+def test_repair_names_the_command_for_a_corpus_file_it_cannot_reingest_alone(tmp_path, embedder, run_cli):
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"body": f"Note {i} about the tool library."}) + "\n" for i in range(3))
+    )
+    store = ChunkStore(tmp_path / "store")
+    ingest([corpus], store, embedder, IngestOptions(CorpusColumns(text="body"), workers=0))
+    shard = store.folder / store.read_manifest().shards[0].name
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, result = doctor(run_cli, "--store", str(store.folder), "--repair")
+    assert code == 0 and check_store(store).ok  # consistent again, without the file's chunks
+    (line,) = [line for line in result["repairs"] if "corpus file" in line]
+    assert f"dsarag ingest {corpus} --store {store.folder}" in line and "--text-column" in line
