@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
+from cli.doctor_cmd import doctor
 from cli.eval_cmd import eval_app
 from cli.indexer_cmd import indexer_app
 from cli.models_cmd import models_app
@@ -29,6 +30,7 @@ app.add_typer(indexer_app, name="indexer")
 app.add_typer(cost_app, name="cost")
 app.add_typer(eval_app, name="eval")
 app.command("bench")(bench)
+app.command("doctor")(doctor)
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -38,6 +40,10 @@ StoreOption = Annotated[
     typer.Option("--store", help="Store folder (default: one per docs folder under ~/.local/share/dsarag)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+LockTimeoutOption = Annotated[
+    float,
+    typer.Option("--lock-timeout", min=0, help="Seconds to wait for another writer of the store (exit 8)."),
+]
 
 
 def _print_json(data: object) -> None:
@@ -79,6 +85,10 @@ def ingest(
     engine: Annotated[
         str, typer.Option("--engine", help="local | ray (Ray Data; needs the `ray` extra).")
     ] = "local",
+    max_file_mb: Annotated[
+        float, typer.Option("--max-file-mb", min=0, help="Skip documents larger than this (with a reason).")
+    ] = 20,
+    lock_timeout: LockTimeoutOption = 60,
     as_json: JsonOption = False,
 ) -> None:
     """Read, chunk, embed and index documents and corpus files incrementally and resumably.
@@ -102,6 +112,8 @@ def ingest(
         workers=workers,
         index_factory=index_factory,
         engine=engine,
+        lock_timeout_s=lock_timeout,
+        max_file_bytes=int(max_file_mb * 1e6),
     )
     store_path = resolve_store(store, Path(inputs[0]))
     report = run_ingest(inputs, ChunkStore(store_path), load_embedder(), options, console=stderr)
@@ -287,9 +299,10 @@ def index_build(
     store: StoreOption = None,
     docs: Annotated[Path | None, typer.Option("--docs")] = None,
     factory: FactoryOption = None,
+    lock_timeout: LockTimeoutOption = 60,
 ) -> None:
     """Bring the index up to date: add shards committed since it was written, apply deletions."""
-    _update_index(store, docs, factory, rebuild=False)
+    _update_index(store, docs, factory, rebuild=False, lock_timeout=lock_timeout)
 
 
 @index_app.command("rebuild")
@@ -297,20 +310,23 @@ def index_rebuild(
     store: StoreOption = None,
     docs: Annotated[Path | None, typer.Option("--docs")] = None,
     factory: FactoryOption = None,
+    lock_timeout: LockTimeoutOption = 60,
 ) -> None:
     """Rebuild the FAISS index from the embeddings kept in the chunk shards (no re-embedding)."""
-    _update_index(store, docs, factory, rebuild=True)
+    _update_index(store, docs, factory, rebuild=True, lock_timeout=lock_timeout)
 
 
-def _update_index(store: Path | None, docs: Path | None, factory: str | None, rebuild: bool) -> None:
+def _update_index(
+    store: Path | None, docs: Path | None, factory: str | None, rebuild: bool, lock_timeout: float
+) -> None:
     from rag.config import resolve_store
     from rag.store import ChunkStore
-    from rag.store_index import update_index
+    from rag.store_index import update_store_index
 
     chunk_store = ChunkStore(resolve_store(store, docs))
-    manifest = chunk_store.read_manifest(check_index=False)
-    with stderr.status(f"indexing {manifest.n_chunks} chunks"):
-        update = update_index(chunk_store, manifest, factory, rebuild=rebuild)
+    chunk_store.read_manifest(check_index=False)  # a missing or damaged store fails before any lock
+    with stderr.status("indexing"):
+        update = update_store_index(chunk_store, factory, rebuild=rebuild, lock_timeout_s=lock_timeout)
     stderr.print(
         f"{update.action} {update.factory} over {update.ntotal} vectors ({update.tombstones} tombstones) "
         f"in {update.seconds:.2f} s — {chunk_store.folder}"

@@ -107,35 +107,22 @@ def decode_text(path: Path, data: bytes) -> str:
 # Private-use characters mark the breaks we insert, so they survive the whitespace collapse below.
 _PARAGRAPH = "\ue000"
 _LINE = "\ue001"
-_BLOCK_TAGS = [
+_BLOCK_TAGS = {
     "p", "div", "section", "article", "main", "header", "footer", "nav", "aside", "blockquote", "pre",
     "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "dl", "dt", "dd", "table", "tr", "figure",
     "figcaption", "hr", "address", "details", "summary", "form", "fieldset",
-]  # fmt: skip
-_LINE_TAGS = ["br", "td", "th"]
-_DROP_TAGS = ["script", "style", "noscript", "template", "iframe", "object", "svg", "canvas"]
+}  # fmt: skip
+_LINE_TAGS = {"br", "td", "th"}
+_DROP_TAGS = {"script", "style", "noscript", "template", "iframe", "object", "svg", "canvas"}
 
 
 def _html_text(data: bytes) -> str:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(data, "html.parser")  # bytes: bs4 picks the encoding from <meta charset> or content
-    for tag in soup(_DROP_TAGS):
-        tag.decompose()
     title_tag = soup.find("title")
     title = " ".join(title_tag.get_text().split()) if title_tag else ""
-    if title_tag:
-        title_tag.decompose()
-    for tag in soup("pre"):  # keep the line structure of preformatted text through the collapse
-        for string in tag.find_all(string=True):
-            string.replace_with(string.replace("\n", _LINE))
-    for tag in soup(_BLOCK_TAGS):
-        tag.insert_before(_PARAGRAPH)
-        tag.insert_after(_PARAGRAPH)
-    for tag in soup(_LINE_TAGS):
-        tag.insert_after(_LINE)
-    body = soup.body or soup
-    flat = " ".join(body.get_text().split())
+    flat = " ".join(_html_pieces(soup.body or soup, skip=title_tag).split())
     paragraphs = []
     for paragraph in flat.split(_PARAGRAPH):
         lines = [line.strip() for line in paragraph.split(_LINE)]
@@ -145,6 +132,37 @@ def _html_text(data: bytes) -> str:
     if title and not (paragraphs and paragraphs[0] == title):
         paragraphs.insert(0, title)
     return "\n\n".join(paragraphs)
+
+
+def _html_pieces(root: object, skip: object) -> str:
+    """The visible text of the tree with break marks around block tags and after line tags. An explicit stack,
+    one visit per node: deeply nested HTML (thousands of levels) costs linear time and no recursion."""
+    from bs4 import CData, NavigableString, Tag
+
+    pieces: list[str] = []
+    pre_depth = 0
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if isinstance(node, NavigableString):
+            if type(node) in (NavigableString, CData):  # not comments, doctypes, processing instructions
+                pieces.append(str(node).replace("\n", _LINE) if pre_depth else str(node))
+            continue
+        if not isinstance(node, Tag) or node is skip or node.name in _DROP_TAGS:
+            continue
+        if leaving:
+            pre_depth -= node.name == "pre"
+            if node.name in _BLOCK_TAGS:
+                pieces.append(_PARAGRAPH)
+            elif node.name in _LINE_TAGS:
+                pieces.append(_LINE)
+            continue
+        if node.name in _BLOCK_TAGS:
+            pieces.append(_PARAGRAPH)
+        pre_depth += node.name == "pre"
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(node.contents))
+    return "".join(pieces)
 
 
 # --- PDF --------------------------------------------------------------------------------------------------

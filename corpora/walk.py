@@ -17,6 +17,7 @@ from rag.errors import MissingInputError
 # Folders that hold tooling, not documents (hidden ones like .git and .venv are skipped by their dot).
 SKIPPED_FOLDER_NAMES = frozenset({"node_modules", "__pycache__", "site-packages", "bower_components"})
 SNIFF_BYTES = 8192
+MAX_FILE_BYTES = 20_000_000  # a document larger than this is skipped with a reason (`ingest --max-file-mb`)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class WalkResult:
     skipped: list[SkippedFile] = field(default_factory=list)
 
 
-def walk_folder(root: Path, follow_symlinks: bool = False, max_file_bytes: int = 20_000_000) -> WalkResult:
+def walk_folder(
+    root: Path, follow_symlinks: bool = False, max_file_bytes: int = MAX_FILE_BYTES
+) -> WalkResult:
     """The document files under `root` (or `root` itself if it is a file), sorted, plus what was skipped."""
     root = Path(root).expanduser()
     if not root.exists():
@@ -133,7 +136,7 @@ def _reason_to_skip(path: Path, max_file_bytes: int) -> str:
     if info.st_size > max_file_bytes:
         return (
             f"{info.st_size / 1e6:.1f} MB is over the {max_file_bytes / 1e6:g} MB size cap — "
-            "split the file or raise the cap"
+            "split the file or raise the cap (`dsarag ingest --max-file-mb`)"
         )
     kind = kind_of(path)
     if kind == "unsupported":

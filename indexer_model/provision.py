@@ -186,7 +186,13 @@ def sha256_file(path: Path) -> str:
 
 def _file_record(path: Path) -> dict:
     stat = path.stat()
-    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"sha256": sha256_file(path)} | _stamp(stat)
+
+
+def _stamp(stat: os.stat_result) -> dict:
+    """Size, mtime and ctime: a program can set a file's mtime back after changing it, but not its ctime, so a
+    file whose stamp still matches is the one whose sha256 was checked; any other is hashed again before use."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -203,8 +209,8 @@ def _stamps_match(folder: Path, manifest: dict) -> bool:
             stat = (folder / relative).stat()
         except OSError:
             return False
-        if stat.st_size != record["size"] or stat.st_mtime_ns != record["mtime_ns"]:
-            return False
+        if any(record.get(key) != value for key, value in _stamp(stat).items()):
+            return False  # stamps written before ctime was recorded also fail: hashed once, then stamped
     return True
 
 
@@ -227,8 +233,7 @@ def _hash_problems(folder: Path, manifest: dict) -> list[str]:
 def _refresh_stamps(folder: Path, manifest: dict) -> None:
     """After a successful rehash (e.g. the cache was copied), store the new stamps so later checks stay cheap."""
     for relative, record in manifest["files"].items():
-        stat = (folder / relative).stat()
-        record |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        record |= _stamp((folder / relative).stat())
     try:
         _write_manifest(folder, manifest)
     except OSError:  # a read-only cache stays correct, it just keeps taking the rehash path

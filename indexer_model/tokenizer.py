@@ -11,6 +11,7 @@ from pathlib import Path
 from rag.errors import ModelError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_WORD_JOINER = "\u2060"  # invisible; splits a control-token string so that it is read as plain text
 
 
 class ChatTokenizer:
@@ -29,6 +30,16 @@ class ChatTokenizer:
             key: _token_text(config.get(key)) for key in _SPECIAL_TOKEN_KEYS if config.get(key)
         }
         self.chat_template = _chat_template(folder, config)
+        # Strings that the tokenizer turns into control tokens (<|im_start|>, <tool_call>, …), longest first.
+        self.control_strings = sorted(
+            {
+                token.content
+                for token in self.tokenizer.get_added_tokens_decoder().values()
+                if len(token.content) > 1
+            },
+            key=len,
+            reverse=True,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -49,9 +60,20 @@ class ChatTokenizer:
             raise ModelError(
                 "the model has no chat template (tokenizer_config.json / chat_template.jinja); use an instruct model"
             )
+        safe = [
+            message | {"content": self.as_plain_text(message.get("content") or "")} for message in messages
+        ]
         return self.chat_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=safe, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
+
+    def as_plain_text(self, text: str) -> str:
+        """`text` with every control-token string broken by an invisible joiner: a document or question that
+        contains `<|im_start|>system` stays text and cannot open a turn of its own (see SECURITY.md)."""
+        for control in self.control_strings:
+            if control in text:
+                text = text.replace(control, control[0] + _WORD_JOINER + control[1:])
+        return text
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))

@@ -10,9 +10,10 @@ from rich.console import Console
 
 from rag.cost import GpuSpec, ModelShape, meter_answer, peak_memory_mb, token_overlap
 from rag.cost_ledger import append_row, ledger_row
-from rag.embed import load_embedder
+from rag.embed import Embedder, load_embedder
 from rag.errors import BadInputError
 from rag.ingest import IngestReport, ingest_folder
+from rag.lock import StoreLockedError
 from rag.pack import build_messages
 from rag.retrieve import Retriever
 from rag.route import STRATEGIES
@@ -88,8 +89,9 @@ def ask(
     store = ChunkStore(options.store)
     report: IngestReport | None = None
     if options.docs is not None:
-        report = ingest_folder(options.docs, store, embedder, console=console)
-        timings["ingest_s"] = report.seconds
+        report = refresh_store(options.docs, store, embedder, console)
+        if report is not None:
+            timings["ingest_s"] = report.seconds
 
     started = time.perf_counter()
     _ = embedder.model  # loaded here unless the ingest above needed it already
@@ -142,6 +144,24 @@ def ask(
         trace=state["trace"],
         cost=cost,
     )
+
+
+def refresh_store(
+    docs: Path, store: ChunkStore, embedder: Embedder, console: Console | None
+) -> IngestReport | None:
+    """Ingest `docs` first, unless another writer is ingesting into the store right now: then answer from its
+    last committed state rather than wait (a store that has no commit yet is waited for)."""
+    try:
+        return ingest_folder(
+            docs, store, embedder, console=console, lock_timeout_s=0 if store.exists() else 60
+        )
+    except StoreLockedError as error:
+        if not store.exists():
+            raise
+        (console or Console(stderr=True)).print(
+            f"[yellow]note:[/] {error} — answering from the last committed state", highlight=False
+        )
+        return None
 
 
 def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:

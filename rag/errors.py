@@ -8,6 +8,9 @@ EXIT_MISSING_INPUT = 3  # document folder or file missing, empty, or nothing rea
 EXIT_STORE = 4  # store corrupt, or built with another embedder: rebuild it
 EXIT_MODEL = 5  # model not provisioned, checksum mismatch, unsupported model
 EXIT_PARTIAL_INGEST = 6  # ingest committed what it could, but some files failed
+# 7 is `dsarag eval`'s: a metric missed its threshold (evals/run.py)
+EXIT_LOCKED = 8  # another writer holds the store's lock past --lock-timeout
+EXIT_ENVIRONMENT = 9  # doctor: too little free disk, or a cache/data folder that cannot be written
 
 
 class DsaragError(Exception):

@@ -41,9 +41,10 @@ from corpora.corpus_files import (
 from corpora.dates import document_date
 from corpora.readers import read_document
 from corpora.tokens import token_spans_from_tokenizer_json
-from corpora.walk import walk_folder
+from corpora.walk import MAX_FILE_BYTES, walk_folder
 from rag.embed import Embedder
 from rag.errors import DsaragError, MissingInputError, StoreError
+from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
 from rag.store import ChunkStore, FileRecord, Manifest, chunk_schema, file_sha256, stable_chunk_id
 from rag.store_index import update_index
 
@@ -62,6 +63,9 @@ class IngestOptions:
     )
     index_factory: str | None = None
     engine: str = "local"  # or "ray" (rag/ingest_ray.py)
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # wait this long for another writer of the store
+    take_lock: bool = True  # False only for a caller that holds the store's lock already (doctor --repair)
+    max_file_bytes: int = MAX_FILE_BYTES  # documents above this size are skipped with a reason
 
 
 @dataclass
@@ -151,13 +155,33 @@ def ingest(
     started = time.perf_counter()
     paths = expand_inputs(inputs)
     report = IngestReport(store=str(store.folder))
-    sources, folders = _collect_sources(paths, report)
-    manifest = _open_or_create_manifest(store, paths, embedder)
-    base = Path(manifest.root)
-    sources = [Source(_key(source.path, base), source.path, source.corpus) for source in sources]
+    sources, folders = _collect_sources(paths, report, options.max_file_bytes)
     for source in sources:
         if source.corpus:
             check_columns(source.path, options.columns)
+    # One writer at a time: the plan, the leftovers sweep and every commit need the store to stand still.
+    if options.take_lock:
+        with store_write_lock(store.folder, options.lock_timeout_s):
+            _ingest_locked(paths, sources, folders, store, embedder, options, report, console)
+    else:
+        _ingest_locked(paths, sources, folders, store, embedder, options, report, console)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _ingest_locked(
+    paths: list[Path],
+    sources: list[Source],
+    folders: list[Path],
+    store: ChunkStore,
+    embedder: Embedder,
+    options: IngestOptions,
+    report: IngestReport,
+    console: Console | None,
+) -> None:
+    manifest = _open_or_create_manifest(store, paths, embedder)
+    base = Path(manifest.root)
+    sources = [Source(_key(source.path, base), source.path, source.corpus) for source in sources]
     report.files_seen = len(sources)
     report.leftovers_removed = len(store.remove_leftovers(manifest if store.exists() else None))
 
@@ -185,8 +209,6 @@ def ingest(
         )
         report.committed = report.committed or update.action != "unchanged"
         report.chunks_total = manifest.n_chunks
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def ingest_folder(
@@ -195,9 +217,11 @@ def ingest_folder(
     embedder: Embedder,
     index_factory: str | None = None,
     console: Console | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> IngestReport:
     """Bring `store` up to date with the documents under `root` (a folder or one file)."""
-    return ingest([root], store, embedder, IngestOptions(index_factory=index_factory), console)
+    options = IngestOptions(index_factory=index_factory, lock_timeout_s=lock_timeout_s)
+    return ingest([root], store, embedder, options, console)
 
 
 def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
@@ -215,7 +239,9 @@ def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _collect_sources(paths: list[Path], report: IngestReport) -> tuple[list[Source], list[Path]]:
+def _collect_sources(
+    paths: list[Path], report: IngestReport, max_file_bytes: int = MAX_FILE_BYTES
+) -> tuple[list[Source], list[Path]]:
     """Documents of every folder, plus named files (corpus files by extension); and the folders scanned."""
     sources: list[Source] = []
     folders: list[Path] = []
@@ -223,7 +249,7 @@ def _collect_sources(paths: list[Path], report: IngestReport) -> tuple[list[Sour
         if path.is_file() and corpus_kind(path):
             sources.append(Source("", path, corpus=True))
             continue
-        walk = walk_folder(path)
+        walk = walk_folder(path, max_file_bytes=max_file_bytes)
         if path.is_dir():
             folders.append(path.resolve())
             if not walk.files:

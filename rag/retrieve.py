@@ -37,9 +37,14 @@ class Retriever:
     def __init__(self, store: ChunkStore, embedder: Embedder) -> None:
         self.store = store
         self.embedder = embedder
-        self.manifest = store.read_manifest()
-        self.index = store.read_index(self.manifest)
-        chunks = store.read_chunks(self.manifest, columns=[*CHUNK_COLUMNS, "embedding"])
+        # One committed generation, read without the write lock: an ingest may be committing meanwhile.
+        self.manifest, self.index, chunks = store.read_committed(
+            lambda manifest: (
+                manifest,
+                store.read_index(manifest),
+                store.read_chunks(manifest, columns=[*CHUNK_COLUMNS, "embedding"]),
+            )
+        )
         self.embeddings = embeddings_of(chunks)  # row i ↔ self.rows[i]; for near-duplicate checks
         self.rows = chunks.drop_columns(["embedding"]).to_pylist()
         self.row_of_id = {row["chunk_id"]: i for i, row in enumerate(self.rows)}

@@ -15,8 +15,10 @@ otherwise tombstones (HNSW), filtered out of searches until the next rebuild.
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -30,6 +32,9 @@ from rag.errors import StoreError
 
 STORE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"  # of the manifest's own content: a garbled byte is caught on open
+READ_ATTEMPTS = 5
+T = TypeVar("T")
 _DATA_FILE = re.compile(r"(chunks-\d+(-\d+)?\.parquet|index-\d+\.faiss|\..+\.tmp)")
 
 
@@ -147,7 +152,8 @@ class ChunkStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def read_manifest(self, check_index: bool = True) -> Manifest:
+    def parse_manifest(self) -> Manifest:
+        """The manifest alone: readable, of this format, matching its own checksum (data files unchecked)."""
         if not self.exists():
             raise StoreError(
                 f"{self.folder}: no dsarag store here — run `dsarag ingest DIR --store {self.folder}`"
@@ -156,13 +162,23 @@ class ChunkStore:
             data = json.loads(self.manifest_path.read_text())
             if data.get("format") != STORE_FORMAT:
                 raise ValueError(f"store format {data.get('format')} (this dsarag reads {STORE_FORMAT})")
+            expected = data.pop(MANIFEST_CHECKSUM_KEY, None)  # absent in stores written before it existed
+            if expected is not None and expected != manifest_checksum(data):
+                raise ValueError("its content does not match its checksum: the file was altered or damaged")
             manifest = Manifest.from_json(data)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise StoreError(
-                f"{self.manifest_path}: unreadable manifest ({error}) — delete {self.folder} and ingest again"
+                f"{self.manifest_path}: unreadable manifest ({error}) — run `dsarag doctor --store "
+                f"{self.folder} --repair --docs DIR`, or delete {self.folder} and ingest again"
             ) from error
+        return manifest
+
+    def read_manifest(self, check_index: bool = True) -> Manifest:
+        manifest = self.parse_manifest()
         for shard in manifest.shards:
-            self._check_file(self.folder / shard.name, manifest, f"delete {self.folder} and ingest again")
+            self._check_file(
+                self.folder / shard.name, manifest, f"run `dsarag doctor --store {self.folder} --repair`"
+            )
         if check_index and manifest.index_file:
             self._check_file(
                 self.folder / manifest.index_file,
@@ -171,16 +187,39 @@ class ChunkStore:
             )
         return manifest
 
+    def read_committed(self, read: Callable[[Manifest], T], attempts: int = READ_ATTEMPTS) -> T:
+        """`read(manifest)` against the last committed state, without the write lock. A writer that commits
+        meanwhile may delete files the old manifest named (rewritten shards, the replaced index): the read is
+        then retried on the new commit; a failure on an unchanged manifest is real damage and is raised."""
+        for attempt in range(attempts):
+            before = self._manifest_bytes()
+            try:
+                return read(self.read_manifest())
+            except StoreError:
+                if attempt + 1 == attempts or self._manifest_bytes() == before:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _manifest_bytes(self) -> bytes:
+        try:
+            return self.manifest_path.read_bytes()
+        except OSError:
+            return b""
+
     def _check_file(self, path: Path, manifest: Manifest, fix: str) -> None:
-        """A truncated, garbled or replaced data file no longer matches the size and sha256 of its commit."""
-        expected = manifest.checksums.get(path.name)
-        if (
-            expected is None
-            or not path.is_file()
-            or path.stat().st_size != expected["size"]
-            or file_sha256(path) != expected["sha256"]
-        ):
+        if not self.file_intact(path.name, manifest):
             raise StoreError(f"{path}: missing or damaged store file (checksum mismatch) — {fix}")
+
+    def file_intact(self, name: str, manifest: Manifest) -> bool:
+        """A truncated, garbled or replaced data file no longer matches the size and sha256 of its commit."""
+        expected = manifest.checksums.get(name)
+        path = self.folder / name
+        return (
+            expected is not None
+            and path.is_file()
+            and path.stat().st_size == expected["size"]
+            and file_sha256(path) == expected["sha256"]
+        )
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
         path = self.folder / name
@@ -188,7 +227,7 @@ class ChunkStore:
             return pq.read_table(path, columns=columns, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as error:
             raise StoreError(
-                f"{path}: corrupt chunk file ({error}) — delete {self.folder} and ingest again"
+                f"{path}: corrupt chunk file ({error}) — run `dsarag doctor --store {self.folder} --repair`"
             ) from error
 
     def read_chunks(self, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
@@ -236,7 +275,8 @@ class ChunkStore:
         return index
 
     def write_manifest(self, manifest: Manifest) -> None:
-        atomic_write_json(self.manifest_path, manifest.to_json())
+        data = manifest.to_json()
+        atomic_write_json(self.manifest_path, data | {MANIFEST_CHECKSUM_KEY: manifest_checksum(data)})
 
     def commit_batch(
         self, manifest: Manifest, new_chunks: pa.Table | None, drop_sources: set[str]
@@ -307,6 +347,11 @@ class ChunkStore:
             (self.folder / name).unlink(missing_ok=True)
         return manifest
 
+    @staticmethod
+    def is_data_file(name: str) -> bool:
+        """A shard, index or temp file: what a writer creates (other files in the folder are left alone)."""
+        return bool(_DATA_FILE.fullmatch(name))
+
     def remove_leftovers(self, manifest: Manifest | None) -> list[str]:
         """Delete data and temp files no manifest names: what a killed writer left behind."""
         live = set(manifest.checksums) if manifest else set()
@@ -320,6 +365,12 @@ class ChunkStore:
 
     def file_sizes(self, manifest: Manifest) -> dict[str, int]:
         return {name: (self.folder / name).stat().st_size for name in sorted(manifest.checksums)}
+
+
+def manifest_checksum(data: dict) -> str:
+    """sha256 of the manifest's content in a canonical form (sorted keys, no whitespace)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _checksum(path: Path) -> dict:

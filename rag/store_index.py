@@ -25,6 +25,7 @@ from rag.index import (
     train,
     training_sample_size,
 )
+from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
 from rag.store import ChunkStore, Manifest, embeddings_of
 
 
@@ -82,6 +83,17 @@ def update_index(
         len(tombstones),
         time.perf_counter() - started,
     )
+
+
+def update_store_index(
+    store: ChunkStore,
+    factory: str | None = None,
+    rebuild: bool = False,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> IndexUpdate:
+    """`update_index` on the store's current commit, holding its write lock (`dsarag index build|rebuild`)."""
+    with store_write_lock(store.folder, lock_timeout_s):
+        return update_index(store, store.read_manifest(check_index=False), factory, rebuild=rebuild)
 
 
 def _build_from_shards(store: ChunkStore, manifest: Manifest, factory: str) -> faiss.Index:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rag.errors import EXIT_BAD_INPUT, EXIT_MISSING_INPUT, EXIT_PARTIAL_INGEST, EXIT_STORE
+from rag.store import ChunkStore
 
 
 @pytest.fixture
@@ -108,9 +109,10 @@ def test_corrupt_store_exits_4_and_is_left_as_it_was(small_docs, tmp_path, run_c
 def test_store_of_another_embedder_exits_4(small_docs, tmp_path, run_cli):
     store = tmp_path / "store"
     assert run_cli("ingest", str(small_docs), "--store", str(store))[0] == 0
-    manifest = json.loads((store / "manifest.json").read_text())
-    manifest["embedding_model"] = "e5-large"
-    (store / "manifest.json").write_text(json.dumps(manifest))
+    chunk_store = ChunkStore(store)  # a store written by another embedder (a valid manifest)
+    manifest = chunk_store.read_manifest()
+    manifest.embedding_model = "e5-large"
+    chunk_store.write_manifest(manifest)
     before = snapshot(store)
     (small_docs / "new.md").write_text("A new note.\n")
     code, _, err = run_cli("ingest", str(small_docs), "--store", str(store))

@@ -1,6 +1,5 @@
 """Incremental ingest into the Parquet + FAISS store, with the real embedder."""
 
-import json
 import os
 from pathlib import Path
 
@@ -110,9 +109,9 @@ def test_incremental_ingest_adds_changes_and_deletes_files(docs_folder, tmp_path
 def test_store_built_with_another_embedder_is_refused_and_left_unchanged(docs_folder, tmp_path, embedder):
     store = ChunkStore(tmp_path / "store")
     ingest_folder(docs_folder, store, embedder)
-    manifest = json.loads(store.manifest_path.read_text())
-    manifest["embedding_model"] = "some-other-embedder"
-    store.manifest_path.write_text(json.dumps(manifest))
+    manifest = store.read_manifest()  # as a store written by another embedder: a valid manifest
+    manifest.embedding_model = "some-other-embedder"
+    store.write_manifest(manifest)
     snapshot = {path.name: path.read_bytes() for path in store.folder.iterdir()}
     (docs_folder / "new.md").write_text("A new document.\n")
     with pytest.raises(StoreError, match="some-other-embedder"):
