@@ -19,6 +19,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def strip_citations(text: str) -> str:
+    """The reply without its [n] source markers, which are not part of the answer."""
+    return re.sub(r"\s*\[\d+\]", "", text)
+
+
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 when the normalized prediction equals one of the normalized answers."""
     normalized = normalize_answer(prediction)

@@ -10,7 +10,7 @@ reference document was among the packed sources), over the questions that name d
 from collections import defaultdict
 
 from evals.datasets import DEMO_QA, QAItem, load_qa
-from evals.metrics import contains_answer, exact_match, mean, token_f1
+from evals.metrics import contains_answer, exact_match, mean, strip_citations, token_f1
 from evals.qa_corpus import agent_answer, cited_sources, doc_of, qa_retriever, same_doc
 from evals.run import SuiteResult, SuiteRun, timed
 
@@ -18,6 +18,16 @@ NAME = "docqa"
 DESCRIPTION = "document QA through the agent: exact match, F1, answer in reply, citation accuracy"
 THRESHOLDS = ["answer_in_reply>=0.6", "citation_accuracy>=0.6"]
 MAX_NEW_TOKENS = 64
+
+
+def answer_scores(reply: str, answers: list[str]) -> dict:
+    """Exact match, F1 and answer-in-reply of a reply, its [n] citation markers left out."""
+    text = strip_citations(reply)
+    return {
+        "exact_match": exact_match(text, answers),
+        "f1": token_f1(text, answers),
+        "answer_in_reply": contains_answer(text, answers),
+    }
 
 
 def score(item: QAItem, reply: dict) -> dict:
@@ -30,9 +40,7 @@ def score(item: QAItem, reply: dict) -> dict:
         "reply": reply["answer"],
         "strategy": reply["strategy"],
         "kind": item.meta.get("kind", ""),
-        "exact_match": exact_match(reply["answer"], item.answers),
-        "f1": token_f1(reply["answer"], item.answers),
-        "answer_in_reply": contains_answer(reply["answer"], item.answers),
+        **answer_scores(reply["answer"], item.answers),
         "cited": cited,
         "attention": reply["attention"],
     }
@@ -52,6 +60,11 @@ def run(run: SuiteRun) -> SuiteResult:
         rows.append(
             run.log.run(item.id, lambda item=item: timed(lambda: score(item, agent_answer(run, retriever, item.question, **ask))))
         )  # fmt: skip
+    return docqa_result(rows, run.generator().name)
+
+
+def docqa_result(rows: list[dict], model: str) -> SuiteResult:
+    """The suite's metrics and per-kind table from its item rows."""
     judged = [row for row in rows if "citation_ok" in row]
     metrics = {
         "exact_match": mean([row["exact_match"] for row in rows]),
@@ -77,4 +90,4 @@ def run(run: SuiteRun) -> SuiteResult:
         for kind, group in sorted(by_kind.items())
     ]
     misses = [{"id": r["id"], "question": r["question"], "answers": r["answers"], "reply": r["reply"]} for r in rows if not r["answer_in_reply"]]  # fmt: skip
-    return SuiteResult(metrics, table, [], {"model": run.generator().name, "misses": misses})
+    return SuiteResult(metrics, table, [], {"model": model, "misses": misses})
