@@ -159,12 +159,12 @@ def decode_row(length: int, batch: int) -> dict:
     scores = torch.empty(batch, 1, length, dtype=torch.bfloat16, device=device)
     scale = HEAD_DIM**-0.5
 
-    def dsa(fp8: bool):
+    def dsa(fp8: bool, split: int | None = None):
         if fp8:
             index_scores(q8, idx_w, k8, length - 1, 4, 64, q_scale, k_scale, out=scores)
         else:
             index_scores(idx_q, idx_w, idx_k, length - 1, 4, 64, out=scores)
-        indices = topk_select(scores, length - 1, length, TOPK)
+        indices = topk_select(scores, length - 1, length, TOPK, split=split)
         return sparse_attention_decode(q, k, v, indices, scale)
 
     def dense():
@@ -175,6 +175,9 @@ def decode_row(length: int, batch: int) -> dict:
     row["dense_ms"] = time_ms(graphed(dense))
     row["dsa_ms"] = time_ms(graphed(lambda: dsa(False)))
     row["dsa_fp8_ms"] = time_ms(graphed(lambda: dsa(True)))
+    row["dsa_one_program_per_row_ms"] = time_ms(
+        graphed(lambda: dsa(False, split=1))
+    )  # before the split top-k
     row["speedup"] = row["dense_ms"] / row["dsa_ms"]
     row["speedup_fp8"] = row["dense_ms"] / row["dsa_fp8_ms"]
     return row
@@ -286,6 +289,7 @@ def main() -> None:
     parser.add_argument("--e2e-lengths", default="8192,32768,131072")
     parser.add_argument("--decode-batches", default="1,16")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-layers", action="store_true", help="decode rows (and e2e) only")
     parser.add_argument("--tune", type=int, help="only sweep launch parameters at this length")
     args = parser.parse_args()
     if args.tune:
@@ -304,7 +308,7 @@ def main() -> None:
         "e2e": [],
     }
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
-    for length in lengths:
+    for length in [] if args.skip_layers else lengths:
         result["layer"].append(layer_row(length, fp8))
         print(json.dumps(result["layer"][-1]), flush=True)
     for length in lengths:

@@ -186,23 +186,30 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
 
 @triton.jit
 def _topk_candidates_kernel(
-    scores_ptr, cand_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
+    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
-    SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+    SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Fast path: a threshold from a sorted sample of the row keeps a few x topk candidates in one pass, and
-    the exact radix select runs on those. status[row] = -1 when done, else the row needs `_topk_full_kernel`."""
-    row, batch = tl.program_id(0), tl.program_id(1)
+    the exact radix select runs on those. status[row] = -1 when done, else the row needs `_topk_full_kernel`.
+
+    With SPLIT > 1 (few rows, as in decode) SPLIT programs share a row: each computes the same threshold and
+    collects the candidates of its segment into its own `capacity` slots; `_topk_merge_kernel` then joins
+    the segments in key order and selects."""
+    row, batch, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     row_out = out_ptr + batch * stride_ob + row * stride_ot
-    row_cands = cand_ptr + batch * stride_cb + row * stride_ct
+    row_cands = cand_ptr + batch * stride_cb + row * stride_ct + part * capacity
     row_status = status_ptr + batch * n_queries + row
     row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
     if row_len <= topk:  # every key is selected; the rest are unused slots
-        for start in range(0, topk, BLOCK):
-            slots = start + tl.arange(0, BLOCK)
-            tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
-        tl.store(row_status, -1)
+        if part == 0:
+            for start in range(0, topk, BLOCK):
+                slots = start + tl.arange(0, BLOCK)
+                tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
+            tl.store(row_status, -1)
+        if SPLIT > 1:
+            tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, -1)
         return
 
     # The sample rank keeps ~1.25 x topk keys above the threshold, plus a margin of 4 standard deviations.
@@ -212,19 +219,58 @@ def _topk_candidates_kernel(
     rank = tl.minimum(expected * 1.25 + 4.0 * tl.sqrt(expected) + 8.0, SAMPLE - 1).to(tl.int32)
     threshold = tl.sum(tl.where(tl.arange(0, SAMPLE) == rank, sample, 0), 0)
 
+    segment = tl.cdiv(tl.cdiv(row_len, SPLIT), BLOCK) * BLOCK
+    seg_end = tl.minimum(part * segment + segment, row_len)
     n_cands = 0
-    for start in range(0, row_len, BLOCK):
+    for start in range(part * segment, seg_end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        key = _order_key(tl.load(row_scores + cols, mask=cols < row_len, other=float("-inf")))
-        keep = (cols < row_len) & (key >= threshold)
+        key = _order_key(tl.load(row_scores + cols, mask=cols < seg_end, other=float("-inf")))
+        keep = (cols < seg_end) & (key >= threshold)
         slot = n_cands + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(row_cands + slot, cols, mask=keep & (slot < capacity))
         n_cands += tl.sum(keep.to(tl.int32), 0)
-    if (n_cands >= topk) & (n_cands <= capacity):
+    if SPLIT > 1:
+        tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, n_cands)
+    elif (n_cands >= topk) & (n_cands <= capacity):
         _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, INDIRECT=True)
         tl.store(row_status, -1)
     else:
         tl.store(row_status, n_cands)
+
+
+@triton.jit
+def _topk_merge_kernel(
+    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, n_queries, topk, capacity,
+    stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
+    BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Second level of a split row: move the segments' candidates together (in key order) and select."""
+    row, batch = tl.program_id(0), tl.program_id(1)
+    counts = count_ptr + (batch * n_queries + row) * SPLIT
+    parts = tl.load(counts + tl.arange(0, SPLIT))
+    if tl.min(parts, 0) < 0:  # a short row, settled by the first level
+        return
+    total = tl.sum(parts, 0)
+    row_status = status_ptr + batch * n_queries + row
+    if (total < topk) | (total > capacity):  # a segment over capacity lost candidates: total is too
+        tl.store(row_status, total)
+        return
+    row_cands = cand_ptr + batch * stride_cb + row * stride_ct
+    # Segment p moves from p * capacity to the sum of the counts before it: always leftwards, never onto
+    # its own source (the sum is at most capacity), so a block-by-block copy is safe.
+    offset = tl.load(counts)
+    for p in range(1, SPLIT):
+        n = tl.load(counts + p)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            cols = tl.load(row_cands + p * capacity + i, mask=i < n, other=0)
+            tl.store(row_cands + offset + i, cols, mask=i < n)
+        offset += n
+    tl.debug_barrier()  # the select reads candidates other threads of this program just moved
+    row_scores = scores_ptr + batch * stride_sb + row * stride_st
+    _radix_topk(row_scores, row_cands, out_ptr + batch * stride_ob + row * stride_ot, total, topk,
+                BLOCK=BLOCK, INDIRECT=True)  # fmt: skip
+    tl.store(row_status, -1)
 
 
 @triton.jit
@@ -252,10 +298,12 @@ def topk_select(
     block: int = 1024,
     num_warps: int = 4,
     sample: int | None = None,
+    split: int | None = None,
 ) -> Tensor:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
-    Exact on the bf16 scores; among equal scores at the threshold the lowest positions win.
+    Exact on the bf16 scores; among equal scores at the threshold the lowest positions win. `split`: programs
+    per row (None: enough to fill the GPU when there are few rows, as in decode; a power of two).
     """
     batch, n_queries, _ = scores.shape
     if out is None:
@@ -263,13 +311,23 @@ def topk_select(
     capacity = 4 * topk
     if sample is None:  # 1024 keys at long context, fewer for short rows (the sort is per row)
         sample = max(16, min(1024, triton.next_power_of_2(n_keys) // 8))
-    candidates = torch.empty(batch, n_queries, capacity, dtype=torch.int32, device=scores.device)
+    if split is None:  # ≈ 256 programs in all, each segment at least 8 blocks long
+        split = max(1, min(256 // (batch * n_queries), n_keys // (8 * block)))
+        split = 1 << (split.bit_length() - 1)
+    candidates = torch.empty(batch, n_queries, split * capacity, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(batch, n_queries, split, dtype=torch.int32, device=scores.device)
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
-    _topk_candidates_kernel[(n_queries, batch)](
-        scores, candidates, status, out, n_queries, q_start, n_keys, topk, capacity,
+    _topk_candidates_kernel[(n_queries, batch, split)](
+        scores, candidates, counts, status, out, n_queries, q_start, n_keys, topk, capacity,
         scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0), out.stride(1),
-        SAMPLE=sample, BLOCK=block, num_warps=num_warps,
+        SAMPLE=sample, BLOCK=block, SPLIT=split, num_warps=num_warps,
     )  # fmt: skip
+    if split > 1:
+        _topk_merge_kernel[(n_queries, batch)](
+            scores, candidates, counts, status, out, n_queries, topk, capacity,
+            scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
+            out.stride(1), BLOCK=block, SPLIT=split, num_warps=num_warps,
+        )  # fmt: skip
     _topk_full_kernel[(n_queries, batch)](
         scores, status, out, n_queries, q_start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),

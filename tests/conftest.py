@@ -33,6 +33,18 @@ def embedder_tokenizer_json(embedder) -> Path:
 
 
 @pytest.fixture
+def small_docs(tmp_path: Path) -> Path:
+    """Two short documents (a kitchen note and a bike-workshop note) in a fresh folder."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "kitchen.md").write_text(
+        "# Kitchen\n\nThe community kitchen serves lunch at noon on weekdays.\n"
+    )
+    (folder / "bikes.txt").write_text("The bike workshop lends tools for a deposit of 20 euros.\n")
+    return folder
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Run `dsarag ARGS…` in-process; return (exit code, stdout, stderr)."""
 

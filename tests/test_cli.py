@@ -4,21 +4,8 @@ the store unchanged, no traceback."""
 import json
 from pathlib import Path
 
-import pytest
-
 from rag.errors import EXIT_BAD_INPUT, EXIT_MISSING_INPUT, EXIT_PARTIAL_INGEST, EXIT_STORE
 from rag.store import ChunkStore
-
-
-@pytest.fixture
-def small_docs(tmp_path: Path) -> Path:
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "kitchen.md").write_text(
-        "# Kitchen\n\nThe community kitchen serves lunch at noon on weekdays.\n"
-    )
-    (folder / "bikes.txt").write_text("The bike workshop lends tools for a deposit of 20 euros.\n")
-    return folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.datasets import contexts_corpus, load_beir, load_qa
+from evals.datasets import contexts_corpus, folder_text, load_beir, load_qa, synthetic_text
 from evals.metrics import (
     contains_answer,
     exact_match,
@@ -17,7 +17,7 @@ from evals.metrics import (
 )
 from evals.run import EXIT_THRESHOLD, EvalOptions, ItemLog, check_thresholds, parse_threshold
 from evals.runner import run_suite, suite_thresholds
-from rag.errors import EXIT_BAD_INPUT, BadInputError
+from rag.errors import EXIT_BAD_INPUT, BadInputError, MissingInputError
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
@@ -121,6 +121,20 @@ def test_beir_folder_reads_judged_queries_and_graded_qrels(tmp_path):
         set(beir.queries) == {"q1", "q2", "q3"}
         and beir.qrels["q2"] == {"bakery": 2.0}
         and beir.split == "test"
+    )
+
+
+def test_a_text_folder_becomes_a_haystack_and_an_empty_one_is_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("# Minutes\n\nThe board met on Tuesday.\n")
+    (tmp_path / "notes" / "b.txt").write_text("The roof was repaired.\n")
+    text = folder_text(tmp_path / "notes")
+    assert "The board met on Tuesday." in text and "The roof was repaired." in text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingInputError, match="no readable text for a haystack"):
+        folder_text(tmp_path / "empty")
+    assert len(synthetic_text(5000, seed=1)) >= 5000 and synthetic_text(5000, seed=1) == synthetic_text(
+        5000, seed=1
     )
 
 

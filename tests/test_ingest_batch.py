@@ -16,6 +16,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from rag.crash_harness import TOPICS
 from rag.errors import EXIT_BAD_INPUT, EXIT_PARTIAL_INGEST
 from rag.index import search
 from rag.ingest import IngestOptions, ingest
@@ -24,14 +25,6 @@ from rag.store import ChunkStore
 from rag.store_index import update_index
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = [
-    "bike repairs",
-    "solar panels",
-    "the kitchen rota",
-    "membership fees",
-    "the tool library",
-    "rainwater",
-]
 
 
 def records(n: int, prefix: str = "r") -> list[dict]:

@@ -58,6 +58,27 @@ def test_topk_select_keeps_the_largest_scores_and_pads_short_rows():
             assert torch.equal(mine, best)  # the same scores (ties may pick other positions)
 
 
+@pytest.mark.parametrize("split", [2, 4])
+def test_topk_select_split_across_programs_matches_the_reference(split):
+    """Decode-shaped rows: several programs per row collect candidates by segment, a second pass merges."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 2, 300, generator=generator).to(DEVICE, torch.bfloat16)
+    scores[:, :, 5] = float("inf")
+    got = topk_select(scores, q_start=250, n_keys=300, topk=24, block=64, split=split)
+    want = topk_select_reference(scores, q_start=250, n_keys=300, topk=24)
+    for b in range(3):
+        for row in range(2):
+            mine = scores[b, row, got[b, row].long()].float().sort().values
+            assert torch.equal(mine, scores[b, row, want[b, row].long()].float().sort().values)
+            assert len(set(got[b, row].tolist())) == 24
+    short = topk_select(scores, q_start=0, n_keys=300, topk=24, block=64, split=split)  # rows of 1–2 keys
+    assert short[0, 1, :3].tolist() == [0, 1, -1]
+    ties = topk_select(
+        torch.zeros(1, 1, 30, dtype=torch.bfloat16, device=DEVICE), 29, 30, 10, block=16, split=split
+    )
+    assert sorted(ties[0, 0].tolist()) == list(range(10))  # segments are joined in key order
+
+
 def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
     """Large scores exactly at the sampled positions push the threshold too high: the exact pass must run."""
     generator = torch.Generator().manual_seed(2)

@@ -21,17 +21,6 @@ from rag.store import ChunkStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def docs(tmp_path: Path) -> Path:
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "kitchen.md").write_text(
-        "# Kitchen\n\nThe community kitchen serves lunch at noon on weekdays.\n"
-    )
-    (folder / "bikes.txt").write_text("The bike workshop lends tools for a deposit of 20 euros.\n")
-    return folder
-
-
 def hold_lock(store: Path, seconds: float) -> subprocess.Popen:
     """Another process that holds the store's write lock for `seconds` (started once it holds it)."""
     code = (
@@ -53,15 +42,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-def test_second_ingest_times_out_with_one_line_naming_store_and_holder_pid(docs, tmp_path, run_cli, embedder):
+def test_second_ingest_times_out_with_one_line_naming_store_and_holder_pid(
+    small_docs, tmp_path, run_cli, embedder
+):
     store = tmp_path / "store"
-    ingest_folder(docs, ChunkStore(store), embedder)
-    (docs / "new.md").write_text("A new note about the tool library.\n")
+    ingest_folder(small_docs, ChunkStore(store), embedder)
+    (small_docs / "new.md").write_text("A new note about the tool library.\n")
     holder = hold_lock(store, 30)
     try:
         before = {name: data for name, data in snapshot(store).items() if name != LOCK_NAME}
         started = time.monotonic()
-        code, _, err = run_cli("ingest", str(docs), "--store", str(store), "--lock-timeout", "0.5")
+        code, _, err = run_cli("ingest", str(small_docs), "--store", str(store), "--lock-timeout", "0.5")
         waited = time.monotonic() - started
         assert code == EXIT_LOCKED and 0.5 <= waited < 10
         lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -74,11 +65,11 @@ def test_second_ingest_times_out_with_one_line_naming_store_and_holder_pid(docs,
         holder.wait()
 
 
-def test_a_waiting_ingest_runs_once_the_holder_finishes(docs, tmp_path, embedder):
+def test_a_waiting_ingest_runs_once_the_holder_finishes(small_docs, tmp_path, embedder):
     store = ChunkStore(tmp_path / "store")
     holder = hold_lock(store.folder, 1.5)
     started = time.monotonic()
-    report = ingest_folder(docs, store, embedder, lock_timeout_s=30)
+    report = ingest_folder(small_docs, store, embedder, lock_timeout_s=30)
     assert time.monotonic() - started >= 1.0  # it waited for the holder, then ingested
     assert holder.wait() == 0 and report.added == 2 and store.read_manifest().n_chunks == 2
     assert lock_holder(store.folder) is None and not (store.folder / LOCK_NAME).exists()
@@ -93,32 +84,36 @@ def test_a_writer_killed_by_sigkill_never_leaves_the_store_locked(tmp_path):
         assert json.loads((tmp_path / "store" / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
-def test_ask_during_an_ingest_reads_the_last_committed_state_without_waiting(docs, tmp_path, embedder):
+def test_ask_during_an_ingest_reads_the_last_committed_state_without_waiting(small_docs, tmp_path, embedder):
     store = ChunkStore(tmp_path / "store")
-    ingest_folder(docs, store, embedder)
-    (docs / "kitchen.md").write_text("# Kitchen\n\nThe kitchen is closed for renovation until May.\n")
+    ingest_folder(small_docs, store, embedder)
+    (small_docs / "kitchen.md").write_text("# Kitchen\n\nThe kitchen is closed for renovation until May.\n")
     holder = hold_lock(store.folder, 30)
     try:
         started = time.monotonic()
-        assert refresh_store(docs, store, embedder, console=None) is None  # `ask --docs`: no wait, no ingest
+        assert (
+            refresh_store(small_docs, store, embedder, console=None) is None
+        )  # `ask --docs`: no wait, no ingest
         hits = Retriever(store, embedder).semantic("When does the kitchen serve lunch?", 2)
         assert time.monotonic() - started < 10
         assert "lunch at noon" in hits[0].text  # the committed state, not the file being changed
     finally:
         holder.kill()
         holder.wait()
-    assert refresh_store(docs, store, embedder, console=None).changed == 1  # lock free: ask refreshes again
+    assert (
+        refresh_store(small_docs, store, embedder, console=None).changed == 1
+    )  # lock free: ask refreshes again
 
 
-def test_a_reader_retries_on_the_new_commit_when_a_writer_removed_its_files(docs, tmp_path, embedder):
+def test_a_reader_retries_on_the_new_commit_when_a_writer_removed_its_files(small_docs, tmp_path, embedder):
     store = ChunkStore(tmp_path / "store")
-    ingest_folder(docs, store, embedder)
+    ingest_folder(small_docs, store, embedder)
     calls = []
 
     def read(manifest):
         if not calls:  # a writer commits between this reader's manifest and its file reads
-            (docs / "kitchen.md").write_text("# Kitchen\n\nLunch moves to one o'clock.\n")
-            ingest_folder(docs, store, embedder)
+            (small_docs / "kitchen.md").write_text("# Kitchen\n\nLunch moves to one o'clock.\n")
+            ingest_folder(small_docs, store, embedder)
         calls.append(manifest.generation)
         return store.read_index(manifest), store.read_chunks(manifest, ["text"])
 
@@ -132,18 +127,18 @@ def test_a_reader_retries_on_the_new_commit_when_a_writer_removed_its_files(docs
         store.read_committed(lambda manifest: store.read_chunks(manifest))
 
 
-def test_two_concurrent_ingests_of_one_store_serialize_without_duplicates(docs, tmp_path, embedder):
+def test_two_concurrent_ingests_of_one_store_serialize_without_duplicates(small_docs, tmp_path, embedder):
     """Without the lock both would plan every file as new and commit it twice."""
     import threading
 
     for i in range(6):
-        (docs / f"extra-{i}.md").write_text(f"# Extra {i}\n\nNote {i} about the repair café.\n")
+        (small_docs / f"extra-{i}.md").write_text(f"# Extra {i}\n\nNote {i} about the repair café.\n")
     store = ChunkStore(tmp_path / "store")
     reports, errors = [], []
 
     def run() -> None:
         try:
-            reports.append(ingest_folder(docs, store, embedder, lock_timeout_s=60))
+            reports.append(ingest_folder(small_docs, store, embedder, lock_timeout_s=60))
         except Exception as error:  # surfaced by the assertion below
             errors.append(error)
 
