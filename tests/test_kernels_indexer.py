@@ -24,9 +24,10 @@ def indexer_inputs(batch: int, n_queries: int, n_keys: int, heads: int = 2, dim:
     return (t.to(DEVICE, torch.bfloat16) for t in (q, w, k))
 
 
-@pytest.mark.parametrize("q_start", [0, 37])
-def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start):
-    q, w, k = indexer_inputs(batch=2, n_queries=70, n_keys=q_start + 70)
+@pytest.mark.parametrize(("q_start", "n_queries"), [(0, 70), (37, 70), (300, 1), (290, 11)])
+def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start, n_queries):
+    """Prefill-shaped (64-row tiles) and decode-shaped (≤ 16 queries: 16-row tiles) calls."""
+    q, w, k = indexer_inputs(batch=2, n_queries=n_queries, n_keys=q_start + n_queries)
     got = index_scores(q, w, k, q_start, n_sink=2, window=4).float()
     want = index_scores_reference(q, w, k, q_start, n_sink=2, window=4)
     for row in range(q.shape[1]):  # tiles wholly in the future are never written: compare the causal prefix
