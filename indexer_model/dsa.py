@@ -24,6 +24,7 @@ class DSAConfig:
     index_dim: int = 64
     kernels: str = "auto"  # "triton" (GPU kernels), "torch" (reference path), "auto": triton on CUDA
     fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
 
     def runs_dense(self, n_keys: int) -> bool:
         """Below the threshold, or with k covering every key, sparse attention would equal dense anyway."""

@@ -234,8 +234,8 @@ class Transformer(nn.Module):
         `dsa` switches attention to DeepSeek Sparse Attention for this call (needs attached indexers)."""
         x = self.tok_embeddings(idx)
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
-        for layer in self.layers:
-            x = layer(x, rope, input_pos, dsa)
+        for number, layer in enumerate(self.layers):
+            x = layer(x, rope, input_pos, None if dsa is None or number in dsa.dense_layers else dsa)
         if last_logits_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

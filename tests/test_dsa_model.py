@@ -63,6 +63,23 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
     assert torch.isfinite(step).all()
 
 
+def test_dense_layers_run_dense_and_the_others_stay_sparse(tiny, long_prompt):
+    model = tiny.model
+    prompt = torch.tensor([long_prompt])
+    positions = torch.arange(len(long_prompt))
+
+    def logits(dsa: DSAConfig | None) -> torch.Tensor:
+        with torch.inference_mode():
+            model.setup_caches(1, len(long_prompt) + 1)
+            return model(prompt, positions, dsa=dsa).float()
+
+    sparse = DSAConfig(topk=128, dense_threshold=0)
+    every_layer = tuple(range(model.args.n_layer))
+    assert torch.equal(logits(DSAConfig(topk=128, dense_threshold=0, dense_layers=every_layer)), logits(None))
+    edges = logits(DSAConfig(topk=128, dense_threshold=0, dense_layers=(0, model.args.n_layer - 1)))
+    assert not torch.equal(edges, logits(None)) and not torch.equal(edges, logits(sparse))
+
+
 def test_trained_indexer_keeps_more_attention_mass_than_a_random_one(tiny, long_prompt):
     dtype = tiny.model.output.weight.dtype
     model = tiny.model.float()
