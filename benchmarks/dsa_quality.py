@@ -341,10 +341,15 @@ def cpu_timing_section(
     log: Callable[[str], None],
     modes: tuple[str, ...] = ("dense", "dsa"),
 ) -> dict:
-    """Prefill seconds per length, dense (no indexer attached) then DSA at `topk`; one measurement each.
+    """Prefill seconds per length in the CPU's default dtype, dense (no indexer attached) then DSA at `topk`;
+    one measurement each.
     A length is skipped when even a linear extrapolation of the previous one exceeds `limit_s` (attention and
     the indexer grow quadratically, so the real time would be longer still)."""
-    section: dict = {"topk": topk, "dtype": "bfloat16", "threads": torch.get_num_threads(), "lengths": {}}
+    from indexer_model.weights import default_dtype
+
+    model.to(default_dtype("cpu"))  # what `dsarag ask` runs on this CPU: fp32 unless it has fast bf16
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    section: dict = {"topk": topk, "dtype": dtype, "threads": torch.get_num_threads(), "lengths": {}}
     for length in lengths:
         section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations

@@ -169,7 +169,9 @@ def ask(
     attention: Annotated[
         str,
         typer.Option(
-            "--attention", help="dense | sparse (DSA even on short contexts) | auto (DSA from 2048 tokens)."
+            "--attention",
+            help="dense | sparse (DSA even on short contexts) | auto (DSA where it is measured faster than "
+            "dense on this device: nowhere yet, docs/dsa-quality.md).",
         ),
     ] = "auto",
     topk: Annotated[

@@ -47,11 +47,20 @@ def decode_one_token(
     return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
 
 
-def choose_attention(mode: str, n_context: int, topk: int | None, has_indexers: bool) -> DSAConfig | None:
+# Prompt length from which a DSA prefill is measured faster than a dense one, per device type; None: slower at
+# every length measured (CPU: up to 16K tokens, docs/dsa-quality.md section 4; H100: up to 128K, end to end,
+# docs/benchmarks.md). `auto` stays dense below it: sparse would be slower and less exact.
+SPARSE_FASTER_FROM: dict[str, int | None] = {"cpu": None, "cuda": None}
+
+
+def choose_attention(
+    mode: str, n_context: int, topk: int | None, has_indexers: bool, device: str = "cpu"
+) -> DSAConfig | None:
     """The attention of one generation: None for dense, else the DSA config.
 
-    dense: always dense. sparse: DSA even on short contexts (k below the context length). auto: DSA once the
-    context reaches the dense threshold and k < context, when a trained indexer is attached."""
+    dense: always dense. sparse: DSA even on short contexts (k below the context length). auto: DSA when a
+    trained indexer is attached, k < context, and the context reaches both the dense threshold and the length
+    from which DSA is measured faster on `device` (SPARSE_FASTER_FROM)."""
     default = DSAConfig()
     if mode == "dense":
         return None
@@ -65,7 +74,10 @@ def choose_attention(mode: str, n_context: int, topk: int | None, has_indexers: 
     if mode != "auto":
         raise ValueError(f"attention mode {mode!r}: use dense, sparse or auto")
     k = topk or default.topk
-    if not has_indexers or n_context < default.dense_threshold or k >= n_context:
+    faster_from = SPARSE_FASTER_FROM.get(device)
+    if faster_from is None or n_context < max(faster_from, default.dense_threshold):
+        return None
+    if not has_indexers or k >= n_context:
         return None
     return DSAConfig(topk=k)
 
@@ -234,7 +246,8 @@ class Generator:
     ) -> GenerationResult:
         """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention)."""
         prompt_ids = self.chat_prompt_ids(messages)
-        dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers)
+        device = self.model.tok_embeddings.weight.device.type
+        dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers, device)
         return generate(
             self.model,
             prompt_ids,

@@ -127,6 +127,20 @@ def test_dsa_attention_sparse_path_attends_to_the_selected_keys():
     assert not torch.allclose(out[:, :, 10:], sdpa_causal(q, k, v)[:, :, 10:], atol=1e-3)
 
 
+def test_dsa_attention_prefill_chunk_straddling_topk_matches_the_selected_keys():
+    """A chunk whose first queries see fewer than k keys (run dense) and whose later ones select (sparse)."""
+    q, k, v = random_qkv(seq_len=40, n_keys=40)
+    idx_q, idx_w, idx_k = random_index_inputs(40)
+    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=0)
+    chunk, positions = slice(6, 40), torch.arange(6, 40)
+    out = dsa_attention(
+        q[:, :, chunk], k, v, idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, n_keys=40, cfg=cfg
+    )
+    indices = select_topk(idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, 40, topk=10, n_sink=2, window=3)
+    expected = masked_dense_attention_reference(q[:, :, chunk], k, v, indices, HEAD_DIM**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dsa_attention_decodes_one_token_against_a_preallocated_cache():
     q, k, v = random_qkv(seq_len=1, n_keys=64)  # 64 rows allocated, 25 filled
     idx_q, idx_w, idx_k = random_index_inputs(64)
