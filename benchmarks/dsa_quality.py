@@ -858,8 +858,10 @@ def _cpu_markdown(timing: dict, data: dict) -> list[str]:
         "## 4. CPU prefill time",
         "",
         f"One prefill per length, {timing['dtype']}, {timing['threads']} threads, last logits only; dense without "
-        f"indexers, DSA with k = {timing['topk']} through the PyTorch reference path (blockwise top-k, gather "
-        "attention). One measurement each.",
+        f"indexers, DSA with k = {timing['topk']} through the CPU path (blockwise top-k; each block of queries "
+        "gathers the union of its selections once; the first k queries, which select every earlier key, run "
+        "dense). One measurement each. Where the time goes per layer: `benchmarks/dsa_cpu_layer.py` "
+        "(docs/benchmarks.md).",
         "",
         "Load: the machine's 1-minute load average before / after each timing (other work shared its cores).",
         "",

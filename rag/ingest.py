@@ -447,7 +447,9 @@ def _mtime_date(path: Path) -> date:
 
 
 def default_workers() -> int:
-    return max(1, (os.cpu_count() or 2) - 1)
+    """One reader/chunker per usable core but one (the embedder's): taskset and container limits count."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, usable - 1)
 
 
 def _run_pool(

@@ -19,7 +19,7 @@ import pytest
 from rag.crash_harness import TOPICS
 from rag.errors import EXIT_BAD_INPUT, EXIT_PARTIAL_INGEST
 from rag.index import search
-from rag.ingest import IngestOptions, ingest
+from rag.ingest import IngestOptions, default_workers, ingest
 from rag.retrieve import Retriever
 from rag.store import ChunkStore
 from rag.store_index import update_index
@@ -292,3 +292,11 @@ def test_ray_engine_gives_the_same_store_as_the_local_engine(tmp_path, embedder)
         np.stack(local_vectors.column("embedding").to_numpy(zero_copy_only=False)),
         atol=1e-4,
     )
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_workers() == 3  # taskset -c 0-3 on a 64-core host: 3 chunkers beside the embedder
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_workers() == 1
