@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# Ray Data (the optional `ray` extra), so the tests run `--engine ray` on a local Ray instance;
+	# where it cannot install, those tests are skipped with the reason.
+	$(BIN)/pip install -q -e '.[ray]' || echo "ray extra not installed: the --engine ray tests will be skipped"
 	touch $(STAMP)
 
 models: $(STAMP)

@@ -200,8 +200,11 @@ def _ingest_locked(
 
     if store.exists():
         manifest = writer.manifest
+        fill = None
+        if options.engine == "ray":  # IVF shards are added on the cluster and merged
+            from rag.ingest_ray import fill_on_ray as fill
         with (console or Console(stderr=True, quiet=True)).status(f"indexing {manifest.n_chunks} chunks"):
-            update = update_index(store, manifest, options.index_factory)
+            update = update_index(store, manifest, options.index_factory, fill=fill)
         report.index_factory, report.index_action, report.index_seconds = (
             update.factory,
             update.action,

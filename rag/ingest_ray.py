@@ -13,6 +13,9 @@ import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
+import numpy as np
+
 from rag.embed import Embedder
 from rag.errors import BadInputError
 from rag.ingest import (
@@ -26,6 +29,8 @@ from rag.ingest import (
     init_worker,
     work_items,
 )
+from rag.store import ChunkStore
+from rag.store_index import add_shards
 
 
 class _ReadAndChunk:
@@ -102,3 +107,31 @@ def run_ray_pipeline(
     )
     for row in dataset.iter_rows():
         yield pickle.loads(row["result"])
+
+
+def _add_shard_remote(index_bytes: np.ndarray, store_folder: str, shard_name: str) -> np.ndarray:
+    """Ray task: the trained, empty index with one shard's vectors added, serialized."""
+    index = add_shards(ChunkStore(Path(store_folder)), faiss.deserialize_index(index_bytes), [shard_name])
+    return faiss.serialize_index(index)
+
+
+def fill_on_ray(store: ChunkStore, index: faiss.Index, shard_names: list[str]) -> faiss.Index:
+    """IVF indexes: Ray tasks add the shards to copies of the trained index (one task per shard, on the
+    cluster's CPUs) and the driver merges their inverted lists. Other indexes (Flat below the IVF threshold,
+    HNSW graphs, which cannot be merged) are filled here, one shard at a time."""
+    import ray
+
+    if faiss.try_extract_index_ivf(index) is None or len(shard_names) < 2:
+        return add_shards(store, index, shard_names)
+    trained = ray.put(faiss.serialize_index(index))
+    task = ray.remote(_add_shard_remote)
+    parts = [task.remote(trained, str(store.folder), name) for name in shard_names]
+    # FAISS merges inverted lists only without an id -> list map: drop it, merge, and build it again.
+    map_type = faiss.extract_index_ivf(index).direct_map.type
+    faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.NoMap)
+    for part in parts:  # in shard order, so the lists come out as a local build orders them
+        shard_index = faiss.deserialize_index(ray.get(part))
+        faiss.extract_index_ivf(shard_index).set_direct_map_type(faiss.DirectMap.NoMap)
+        index.merge_from(shard_index, 0)
+    faiss.extract_index_ivf(index).set_direct_map_type(map_type)
+    return index

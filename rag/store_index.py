@@ -8,6 +8,7 @@ shards one at a time, so memory holds one shard of embeddings besides the index 
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -28,6 +29,9 @@ from rag.index import (
 from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
 from rag.store import ChunkStore, Manifest, embeddings_of
 
+# Adds a store's shards (names) to a trained, empty index and returns the filled index.
+ShardFiller = Callable[[ChunkStore, faiss.Index, list[str]], faiss.Index]
+
 
 @dataclass
 class IndexUpdate:
@@ -45,9 +49,14 @@ def target_factory(manifest: Manifest, factory: str | None = None) -> str:
 
 
 def update_index(
-    store: ChunkStore, manifest: Manifest, factory: str | None = None, rebuild: bool = False
+    store: ChunkStore,
+    manifest: Manifest,
+    factory: str | None = None,
+    rebuild: bool = False,
+    fill: ShardFiller | None = None,
 ) -> IndexUpdate:
-    """Bring the index file up to date with the manifest's shards and commit it; return what was done."""
+    """Bring the index file up to date with the manifest's shards and commit it; return what was done.
+    A rebuild adds the shards with `fill` (default: one after another, here)."""
     started = time.perf_counter()
     if factory:
         manifest.index_override = normalize_factory(factory)
@@ -74,7 +83,7 @@ def update_index(
     else:
         rebuild = True
     if rebuild:
-        index, tombstones = _build_from_shards(store, manifest, target), set()
+        index, tombstones = _build_from_shards(store, manifest, target, fill or add_shards), set()
     store.commit_index(manifest, index, target, sorted(tombstones))
     return IndexUpdate(
         target,
@@ -96,12 +105,17 @@ def update_store_index(
         return update_index(store, store.read_manifest(check_index=False), factory, rebuild=rebuild)
 
 
-def _build_from_shards(store: ChunkStore, manifest: Manifest, factory: str) -> faiss.Index:
+def _build_from_shards(store: ChunkStore, manifest: Manifest, factory: str, fill: ShardFiller) -> faiss.Index:
     index = new_index(manifest.dim, factory)
     if not index.is_trained:
         train(index, _training_sample(store, manifest, training_sample_size(index, manifest.n_chunks)))
-    for shard in manifest.shards:
-        table = store.read_shard(shard.name, ["chunk_id", "embedding"])
+    return fill(store, index, [shard.name for shard in manifest.shards])
+
+
+def add_shards(store: ChunkStore, index: faiss.Index, shard_names: list[str]) -> faiss.Index:
+    """Add the shards one at a time, so memory holds one shard of embeddings besides the index."""
+    for name in shard_names:
+        table = store.read_shard(name, ["chunk_id", "embedding"])
         add_vectors(index, embeddings_of(table), table.column("chunk_id").to_numpy())
     return index
 

@@ -18,7 +18,7 @@ import pytest
 
 from rag.crash_harness import TOPICS
 from rag.errors import EXIT_BAD_INPUT, EXIT_PARTIAL_INGEST
-from rag.index import search
+from rag.index import remove_ids, search
 from rag.ingest import IngestOptions, default_workers, ingest
 from rag.retrieve import Retriever
 from rag.store import ChunkStore
@@ -300,3 +300,40 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == 3  # taskset -c 0-3 on a 64-core host: 3 chunkers beside the embedder
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_workers() == 1
+
+
+def test_ray_engine_adds_ivf_shards_on_the_cluster_and_merges_them(tmp_path, embedder):
+    ray = pytest.importorskip("ray", reason="Ray Data is the optional `ray` extra: pip install 'dsarag[ray]'")
+    from rag.ingest_ray import fill_on_ray
+    from rag.store_index import add_shards
+
+    corpus = write_jsonl(tmp_path / "a.jsonl", records(64))  # IVF2 trains on >= 60 vectors
+    ivf = {"index_factory": "IVF2,Flat", "batch_chunks": 16}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        ray_store = ChunkStore(tmp_path / "ray-store")
+        ingest([corpus], ray_store, embedder, options(engine="ray", workers=1, **ivf))
+        manifest = ray_store.read_manifest()
+        assert len(manifest.shards) >= 3
+        trained = faiss.deserialize_index(faiss.serialize_index(ray_store.read_index(manifest)))
+        trained.reset()  # the same trained quantizer, no vectors
+        names = [shard.name for shard in manifest.shards]
+        merged = fill_on_ray(ray_store, faiss.clone_index(trained), names)
+    finally:
+        ray.shutdown()
+    here = add_shards(ray_store, faiss.clone_index(trained), names)
+    local_store = ChunkStore(tmp_path / "local-store")
+    ingest([corpus], local_store, embedder, options(**ivf))
+    queries = embedder.encode(["opening hours of the workshop", "rainfall in the valley"])
+    for index in (
+        merged,
+        ray_store.read_index(ray_store.read_manifest()),
+        local_store.read_index(local_store.read_manifest()),
+    ):
+        assert index.ntotal == here.ntotal == 64  # one chunk per record
+        scores, ids = search(index, queries, 5, nprobe=2)
+        want_scores, want_ids = search(here, queries, 5, nprobe=2)
+        assert ids.tolist() == want_ids.tolist()
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    victim = int(ids[0, 0])
+    assert remove_ids(merged, [victim]) == 1 and merged.ntotal == 63  # the id map came back after the merge
