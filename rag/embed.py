@@ -1,4 +1,5 @@
-"""Sentence embeddings (sentence-transformers), normalized so inner product = cosine."""
+"""Sentence embeddings, normalized so inner product = cosine: our plain-PyTorch BERT encoder for
+sentence-transformers BERT folders with mean pooling (the default embedder), sentence-transformers for others."""
 
 import json
 import os
@@ -22,7 +23,11 @@ class Embedder:
         self.dim = int(pooling["word_embedding_dimension"])
 
     @cached_property
-    def model(self):  # noqa: ANN201 - SentenceTransformer, imported lazily (slow import)
+    def model(self):  # noqa: ANN201 - SentenceEncoder or SentenceTransformer, imported lazily (slow imports)
+        from rag.bert_encoder import SentenceEncoder, is_plain_bert_mean_pooling
+
+        if is_plain_bert_mean_pooling(self.folder):
+            return SentenceEncoder(self.folder, self.device or _best_device())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
@@ -37,6 +42,10 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        from rag.bert_encoder import SentenceEncoder
+
+        if isinstance(self.model, SentenceEncoder):
+            return self.model.encode(texts, batch_size)
         vectors = self.model.encode(
             texts,
             batch_size=batch_size,
