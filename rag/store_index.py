@@ -77,9 +77,7 @@ def update_index(
         too_many = len(tombstones) > TOMBSTONE_REBUILD_FRACTION * max(1, index.ntotal)
         rebuild = too_many or bool(tombstones & pending_ids)
         if not rebuild:
-            for shard in manifest.pending_shards:
-                table = store.read_shard(shard.name, ["chunk_id", "embedding"])
-                add_vectors(index, embeddings_of(table), table.column("chunk_id").to_numpy())
+            add_shards(store, index, [shard.name for shard in manifest.pending_shards])
     else:
         rebuild = True
     if rebuild:
