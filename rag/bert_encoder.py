@@ -34,6 +34,7 @@ def is_plain_bert_mean_pooling(folder: Path) -> bool:
         and config.get("hidden_act") == "gelu"
         and (folder / "model.safetensors").is_file()
         and (folder / "tokenizer.json").is_file()
+        and (folder / "sentence_bert_config.json").is_file()  # its max_seq_length sets the truncation
     )
 
 
