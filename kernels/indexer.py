@@ -138,11 +138,27 @@ def _order_key(scores):
     return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
 
 
+# How `_radix_topk` finds element i of a row: column i of a score row; column cols[i] of a score row (a
+# candidate list of columns); or score i of a candidate list that keeps its own scores beside the columns.
+DIRECT, INDIRECT, PAIRED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
+def _load_element(row_scores, row_cols, i, n, MODE: tl.constexpr):
+    """(columns, order keys) of elements i of a row; lanes past n read -inf."""
+    if MODE == DIRECT:
+        cols = i
+    else:
+        cols = tl.load(row_cols + i, mask=i < n, other=0)
+    at = cols if MODE == INDIRECT else i
+    return cols, _order_key(tl.load(row_scores + at, mask=i < n, other=float("-inf")))
+
+
+@triton.jit
+def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, MODE: tl.constexpr):
     """Write the columns of the topk largest of n scores to row_out (exact; ties: the first ones win).
 
-    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list). Three passes:
+    `MODE` (DIRECT, INDIRECT, PAIRED) says where element i's column and score are. Three passes:
     a histogram of the high byte of the order key (bin 0 = largest), a histogram of the low byte inside the
     boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix never holds, so they
     sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6 has none).
@@ -150,8 +166,7 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
     high_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
-        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
+        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
         high_hist += tl.histogram(255 - (key >> 8), 256)
     high_cum = tl.cumsum(high_hist, 0)
     high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
@@ -160,8 +175,7 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
     low_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
-        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
+        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
         in_bin = (i < n) & (255 - (key >> 8) == high_bin)
         low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
@@ -173,8 +187,7 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
         valid = i < n
-        cols = tl.load(row_cols + i, mask=valid, other=0) if INDIRECT else i
-        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
         rank_high = 255 - (key >> 8)
         rank_low = 255 - (key & 0xFF)
         above = valid & ((rank_high < high_bin) | ((rank_high == high_bin) & (rank_low < low_bin)))
@@ -236,7 +249,7 @@ def _topk_candidates_kernel(
     if SPLIT > 1:
         tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, n_cands)
     elif (n_cands >= topk) & (n_cands <= capacity):
-        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, INDIRECT=True)
+        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, MODE=INDIRECT)
         tl.store(row_status, -1)
     else:
         tl.store(row_status, n_cands)
@@ -273,7 +286,7 @@ def _topk_merge_kernel(
     tl.debug_barrier()  # the select reads candidates other threads of this program just moved
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_cands, out_ptr + batch * stride_ob + row * stride_ot, total, topk,
-                BLOCK=BLOCK, INDIRECT=True)  # fmt: skip
+                BLOCK=BLOCK, MODE=INDIRECT)  # fmt: skip
     tl.store(row_status, -1)
 
 
@@ -290,7 +303,7 @@ def _topk_full_kernel(
     row_len = tl.minimum(q_start + row + 1, n_keys)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
-                BLOCK=BLOCK, INDIRECT=False)  # fmt: skip
+                BLOCK=BLOCK, MODE=DIRECT)  # fmt: skip
 
 
 def topk_select(
@@ -355,48 +368,3 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-vector float8_e4m3fn: x (..., d) -> (x8, scale (...)) with x ≈ x8 * scale."""
     scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
-
-
-def select_topk(
-    q: Tensor,
-    w: Tensor,
-    k: Tensor,
-    q_start: int,
-    n_keys: int,
-    topk: int,
-    n_sink: int = 4,
-    window: int = 64,
-    fp8: bool = False,
-    chunk_elements: int = 1 << 30,
-) -> Tensor:
-    """Indices (B, T, topk) int32 for queries at q_start + t over keys k[:, :n_keys]: the GPU `select_topk`.
-
-    Query chunks keep the bf16 score buffer under `chunk_elements` (2 GiB by default) at any context length.
-    """
-    if topk < n_sink + window:
-        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
-    batch, n_queries = q.shape[:2]
-    k = k[:, :n_keys]
-    q_scale = k_scale = None
-    if fp8:
-        q, q_scale = quantize_fp8(q)
-        k, k_scale = quantize_fp8(k)
-    indices = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=q.device)
-    chunk = max(1, min(n_queries, chunk_elements // max(1, batch * n_keys)))
-    buffer = torch.empty(batch, chunk, n_keys, dtype=torch.bfloat16, device=q.device)
-    for t0 in range(0, n_queries, chunk):
-        rows = slice(t0, min(t0 + chunk, n_queries))
-        n_rows = rows.stop - t0
-        scores = index_scores(
-            q[:, rows],
-            w[:, rows],
-            k,
-            q_start + t0,
-            n_sink,
-            window,
-            q_scale[:, rows] if fp8 else None,
-            k_scale,
-            out=buffer[:, :n_rows],
-        )
-        topk_select(scores, q_start + t0, n_keys, topk, out=indices[:, rows])
-    return indices
