@@ -164,7 +164,6 @@ def fused_rows(idx_q, idx_w, idx_k, length: int, fp8_too: bool, **launch) -> dic
     with every threshold at +inf (it keeps only the sinks and window): the score MMAs and their epilogue
     alone; the selection's overhead is the rest of the fused total."""
     iq = IndexQueries(idx_q, idx_w, idx_k, 0, 4, 64)
-    block = {key: launch[key] for key in ("block_q", "num_warps") if key in launch}
     capacity = 4 * TOPK
     row = {}
     row["select_fused_ms"] = time_ms(lambda: select_topk(idx_q, idx_w, idx_k, 0, length, TOPK, fused=True))
@@ -172,16 +171,16 @@ def fused_rows(idx_q, idx_w, idx_k, length: int, fp8_too: bool, **launch) -> dic
         row["select_fused_fp8_ms"] = time_ms(
             lambda: select_topk(idx_q, idx_w, idx_k, 0, length, TOPK, fp8=True, fused=True)
         )
-    thresholds = sample_thresholds(iq, TOPK, **block)
-    row["thresholds_ms"] = time_ms(lambda: sample_thresholds(iq, TOPK, **block))
-    row["candidates_ms"] = time_ms(lambda: collect_candidates(iq, thresholds, capacity, **launch))
+    thresholds = sample_thresholds(iq, TOPK)
+    row["thresholds_ms"] = time_ms(lambda: sample_thresholds(iq, TOPK))
+    row["candidates_ms"] = time_ms(lambda: collect_candidates(iq, thresholds, capacity, TOPK, **launch))
     never = torch.full_like(thresholds, float("inf"))
-    row["scores_only_ms"] = time_ms(lambda: collect_candidates(iq, never, capacity, **launch))
-    candidates = collect_candidates(iq, thresholds, capacity, **launch)
+    row["scores_only_ms"] = time_ms(lambda: collect_candidates(iq, never, capacity, TOPK, **launch))
+    candidates = collect_candidates(iq, thresholds, capacity, TOPK, **launch)
     out = torch.empty(1, length, TOPK, dtype=torch.int32, device=idx_q.device)
-    row["select_candidates_ms"] = time_ms(lambda: select_candidates(*candidates, 0, length, out))
-    status = select_candidates(*candidates, 0, length, out)
-    long_rows = candidates[2][:, TOPK:].float()
+    row["select_candidates_ms"] = time_ms(lambda: select_candidates(candidates, 0, length, out))
+    status = select_candidates(candidates, 0, length, out)
+    long_rows = candidates.counts[:, TOPK:].float()
     row["mean_candidates_over_topk"] = (long_rows.mean() / TOPK).item() if long_rows.numel() else 0.0
     row["fallback_rows"] = int((status >= 0).sum())
     row["scores_only_tflops"] = (

@@ -1,18 +1,20 @@
 """Prefill top-k selection fused into the index scores: the score matrix is never written.
 
 The two-pass path of `kernels.indexer` writes every causal bf16 score and reads it back to select; at 128K that
-is 17 GB of scores and the top-k took 60 % of a DSA layer. Here a query's threshold comes first, then one
-pass computes the scores and keeps only those above it:
+is 17 GB of scores and the top-k took 60 % of a DSA layer. Here each query's threshold comes first, then one
+pass computes the scores and keeps only the few above it:
 1. `_sample_scores_kernel`: scores of a block of queries on SAMPLE keys spread evenly over the block's prefix.
 2. `_threshold_kernel`: per query, the sample value whose rank keeps ≈ 1.25 x k keys plus a margin of
-   4 standard deviations (the same rule as the two-pass path; -inf when the query sees at most k keys).
-3. `_candidates_kernel`: one program per block of queries walks the key blocks in order (longest rows
-   first), computes the tile of scores (all index heads in one MMA: the heads are rows), and appends the keys
-   at or above each query's threshold, with their bf16 scores, to the query's candidate list — in key order.
-4. `_select_kernel`: exact radix select over each query's candidates (ties: lowest key first, as before).
-A query whose candidates are fewer than it needs or overflow the list falls back to the two-pass path.
-Shapes as in `kernels.indexer`: q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I) -> indices (B, T, topk).
-"""
+   4 standard deviations (the rule of the two-pass path; -inf when the query sees at most k keys).
+3. `_candidates_kernel`: the tiles of `index_scores`, but instead of being stored each score is compared with
+   its query's threshold: keys above it take a slot of the query's candidate list (one atomic increment),
+   with their bf16 score; keys equal to it go to a tie list (a row whose scores are all 0 after the ReLU
+   ties thousands of keys: any of them is a valid pick).
+4. `_select_kernel`: exact radix select over each query's candidates, topped up from the ties if needed.
+A query whose list overflowed or whose threshold was too high falls back to the two-pass path. The lists
+fill in no particular order, so among keys of equal score the pick is not fixed (the two-pass path takes
+the lowest positions). Shapes as in `kernels.indexer`: q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I)
+-> indices (B, T, topk)."""
 
 from typing import NamedTuple
 
@@ -21,47 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.common import INTERPRETED, dot
-from kernels.indexer import PAIRED, _radix_topk, index_scores, quantize_fp8, topk_select
-
-
-@triton.jit
-def _load_index_queries(
-    q_ptr, w_ptr, q_scale_ptr, first_row, n_queries, stride_qt, stride_qh, stride_wt, stride_qst,
-    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, SCALED: tl.constexpr,
-):  # fmt: skip
-    """A block's index queries as one (BLOCK_Q x H_I, d_I) matrix, row = query x H_I + head, and its weights.
-
-    With SCALED (FP8) the query scale is folded into the weight: ReLU(s x) = s ReLU(x) for s > 0."""
-    slots = tl.arange(0, BLOCK_Q * N_HEADS)
-    rows, heads = first_row + slots // N_HEADS, slots % N_HEADS
-    ok = rows < n_queries
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :], ok[:, None], 0.0
-    )
-    w = tl.load(w_ptr + rows * stride_wt + heads, mask=ok, other=0.0).to(tl.float32)
-    if SCALED:
-        w = w * tl.load(q_scale_ptr + rows * stride_qst + heads, mask=ok, other=0.0)
-    return q, w
-
-
-@triton.jit
-def _score_tile(
-    q, w, k_t, k_scale_ptr, keys, key_ok, positions, n_sink, window,
-    N_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) for a (BLOCK_Q, BLOCK_K) tile; +inf for the sinks and the
-    window, -inf in the future."""
-    logits = dot(q, k_t, UPCAST)  # (BLOCK_Q x H_I, BLOCK_K)
-    weighted = w[:, None] * tl.maximum(logits, 0.0)
-    scores = tl.sum(tl.reshape(weighted, (BLOCK_Q, N_HEADS, BLOCK_K)), axis=1)
-    if SCALED:
-        scores = scores * tl.load(k_scale_ptr + keys, mask=key_ok, other=0.0)[None, :]
-    past = keys[None, :] <= positions[:, None]
-    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
-    return tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
+from kernels.common import INTERPRETED
+from kernels.indexer import PAIRED, _radix_topk, _tile_scores, index_scores, quantize_fp8, topk_select
 
 
 @triton.jit
@@ -75,26 +38,22 @@ def _sample_scores_kernel(
 ):  # fmt: skip
     """Scores (B, T, SAMPLE) of each query on SAMPLE keys spread evenly over its block's shortest prefix."""
     pid_q, batch = tl.program_id(0), tl.program_id(1)
-    first_row = pid_q * BLOCK_Q
-    q, w = _load_index_queries(
-        q_ptr + batch * stride_qb, w_ptr + batch * stride_wb, q_scale_ptr + batch * stride_qsb, first_row,
-        n_queries, stride_qt, stride_qh, stride_wt, stride_qst,
-        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_Q=BLOCK_Q, SCALED=SCALED,
-    )  # fmt: skip
-    rows = first_row + tl.arange(0, BLOCK_Q)
-    positions = q_start + rows
-    prefix = tl.minimum(q_start + first_row + 1, n_keys)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < n_queries
+    prefix = tl.minimum(q_start + pid_q * BLOCK_Q + 1, n_keys)
     dims = tl.arange(0, HEAD_DIM)
     for start in range(0, SAMPLE, BLOCK_K):
         picks = start + tl.arange(0, BLOCK_K)
         keys = (picks.to(tl.int64) * prefix // SAMPLE).to(tl.int32)
         k_t = tl.load(k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None])
-        scores = _score_tile(
-            q, w, k_t, k_scale_ptr + batch * stride_ksb, keys, keys < n_keys, positions, n_sink, window,
-            N_HEADS=N_HEADS, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, SCALED=SCALED, UPCAST=UPCAST,
+        scores = _tile_scores(
+            q_ptr + batch * stride_qb, w_ptr + batch * stride_wb, q_scale_ptr + batch * stride_qsb, k_t,
+            k_scale_ptr + batch * stride_ksb, rows, row_ok, keys, keys < n_keys, q_start + rows, n_sink, window,
+            stride_qt, stride_qh, stride_wt, stride_qst,
+            N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
         )  # fmt: skip
         out = out_ptr + batch * stride_ob + rows[:, None] * stride_ot + picks[None, :]
-        tl.store(out, scores.to(tl.bfloat16), mask=(rows < n_queries)[:, None])
+        tl.store(out, scores.to(tl.bfloat16), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -122,78 +81,89 @@ def _candidates_kernel(
     n_queries, n_keys, q_start, n_sink, window,
     stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks,
     stride_qsb, stride_qst, stride_ksb,
-    threshold_ptr, cand_col_ptr, cand_score_ptr, count_ptr, capacity, stride_cb, stride_ct,
+    threshold_ptr, cand_col_ptr, cand_score_ptr, count_ptr, tie_col_ptr, tie_count_ptr, capacity, topk,
+    stride_cb, stride_ct, stride_tb, stride_tt,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Each query's keys scoring at or above its threshold, in key order, with their bf16 scores."""
-    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows start first
-    batch = tl.program_id(1)
-    first_row = pid_q * BLOCK_Q
-    q, w = _load_index_queries(
-        q_ptr + batch * stride_qb, w_ptr + batch * stride_wb, q_scale_ptr + batch * stride_qsb, first_row,
-        n_queries, stride_qt, stride_qh, stride_wt, stride_qst,
-        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_Q=BLOCK_Q, SCALED=SCALED,
-    )  # fmt: skip
-    rows = first_row + tl.arange(0, BLOCK_Q)
+    """One tile of scores, compared with each query's threshold: keys above it join the query's candidate
+    list (with their bf16 score), keys equal to it its tie list (the first topk only). A slot is one atomic
+    increment of the query's count per kept key, so the lists are in no particular order."""
+    pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if pid_k * BLOCK_K > q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1:
+        return  # the whole tile is in the future
     row_ok = rows < n_queries
+    key_ok = keys < n_keys
     positions = q_start + rows
-    threshold = tl.load(threshold_ptr + batch * n_queries + rows, mask=row_ok, other=float("inf"))
-    cand = batch * stride_cb + rows[:, None] * stride_ct
     dims = tl.arange(0, HEAD_DIM)
-    count = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-    key_end = tl.minimum(q_start + tl.minimum(first_row + BLOCK_Q, n_queries), n_keys)
-    for start in range(0, key_end, BLOCK_K):
-        keys = start + tl.arange(0, BLOCK_K)
-        key_ok = keys < n_keys
-        k_t = tl.load(
-            k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], key_ok[None, :], 0.0
-        )
-        scores = _score_tile(
-            q,
-            w,
-            k_t,
-            k_scale_ptr + batch * stride_ksb,
-            keys,
-            key_ok,
-            positions,
-            n_sink,
-            window,
-            N_HEADS=N_HEADS,
-            BLOCK_Q=BLOCK_Q,
-            BLOCK_K=BLOCK_K,
-            SCALED=SCALED,
-            UPCAST=UPCAST,
-        ).to(tl.bfloat16)  # the two-pass path selects on bf16 scores too
-        past = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
-        keep = past & (scores.to(tl.float32) >= threshold[:, None])
-        slot = count[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-        stored = keep & (slot < capacity)
-        tl.store(cand_col_ptr + cand + slot, tl.broadcast_to(keys[None, :], (BLOCK_Q, BLOCK_K)), mask=stored)
-        tl.store(cand_score_ptr + cand + slot, scores, mask=stored)
-        count += tl.sum(keep.to(tl.int32), 1)
-    tl.store(count_ptr + batch * n_queries + rows, count, mask=row_ok)
+    k_t = tl.load(k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], key_ok[None, :], 0.0)
+    scores = _tile_scores(
+        q_ptr + batch * stride_qb,
+        w_ptr + batch * stride_wb,
+        q_scale_ptr + batch * stride_qsb,
+        k_t,
+        k_scale_ptr + batch * stride_ksb,
+        rows,
+        row_ok,
+        keys,
+        key_ok,
+        positions,
+        n_sink,
+        window,
+        stride_qt,
+        stride_qh,
+        stride_wt,
+        stride_qst,
+        N_HEADS=N_HEADS,
+        HEAD_DIM=HEAD_DIM,
+        SCALED=SCALED,
+        UPCAST=UPCAST,
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_K=BLOCK_K,
+    ).to(tl.bfloat16)  # the two-pass path selects on bf16 scores too
+    threshold = tl.load(threshold_ptr + batch * n_queries + rows, mask=row_ok, other=float("inf"))
+    value = scores.to(tl.float32)
+    past = (keys[None, :] <= positions[:, None]) & row_ok[:, None]
+    above = past & (value > threshold[:, None])
+    tie = past & (value == threshold[:, None])
+    counters = batch * n_queries + rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.int32)
+    cols = keys[None, :] + tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.int32)
+    slot = tl.atomic_add(count_ptr + counters, 1, mask=above)
+    cand = batch * stride_cb + rows[:, None] * stride_ct + slot
+    tl.store(cand_col_ptr + cand, cols, mask=above & (slot < capacity))
+    tl.store(cand_score_ptr + cand, scores, mask=above & (slot < capacity))
+    tie_slot = tl.atomic_add(tie_count_ptr + counters, 1, mask=tie)
+    tl.store(
+        tie_col_ptr + batch * stride_tb + rows[:, None] * stride_tt + tie_slot, cols, tie & (tie_slot < topk)
+    )
 
 
 @triton.jit
 def _select_kernel(
-    cand_col_ptr, cand_score_ptr, count_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
-    stride_cb, stride_ct, stride_ob, stride_ot, BLOCK: tl.constexpr,
+    cand_col_ptr, cand_score_ptr, count_ptr, tie_col_ptr, tie_count_ptr, status_ptr, out_ptr,
+    n_queries, q_start, n_keys, topk, capacity, stride_cb, stride_ct, stride_tb, stride_tt, stride_ob, stride_ot,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Exact top-k of each query's candidates; status = -1 when settled, else the count (fallback needed)."""
+    """Exact top-k of each query from its candidates (and ties at its threshold when the candidates are too
+    few); status = -1 when settled, else the count of a query that needs the two-pass path."""
     row, batch = tl.program_id(0), tl.program_id(1)
     n = tl.load(count_ptr + batch * n_queries + row)
+    n_ties = tl.minimum(tl.load(tie_count_ptr + batch * n_queries + row), topk)
     need = tl.minimum(topk, tl.minimum(q_start + row + 1, n_keys))
-    if (n < need) | (n > capacity):  # the threshold was too high, or the list overflowed
+    if (n + n_ties < need) | (n > capacity):  # the threshold was too high, or the list overflowed
         tl.store(status_ptr + batch * n_queries + row, n)
         return
     cand_cols = cand_col_ptr + batch * stride_cb + row * stride_ct
+    tie_cols = tie_col_ptr + batch * stride_tb + row * stride_tt
     row_out = out_ptr + batch * stride_ob + row * stride_ot
-    if n <= topk:  # every key the query sees; the rest are unused slots
+    if n <= topk:  # every candidate, then ties (all equal: any of them) up to need; the rest are unused
         for start in range(0, topk, BLOCK):
             slots = start + tl.arange(0, BLOCK)
             cols = tl.load(cand_cols + slots, mask=slots < n, other=-1)
-            tl.store(row_out + slots, cols, mask=slots < topk)
+            ties = tl.load(tie_cols + slots - n, mask=(slots >= n) & (slots < need), other=-1)
+            tl.store(row_out + slots, tl.where(slots < n, cols, ties), mask=slots < topk)
     else:
         _radix_topk(cand_score_ptr + batch * stride_cb + row * stride_ct, cand_cols, row_out, n, topk,
                     BLOCK=BLOCK, MODE=PAIRED)  # fmt: skip
@@ -231,7 +201,7 @@ class IndexQueries(NamedTuple):
 
 
 def sample_thresholds(
-    iq: IndexQueries, topk: int, sample: int = 1024, block_q: int = 32, num_warps: int = 8
+    iq: IndexQueries, topk: int, sample: int = 1024, block_q: int = 64, num_warps: int = 4
 ) -> Tensor:
     """Thresholds (B, T) float32: a query's keys scoring at or above its threshold hold its top-k."""
     batch, n_queries = iq.q.shape[:2]
@@ -250,38 +220,49 @@ def sample_thresholds(
     return thresholds
 
 
+class Candidates(NamedTuple):
+    """Per query: candidate columns and bf16 scores (capacity slots), their count, and a tie list (topk)."""
+
+    cols: Tensor
+    scores: Tensor
+    counts: Tensor
+    tie_cols: Tensor
+    tie_counts: Tensor
+
+
 def collect_candidates(
-    iq: IndexQueries,
-    thresholds: Tensor,
-    capacity: int,
-    block_q: int = 32,
-    block_k: int = 128,
-    num_warps: int = 8,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(columns (B, T, capacity) int32, bf16 scores, counts (B, T)) of the keys at or above each threshold."""
+    iq: IndexQueries, thresholds: Tensor, capacity: int, topk: int, block_q: int = 64, block_k: int = 128,
+    num_warps: int = 4,
+) -> Candidates:  # fmt: skip
+    """The keys above each query's threshold (up to capacity), and the first topk equal to it."""
     batch, n_queries = iq.q.shape[:2]
-    device = iq.q.device
-    cand_cols = torch.empty(batch, n_queries, capacity, dtype=torch.int32, device=device)
-    cand_scores = torch.empty(batch, n_queries, capacity, dtype=torch.bfloat16, device=device)
-    counts = torch.empty(batch, n_queries, dtype=torch.int32, device=device)
-    _candidates_kernel[(triton.cdiv(n_queries, block_q), batch)](
-        *iq.kernel_args(), thresholds, cand_cols, cand_scores, counts, capacity,
-        cand_cols.stride(0), cand_cols.stride(1),
+    n_keys, device = iq.k.shape[1], iq.q.device
+    found = Candidates(
+        torch.empty(batch, n_queries, capacity, dtype=torch.int32, device=device),
+        torch.empty(batch, n_queries, capacity, dtype=torch.bfloat16, device=device),
+        torch.zeros(batch, n_queries, dtype=torch.int32, device=device),
+        torch.empty(batch, n_queries, topk, dtype=torch.int32, device=device),
+        torch.zeros(batch, n_queries, dtype=torch.int32, device=device),
+    )
+    grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k), batch)
+    _candidates_kernel[grid](
+        *iq.kernel_args(), thresholds, *found, capacity, topk,
+        found.cols.stride(0), found.cols.stride(1), found.tie_cols.stride(0), found.tie_cols.stride(1),
         BLOCK_K=block_k, num_warps=num_warps, **iq.shape(block_q),
     )  # fmt: skip
-    return cand_cols, cand_scores, counts
+    return found
 
 
-def select_candidates(
-    cand_cols: Tensor, cand_scores: Tensor, counts: Tensor, q_start: int, n_keys: int, out: Tensor
-) -> Tensor:
+def select_candidates(found: Candidates, q_start: int, n_keys: int, out: Tensor) -> Tensor:
     """Exact top-k (topk = out's last dimension) of each query's candidates into out; returns the status
     (B, T): -1 where settled, else the count of a query that needs the two-pass path."""
-    batch, n_queries, capacity = cand_cols.shape
-    status = torch.empty(batch, n_queries, dtype=torch.int32, device=cand_cols.device)
+    batch, n_queries, capacity = found.cols.shape
+    status = torch.empty(batch, n_queries, dtype=torch.int32, device=found.cols.device)
     _select_kernel[(n_queries, batch)](
-        cand_cols, cand_scores, counts, status, out, n_queries, q_start, n_keys, out.shape[-1], capacity,
-        cand_cols.stride(0), cand_cols.stride(1), out.stride(0), out.stride(1), BLOCK=1024, num_warps=4,
+        found.cols, found.scores, found.counts, found.tie_cols, found.tie_counts, status, out,
+        n_queries, q_start, n_keys, out.shape[-1], capacity,
+        found.cols.stride(0), found.cols.stride(1), found.tie_cols.stride(0), found.tie_cols.stride(1),
+        out.stride(0), out.stride(1), BLOCK=1024, num_warps=4,
     )  # fmt: skip
     return status
 
@@ -291,9 +272,9 @@ def select_topk_fused(
     out: Tensor,
     sample: int = 1024,
     capacity: int | None = None,
-    block_q: int = 32,
+    block_q: int = 64,
     block_k: int = 128,
-    num_warps: int = 8,
+    num_warps: int = 4,
 ) -> Tensor:
     """Write into out (B, T, topk) the top-k of iq.k's keys for queries at iq.q_start + t; returns out.
 
@@ -301,9 +282,9 @@ def select_topk_fused(
     sample set the threshold too high is selected again by the two-pass path (`index_scores` + `topk_select`).
     """
     topk, n_keys = out.shape[-1], iq.k.shape[1]
-    thresholds = sample_thresholds(iq, topk, sample, block_q, num_warps)
-    candidates = collect_candidates(iq, thresholds, capacity or 4 * topk, block_q, block_k, num_warps)
-    status = select_candidates(*candidates, iq.q_start, n_keys, out)
+    thresholds = sample_thresholds(iq, topk, sample)
+    found = collect_candidates(iq, thresholds, capacity or 4 * topk, topk, block_q, block_k, num_warps)
+    status = select_candidates(found, iq.q_start, n_keys, out)
     for row in (status >= 0).any(dim=0).nonzero().flatten().tolist():  # rare: one host sync per call
         rows = slice(row, row + 1)
         q_scale = iq.q_scale[:, rows] if iq.q_scale is not None else None

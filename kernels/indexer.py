@@ -23,6 +23,35 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
+def _tile_scores(
+    q_base, w_base, q_scale_base, k_t, k_scale_base, rows, row_ok, keys, key_ok, positions, n_sink, window,
+    stride_qt, stride_qh, stride_wt, stride_qst,
+    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) for one (BLOCK_Q, BLOCK_K) tile, k_t = keys transposed
+    (d_I, BLOCK_K); +inf for the sinks and the window, -inf in the future. float32."""
+    dims = tl.arange(0, HEAD_DIM)
+    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for head in tl.static_range(N_HEADS):
+        q = tl.load(
+            q_base + rows[:, None] * stride_qt + head * stride_qh + dims[None, :], row_ok[:, None], 0.0
+        )
+        logits = dot(q, k_t, UPCAST)
+        if SCALED:  # fp8: one scale per index-query vector and per key
+            logits = (
+                logits * tl.load(q_scale_base + rows * stride_qst + head, mask=row_ok, other=0.0)[:, None]
+            )
+        weight = tl.load(w_base + rows * stride_wt + head, mask=row_ok, other=0.0)
+        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+    if SCALED:
+        scores = scores * tl.load(k_scale_base + keys, mask=key_ok, other=0.0)[None, :]
+    past = keys[None, :] <= positions[:, None]
+    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
+    return tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
+
+
+@triton.jit
 def _index_scores_kernel(
     q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr,
     n_queries, n_keys, q_start, n_sink, window,
@@ -40,35 +69,17 @@ def _index_scores_kernel(
     last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
     if pid_k * BLOCK_K > last_query_pos:
         return  # the whole tile is in the future: the top-k pass never reads it
-    dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_queries
     key_ok = keys < n_keys
     # Keys loaded transposed (d_I, BLOCK_K) so the dot needs no register transpose (fp8 wants K-major).
-    k_t = tl.load(
-        k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0
-    )
-    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-    for head in tl.static_range(N_HEADS):
-        q = tl.load(
-            q_ptr + batch * stride_qb + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
-        logits = dot(q, k_t, UPCAST)
-        if SCALED:  # fp8: one scale per index-query vector and per key
-            q_scale = tl.load(
-                q_scale_ptr + batch * stride_qsb + rows * stride_qst + head, mask=row_ok, other=0.0
-            )
-            logits = logits * q_scale[:, None]
-        weight = tl.load(w_ptr + batch * stride_wb + rows * stride_wt + head, mask=row_ok, other=0.0)
-        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
-    if SCALED:
-        k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
-        scores = scores * k_scale[None, :]
-    positions = q_start + rows
-    past = keys[None, :] <= positions[:, None]
-    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
-    scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
+    dims = tl.arange(0, HEAD_DIM)
+    k_t = tl.load(k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], key_ok[None, :], 0.0)
+    scores = _tile_scores(
+        q_ptr + batch * stride_qb, w_ptr + batch * stride_wb, q_scale_ptr + batch * stride_qsb, k_t,
+        k_scale_ptr + batch * stride_ksb, rows, row_ok, keys, key_ok, q_start + rows, n_sink, window,
+        stride_qt, stride_qh, stride_wt, stride_qst,
+        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
     tl.store(
         out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
         scores.to(out_ptr.dtype.element_ty),
