@@ -247,7 +247,7 @@ def tune(length: int) -> dict:
         ms = time_ms(partial(run, block_q=block_q, block_k=block_k, num_warps=warps))
         result["index_scores"].append({"block_q": block_q, "block_k": block_k, "warps": warps, "ms": ms})
     index_scores(idx_q[:, t0:], idx_w[:, t0:], idx_k, t0, 4, 64, out=buffer)
-    for block, warps in [(256, 1), (512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 8)]:
+    for block, warps in [(1024, 4), (2048, 4), (2048, 2), (4096, 4), (4096, 8), (8192, 8), (4096, 2)]:
         run = partial(topk_select, buffer, t0, length, TOPK, out=indices[:, t0:])
         result["topk"].append(
             {"block": block, "warps": warps, "ms": time_ms(partial(run, block=block, num_warps=warps))}

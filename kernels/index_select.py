@@ -130,11 +130,11 @@ def _candidates_kernel(
     tie = past & (value == threshold[:, None])
     counters = batch * n_queries + rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.int32)
     cols = keys[None, :] + tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.int32)
-    slot = tl.atomic_add(count_ptr + counters, 1, mask=above)
+    slot = tl.atomic_add(count_ptr + counters, 1, mask=above, sem="relaxed")
     cand = batch * stride_cb + rows[:, None] * stride_ct + slot
     tl.store(cand_col_ptr + cand, cols, mask=above & (slot < capacity))
     tl.store(cand_score_ptr + cand, scores, mask=above & (slot < capacity))
-    tie_slot = tl.atomic_add(tie_count_ptr + counters, 1, mask=tie)
+    tie_slot = tl.atomic_add(tie_count_ptr + counters, 1, mask=tie, sem="relaxed")
     tl.store(
         tie_col_ptr + batch * stride_tb + rows[:, None] * stride_tt + tie_slot, cols, tie & (tie_slot < topk)
     )
