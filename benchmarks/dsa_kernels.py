@@ -30,13 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexer_model.dsa import DSAConfig  # noqa: E402
 from indexer_model.indexer import LightningIndexer  # noqa: E402
 from indexer_model.model import ModelArgs, Transformer  # noqa: E402
-from kernels.index_select import (  # noqa: E402
-    IndexQueries,
-    collect_candidates,
-    sample_thresholds,
-    select_candidates,
-    select_topk,
-)
 from kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
 from kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill  # noqa: E402
 
@@ -144,49 +137,11 @@ def layer_row(length: int, fp8_too: bool) -> dict:
             lambda: (run_indexer(fp8=True), sparse_attention_prefill(q, k, v, indices, scale))
         )
         row["speedup_vs_dense_fp8"] = row["dense_sdpa_ms"] / row["dsa_layer_fp8_ms"]
-    row.update(fused_rows(idx_q, idx_w, idx_k, length, fp8_too))
-    attention = partial(sparse_attention_prefill, q, k, v, indices, scale)
-    for name, fp8 in [("", False), ("_fp8", True)][: 1 + fp8_too]:
-        fused = partial(select_topk, idx_q, idx_w, idx_k, 0, length, TOPK, fp8=fp8, fused=True)
-        row[f"dsa_layer_fused{name}_ms"] = time_ms(lambda fused=fused: (fused(), attention()))
-        row[f"speedup_vs_dense_fused{name}"] = row["dense_sdpa_ms"] / row[f"dsa_layer_fused{name}_ms"]
-    row["topk_share_fused"] = row["select_overhead_ms"] / row["dsa_layer_fused_ms"]
     flops_dense = 4 * HEADS * HEAD_DIM * causal_pairs(length)
     flops_dsa = 4 * HEADS * HEAD_DIM * sparse_pairs(
         length, TOPK
     ) + 2 * INDEX_HEADS * INDEX_DIM * causal_pairs(length)
     row["flop_ratio"] = flops_dense / flops_dsa
-    return row
-
-
-def fused_rows(idx_q, idx_w, idx_k, length: int, fp8_too: bool, **launch) -> dict:
-    """The fused selection (kernels/index_select.py) stage by stage. `scores_only`: the candidates kernel
-    with every threshold at +inf (it keeps only the sinks and window): the score MMAs and their epilogue
-    alone; the selection's overhead is the rest of the fused total."""
-    iq = IndexQueries(idx_q, idx_w, idx_k, 0, 4, 64)
-    capacity = 4 * TOPK
-    row = {}
-    row["select_fused_ms"] = time_ms(lambda: select_topk(idx_q, idx_w, idx_k, 0, length, TOPK, fused=True))
-    if fp8_too:
-        row["select_fused_fp8_ms"] = time_ms(
-            lambda: select_topk(idx_q, idx_w, idx_k, 0, length, TOPK, fp8=True, fused=True)
-        )
-    thresholds = sample_thresholds(iq, TOPK)
-    row["thresholds_ms"] = time_ms(lambda: sample_thresholds(iq, TOPK))
-    row["candidates_ms"] = time_ms(lambda: collect_candidates(iq, thresholds, capacity, TOPK, **launch))
-    never = torch.full_like(thresholds, float("inf"))
-    row["scores_only_ms"] = time_ms(lambda: collect_candidates(iq, never, capacity, TOPK, **launch))
-    candidates = collect_candidates(iq, thresholds, capacity, TOPK, **launch)
-    out = torch.empty(1, length, TOPK, dtype=torch.int32, device=idx_q.device)
-    row["select_candidates_ms"] = time_ms(lambda: select_candidates(candidates, 0, length, out))
-    status = select_candidates(candidates, 0, length, out)
-    long_rows = candidates.counts[:, TOPK:].float()
-    row["mean_candidates_over_topk"] = (long_rows.mean() / TOPK).item() if long_rows.numel() else 0.0
-    row["fallback_rows"] = int((status >= 0).sum())
-    row["scores_only_tflops"] = (
-        2 * INDEX_HEADS * INDEX_DIM * causal_pairs(length) / row["scores_only_ms"] / 1e9
-    )
-    row["select_overhead_ms"] = row["select_fused_ms"] - row["scores_only_ms"]
     return row
 
 
@@ -247,7 +202,7 @@ def tune(length: int) -> dict:
         ms = time_ms(partial(run, block_q=block_q, block_k=block_k, num_warps=warps))
         result["index_scores"].append({"block_q": block_q, "block_k": block_k, "warps": warps, "ms": ms})
     index_scores(idx_q[:, t0:], idx_w[:, t0:], idx_k, t0, 4, 64, out=buffer)
-    for block, warps in [(1024, 4), (2048, 4), (2048, 2), (4096, 4), (4096, 8), (8192, 8), (4096, 2)]:
+    for block, warps in [(256, 1), (512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 8)]:
         run = partial(topk_select, buffer, t0, length, TOPK, out=indices[:, t0:])
         result["topk"].append(
             {"block": block, "warps": warps, "ms": time_ms(partial(run, block=block, num_warps=warps))}
@@ -268,30 +223,6 @@ def tune(length: int) -> dict:
         ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
         result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})
     return result
-
-
-def tune_fused(length: int) -> list[dict]:
-    """Launch parameters of the fused selection's score-walking kernels at one length."""
-    idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
-    idx_w = torch.randn(1, length, INDEX_HEADS, device="cuda", dtype=torch.bfloat16)
-    idx_k = torch.randn(1, length, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    for block_q, block_k, warps in [
-        (32, 128, 8),
-        (16, 128, 4),
-        (32, 64, 4),
-        (64, 128, 8),
-        (32, 128, 4),
-        (64, 64, 8),
-    ]:
-        launch = {"block_q": block_q, "block_k": block_k, "num_warps": warps}
-        try:
-            row = {**launch, **fused_rows(idx_q, idx_w, idx_k, length, False, **launch)}
-        except Exception as error:  # a launch that does not fit (registers, shared memory)
-            row = {**launch, "error": str(error)[:200]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
 
 
 def default_model_with_indexers() -> Transformer:
@@ -360,11 +291,7 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-layers", action="store_true", help="decode rows (and e2e) only")
     parser.add_argument("--tune", type=int, help="only sweep launch parameters at this length")
-    parser.add_argument("--tune-fused", type=int, help="only sweep the fused selection's launches")
     args = parser.parse_args()
-    if args.tune_fused:
-        args.out.write_text(json.dumps(tune_fused(args.tune_fused), indent=1))
-        return
     if args.tune:
         args.out.write_text(json.dumps(tune(args.tune), indent=1))
         print(args.out.read_text())

@@ -130,7 +130,7 @@ def dsa_attention(
     if cfg.kernels == "triton" or (cfg.kernels == "auto" and q.is_cuda):
         # The GPU path (kernels/): fused index scores + top-k, then gather attention. New tokens sit at
         # consecutive positions ending at n_keys - 1 (a prefill chunk or one decode step).
-        from kernels.index_select import select_topk as select_topk_triton
+        from kernels.indexer import select_topk as select_topk_triton
         from kernels.sparse_attention import sparse_attention as sparse_attention_triton
 
         indices = select_topk_triton(

@@ -23,35 +23,6 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
-def _tile_scores(
-    q_base, w_base, q_scale_base, k_t, k_scale_base, rows, row_ok, keys, key_ok, positions, n_sink, window,
-    stride_qt, stride_qh, stride_wt, stride_qst,
-    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) for one (BLOCK_Q, BLOCK_K) tile, k_t = keys transposed
-    (d_I, BLOCK_K); +inf for the sinks and the window, -inf in the future. float32."""
-    dims = tl.arange(0, HEAD_DIM)
-    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-    for head in tl.static_range(N_HEADS):
-        q = tl.load(
-            q_base + rows[:, None] * stride_qt + head * stride_qh + dims[None, :], row_ok[:, None], 0.0
-        )
-        logits = dot(q, k_t, UPCAST)
-        if SCALED:  # fp8: one scale per index-query vector and per key
-            logits = (
-                logits * tl.load(q_scale_base + rows * stride_qst + head, mask=row_ok, other=0.0)[:, None]
-            )
-        weight = tl.load(w_base + rows * stride_wt + head, mask=row_ok, other=0.0)
-        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
-    if SCALED:
-        scores = scores * tl.load(k_scale_base + keys, mask=key_ok, other=0.0)[None, :]
-    past = keys[None, :] <= positions[:, None]
-    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
-    return tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
-
-
-@triton.jit
 def _index_scores_kernel(
     q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr,
     n_queries, n_keys, q_start, n_sink, window,
@@ -69,17 +40,35 @@ def _index_scores_kernel(
     last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
     if pid_k * BLOCK_K > last_query_pos:
         return  # the whole tile is in the future: the top-k pass never reads it
+    dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_queries
     key_ok = keys < n_keys
     # Keys loaded transposed (d_I, BLOCK_K) so the dot needs no register transpose (fp8 wants K-major).
-    dims = tl.arange(0, HEAD_DIM)
-    k_t = tl.load(k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], key_ok[None, :], 0.0)
-    scores = _tile_scores(
-        q_ptr + batch * stride_qb, w_ptr + batch * stride_wb, q_scale_ptr + batch * stride_qsb, k_t,
-        k_scale_ptr + batch * stride_ksb, rows, row_ok, keys, key_ok, q_start + rows, n_sink, window,
-        stride_qt, stride_qh, stride_wt, stride_qst,
-        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
+    k_t = tl.load(
+        k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0
+    )
+    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for head in tl.static_range(N_HEADS):
+        q = tl.load(
+            q_ptr + batch * stride_qb + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        logits = dot(q, k_t, UPCAST)
+        if SCALED:  # fp8: one scale per index-query vector and per key
+            q_scale = tl.load(
+                q_scale_ptr + batch * stride_qsb + rows * stride_qst + head, mask=row_ok, other=0.0
+            )
+            logits = logits * q_scale[:, None]
+        weight = tl.load(w_ptr + batch * stride_wb + rows * stride_wt + head, mask=row_ok, other=0.0)
+        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+    if SCALED:
+        k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
+        scores = scores * k_scale[None, :]
+    positions = q_start + rows
+    past = keys[None, :] <= positions[:, None]
+    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
+    scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
     tl.store(
         out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
         scores.to(out_ptr.dtype.element_ty),
@@ -149,27 +138,11 @@ def _order_key(scores):
     return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
 
 
-# How `_radix_topk` finds element i of a row: column i of a score row; column cols[i] of a score row (a
-# candidate list of columns); or score i of a candidate list that keeps its own scores beside the columns.
-DIRECT, INDIRECT, PAIRED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
-
 @triton.jit
-def _load_element(row_scores, row_cols, i, n, MODE: tl.constexpr):
-    """(columns, order keys) of elements i of a row; lanes past n read -inf."""
-    if MODE == DIRECT:
-        cols = i
-    else:
-        cols = tl.load(row_cols + i, mask=i < n, other=0)
-    at = cols if MODE == INDIRECT else i
-    return cols, _order_key(tl.load(row_scores + at, mask=i < n, other=float("-inf")))
-
-
-@triton.jit
-def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, MODE: tl.constexpr):
+def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
     """Write the columns of the topk largest of n scores to row_out (exact; ties: the first ones win).
 
-    `MODE` (DIRECT, INDIRECT, PAIRED) says where element i's column and score are. Three passes:
+    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list). Three passes:
     a histogram of the high byte of the order key (bin 0 = largest), a histogram of the low byte inside the
     boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix never holds, so they
     sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6 has none).
@@ -177,7 +150,8 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, MOD
     high_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
         high_hist += tl.histogram(255 - (key >> 8), 256)
     high_cum = tl.cumsum(high_hist, 0)
     high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
@@ -186,7 +160,8 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, MOD
     low_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
         in_bin = (i < n) & (255 - (key >> 8) == high_bin)
         low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
@@ -198,7 +173,8 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, MOD
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
         valid = i < n
-        cols, key = _load_element(row_scores, row_cols, i, n, MODE)
+        cols = tl.load(row_cols + i, mask=valid, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
         rank_high = 255 - (key >> 8)
         rank_low = 255 - (key & 0xFF)
         above = valid & ((rank_high < high_bin) | ((rank_high == high_bin) & (rank_low < low_bin)))
@@ -260,7 +236,7 @@ def _topk_candidates_kernel(
     if SPLIT > 1:
         tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, n_cands)
     elif (n_cands >= topk) & (n_cands <= capacity):
-        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, MODE=INDIRECT)
+        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, INDIRECT=True)
         tl.store(row_status, -1)
     else:
         tl.store(row_status, n_cands)
@@ -297,7 +273,7 @@ def _topk_merge_kernel(
     tl.debug_barrier()  # the select reads candidates other threads of this program just moved
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_cands, out_ptr + batch * stride_ob + row * stride_ot, total, topk,
-                BLOCK=BLOCK, MODE=INDIRECT)  # fmt: skip
+                BLOCK=BLOCK, INDIRECT=True)  # fmt: skip
     tl.store(row_status, -1)
 
 
@@ -314,7 +290,7 @@ def _topk_full_kernel(
     row_len = tl.minimum(q_start + row + 1, n_keys)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
-                BLOCK=BLOCK, MODE=DIRECT)  # fmt: skip
+                BLOCK=BLOCK, INDIRECT=False)  # fmt: skip
 
 
 def topk_select(
@@ -379,3 +355,48 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-vector float8_e4m3fn: x (..., d) -> (x8, scale (...)) with x ≈ x8 * scale."""
     scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def select_topk(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_start: int,
+    n_keys: int,
+    topk: int,
+    n_sink: int = 4,
+    window: int = 64,
+    fp8: bool = False,
+    chunk_elements: int = 1 << 30,
+) -> Tensor:
+    """Indices (B, T, topk) int32 for queries at q_start + t over keys k[:, :n_keys]: the GPU `select_topk`.
+
+    Query chunks keep the bf16 score buffer under `chunk_elements` (2 GiB by default) at any context length.
+    """
+    if topk < n_sink + window:
+        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    batch, n_queries = q.shape[:2]
+    k = k[:, :n_keys]
+    q_scale = k_scale = None
+    if fp8:
+        q, q_scale = quantize_fp8(q)
+        k, k_scale = quantize_fp8(k)
+    indices = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=q.device)
+    chunk = max(1, min(n_queries, chunk_elements // max(1, batch * n_keys)))
+    buffer = torch.empty(batch, chunk, n_keys, dtype=torch.bfloat16, device=q.device)
+    for t0 in range(0, n_queries, chunk):
+        rows = slice(t0, min(t0 + chunk, n_queries))
+        n_rows = rows.stop - t0
+        scores = index_scores(
+            q[:, rows],
+            w[:, rows],
+            k,
+            q_start + t0,
+            n_sink,
+            window,
+            q_scale[:, rows] if fp8 else None,
+            k_scale,
+            out=buffer[:, :n_rows],
+        )
+        topk_select(scores, q_start + t0, n_keys, topk, out=indices[:, rows])
+    return indices

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from indexer_model.indexer import select_topk as select_topk_torch
-from kernels.index_select import IndexQueries, select_topk, select_topk_fused
 from kernels.indexer import (
     index_scores,
     index_scores_reference,
     quantize_fp8,
+    select_topk,
     topk_select,
     topk_select_reference,
 )
@@ -100,15 +100,12 @@ def test_topk_select_breaks_ties_by_position():
     assert sorted(got[0, 0].tolist()) == list(range(10))
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_select_topk_matches_the_model_selection(dtype, fused):
+def test_select_topk_matches_the_model_selection(dtype):
     q, w, k = indexer_inputs(batch=1, n_queries=48, n_keys=80, seed=3)
     q, w, k = q.to(dtype), w.to(dtype), k.to(dtype)
     q_start = 32
-    got = select_topk(
-        q, w, k, q_start, n_keys=80, topk=20, n_sink=2, window=3, chunk_elements=16 * 80, fused=fused
-    )
+    got = select_topk(q, w, k, q_start, n_keys=80, topk=20, n_sink=2, window=3, chunk_elements=16 * 80)
     positions = torch.arange(q_start, q_start + 48, device=DEVICE)
     want = select_topk_torch(q, w, k, positions, 80, 20, n_sink=2, window=3, query_block=16, key_block=32)
     scores = index_scores_reference(q, w, k, q_start, n_sink=2, window=3)
@@ -117,53 +114,6 @@ def test_select_topk_matches_the_model_selection(dtype, fused):
         best = scores[0, row, want[0, row]].sort().values
         # bf16 scores in the kernel may swap near-equal keys at the threshold: compare what they are worth
         torch.testing.assert_close(mine, best, rtol=2e-2, atol=5e-2)
-
-
-def assert_same_selection(got, q, w, k, q_start, topk, n_sink, window):
-    """Every row holds distinct past keys, as many as it can, worth what the best ones are worth."""
-    scores = index_scores_reference(q, w, k, q_start, n_sink, window)
-    for b in range(q.shape[0]):
-        for row in range(q.shape[1]):
-            row_len = min(q_start + row + 1, k.shape[1])
-            picked = got[b, row][got[b, row] >= 0].long()
-            assert len(picked) == min(topk, row_len) and len(set(picked.tolist())) == len(picked)
-            assert (got[b, row, len(picked) :] == -1).all() and (picked < row_len).all()
-            best = scores[b, row, :row_len].topk(len(picked)).values.sort().values
-            torch.testing.assert_close(scores[b, row, picked].sort().values, best, rtol=2e-2, atol=5e-2)
-
-
-@pytest.mark.parametrize(("q_start", "n_queries"), [(0, 75), (150, 40)])
-def test_fused_selection_keeps_the_best_keys_without_writing_the_scores(q_start, n_queries):
-    """Short rows (every key), long rows (sample, threshold, candidates, select), a partial last block."""
-    q, w, k = indexer_inputs(batch=2, n_queries=n_queries, n_keys=q_start + n_queries, seed=4)
-    out = torch.full((2, n_queries, 24), -7, dtype=torch.int32, device=DEVICE)
-    got = select_topk_fused(IndexQueries(q, w, k, q_start, 2, 4), out, block_q=16, block_k=32, num_warps=4)
-    assert_same_selection(got, q, w, k, q_start, topk=24, n_sink=2, window=4)
-
-
-def test_fused_selection_falls_back_when_candidates_overflow_or_the_sample_misses():
-    q, w, k = indexer_inputs(batch=1, n_queries=20, n_keys=300, seed=5)
-    out = torch.empty(1, 20, 24, dtype=torch.int32, device=DEVICE)
-    overflow = select_topk_fused(IndexQueries(q, w, k, 280, 2, 4), out.clone(), capacity=24, block_q=16)
-    assert_same_selection(overflow, q, w, k, 280, topk=24, n_sink=2, window=4)
-    k_high = k.clone()  # keys at the sampled positions score far above the rest: the threshold is too high
-    k_high[:, torch.arange(16) * 281 // 16] *= 50
-    missed = select_topk_fused(
-        IndexQueries(q, w.abs(), k_high, 280, 2, 4), out.clone(), sample=16, block_q=16
-    )
-    assert_same_selection(missed, q, w.abs(), k_high, 280, topk=24, n_sink=2, window=4)
-
-
-def test_fused_selection_takes_tied_keys_from_the_tie_list():
-    """Every score 0 (the ReLU kills all): thousands of keys tie at the threshold in a long row."""
-    q, w, k = indexer_inputs(batch=1, n_queries=17, n_keys=200, seed=6)
-    out = torch.empty(1, 17, 30, dtype=torch.int32, device=DEVICE)
-    got = select_topk_fused(IndexQueries(torch.zeros_like(q), w, k, 183, 2, 4), out, block_q=16, block_k=32)
-    for row in range(17):
-        position = 183 + row
-        picked = got[0, row].tolist()
-        assert len(set(picked)) == 30 and all(0 <= key <= position for key in picked)
-        assert {0, 1, position - 3, position - 2, position - 1, position} <= set(picked)  # sinks and window
 
 
 def test_select_topk_rejects_a_budget_smaller_than_sinks_and_window():
