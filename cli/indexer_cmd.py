@@ -30,16 +30,33 @@ def train(
     max_seconds: Annotated[
         float, typer.Option("--max-seconds", help="Stop after this much time (0 = none).")
     ] = 0.0,
+    index_sets: Annotated[
+        int,
+        typer.Option(
+            "--index-sets",
+            min=1,
+            help="Selections per layer: 1 shared by all heads, or one per group of kv heads.",
+        ),
+    ] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     init_from: Annotated[
-        Path | None, typer.Option("--init-from", help="Continue from this checkpoint.")
+        Path | None,
+        typer.Option(
+            "--init-from", help="Continue from this checkpoint (a shared one widens to --index-sets)."
+        ),
     ] = None,
 ) -> None:
     """Distil one lightning indexer per layer from the frozen model's dense attention (KL warm-up)."""
     from indexer_model.train import TrainConfig, run_training
 
     config = TrainConfig(
-        seq_len=seq_len, steps=steps, sparse_steps=sparse_steps, topk=topk, lr=lr, max_seconds=max_seconds
+        seq_len=seq_len,
+        steps=steps,
+        sparse_steps=sparse_steps,
+        topk=topk,
+        lr=lr,
+        max_seconds=max_seconds,
+        index_sets=index_sets,
     )
     run_training(
         model, data, out, config, eval_data=eval_data, device=device, log=stderr.print, init_from=init_from

@@ -87,7 +87,13 @@ def load_checkpoint(
             f"{folder}: indexer for {config.get('n_layer')} layers, model has {n_layer} — retrain it"
         )
     indexers = nn.ModuleList(
-        LightningIndexer(dim, recorded["rope_base"], recorded["n_heads"], recorded["head_dim"])
+        LightningIndexer(
+            dim,
+            recorded["rope_base"],
+            recorded["n_heads"],
+            recorded["head_dim"],
+            recorded.get("index_sets", 1),
+        )
         for _ in range(n_layer)
     )
     try:

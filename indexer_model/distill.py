@@ -10,21 +10,23 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from indexer_model.indexer import index_scores
+from indexer_model.indexer import index_scores, stack_sets
 
 
 @torch.no_grad()
 def dense_attention_target(
-    q: Tensor, k: Tensor, positions: Tensor, block: int = 1024, scale: float | None = None
+    q: Tensor, k: Tensor, positions: Tensor, block: int = 1024, scale: float | None = None, sets: int = 1
 ) -> Tensor:
-    """p (B, T, S) float32, rows summing to 1; one block of queries at a time (Hq x block x S scores)."""
+    """p (B, T, S) float32, rows summing to 1; one block of queries at a time (Hq x block x S scores).
+
+    sets > 1: one target per index set, (B, sets, T, S), each summed over the query heads its kv heads serve."""
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     keys_t = k.float().transpose(-1, -2)
     key_positions = torch.arange(n_keys, device=k.device)
-    target = torch.empty(batch, seq_len, n_keys, device=q.device)
+    target = torch.empty(batch, sets, seq_len, n_keys, device=q.device)
     for t0 in range(0, seq_len, block):
         q_blk = q[:, :, t0 : t0 + block].float()
         n_queries = q_blk.shape[2]
@@ -32,9 +34,10 @@ def dense_attention_target(
         scores = q_blk.reshape(batch, n_kv_heads, group * n_queries, head_dim) @ keys_t * scale
         scores = scores.view(batch, n_heads, n_queries, n_keys)
         future = key_positions[None, :] > positions[t0 : t0 + block, None]
-        probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1).sum(dim=1)
-        target[:, t0 : t0 + block] = probs / probs.sum(dim=-1, keepdim=True)
-    return target
+        probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+        probs = probs.view(batch, sets, n_heads // sets, n_queries, n_keys).sum(dim=2)
+        target[:, :, t0 : t0 + block] = probs / probs.sum(dim=-1, keepdim=True)
+    return target[:, 0] if sets == 1 else target
 
 
 def _kl_per_row(target_p: Tensor, scores: Tensor) -> Tensor:
@@ -73,9 +76,12 @@ def _block_kl_sum(
     scale: float | None,
 ) -> Tensor:
     keys_seen = min(k.shape[2], int(positions.max()) + 1)  # later keys are future to every query here
-    target = dense_attention_target(q, k[:, :, :keys_seen], positions, block=q.shape[2], scale=scale)
+    sets = 1 if idx_w.dim() == 3 else idx_w.shape[2]
+    target = dense_attention_target(q, k[:, :, :keys_seen], positions, q.shape[2], scale, sets)
     key_positions = torch.arange(keys_seen, device=idx_k.device)
-    scores = index_scores(idx_q, idx_w, idx_k[:, :keys_seen], positions, key_positions)
+    scores = stack_sets(
+        idx_w, lambda w: index_scores(idx_q, w, idx_k[:, :keys_seen], positions, key_positions)
+    )
     if indices is not None:
         target, scores = _restrict_to_selected(target, scores, indices)
     return _kl_per_row(target, scores).sum()
@@ -95,14 +101,16 @@ def blockwise_indexer_kl_loss(
     """indexer_kl_loss (or the sparse variant when indices are given) one block of queries at a time.
 
     q, k: the frozen layer's attention inputs (no gradient); idx_q (B, T, H_I, d_I), idx_w (B, T, H_I) and
-    idx_k (B, S, d_I) from LightningIndexer.project, whose parameters get the gradient. Each block is
+    idx_k (B, S, d_I) from LightningIndexer.project, whose parameters get the gradient (idx_w (B, T, sets, H_I)
+    and indices (B, sets, T, k): each set learns the heads it serves, the loss is the mean). Each block is
     recomputed in backward (activation checkpointing), so memory is O(Hq x block x S) at any length.
     """
     batch, seq_len = idx_q.shape[:2]
+    sets = 1 if idx_w.dim() == 3 else idx_w.shape[2]
     total = idx_q.new_zeros((), dtype=torch.float32)
     for t0 in range(0, seq_len, block):
         rows = slice(t0, t0 + block)
-        block_indices = None if indices is None else indices[:, rows]
+        block_indices = None if indices is None else indices[..., rows, :]
         total = total + checkpoint(
             _block_kl_sum,
             q[:, :, rows],
@@ -115,10 +123,10 @@ def blockwise_indexer_kl_loss(
             scale,
             use_reentrant=False,
         )
-    return total / (batch * seq_len)
+    return total / (batch * seq_len * sets)
 
 
 def topk_attention_mass_recall(target_p: Tensor, indices: Tensor) -> Tensor:
-    """Per query (B, T): share of the dense attention mass that the selected keys keep (1.0 = lossless)."""
+    """Per query (B, T), or (B, sets, T): share of the dense attention mass the selected keys keep (1 = lossless)."""
     kept = target_p.gather(-1, indices.clamp(min=0)).masked_fill(indices < 0, 0.0)
     return kept.sum(dim=-1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from indexer_model.indexer import select_topk
+from indexer_model.indexer import select_topk_sets, stack_sets
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ def union_of_selections(indices: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
 def sparse_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float, block: int = 32
 ) -> Tensor:
-    """Softmax attention of each query over the keys indices[b, t, :] only; out (B, Hq, T, d) in q's dtype.
+    """Softmax attention of each query over its selected keys only; out (B, Hq, T, d) in q's dtype.
+
+    indices (B, T, k): one selection for every head; (B, sets, T, k): set s serves kv heads
+    s * Hkv / sets ... (s + 1) * Hkv / sets - 1 and their query heads.
 
     The CPU path. Queries go in blocks; a block gathers the union of its queries' selections once and each
     query attends to its own keys within it (a 0 / -inf bias). Neighbouring queries choose mostly the same
@@ -60,19 +63,24 @@ def sparse_attention(
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads, n_keys = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
+    sets = indices if indices.dim() == 4 else indices[:, None]
+    kv_per_set = n_kv_heads // sets.shape[1]
     out = torch.empty_like(q)
     for b in range(batch):
-        q_groups = q[b].view(n_kv_heads, group, seq_len, head_dim)
-        for t0 in range(0, seq_len, block):
-            keys, bias = union_of_selections(indices[b, t0 : t0 + block], n_keys)
-            n_q = bias.shape[0]
-            k_sel = k_cache[b].index_select(1, keys)  # (Hkv, u, d)
-            v_sel = v_cache[b].index_select(1, keys)
-            q_blk = q_groups[:, :, t0 : t0 + n_q].flatten(1, 2) * scale  # (Hkv, G * Tb, d)
-            scores = torch.bmm(q_blk, k_sel.transpose(1, 2))  # (Hkv, G * Tb, u)
-            scores.view(n_kv_heads, group, n_q, -1).add_(bias.to(scores.dtype))  # 0 / -inf: exact in bf16
-            out_blk = torch.bmm(scores.softmax(dim=-1), v_sel)
-            out[b, :, t0 : t0 + n_q] = out_blk.view(n_heads, n_q, head_dim).to(q.dtype)
+        for s in range(sets.shape[1]):
+            kv = slice(s * kv_per_set, (s + 1) * kv_per_set)
+            q_groups = q[b].view(n_kv_heads, group, seq_len, head_dim)[kv]
+            out_groups = out[b].view(n_kv_heads, group, seq_len, head_dim)[kv]
+            for t0 in range(0, seq_len, block):
+                keys, bias = union_of_selections(sets[b, s, t0 : t0 + block], n_keys)
+                n_q = bias.shape[0]
+                k_sel = k_cache[b, kv].index_select(1, keys)  # (Hkv per set, u, d)
+                v_sel = v_cache[b, kv].index_select(1, keys)
+                q_blk = q_groups[:, :, t0 : t0 + n_q].flatten(1, 2) * scale  # (Hkv per set, G * Tb, d)
+                scores = torch.bmm(q_blk, k_sel.transpose(1, 2))  # (Hkv per set, G * Tb, u)
+                scores.view(kv_per_set, group, n_q, -1).add_(bias.to(scores.dtype))  # 0 / -inf: exact in bf16
+                out_blk = torch.bmm(scores.softmax(dim=-1), v_sel)
+                out_groups[:, :, t0 : t0 + n_q] = out_blk.view(kv_per_set, group, n_q, head_dim).to(q.dtype)
     return out
 
 
@@ -83,12 +91,14 @@ def masked_dense_attention_reference(
     batch, n_heads, seq_len, _ = q.shape
     n_keys = k_cache.shape[2]
     group = n_heads // k_cache.shape[1]
-    allowed = torch.zeros(batch, seq_len, n_keys + 1, dtype=torch.bool, device=q.device)
-    allowed.scatter_(-1, indices.masked_fill(indices < 0, n_keys), True)  # -1 slots land in a spare column
+    sets = indices if indices.dim() == 4 else indices[:, None]
+    allowed = torch.zeros(*sets.shape[:3], n_keys + 1, dtype=torch.bool, device=q.device)
+    allowed.scatter_(-1, sets.masked_fill(sets < 0, n_keys), True)  # -1 slots land in a spare column
+    allowed = allowed[..., :n_keys].repeat_interleave(n_heads // sets.shape[1], dim=1)  # per query head
     k = k_cache.float().repeat_interleave(group, dim=1)
     v = v_cache.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed[:, None, :, :n_keys], float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
@@ -121,7 +131,8 @@ def dsa_attention(
 ) -> Tensor:
     """DSA for one layer: indexer top-k then gather attention; exact dense when the context is short.
 
-    idx_q (B, T, H_I, d_I) and idx_w (B, T, H_I) come from LightningIndexer.project for the new tokens;
+    idx_q (B, T, H_I, d_I) and idx_w (B, T, H_I), or (B, T, sets, H_I) for one selection per group of kv
+    heads, come from LightningIndexer.project for the new tokens;
     idx_k_cache (B, S, d_I) holds the indexer keys of the first n_keys positions (the new tokens included).
     """
     if cfg.runs_dense(n_keys):
@@ -133,17 +144,17 @@ def dsa_attention(
         from kernels.indexer import select_topk as select_topk_triton
         from kernels.sparse_attention import sparse_attention as sparse_attention_triton
 
-        indices = select_topk_triton(
-            idx_q, idx_w, idx_k_cache, n_keys - q.shape[2], n_keys, cfg.topk, cfg.n_sink, cfg.window,
+        indices = stack_sets(idx_w, lambda w_set: select_topk_triton(
+            idx_q, w_set, idx_k_cache, n_keys - q.shape[2], n_keys, cfg.topk, cfg.n_sink, cfg.window,
             fp8=cfg.fp8_indexer,
-        )  # fmt: skip
+        ))  # fmt: skip
         return sparse_attention_triton(q, k_cache, v_cache, indices, scale)
     # Queries that see at most k keys select all of them: exact dense attention, no indexer needed.
     n_dense = int((q_positions < cfg.topk).sum())  # positions ascend
     if n_dense == q.shape[2]:
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
     rows = slice(n_dense, None)
-    indices = select_topk(
+    indices = select_topk_sets(
         idx_q[:, rows],
         idx_w[:, rows],
         idx_k_cache,

@@ -4,8 +4,11 @@ One indexer per attention layer scores every (query t, key s) pair cheaply:
     I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])
 and each query attends only to its top-k keys. Shapes: x (B, T, D); q (B, T, H_I, d_I); w (B, T, H_I);
 k (B, S, d_I), one key per token shared by all index heads; positions are 1-D (T,) and key s of a cache sits
-at position s.
+at position s. One selection serves every attention head, or, with index sets, one per group of kv heads:
+w (B, T, sets, H_I) and indices (B, sets, T, k).
 """
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -50,14 +53,20 @@ class IndexKeyCache(nn.Module):
 class LightningIndexer(nn.Module):
     """Index queries, weights and keys from a layer's normed hidden state (DeepSeek-V3.2 Indexer, small)."""
 
-    def __init__(self, dim: int, rope_base: float, n_heads: int = 4, head_dim: int = 64) -> None:
+    def __init__(
+        self, dim: int, rope_base: float, n_heads: int = 4, head_dim: int = 64, index_sets: int = 1
+    ) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.rope_base = n_heads, head_dim, float(rope_base)
         self.rope_dims = head_dim // 2
+        # index_sets > 1: one selection per group of kv heads (the option of one set per kv group). The sets
+        # share the index queries and keys and differ only in the head weights, so they cost one extra
+        # weighted sum each, not another set of dot products.
+        self.index_sets = index_sets
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim)
-        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.weights_proj = nn.Linear(dim, index_sets * n_heads, bias=False)
 
     def config(self) -> dict:
         """What a checkpoint must record: a different RoPE layout passes at 2K and fails at 16K."""
@@ -67,11 +76,13 @@ class LightningIndexer(nn.Module):
             "rope_dims": self.rope_dims,
             "layout": ROPE_LAYOUT,
             "rope_base": self.rope_base,
+            "index_sets": self.index_sets,
         }
 
     def check_config(self, recorded: dict) -> None:
         """Raise ValueError if a checkpoint's recorded config differs from this indexer's."""
         mine = self.config()
+        recorded = {"index_sets": 1, **recorded}  # checkpoints from before index sets hold one
         wrong = {key: (recorded.get(key), mine[key]) for key in mine if recorded.get(key) != mine[key]}
         if wrong:
             details = ", ".join(
@@ -82,20 +93,32 @@ class LightningIndexer(nn.Module):
             )
 
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, D), positions (T,) -> q (B, T, H_I, d_I), w (B, T, H_I), k (B, T, d_I)."""
+        """x (B, T, D), positions (T,) -> q (B, T, H_I, d_I), w (B, T, H_I), k (B, T, d_I).
+
+        With index_sets > 1, w is (B, T, index_sets, H_I): one set of head weights per selection."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         w = self.weights_proj(x) * (self.n_heads * self.head_dim) ** -0.5
+        if self.index_sets > 1:
+            w = w.view(batch, seq_len, self.index_sets, self.n_heads)
         cos, sin = rope_cos_sin(positions, self.rope_dims, self.rope_base)
         q = apply_partial_rope(q, cos[:, None], sin[:, None])
         k = apply_partial_rope(k, cos, sin)
         return q, w, k
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Index scores of x against itself, (B, T, T); for training at lengths where T x T fits."""
+        """Index scores of x against itself, (B, T, T) (one set) or (B, sets, T, T); where T x T fits."""
         q, w, k = self.project(x, positions)
-        return index_scores(q, w, k, positions, positions)
+        return stack_sets(w, lambda w_set: index_scores(q, w_set, k, positions, positions))
+
+
+def stack_sets(w: Tensor, per_set: Callable[[Tensor], Tensor]) -> Tensor:
+    """per_set(w of one set, (B, T, H_I)) for one set; with index sets (w (B, T, sets, H_I)) the results of
+    every set stacked on dim 1, where the kv heads are in the caches: (B, sets, ...)."""
+    if w.dim() == 3:
+        return per_set(w)
+    return torch.stack([per_set(w[:, :, s]) for s in range(w.shape[2])], dim=1)
 
 
 def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
@@ -161,3 +184,17 @@ def select_topk(
         width = best.shape[-1]
         selected[:, rows, :width] = best_idx.masked_fill(best == float("-inf"), -1)
     return selected
+
+
+def select_topk_sets(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_positions: Tensor,
+    n_keys: int,
+    topk: int,
+    n_sink: int = 4,
+    window: int = 64,
+) -> Tensor:
+    """`select_topk` for each index set: (B, T, topk), or (B, sets, T, topk) when w has a set dimension."""
+    return stack_sets(w, lambda w_set: select_topk(q, w_set, k, q_positions, n_keys, topk, n_sink, window))

@@ -21,8 +21,9 @@ from indexer_model.distill import (
     dense_attention_target,
     topk_attention_mass_recall,
 )
-from indexer_model.indexer import LightningIndexer, select_topk
+from indexer_model.indexer import LightningIndexer, select_topk_sets
 from indexer_model.model import Transformer, rope_cos_sin
+from rag.errors import BadInputError
 
 RECALL_KS = (256, 512, 1024, 2048)
 N_SINK, WINDOW = 4, 64
@@ -39,6 +40,7 @@ class TrainConfig:
     warmup_steps: int = 20
     index_heads: int = 4
     index_dim: int = 64
+    index_sets: int = 1  # selections per layer: 1 shared by all heads, or one per group of kv heads
     query_block: int = 1024
     seed: int = 0
 
@@ -73,8 +75,13 @@ def load_token_stream(data: Path, encode: Callable[[str], list[int]] | None = No
 
 def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
     args = model.args
+    if args.n_kv_head % config.index_sets:
+        raise BadInputError(
+            f"--index-sets {config.index_sets} does not divide the model's {args.n_kv_head} kv heads: "
+            f"use 1 or a divisor of {args.n_kv_head}"
+        )
     return nn.ModuleList(
-        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim)
+        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim, config.index_sets)
         for _ in range(args.n_layer)
     )
 
@@ -93,6 +100,28 @@ def frozen_attention_inputs(model: Transformer, tokens: Tensor) -> list[tuple[Te
         captured.append((h, q, k))
         x = layer(x, rope, positions)
     return captured
+
+
+def widen_to_sets(indexers: nn.ModuleList, index_sets: int) -> nn.ModuleList:
+    """Indexers with one shared set -> `index_sets` sets that all start from its head weights (every set
+    selects what the shared indexer did until training moves them apart)."""
+    if indexers[0].index_sets == index_sets:
+        return indexers
+    if indexers[0].index_sets != 1:
+        raise BadInputError(
+            f"--init-from has {indexers[0].index_sets} index sets, not 1: continue it with --index-sets "
+            f"{indexers[0].index_sets}"
+        )
+    widened = nn.ModuleList()
+    for shared in indexers:
+        indexer = LightningIndexer(
+            shared.wq.in_features, shared.rope_base, shared.n_heads, shared.head_dim, index_sets
+        )
+        state = shared.state_dict()
+        state["weights_proj.weight"] = state["weights_proj.weight"].repeat(index_sets, 1)
+        indexer.load_state_dict(state)
+        widened.append(indexer)
+    return widened
 
 
 def train_indexers(
@@ -125,7 +154,7 @@ def train_indexers(
             indices = None
             if sparse:
                 with torch.no_grad():
-                    indices = select_topk(
+                    indices = select_topk_sets(
                         idx_q, idx_w, idx_k, positions, config.seq_len, config.topk, N_SINK, WINDOW
                     )
             loss = blockwise_indexer_kl_loss(
@@ -168,7 +197,8 @@ def attention_mass_recall(
 ) -> dict:
     """Per layer and k: share of the dense attention mass kept by the indexer's top-k (sinks + window
     included), over the last `query_rows` queries of `tokens`; with the oracle ceiling (top-k of the true
-    attention) and the sinks-plus-recent baseline beside it."""
+    attention) and the sinks-plus-recent baseline beside it. With index sets, each set is scored against the
+    attention of the heads it serves, and the layer's figure is the mean over sets."""
     device = next(model.parameters()).device
     seq_len = len(tokens)
     ks = tuple(k for k in ks if k < seq_len)
@@ -180,10 +210,10 @@ def attention_mass_recall(
         for name in ("indexer", "oracle", "recent"):
             result[name][str(k)] = []
     for indexer, (h, q, k_main) in zip(indexers, frozen_attention_inputs(model, window), strict=True):
-        target = dense_attention_target(q[:, :, rows], k_main, positions[rows])
+        target = dense_attention_target(q[:, :, rows], k_main, positions[rows], sets=indexer.index_sets)
         idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
         for k in ks:
-            chosen = select_topk(
+            chosen = select_topk_sets(
                 idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], seq_len, k, N_SINK, WINDOW
             )
             oracle = target.topk(k, dim=-1).indices
@@ -237,7 +267,9 @@ def run_training(
     if init_from is not None:
         from indexer_model.checkpoint import load_checkpoint
 
-        init = load_checkpoint(init_from, model.args.dim, model.args.n_layer)
+        init = widen_to_sets(
+            load_checkpoint(init_from, model.args.dim, model.args.n_layer), config.index_sets
+        )
         log(f"continuing from {init_from}")
     indexers, curve = train_indexers(model, tokens, config, log, init)
     train_seconds = time.perf_counter() - started

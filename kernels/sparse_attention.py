@@ -1,7 +1,7 @@
 """Triton gather attention for DSA: each query attends only to the keys its indexer selected.
 
 Shapes as in `indexer_model.dsa`: q (B, Hq, T, d); KV cache (B, Hkv, S, d); indices (B, T, k) int32 shared by
-all heads, -1 in unused slots. One program serves one query and one kv group: every gathered K/V row is
+all heads, or (B, sets, T, k) with one set per group of kv heads; -1 in unused slots. One program serves one query and one kv group: every gathered K/V row is
 loaded once and used by all G = Hq / Hkv query heads of the group (the heads are the rows of the tile, padded
 to 16 for the tensor cores). Softmax is online (flash-attention style) in float32.
 
@@ -50,9 +50,9 @@ def _sparse_prefill_kernel(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_ib, stride_it,
+    stride_ib, stride_is, stride_it,
     stride_ob, stride_oh, stride_ot,
-    N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    N_KV_HEADS: tl.constexpr, KV_PER_SET: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     t, batch_group = tl.program_id(0), tl.program_id(1)
@@ -71,7 +71,8 @@ def _sparse_prefill_kernel(
     m_i, l_i, acc = _gather_attention_block(
         q, m_i, l_i, acc,
         k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
-        idx_ptr + batch * stride_ib + t * stride_it, 0, topk, stride_ks, stride_vs, scale_log2,
+        idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is + t * stride_it, 0, topk,
+        stride_ks, stride_vs, scale_log2,
         HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
     )  # fmt: skip
     out = acc / l_i[:, None]
@@ -88,8 +89,8 @@ def _sparse_decode_kernel(
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_ib,
-    N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    stride_ib, stride_is,
+    N_KV_HEADS: tl.constexpr, KV_PER_SET: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     batch_group, split = tl.program_id(0), tl.program_id(1)
@@ -110,7 +111,8 @@ def _sparse_decode_kernel(
     m_i, l_i, acc = _gather_attention_block(
         q, m_i, l_i, acc,
         k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
-        idx_ptr + batch * stride_ib, slot_start, tl.minimum(slot_start + slots_per_split, topk),
+        idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is, slot_start,
+        tl.minimum(slot_start + slots_per_split, topk),
         stride_ks, stride_vs, scale_log2,
         HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
     )  # fmt: skip
@@ -123,6 +125,14 @@ def _sparse_decode_kernel(
 def _group_padding(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
     group = n_heads // n_kv_heads
     return group, max(16, triton.next_power_of_2(group))
+
+
+def _index_sets(indices: Tensor, n_kv_heads: int) -> tuple[Tensor, int, int]:
+    """indices (B, T, k) shared by every head, or (B, sets, T, k): the 4-D view, the sets' stride (0 when
+    shared) and the kv heads each set serves."""
+    if indices.dim() == 3:
+        return indices[:, None], 0, n_kv_heads
+    return indices, indices.stride(1), n_kv_heads // indices.shape[1]
 
 
 def sparse_attention_prefill(
@@ -142,14 +152,15 @@ def sparse_attention_prefill(
     out = torch.empty_like(q)
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("indices", indices)):
         assert tensor.stride(-1) == 1, f"{name} must be contiguous in its last dimension"
+    indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
     _sparse_prefill_kernel[(n_queries, batch * n_kv_heads)](
         q, k_cache, v_cache, indices, out, indices.shape[-1], scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        indices.stride(0), indices.stride(1),
+        indices.stride(0), stride_is, indices.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, UPCAST=INTERPRETED,
+        N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, UPCAST=INTERPRETED,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -158,10 +169,12 @@ def sparse_attention_prefill(
 def sparse_attention_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float, slots_per_split: int = 256
 ) -> Tensor:
-    """Gather attention for one new token per sequence: q (B, Hq, 1, d), indices (B, 1, k) -> (B, Hq, 1, d)."""
+    """Gather attention for one new token per sequence: q (B, Hq, 1, d), indices (B, 1, k) or (B, sets, 1, k)
+    -> (B, Hq, 1, d)."""
     batch, n_heads, _, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group, g_pad = _group_padding(n_heads, n_kv_heads)
+    indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
     topk = indices.shape[-1]
     n_splits = triton.cdiv(topk, slots_per_split)
     partial_shape = (batch * n_kv_heads, n_splits, g_pad)
@@ -173,8 +186,8 @@ def sparse_attention_decode(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        indices.stride(0),
-        N_KV_HEADS=n_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
+        indices.stride(0), stride_is,
+        N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     out = merge_partials(m, lse_sum, acc)[:, :group]  # (B * Hkv, G, d)
@@ -192,6 +205,6 @@ def merge_partials(m: Tensor, lse_sum: Tensor, acc: Tensor) -> Tensor:
 
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
     """The GPU path of `indexer_model.dsa.sparse_attention`: decode kernel for one query, prefill otherwise."""
-    if q.shape[2] == 1:
+    if q.shape[2] == 1:  # indices (B, 1, k) or (B, sets, 1, k)
         return sparse_attention_decode(q, k_cache, v_cache, indices, scale)
     return sparse_attention_prefill(q, k_cache, v_cache, indices, scale)

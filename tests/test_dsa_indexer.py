@@ -126,6 +126,7 @@ def test_config_records_the_rope_layout_and_check_rejects_a_mismatch():
         "rope_dims": 32,
         "layout": "half-split",
         "rope_base": 1e6,
+        "index_sets": 1,
     }
     indexer.check_config(indexer.config())
     with pytest.raises(ValueError, match="layout: checkpoint 'interleaved'"):
