@@ -44,10 +44,11 @@ class IndexKeyCache(nn.Module):
             "k_cache", torch.zeros(max_batch_size, max_seq_len, head_dim, dtype=dtype), persistent=False
         )
 
-    def update(self, input_pos: Tensor, k: Tensor) -> Tensor:
+    def update(self, input_pos: Tensor, k: Tensor, n_keys: int) -> Tensor:
+        """Write k at input_pos; return the first n_keys positions (as `KVCache.update`)."""
         batch = k.shape[0]
         self.k_cache[:batch, input_pos] = k
-        return self.k_cache[:batch, : int(input_pos[-1]) + 1]
+        return self.k_cache[:batch, :n_keys]
 
 
 class LightningIndexer(nn.Module):

@@ -101,12 +101,13 @@ class KVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.k_cache.shape[2]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
+        """Write k, v at input_pos; return the first n_keys positions (the caller knows n_keys on the host, so
+        no layer waits for the GPU to read input_pos back)."""
         batch = k.shape[0]
         self.k_cache[:batch, :, input_pos] = k
         self.v_cache[:batch, :, input_pos] = v
-        end = int(input_pos[-1]) + 1
-        return self.k_cache[:batch, :, :end], self.v_cache[:batch, :, :end]
+        return self.k_cache[:batch, :, :n_keys], self.v_cache[:batch, :, :n_keys]
 
 
 class Attention(nn.Module):
@@ -131,19 +132,27 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, dsa: DSAConfig | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        input_pos: Tensor,
+        dsa: DSAConfig | None = None,
+        n_keys: int | None = None,
     ) -> Tensor:
-        """Dense attention, or DSA when `dsa` is given and an indexer is attached (x is the normed input)."""
+        """Dense attention, or DSA when `dsa` is given and an indexer is attached (x is the normed input).
+
+        n_keys: cached positions after this call (input_pos[-1] + 1), computed once per forward by the caller."""
         q, k, v = self.project(x, rope)
+        n_keys = int(input_pos[-1]) + 1 if n_keys is None else n_keys
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, n_keys)
         if self.indexer is None:
             y = dense_attention(q, k, v, input_pos)
         else:
             # Index keys are cached in every mode, so a sparse decode step can score every earlier token.
             idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
             if self.index_cache is not None:
-                idx_k = self.index_cache.update(input_pos, idx_k)
+                idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
             if dsa is None:
                 y = dense_attention(q, k, v, input_pos)
             else:
@@ -173,9 +182,14 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, dsa: DSAConfig | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        input_pos: Tensor,
+        dsa: DSAConfig | None = None,
+        n_keys: int | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, dsa)
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, dsa, n_keys)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -234,8 +248,9 @@ class Transformer(nn.Module):
         `dsa` switches attention to DeepSeek Sparse Attention for this call (needs attached indexers)."""
         x = self.tok_embeddings(idx)
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
+        n_keys = int(input_pos[-1]) + 1  # the one host sync of a step: each layer's cache view needs it
         for number, layer in enumerate(self.layers):
-            x = layer(x, rope, input_pos, None if dsa is None or number in dsa.dense_layers else dsa)
+            x = layer(x, rope, input_pos, None if dsa is None or number in dsa.dense_layers else dsa, n_keys)
         if last_logits_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
