@@ -38,6 +38,10 @@ class CorpusColumns:
         options += [("--title-column", self.title), ("--date-column", self.date)]
         return [(option, name) for option, name in options if name]
 
+    def as_record(self) -> dict[str, str]:
+        """The columns set, as the store's manifest keeps them: {"text": …, "id": …}."""
+        return {role: name for role, name in vars(self).items() if name}
+
 
 @dataclass(frozen=True)
 class CorpusRecord:

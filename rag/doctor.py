@@ -11,7 +11,7 @@ manifest is rebuilt by ingesting the documents folder (`docs`) again; files of i
 
 import os
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -267,6 +267,9 @@ def repair_store(store: ChunkStore, docs: Path | None, console: Console | None =
         return _rebuild_from_docs(store, docs, console)
     manifest = health.manifest
     affected = _affected_sources(store, health)
+    columns = {
+        key: manifest.files[key].columns for key in affected if key in manifest.files
+    }  # before dropping
     if health.damaged_shards or affected:
         for name in health.damaged_shards:
             manifest.checksums.pop(name, None)
@@ -287,7 +290,7 @@ def repair_store(store: ChunkStore, docs: Path | None, console: Console | None =
             f"rebuilt the index ({update.factory}, {update.ntotal:,} vectors) from the stored embeddings"
         )
     if affected:
-        repairs += _reingest(store, sorted(affected), console)
+        repairs += _reingest(store, sorted(affected), columns, console)
     return repairs
 
 
@@ -305,26 +308,37 @@ def _affected_sources(store: ChunkStore, health: StoreHealth) -> set[str]:
     return affected | (set(per_source) - set(manifest.files))
 
 
-def _reingest(store: ChunkStore, keys: list[str], console: Console | None) -> list[str]:
-    from corpora.corpus_files import corpus_kind
+def _reingest(
+    store: ChunkStore, keys: list[str], columns: dict[str, dict | None], console: Console | None
+) -> list[str]:
+    """Ingest the sources `keys` again; `columns`: the column options each corpus file was read with."""
+    from corpora.corpus_files import CorpusColumns, corpus_kind
     from rag.embed import load_embedder
     from rag.ingest import IngestOptions, ingest
 
     root = Path(store.parse_manifest().root)
-    present = [root / key for key in keys if (root / key).is_file()]
+    present = [key for key in keys if (root / key).is_file()]
     gone = [key for key in keys if not (root / key).is_file()]
-    corpus = [path for path in present if corpus_kind(path)]  # their column options are not in the manifest
-    present = [path for path in present if not corpus_kind(path)]
+    # Documents re-read alike; corpus files with the columns the manifest recorded for them (one ingest per
+    # set of columns); corpus files from stores older than that record, only the command to run.
+    batches: dict[tuple, list[str]] = defaultdict(list)
+    unknown = []
+    for key in present:
+        if not corpus_kind(root / key):
+            batches[()].append(key)
+        elif columns.get(key):
+            batches[tuple(sorted(columns[key].items()))].append(key)
+        else:
+            unknown.append(key)
     lines = []
-    if corpus:
+    for columns, batch in batches.items():
+        options = IngestOptions(CorpusColumns(**dict(columns)), take_lock=False)
+        report = ingest([root / key for key in batch], store, load_embedder(), options, console)
+        lines.append(f"ingested {len(batch)} source(s) again from {root}: {report.chunks_embedded:,} chunks")
+    if unknown:
         lines.append(
-            f"{len(corpus)} corpus file(s) lost their chunks; ingest them again with their column options: "
-            f"dsarag ingest {' '.join(str(path) for path in corpus)} --store {store.folder} [--text-column …]"
-        )
-    if present:
-        report = ingest(present, store, load_embedder(), IngestOptions(take_lock=False), console)
-        lines.append(
-            f"ingested {len(present)} source(s) again from {root}: {report.chunks_embedded:,} chunks"
+            f"{len(unknown)} corpus file(s) lost their chunks; ingest them again with their column options: "
+            f"dsarag ingest {' '.join(str(root / key) for key in unknown)} --store {store.folder} [--text-column …]"
         )
     if gone:
         lines.append(

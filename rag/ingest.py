@@ -548,13 +548,14 @@ class _BatchWriter:
         blocks are committed (in this run or a killed one), else a fresh one."""
         if key not in self.records:
             known = self.manifest.files.get(key)
+            columns = self.options.columns.as_record()
             if known is not None and (key in self.plan.resume_from or key in self.begun):
-                self.records[key] = replace(known, complete=False)
+                self.records[key] = replace(known, complete=False, columns=columns)
             else:
                 stat = (Path(self.manifest.root) / key).stat()
                 date_text = str(datetime.fromtimestamp(stat.st_mtime, tz=UTC).date())
                 self.records[key] = FileRecord(
-                    self.shas[key], stat.st_size, stat.st_mtime_ns, 0, date_text, 0, False
+                    self.shas[key], stat.st_size, stat.st_mtime_ns, 0, date_text, 0, False, columns
                 )
             self.begun.add(key)
         return self.records[key]

@@ -125,15 +125,37 @@ def test_garbled_safetensors_with_its_mtime_restored_is_refused_before_use(tmp_p
     assert check["fix"] == "dsarag models pull all-minilm-l6-v2"
 
 
-def test_repair_names_the_command_for_a_corpus_file_it_cannot_reingest_alone(tmp_path, embedder, run_cli):
+def damaged_corpus_store(tmp_path, embedder) -> tuple[Path, ChunkStore, set[int]]:
+    """A JSONL corpus read with its own column names, then its only shard truncated."""
     corpus = tmp_path / "notes.jsonl"
-    corpus.write_text(
-        "".join(json.dumps({"body": f"Note {i} about the tool library."}) + "\n" for i in range(3))
-    )
+    rows = [{"doc": f"n{i}", "body": f"Note {i} about the tool library."} for i in range(3)]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
     store = ChunkStore(tmp_path / "store")
-    ingest([corpus], store, embedder, IngestOptions(CorpusColumns(text="body"), workers=0))
+    ingest([corpus], store, embedder, IngestOptions(CorpusColumns(text="body", id="doc"), workers=0))
+    ids = check_store(store).live_ids
     shard = store.folder / store.read_manifest().shards[0].name
     shard.write_bytes(shard.read_bytes()[:-100])
+    return corpus, store, ids
+
+
+def test_repair_reingests_a_corpus_file_with_the_columns_it_was_read_with(tmp_path, embedder, run_cli):
+    corpus, store, ids = damaged_corpus_store(tmp_path, embedder)
+    assert store.parse_manifest().files[corpus.name].columns == {"text": "body", "id": "doc"}
+    code, result = doctor(run_cli, "--store", str(store.folder), "--repair")
+    assert code == 0 and any("ingested 1 source(s) again" in line for line in result["repairs"]), result
+    health = check_store(store)
+    assert health.ok and health.live_ids == ids
+    hits = Retriever(store, embedder).semantic("a note about the tool library", 3)
+    assert sorted(hit.path for hit in hits) == [f"notes.jsonl#n{i}" for i in range(3)]  # ids from "doc"
+    assert all(hit.text.startswith("Note ") for hit in hits)  # text from "body"
+
+
+def test_repair_names_the_command_for_a_corpus_file_of_an_older_store(
+    tmp_path, embedder, run_cli, monkeypatch
+):
+    """Stores written before the manifest kept a corpus file's columns: repair cannot guess them."""
+    monkeypatch.setattr(CorpusColumns, "as_record", lambda self: None)
+    corpus, store, _ = damaged_corpus_store(tmp_path, embedder)
     code, result = doctor(run_cli, "--store", str(store.folder), "--repair")
     assert code == 0 and check_store(store).ok  # consistent again, without the file's chunks
     (line,) = [line for line in result["repairs"] if "corpus file" in line]
