@@ -77,8 +77,9 @@ def test_merge_partials_equals_softmax_over_the_union():
     torch.testing.assert_close(merged[0, 0], probs[0] @ values.flatten(1, 2)[0])
 
 
+@pytest.mark.parametrize("index_sets", [1, 2])
 @pytest.mark.parametrize("n_new", [48, 1])
-def test_dsa_attention_triton_path_equals_the_torch_path(n_new):
+def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
     """The model's one switch: DSAConfig(kernels=...) picks Triton or PyTorch; prefill chunk and decode agree."""
     from indexer_model.dsa import DSAConfig, dsa_attention
 
@@ -93,6 +94,10 @@ def test_dsa_attention_triton_path_equals_the_torch_path(n_new):
     idx_w = torch.ones(1, n_new, 2, device=DEVICE)
     idx_k = torch.zeros(1, n_keys, 16, device=DEVICE)
     idx_k[0, :, 0] = torch.randperm(n_keys, generator=generator).float().to(DEVICE)
+    if index_sets == 2:  # one set per kv head: the second prefers the other end of the key order
+        idx_q[..., 1, 1] = 1.0
+        idx_k[0, :, 1] = n_keys - idx_k[0, :, 0]
+        idx_w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=DEVICE).expand(1, n_new, 2, 2)
     positions = torch.arange(n_keys - n_new, n_keys, device=DEVICE)
     outputs = {}
     for kernels in ("torch", "triton"):
