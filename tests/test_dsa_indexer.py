@@ -188,6 +188,23 @@ def test_blockwise_select_topk_equals_full_matrix_topk(query_block, key_block):
     assert as_sets(got) == expected
 
 
+def test_select_topk_on_bf16_inputs_ranks_in_bf16_and_keeps_keys_worth_the_fp32_best():
+    """bf16 inputs (the model's) are scored and ranked in bf16, like the GPU kernel: the chosen keys are worth
+    what the fp32 ranking's are, up to bf16 rounding (keys that tie in bf16 may swap)."""
+    q, w, k = random_index_inputs(300, batch=1, seed=4)
+    positions = torch.arange(300)
+    got = select_topk(q.bfloat16(), w.bfloat16(), k.bfloat16(), positions, 300, topk=24, n_sink=1, window=2)
+    scores = index_scores(
+        q.bfloat16().float(), w.bfloat16().float(), k.bfloat16().float(), positions, positions
+    )
+    forced = (positions[None, :] < 1) | (positions[None, :] > positions[:, None] - 2)
+    scores = scores.masked_fill(forced & scores.isfinite(), float("inf"))
+    for t in range(24, 300):
+        mine = scores[0, t, got[0, t]].sort().values
+        best = scores[0, t].topk(24).values.sort().values
+        torch.testing.assert_close(mine, best, rtol=2e-2, atol=2e-2)
+
+
 def test_select_topk_for_decode_and_chunked_prefill_matches_the_full_prefill():
     q, w, k = random_index_inputs(30)
     full = select_topk(q, w, k, torch.arange(30), n_keys=30, topk=8, n_sink=2, window=2)
