@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 9, 16, 23])
     parser.add_argument("--topk", type=int, default=2048)
-    parser.add_argument("--block", type=int, default=32, help="queries per gathered union")
+    parser.add_argument("--block", type=int, default=64, help="queries per gathered union")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
     options = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

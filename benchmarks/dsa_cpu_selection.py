@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,9 @@ def selection_rows(model, heldout: np.ndarray, lengths: list[int], layer: int, r
     return rows
 
 
-def prefill_split(model, tokens: np.ndarray) -> dict:
-    """Seconds of a dense and a DSA prefill, and the DSA one's selection / gather / dense-prefix totals."""
+def prefill_split(model, tokens: np.ndarray, block: int) -> dict:
+    """Seconds of a dense and a DSA prefill, and the DSA one's selection / gather / dense-prefix totals;
+    `block`: queries per gathered union in the gather attention."""
     totals: dict[str, float] = {}
 
     def timed(name, fn):
@@ -106,9 +108,9 @@ def prefill_split(model, tokens: np.ndarray) -> dict:
         return round(time.perf_counter() - started, 2)
 
     prefill(None)  # warm-up
-    result = {"length": len(tokens), "dense_s": prefill(None)}
+    result = {"length": len(tokens), "block": block, "dense_s": prefill(None)}
     for name, fn in originals.items():
-        setattr(dsa_module, name, timed(name, fn))
+        setattr(dsa_module, name, timed(name, partial(fn, block=block) if name == "sparse_attention" else fn))
     try:
         result["dsa_s"] = prefill(DSAConfig(topk=TOPK, dense_threshold=0))
     finally:
@@ -125,10 +127,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--heldout", type=Path, required=True, help="held-out token ids (.npy)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384])
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--split-length", type=int, default=0, help="also split a whole prefill (0: no)")
+    parser.add_argument("--block", type=int, default=64, help="queries per gathered union in the split")
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -140,7 +143,7 @@ def main() -> None:
         "selection": selection_rows(model, heldout, options.lengths, options.layer, options.repeats),
     }
     if options.split_length:
-        result["prefill_split"] = prefill_split(model, heldout[: options.split_length])
+        result["prefill_split"] = prefill_split(model, heldout[: options.split_length], options.block)
     text = json.dumps(result, indent=1)
     if options.out:
         options.out.write_text(text)
