@@ -136,14 +136,13 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         input_pos: Tensor,
+        n_keys: int,
         dsa: DSAConfig | None = None,
-        n_keys: int | None = None,
     ) -> Tensor:
         """Dense attention, or DSA when `dsa` is given and an indexer is attached (x is the normed input).
 
-        n_keys: cached positions after this call (input_pos[-1] + 1), computed once per forward by the caller."""
+        n_keys: cached positions after this call (input_pos[-1] + 1), known to the caller on the host."""
         q, k, v = self.project(x, rope)
-        n_keys = int(input_pos[-1]) + 1 if n_keys is None else n_keys
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, n_keys)
         if self.indexer is None:
@@ -186,10 +185,10 @@ class Block(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         input_pos: Tensor,
+        n_keys: int,
         dsa: DSAConfig | None = None,
-        n_keys: int | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, dsa, n_keys)
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, n_keys, dsa)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -250,7 +249,7 @@ class Transformer(nn.Module):
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
         n_keys = int(input_pos[-1]) + 1  # the one host sync of a step: each layer's cache view needs it
         for number, layer in enumerate(self.layers):
-            x = layer(x, rope, input_pos, None if dsa is None or number in dsa.dense_layers else dsa, n_keys)
+            x = layer(x, rope, input_pos, n_keys, None if dsa is None or number in dsa.dense_layers else dsa)
         if last_logits_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

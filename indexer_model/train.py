@@ -98,7 +98,7 @@ def frozen_attention_inputs(model: Transformer, tokens: Tensor) -> list[tuple[Te
         h = layer.attention_norm(x)
         q, k, _ = layer.attention.project(h, rope)
         captured.append((h, q, k))
-        x = layer(x, rope, positions)
+        x = layer(x, rope, positions, tokens.shape[1])
     return captured
 
 
