@@ -38,6 +38,21 @@ def train(
             help="Selections per layer: 1 shared by all heads, or one per group of kv heads.",
         ),
     ] = 1,
+    query_rows: Annotated[
+        int,
+        typer.Option(
+            "--query-rows",
+            min=0,
+            help="Query rows per window in the loss, drawn at random (0 = all): long windows at a fraction of the cost.",
+        ),
+    ] = 0,
+    layers: Annotated[
+        str,
+        typer.Option("--layers", help="Comma-separated layers to train (default all); needs --init-from."),
+    ] = "",
+    eval_lengths: Annotated[
+        str, typer.Option("--eval-lengths", help="Comma-separated held-out lengths for recall.")
+    ] = "8192,16384",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     init_from: Annotated[
         Path | None,
@@ -57,7 +72,24 @@ def train(
         lr=lr,
         max_seconds=max_seconds,
         index_sets=index_sets,
+        query_rows=query_rows,
+        layers=_int_list(layers, "--layers"),
     )
     run_training(
-        model, data, out, config, eval_data=eval_data, device=device, log=stderr.print, init_from=init_from
+        model,
+        data,
+        out,
+        config,
+        eval_data=eval_data,
+        eval_lengths=_int_list(eval_lengths, "--eval-lengths"),
+        device=device,
+        log=stderr.print,
+        init_from=init_from,
     )
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None

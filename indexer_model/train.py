@@ -42,6 +42,11 @@ class TrainConfig:
     index_dim: int = 64
     index_sets: int = 1  # selections per layer: 1 shared by all heads, or one per group of kv heads
     query_block: int = 1024
+    # Query rows per window that take part in the loss (0 = all). A random subset keeps every distance up to
+    # seq_len in the loss at a fraction of the cost, which makes long windows (32K) affordable: the frozen
+    # forward still runs over the whole window, the KL over rows x keys shrinks with the rows.
+    query_rows: int = 0
+    layers: tuple[int, ...] = ()  # the layers whose indexers learn (empty = all); the rest stay as they are
     seed: int = 0
 
 
@@ -87,18 +92,24 @@ def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def frozen_attention_inputs(model: Transformer, tokens: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per layer: (normed input h (B,T,D), q (B,Hq,T,d), k (B,Hkv,T,d)) of one dense forward, q and k post-RoPE."""
+def frozen_attention_inputs(
+    model: Transformer, tokens: Tensor, n_layers: int | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer: (normed input h (B,T,D), q (B,Hq,T,d), k (B,Hkv,T,d)) of one dense forward, q and k post-RoPE.
+
+    With n_layers, the forward stops after that many layers (training only the first layers needs no more)."""
     model.clear_caches()  # one full causal pass: a generation's KV cache must not take part
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     rope = rope_cos_sin(positions, model.args.head_dim, model.args.rope_base)
     x = model.tok_embeddings(tokens)
     captured = []
-    for layer in model.layers:
+    layers = model.layers[:n_layers]
+    for layer in layers:
         h = layer.attention_norm(x)
         q, k, _ = layer.attention.project(h, rope)
         captured.append((h, q, k))
-        x = layer(x, rope, positions, tokens.shape[1])
+        if len(captured) < len(layers):  # the last layer's output is never read
+            x = layer(x, rope, positions, tokens.shape[1])
     return captured
 
 
@@ -142,23 +153,28 @@ def train_indexers(
         optimizer, lambda step: _lr_factor(step, config, total_steps)
     )
     positions = torch.arange(config.seq_len, device=device)
+    layers = _trained_layers(config, len(indexers))
     curve: list[dict] = []
     started = time.perf_counter()
     for step in range(total_steps):
         sparse = step >= config.steps
         start = int(rng.integers(0, len(tokens) - config.seq_len))
         window = torch.from_numpy(tokens[start : start + config.seq_len]).to(device)[None]
+        rows = _query_rows(rng, config, device)
         step_loss = 0.0
-        for indexer, (h, q, k) in zip(indexers, frozen_attention_inputs(model, window), strict=True):
-            idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
+        inputs = frozen_attention_inputs(model, window, max(layers) + 1)
+        for layer in layers:
+            h, q, k = inputs[layer]
+            idx_q, idx_w, idx_k = indexers[layer].project(h.float(), positions)
+            idx_q, idx_w, q = idx_q[:, rows], idx_w[:, rows], q[:, :, rows]
             indices = None
             if sparse:
                 with torch.no_grad():
                     indices = select_topk_sets(
-                        idx_q, idx_w, idx_k, positions, config.seq_len, config.topk, N_SINK, WINDOW
+                        idx_q, idx_w, idx_k, positions[rows], config.seq_len, config.topk, N_SINK, WINDOW
                     )
             loss = blockwise_indexer_kl_loss(
-                q, k, positions, idx_q, idx_w, idx_k, indices, config.query_block
+                q, k, positions[rows], idx_q, idx_w, idx_k, indices, config.query_block
             )
             loss.backward()  # layer by layer: only one layer's graph is alive at a time
             step_loss += float(loss.detach())
@@ -167,16 +183,31 @@ def train_indexers(
         schedule.step()
         elapsed = time.perf_counter() - started
         curve.append(
-            {"step": step, "loss": step_loss / len(indexers), "seconds": round(elapsed, 2), "sparse": sparse}
+            {"step": step, "loss": step_loss / len(layers), "seconds": round(elapsed, 2), "sparse": sparse}
         )
         if step % 10 == 0 or step == total_steps - 1:
             log(
-                f"step {step:5d}  loss {step_loss / len(indexers):.4f}  {'sparse' if sparse else 'dense'}  {elapsed:.0f}s"
+                f"step {step:5d}  loss {step_loss / len(layers):.4f}  {'sparse' if sparse else 'dense'}  {elapsed:.0f}s"
             )
         if config.max_seconds and elapsed > config.max_seconds:
             log(f"stopping at step {step}: {config.max_seconds:.0f}s spent")
             break
     return indexers, curve
+
+
+def _trained_layers(config: TrainConfig, n_layer: int) -> list[int]:
+    wrong = [layer for layer in config.layers if not 0 <= layer < n_layer]
+    if wrong:
+        raise BadInputError(f"--layers {wrong}: the model has layers 0 to {n_layer - 1}")
+    return sorted(set(config.layers)) or list(range(n_layer))
+
+
+def _query_rows(rng: np.random.Generator, config: TrainConfig, device: torch.device) -> Tensor:
+    """Sorted query positions of this step's loss: all of them, or `query_rows` drawn at random."""
+    if not 0 < config.query_rows < config.seq_len:
+        return torch.arange(config.seq_len, device=device)
+    rows = np.sort(rng.choice(config.seq_len, config.query_rows, replace=False))
+    return torch.from_numpy(rows).to(device)
 
 
 def _lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -264,6 +295,8 @@ def run_training(
     tokens = load_token_stream(data, _tokenizer_encode(model_spec))
     log(f"{model_spec}: {model.args.n_layer} layers; {len(tokens):,} training tokens; device {device}")
     init = None
+    if config.layers and init_from is None:
+        raise BadInputError("--layers trains some layers and keeps the others: pass --init-from CHECKPOINT")
     if init_from is not None:
         from indexer_model.checkpoint import load_checkpoint
 
