@@ -88,6 +88,62 @@ def train(
     )
 
 
+@indexer_app.command("eval")
+def evaluate(
+    eval_data: Annotated[
+        Path,
+        typer.Option("--eval-data", help="Held-out text: a folder of .txt/.rst/.md, or token ids (.npy)."),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")
+    ] = "default",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", help="Indexer checkpoint folder (default: the one made for these weights)."
+        ),
+    ] = None,
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated window lengths.")] = "8192,16384",
+    ks: Annotated[str, typer.Option("--ks", help="Comma-separated top-k sizes.")] = "256,512,1024,2048",
+    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows per length, spread evenly.")] = 2,
+    layers: Annotated[
+        str,
+        typer.Option("--layers", help="Comma-separated layers (default all; the forward stops after them)."),
+    ] = "",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Attention-mass recall of a checkpoint's indexers on held-out text: per layer and k, with the oracle."""
+    import json
+
+    from indexer_model.train import evaluate_checkpoint
+
+    results = evaluate_checkpoint(
+        model,
+        eval_data,
+        checkpoint,
+        _int_list(lengths, "--lengths"),
+        _int_list(ks, "--ks"),
+        windows,
+        _int_list(layers, "--layers"),
+        device,
+        log=stderr.print,
+    )
+    if as_json:
+        print(json.dumps(results, indent=1))
+        return
+    for result in results["recall"]:
+        ks_here = list(result["indexer"])
+        print(f"\n{result['seq_len']} tokens, windows at {result['windows']} (indexer / oracle)")
+        print("| layer | " + " | ".join(f"k = {k}" for k in ks_here) + " |")
+        print("|---|" + "---|" * len(ks_here))
+        for i, layer in enumerate(result["layers"]):
+            cells = [f"{result['indexer'][k][i]:.3f} / {result['oracle'][k][i]:.3f}" for k in ks_here]
+            print(f"| {layer} | " + " | ".join(cells) + " |")
+        means = [f"{result['indexer_mean'][k]:.3f} / {result['oracle_mean'][k]:.3f}" for k in ks_here]
+        print("| mean | " + " | ".join(means) + " |")
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())

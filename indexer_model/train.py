@@ -225,22 +225,34 @@ def attention_mass_recall(
     tokens: np.ndarray,
     ks: tuple[int, ...] = RECALL_KS,
     query_rows: int = 512,
+    layers: tuple[int, ...] = (),
 ) -> dict:
     """Per layer and k: share of the dense attention mass kept by the indexer's top-k (sinks + window
     included), over the last `query_rows` queries of `tokens`; with the oracle ceiling (top-k of the true
     attention) and the sinks-plus-recent baseline beside it. With index sets, each set is scored against the
-    attention of the heads it serves, and the layer's figure is the mean over sets."""
+    attention of the heads it serves, and the layer's figure is the mean over sets. `layers` limits it to
+    those layers (the lists then follow `result["layers"]`; the forward stops after the last one)."""
     device = next(model.parameters()).device
     seq_len = len(tokens)
     ks = tuple(k for k in ks if k < seq_len)
+    layers = sorted(set(layers)) or list(range(len(indexers)))
     window = torch.from_numpy(tokens).to(device)[None]
     positions = torch.arange(seq_len, device=device)
     rows = slice(seq_len - query_rows, seq_len)
-    result: dict = {"seq_len": seq_len, "query_rows": query_rows, "indexer": {}, "oracle": {}, "recent": {}}
+    result: dict = {
+        "seq_len": seq_len,
+        "query_rows": query_rows,
+        "layers": layers,
+        "indexer": {},
+        "oracle": {},
+        "recent": {},
+    }
     for k in ks:
         for name in ("indexer", "oracle", "recent"):
             result[name][str(k)] = []
-    for indexer, (h, q, k_main) in zip(indexers, frozen_attention_inputs(model, window), strict=True):
+    inputs = frozen_attention_inputs(model, window, max(layers) + 1)
+    for layer in layers:
+        indexer, (h, q, k_main) = indexers[layer], inputs[layer]
         target = dense_attention_target(q[:, :, rows], k_main, positions[rows], sets=indexer.index_sets)
         idx_q, idx_w, idx_k = indexer.project(h.float(), positions)
         for k in ks:
@@ -254,6 +266,69 @@ def attention_mass_recall(
     for name in ("indexer", "oracle", "recent"):
         result[f"{name}_mean"] = {k: float(np.mean(values)) for k, values in result[name].items()}
     return result
+
+
+def recall_over_windows(
+    model: Transformer,
+    indexers: nn.ModuleList,
+    tokens: np.ndarray,
+    length: int,
+    windows: int,
+    ks: tuple[int, ...] = RECALL_KS,
+    layers: tuple[int, ...] = (),
+) -> dict:
+    """`attention_mass_recall` averaged over `windows` windows of `length` tokens spread evenly over `tokens`
+    (the first starts at 0): per layer and k, and the means over layers."""
+    starts = [round(i * (len(tokens) - length) / windows) for i in range(windows)]
+    runs = [attention_mass_recall(model, indexers, tokens[s : s + length], ks, layers=layers) for s in starts]
+    result = {"seq_len": length, "windows": starts, "layers": runs[0]["layers"]}
+    for name in ("indexer", "oracle", "recent"):
+        result[name] = {
+            k: np.mean([run[name][k] for run in runs], axis=0).round(4).tolist() for k in runs[0][name]
+        }
+        result[f"{name}_mean"] = {k: round(float(np.mean(v)), 4) for k, v in result[name].items()}
+    return result
+
+
+def evaluate_checkpoint(
+    model_spec: str,
+    eval_data: Path,
+    checkpoint: Path | None,
+    lengths: tuple[int, ...],
+    ks: tuple[int, ...],
+    windows: int,
+    layers: tuple[int, ...] = (),
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """`dsarag indexer eval`: recall of a checkpoint (default: the one made for these weights) per length."""
+    from indexer_model.checkpoint import find_checkpoint, load_checkpoint
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        raise BadInputError(f"{checkpoint}: no config.json — pass a folder written by `dsarag indexer train`")
+    model = load_frozen_model(model_spec, device)
+    checkpoint = checkpoint or find_checkpoint(weights_fingerprint(model))
+    if checkpoint is None:
+        raise BadInputError(
+            f"{model_spec}: no indexer checkpoint matches these weights — pass --checkpoint DIR or train one "
+            "with `dsarag indexer train`"
+        )
+    _trained_layers(TrainConfig(layers=layers), model.args.n_layer)  # refuses layers the model lacks
+    tokens = load_token_stream(eval_data, _tokenizer_encode(model_spec))
+    longest = min(len(tokens), model.args.max_seq_len)
+    if any(length > longest for length in lengths):
+        raise BadInputError(
+            f"{eval_data}: --lengths {max(lengths)} is longer than the held-out text or the model's context "
+            f"({longest} tokens) — pass shorter lengths"
+        )
+    indexers = load_checkpoint(checkpoint, model.args.dim, model.args.n_layer).to(device)
+    log(f"{checkpoint}: {len(tokens):,} held-out tokens; device {device}")
+    results = []
+    for length in lengths:
+        results.append(recall_over_windows(model, indexers, tokens, length, windows, ks, layers))
+        log(f"recall @{length}: {results[-1]['indexer_mean']}  oracle {results[-1]['oracle_mean']}")
+    return {"model": model_spec, "checkpoint": str(checkpoint), "recall": results}
 
 
 def _recent_recall(target: Tensor, q_positions: Tensor, k: int) -> Tensor:
