@@ -58,13 +58,21 @@ class Mode:
     name: str
     topk: int | None
     indexers: str = "trained"
+    dense_layers: tuple[int, ...] = ()
 
     def dsa(self) -> DSAConfig | None:
-        return None if self.topk is None else DSAConfig(topk=self.topk, dense_threshold=0)
+        if self.topk is None:
+            return None
+        return DSAConfig(topk=self.topk, dense_threshold=0, dense_layers=self.dense_layers)
 
 
-def modes_for(topks: list[int], untrained_topk: int | None) -> list[Mode]:
+def modes_for(topks: list[int], untrained_topk: int | None, dense_layers: tuple[int, ...] = ()) -> list[Mode]:
+    """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
+    (named e.g. dsa-2048-dense0), then the untrained floor."""
     modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
+    if dense_layers:
+        suffix = "dense" + "+".join(map(str, dense_layers))
+        modes += [Mode(f"dsa-{k}-{suffix}", k, dense_layers=dense_layers) for k in topks]
     if untrained_topk:
         modes.append(Mode(f"dsa-{untrained_topk}-untrained", untrained_topk, "untrained"))
     return modes
@@ -449,7 +457,7 @@ def run_sections(
     indexer_sets = {name: copy.deepcopy(indexers) for name, indexers in indexer_sets.items()}
     if "ppl" in sections:
         lengths = [n for n in options.ppl_lengths if n <= max_len]
-        modes = modes_for(options.ppl_topks, None)
+        modes = modes_for(options.ppl_topks, None, tuple(options.dense_layers))
         perplexity_section(
             model,
             indexer_sets,
@@ -464,7 +472,7 @@ def run_sections(
         log(f"perplexity done at {deadline_elapsed(deadline):.0f} s")
     if "niah" in sections:
         spec = json.loads(options.niah.read_text())
-        modes = modes_for(options.niah_topks, options.untrained_topk)
+        modes = modes_for(options.niah_topks, options.untrained_topk, tuple(options.dense_layers))
         recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
         niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
         log(f"niah done at {deadline_elapsed(deadline):.0f} s")
@@ -925,6 +933,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--niah", type=Path, default=None, help="cases written by `prepare`")
     run.add_argument("--niah-topks", type=_ints, default=[2048, 512])
     run.add_argument("--untrained-topk", type=int, default=2048)
+    run.add_argument(
+        "--dense-layers",
+        type=_ints,
+        default=[],
+        help="also run each DSA mode with these layers dense (perplexity and NIAH), e.g. 0",
+    )
     run.add_argument("--niah-variants", type=_ints, default=None, help="run only these haystack variants")
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
