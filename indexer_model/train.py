@@ -153,7 +153,7 @@ def train_indexers(
         optimizer, lambda step: _lr_factor(step, config, total_steps)
     )
     positions = torch.arange(config.seq_len, device=device)
-    layers = _trained_layers(config, len(indexers))
+    layers = _layer_list(config.layers, len(indexers))
     curve: list[dict] = []
     started = time.perf_counter()
     for step in range(total_steps):
@@ -195,11 +195,12 @@ def train_indexers(
     return indexers, curve
 
 
-def _trained_layers(config: TrainConfig, n_layer: int) -> list[int]:
-    wrong = [layer for layer in config.layers if not 0 <= layer < n_layer]
+def _layer_list(layers: tuple[int, ...], n_layer: int) -> list[int]:
+    """The layers asked for, sorted (empty = all); one the model lacks is refused."""
+    wrong = [layer for layer in layers if not 0 <= layer < n_layer]
     if wrong:
         raise BadInputError(f"--layers {wrong}: the model has layers 0 to {n_layer - 1}")
-    return sorted(set(config.layers)) or list(range(n_layer))
+    return sorted(set(layers)) or list(range(n_layer))
 
 
 def _query_rows(rng: np.random.Generator, config: TrainConfig, device: torch.device) -> Tensor:
@@ -235,7 +236,7 @@ def attention_mass_recall(
     device = next(model.parameters()).device
     seq_len = len(tokens)
     ks = tuple(k for k in ks if k < seq_len)
-    layers = sorted(set(layers)) or list(range(len(indexers)))
+    layers = _layer_list(layers, len(indexers))
     window = torch.from_numpy(tokens).to(device)[None]
     positions = torch.arange(seq_len, device=device)
     rows = slice(seq_len - query_rows, seq_len)
@@ -314,7 +315,7 @@ def evaluate_checkpoint(
             f"{model_spec}: no indexer checkpoint matches these weights — pass --checkpoint DIR or train one "
             "with `dsarag indexer train`"
         )
-    _trained_layers(TrainConfig(layers=layers), model.args.n_layer)  # refuses layers the model lacks
+    _layer_list(layers, model.args.n_layer)  # refuses layers the model lacks, before the slow part
     tokens = load_token_stream(eval_data, _tokenizer_encode(model_spec))
     longest = min(len(tokens), model.args.max_seq_len)
     if any(length > longest for length in lengths):
