@@ -38,7 +38,13 @@ from torch import nn
 from evals.niah import NiahCase, answer_case, build_case, is_correct
 from indexer_model.dsa import DSAConfig
 from indexer_model.model import ModelArgs, Transformer
-from indexer_model.train import RECALL_KS, TrainConfig, attention_mass_recall, make_indexers
+from indexer_model.train import (
+    RECALL_KS,
+    TrainConfig,
+    attention_mass_recall,
+    make_indexers,
+    window_starts,
+)
 
 DEPTHS = (0.1, 0.5, 0.9)
 LENGTHS = (4096, 8192, 16384, 32768)
@@ -126,11 +132,6 @@ def _cpuinfo() -> list[str]:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def window_starts(total: int, length: int, count: int) -> list[int]:
-    """`count` window starts spread evenly over a stream of `total` tokens; the first window starts at 0."""
-    return [round(i * (total - length) / count) for i in range(count)]
 
 
 # --- loading ---------------------------------------------------------------------------------------------

@@ -269,6 +269,11 @@ def attention_mass_recall(
     return result
 
 
+def window_starts(total: int, length: int, count: int) -> list[int]:
+    """`count` window starts spread evenly over a stream of `total` tokens; the first window starts at 0."""
+    return [round(i * (total - length) / count) for i in range(count)]
+
+
 def recall_over_windows(
     model: Transformer,
     indexers: nn.ModuleList,
@@ -280,7 +285,7 @@ def recall_over_windows(
 ) -> dict:
     """`attention_mass_recall` averaged over `windows` windows of `length` tokens spread evenly over `tokens`
     (the first starts at 0): per layer and k, and the means over layers."""
-    starts = [round(i * (len(tokens) - length) / windows) for i in range(windows)]
+    starts = window_starts(len(tokens), length, windows)
     runs = [attention_mass_recall(model, indexers, tokens[s : s + length], ks, layers=layers) for s in starts]
     result = {"seq_len": length, "windows": starts, "layers": runs[0]["layers"]}
     for name in ("indexer", "oracle", "recent"):

@@ -331,8 +331,8 @@ def _reingest(
         else:
             unknown.append(key)
     lines = []
-    for columns, batch in batches.items():
-        options = IngestOptions(CorpusColumns(**dict(columns)), take_lock=False)
+    for batch_columns, batch in batches.items():
+        options = IngestOptions(CorpusColumns(**dict(batch_columns)), take_lock=False)
         report = ingest([root / key for key in batch], store, load_embedder(), options, console)
         lines.append(f"ingested {len(batch)} source(s) again from {root}: {report.chunks_embedded:,} chunks")
     if unknown:

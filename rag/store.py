@@ -76,9 +76,8 @@ class FileRecord:
     date: str
     records_done: int = 0  # corpus files: records committed so far, in file order (resume point)
     complete: bool = True  # False while a corpus file is only partly committed
-    columns: dict[str, str] | None = (
-        None  # corpus files: the columns they were read with (doctor re-reads them)
-    )
+    # corpus files: the columns they were read with (doctor re-reads them)
+    columns: dict[str, str] | None = None
 
 
 @dataclass
