@@ -38,6 +38,14 @@ def train(
             help="Selections per layer: 1 shared by all heads, or one per group of kv heads.",
         ),
     ] = 1,
+    index_heads: Annotated[
+        int,
+        typer.Option(
+            "--index-heads",
+            min=0,
+            help="Index heads of the trained layers (0: 4 fresh, or as --init-from has them; more grows them).",
+        ),
+    ] = 0,
     query_rows: Annotated[
         int,
         typer.Option(
@@ -72,6 +80,7 @@ def train(
         lr=lr,
         max_seconds=max_seconds,
         index_sets=index_sets,
+        index_heads=index_heads,
         query_rows=query_rows,
         layers=_int_list(layers, "--layers"),
     )

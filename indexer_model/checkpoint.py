@@ -76,12 +76,23 @@ def save_checkpoint(folder: Path, indexers: nn.ModuleList, config: dict, metrics
     atomic_write_json(folder / "config.json", config)
 
 
+def indexers_config(indexers: nn.ModuleList) -> dict:
+    """The config a checkpoint records: the most common layer's, plus `layer_heads` for layers with other head
+    counts (a harder layer may get more index heads than the rest)."""
+    counts = [indexer.n_heads for indexer in indexers]
+    common = max(set(counts), key=counts.count)
+    config = indexers[counts.index(common)].config()
+    layer_heads = {str(i): heads for i, heads in enumerate(counts) if heads != common}
+    return {**config, "layer_heads": layer_heads} if layer_heads else config
+
+
 def load_checkpoint(
     folder: Path, dim: int, n_layer: int, dtype: torch.dtype = torch.float32
 ) -> nn.ModuleList:
     """Indexers of a checkpoint, after checking that their RoPE layout is the one this code implements."""
     config = json.loads((folder / "config.json").read_text())
-    recorded = config["indexer"]
+    recorded = dict(config["indexer"])
+    layer_heads = {int(layer): heads for layer, heads in recorded.pop("layer_heads", {}).items()}
     if config.get("n_layer") != n_layer:
         raise ModelError(
             f"{folder}: indexer for {config.get('n_layer')} layers, model has {n_layer} — retrain it"
@@ -90,14 +101,14 @@ def load_checkpoint(
         LightningIndexer(
             dim,
             recorded["rope_base"],
-            recorded["n_heads"],
+            layer_heads.get(i, recorded["n_heads"]),
             recorded["head_dim"],
             recorded.get("index_sets", 1),
         )
-        for _ in range(n_layer)
+        for i in range(n_layer)
     )
     try:
-        indexers[0].check_config(recorded)
+        indexers[0].check_config({**recorded, "n_heads": indexers[0].n_heads})
     except ValueError as error:
         raise ModelError(
             f"{folder / 'config.json'}: {error} — retrain the indexer with this dsarag"

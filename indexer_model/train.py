@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from indexer_model.checkpoint import weights_fingerprint
+from indexer_model.checkpoint import indexers_config, weights_fingerprint
 from indexer_model.distill import (
     blockwise_indexer_kl_loss,
     dense_attention_target,
@@ -26,6 +26,7 @@ from indexer_model.model import Transformer, rope_cos_sin
 from rag.errors import BadInputError
 
 RECALL_KS = (256, 512, 1024, 2048)
+DEFAULT_INDEX_HEADS = 4
 N_SINK, WINDOW = 4, 64
 
 
@@ -38,7 +39,9 @@ class TrainConfig:
     topk: int = 2048  # the selected set of the sparse stage
     lr: float = 1e-3
     warmup_steps: int = 20
-    index_heads: int = 4
+    # Index heads of the trained layers; 0 = DEFAULT_INDEX_HEADS for fresh indexers, or as --init-from has them.
+    # More than --init-from has grows those layers (grow_heads): a hard layer can get more than the rest.
+    index_heads: int = 0
     index_dim: int = 64
     index_sets: int = 1  # selections per layer: 1 shared by all heads, or one per group of kv heads
     query_block: int = 1024
@@ -86,7 +89,13 @@ def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
             f"use 1 or a divisor of {args.n_kv_head}"
         )
     return nn.ModuleList(
-        LightningIndexer(args.dim, args.rope_base, config.index_heads, config.index_dim, config.index_sets)
+        LightningIndexer(
+            args.dim,
+            args.rope_base,
+            config.index_heads or DEFAULT_INDEX_HEADS,
+            config.index_dim,
+            config.index_sets,
+        )
         for _ in range(args.n_layer)
     )
 
@@ -133,6 +142,36 @@ def widen_to_sets(indexers: nn.ModuleList, index_sets: int) -> nn.ModuleList:
         indexer.load_state_dict(state)
         widened.append(indexer)
     return widened
+
+
+def grow_heads(indexers: nn.ModuleList, layers: list[int], n_heads: int) -> nn.ModuleList:
+    """The same indexers with `n_heads` index heads in `layers`. The old heads keep their weights (rescaled for
+    the wider H_I^-1/2 factor) and the new heads start at zero weight, so scores and selections are unchanged
+    until training moves them; fewer heads than a layer has is refused."""
+    grown = nn.ModuleList(indexers)
+    for layer in layers:
+        old = indexers[layer]
+        if old.n_heads == n_heads:
+            continue
+        if old.n_heads > n_heads:
+            raise BadInputError(
+                f"--index-heads {n_heads}: layer {layer} of --init-from has {old.n_heads} index heads — "
+                f"pass {old.n_heads} or more"
+            )
+        dim, sets = old.wq.in_features, old.index_sets
+        new = LightningIndexer(dim, old.rope_base, n_heads, old.head_dim, sets).to(old.wq.weight.dtype)
+        state = {
+            **new.state_dict(),
+            "wk.weight": old.wk.weight,
+            **{f"k_norm.{name}": value for name, value in old.k_norm.state_dict().items()},
+        }
+        state["wq.weight"][: old.n_heads * old.head_dim] = old.wq.weight.detach()
+        weights = torch.zeros(sets, n_heads, dim, dtype=old.weights_proj.weight.dtype)
+        weights[:, : old.n_heads] = old.weights_proj.weight.detach().view(sets, old.n_heads, dim)
+        state["weights_proj.weight"] = (weights * math.sqrt(n_heads / old.n_heads)).view(sets * n_heads, dim)
+        new.load_state_dict(state)
+        grown[layer] = new
+    return grown
 
 
 def train_indexers(
@@ -350,7 +389,7 @@ def checkpoint_config(model: Transformer, indexers: nn.ModuleList, config: Train
         "base_fingerprint": weights_fingerprint(model),
         "n_layer": model.args.n_layer,
         "dim": model.args.dim,
-        "indexer": indexers[0].config(),
+        "indexer": indexers_config(indexers),
         "dsa": {"n_sink": N_SINK, "window": WINDOW},
         "training": {**asdict(config), **extra},
     }
@@ -384,6 +423,8 @@ def run_training(
         init = widen_to_sets(
             load_checkpoint(init_from, model.args.dim, model.args.n_layer), config.index_sets
         )
+        if config.index_heads:
+            init = grow_heads(init, _layer_list(config.layers, len(init)), config.index_heads)
         log(f"continuing from {init_from}")
     indexers, curve = train_indexers(model, tokens, config, log, init)
     train_seconds = time.perf_counter() - started

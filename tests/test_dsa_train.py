@@ -8,15 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+from indexer_model.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    weights_fingerprint,
+)
+from indexer_model.indexer import index_scores
 from indexer_model.train import (
     TrainConfig,
     _query_rows,
     attention_mass_recall,
+    checkpoint_config,
+    grow_heads,
     load_frozen_model,
     make_indexers,
     train_indexers,
 )
+from rag.errors import BadInputError
 
 
 def test_query_rows_are_a_sorted_random_subset_and_zero_means_all():
@@ -43,6 +52,40 @@ def test_training_some_layers_on_some_rows_leaves_the_other_layers_untouched():
             for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
         )
         assert same == (layer != 1), layer
+
+
+def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer_heads(tmp_path):
+    model = load_frozen_model("tiny", "cpu")
+    torch.manual_seed(0)
+    start = make_indexers(model, TrainConfig())
+    grown = grow_heads(start, [0], 8)
+    assert [indexer.n_heads for indexer in grown] == [8] + [4] * (len(start) - 1)
+    assert grown[1] is start[1]
+    hidden, positions = torch.randn(1, 64, model.args.dim), torch.arange(64)
+    before, after = start[0].project(hidden, positions), grown[0].project(hidden, positions)
+    torch.testing.assert_close(
+        index_scores(*after, positions, positions),
+        index_scores(*before, positions, positions),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    with pytest.raises(BadInputError, match="--index-heads 2"):
+        grow_heads(start, [0], 2)
+
+    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
+    config = TrainConfig(seq_len=256, steps=2, layers=(0,), index_heads=8, warmup_steps=1)
+    trained, _ = train_indexers(model, tokens, config, log=lambda _: None, init=grown)
+    new_weights = trained[0].weights_proj.weight.view(8, -1)[4:]
+    assert new_weights.abs().sum() > 0  # the zero-started heads take part in training
+
+    save_checkpoint(tmp_path, trained, checkpoint_config(model, trained, config, {}), {})
+    recorded = json.loads((tmp_path / "config.json").read_text())["indexer"]
+    assert recorded["n_heads"] == 4 and recorded["layer_heads"] == {"0": 8}
+    loaded = load_checkpoint(tmp_path, model.args.dim, model.args.n_layer)
+    assert [indexer.n_heads for indexer in loaded] == [8] + [4] * (len(start) - 1)
+    torch.testing.assert_close(
+        loaded[0].weights_proj.weight, trained[0].weights_proj.weight.to(torch.bfloat16).float()
+    )
 
 
 def test_layers_without_a_checkpoint_to_keep_the_others_is_refused(tmp_path, run_cli):
