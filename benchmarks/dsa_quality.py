@@ -46,6 +46,7 @@ from indexer_model.train import (
     window_starts,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = (0.1, 0.5, 0.9)
 LENGTHS = (4096, 8192, 16384, 32768)
 GOALS = {
@@ -693,14 +694,18 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _repo_relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def _runs_markdown(runs: list[dict]) -> list[str]:
     lines = ["## Runs", "", "| date (UTC) | device | command |", "|---|---|---|"]
     lines += [f"| {run['date']} | {run['device']} | `{run['command']}` |" for run in runs]
-    checkpoints = sorted({Path(run["checkpoint"]).name for run in runs if "checkpoint" in run})
+    # As each run was given it: a device run names the folder its checkpoint travelled to (see the notes).
+    checkpoints = sorted({_repo_relative(run["checkpoint"]) for run in runs if "checkpoint" in run})
     lines += (
-        ["", f"Indexer checkpoint: `indexer_model/checkpoints/{', '.join(checkpoints)}`."]
-        if checkpoints
-        else []
+        ["", "Indexer checkpoint: " + ", ".join(f"`{c}`" for c in checkpoints) + "."] if checkpoints else []
     )
     lines += ["", f"Report: `{report_command()}`", ""]
     return lines

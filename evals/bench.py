@@ -73,7 +73,7 @@ def bench(generator: Generator, lengths: list[int], topks: list[int], device: st
             f"model {generator.name} has no trained lightning indexer, so sparse attention cannot run — "
             "train one with `dsarag indexer train` or pick a model that ships one (default, tiny)"
         )
-    shape = ModelShape.from_args(generator.model.args)
+    shape = ModelShape.of(generator.model)
     warmup = context_ids(generator, min(lengths)).to(device)  # kernel compilation stays out of the timings
     for topk in topks:
         if topk < warmup.shape[1]:

@@ -169,7 +169,7 @@ def meter_generation(generator: "Generator", generation: "GenerationResult", gpu
     from indexer_model.dsa import DSAConfig
 
     meter = meter_answer(
-        ModelShape.from_args(generator.model.args),
+        ModelShape.of(generator.model),
         generation.prompt_tokens,
         generation.new_tokens,
         generation.topk or DSAConfig().topk,

@@ -12,7 +12,7 @@ and dollars from the GPU price per hour (default $2, as DeepSeek's published cur
 
 from dataclasses import asdict, dataclass
 
-from indexer_model.model import ModelArgs
+from indexer_model.model import ModelArgs, Transformer
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,12 @@ class ModelShape:
     dim: int
     intermediate_size: int
     vocab_size: int
-    index_heads: int = 4
+    index_heads: float = 4  # per layer; the mean where layers differ (a hard layer may have more)
     index_dim: int = 64
     bytes_per_value: int = 2  # bf16 weights, KV and index keys
 
     @classmethod
-    def from_args(cls, args: ModelArgs, index_heads: int = 4, index_dim: int = 64) -> "ModelShape":
+    def from_args(cls, args: ModelArgs, index_heads: float = 4, index_dim: int = 64) -> "ModelShape":
         return cls(
             n_layer=args.n_layer,
             n_head=args.n_head,
@@ -44,6 +44,15 @@ class ModelShape:
             index_dim=index_dim,
         )
 
+    @classmethod
+    def of(cls, model: Transformer) -> "ModelShape":
+        """The shape of a loaded model, with its attached indexers' mean head count and dim."""
+        indexers = [layer.attention.indexer for layer in model.layers if layer.attention.indexer is not None]
+        if not indexers:
+            return cls.from_args(model.args)
+        heads = sum(indexer.n_heads for indexer in indexers) / len(indexers)
+        return cls.from_args(model.args, heads, indexers[0].head_dim)
+
     @property
     def layer_weights(self) -> int:
         """Parameters of one block touched per token: q, k, v, o projections and the SwiGLU MLP."""
@@ -51,7 +60,7 @@ class ModelShape:
         return attention + 3 * self.dim * self.intermediate_size
 
     @property
-    def indexer_weights(self) -> int:
+    def indexer_weights(self) -> float:
         """Parameters of one lightning indexer: index queries, one key, per-head weights."""
         return self.dim * (self.index_heads * self.index_dim + self.index_dim + self.index_heads)
 

@@ -118,3 +118,18 @@ def test_empty_ledger_reports_zero(tmp_path):
     from rag.cost_ledger import cost_report, read_ledger
 
     assert cost_report(read_ledger(tmp_path / "none"))["total"]["answers"] == 0
+
+
+def test_shape_of_a_model_counts_its_indexers_mean_head_count():
+    from indexer_model.train import TrainConfig, grow_heads, load_frozen_model, make_indexers
+
+    model = load_frozen_model("tiny", "cpu")
+    assert ModelShape.of(model).index_heads == 4  # no indexers attached: the design default
+    indexers = grow_heads(make_indexers(model, TrainConfig()), [0], 4 + 4 * model.args.n_layer)
+    model.attach_indexers(indexers)
+    assert ModelShape.of(model).index_heads == 8  # (4 + 4n) + 4 (n - 1) heads over n layers
+    sparse, four_heads = (
+        prefill_cost(ModelShape.of(model), 4096, 512),
+        prefill_cost(ModelShape.from_args(model.args), 4096, 512),
+    )
+    assert sparse.indexer_flops == 2 * four_heads.indexer_flops

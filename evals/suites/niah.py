@@ -79,7 +79,7 @@ def answer(generator: Generator, case: NiahCase, topk: int | None) -> dict:
     dsa = None if topk is None else DSAConfig(topk=topk, dense_threshold=0)
     result = answer_case(generator.model, case, dsa, MAX_NEW_TOKENS, generator.stop_ids)
     replies = [generator.tokenizer.decode(ids) for ids in result["answers"]]
-    shape = ModelShape.from_args(generator.model.args)
+    shape = ModelShape.of(generator.model)
     return {
         "prompt_tokens": case.length,
         "depths": [needle.depth for needle in case.needles],
