@@ -20,8 +20,6 @@ class DSAConfig:
     n_sink: int = 4  # attention sinks: dropping them collapses quality just past k tokens
     window: int = 64  # local window always attended
     dense_threshold: int = 2048  # shorter contexts run exact dense attention
-    index_heads: int = 4
-    index_dim: int = 64
     kernels: str = "auto"  # "triton" (GPU kernels), "torch" (reference path), "auto": triton on CUDA
     fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)

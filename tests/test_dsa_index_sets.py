@@ -88,14 +88,10 @@ def test_dsa_attention_with_sets_selects_per_group_and_is_exact_when_k_covers_th
     indexer = LightningIndexer(dim=16, rope_base=1e4, n_heads=2, head_dim=8, index_sets=KV_HEADS)
     positions = torch.arange(24)
     idx_q, idx_w, idx_k = indexer.project(torch.randn(2, 24, 16), positions)
-    exact = DSAConfig(
-        topk=24, n_sink=1, window=2, dense_threshold=0, index_heads=2, index_dim=8, kernels="torch"
-    )
+    exact = DSAConfig(topk=24, n_sink=1, window=2, dense_threshold=0, kernels="torch")
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, 24, exact), want)
-    small = DSAConfig(
-        topk=8, n_sink=1, window=2, dense_threshold=0, index_heads=2, index_dim=8, kernels="torch"
-    )
+    small = DSAConfig(topk=8, n_sink=1, window=2, dense_threshold=0, kernels="torch")
     got = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, 24, small)
     sets = select_topk_sets(idx_q, idx_w, idx_k, positions, 24, 8, n_sink=1, window=2)
     assert sets.shape == (2, KV_HEADS, 24, 8) and not torch.equal(sets[:, 0], sets[:, 1])

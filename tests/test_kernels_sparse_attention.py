@@ -101,8 +101,6 @@ def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
     positions = torch.arange(n_keys - n_new, n_keys, device=DEVICE)
     outputs = {}
     for kernels in ("torch", "triton"):
-        cfg = DSAConfig(
-            topk=24, n_sink=2, window=4, dense_threshold=32, index_heads=2, index_dim=16, kernels=kernels
-        )
+        cfg = DSAConfig(topk=24, n_sink=2, window=4, dense_threshold=32, kernels=kernels)
         outputs[kernels] = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys, cfg)
     torch.testing.assert_close(outputs["triton"], outputs["torch"], **tolerance_for(torch.float32))
