@@ -264,6 +264,7 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
                 attention.kv_cache.k_cache.normal_()
                 attention.kv_cache.v_cache.normal_()
                 attention.index_cache.k_cache.normal_()
+                attention.index_cache.valid_until = length
             token = torch.randint(0, DEFAULT_MODEL.vocab_size, (batch, 1), device="cuda")
             position = torch.tensor([length], device="cuda")
             for name, mode in (("dense", None), ("dsa", dsa)):

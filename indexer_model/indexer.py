@@ -36,19 +36,35 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class IndexKeyCache(nn.Module):
-    """Preallocated indexer keys (B, S_max, d_I) beside the KV cache; `update` returns the filled prefix."""
+    """Preallocated indexer keys (B, S_max, d_I) beside the KV cache; `update` returns the filled prefix.
+
+    Only sparse steps compute index keys (dense ones skip the indexer), so the cache tracks on the host how far
+    its keys are current: `valid_until`. New tokens sit at consecutive positions ending at n_keys - 1."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer(
             "k_cache", torch.zeros(max_batch_size, max_seq_len, head_dim, dtype=dtype), persistent=False
         )
+        self.valid_until = 0
 
     def update(self, input_pos: Tensor, k: Tensor, n_keys: int) -> Tensor:
-        """Write k at input_pos; return the first n_keys positions (as `KVCache.update`)."""
+        """Write k at input_pos; return the first n_keys positions (as `KVCache.update`). Refuses to return
+        positions a dense step wrote without index keys: a sparse step would rank stale or zero keys."""
+        first_new = n_keys - k.shape[1]
+        if first_new > self.valid_until:
+            raise RuntimeError(
+                f"index keys of positions {self.valid_until}-{first_new - 1} are missing (written by a dense "
+                "step): run a whole generation in one attention mode, or prefill it again in sparse mode"
+            )
         batch = k.shape[0]
         self.k_cache[:batch, input_pos] = k
+        self.valid_until = max(self.valid_until, n_keys)
         return self.k_cache[:batch, :n_keys]
+
+    def invalidate_from(self, position: int) -> None:
+        """A dense step wrote K/V from `position` on without index keys."""
+        self.valid_until = min(self.valid_until, position)
 
 
 class LightningIndexer(nn.Module):

@@ -145,17 +145,15 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, n_keys)
-        if self.indexer is None:
+        if self.indexer is None or dsa is None:
+            if self.index_cache is not None:  # dense steps skip the indexer: its keys go stale from here
+                self.index_cache.invalidate_from(n_keys - x.shape[1])
             y = dense_attention(q, k, v, input_pos)
         else:
-            # Index keys are cached in every mode, so a sparse decode step can score every earlier token.
             idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
             if self.index_cache is not None:
                 idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
-            if dsa is None:
-                y = dense_attention(q, k, v, input_pos)
-            else:
-                y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, k.shape[2], dsa)
+            y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, k.shape[2], dsa)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 

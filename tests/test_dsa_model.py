@@ -64,6 +64,26 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
     assert torch.isfinite(step).all()
 
 
+def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(tiny, long_prompt, monkeypatch):
+    model, sparse = tiny.model, DSAConfig(topk=128, dense_threshold=0)
+    indexer = model.layers[0].attention.indexer
+    calls = []
+    project = indexer.project
+    monkeypatch.setattr(indexer, "project", lambda *args: calls.append(1) or project(*args))
+    prompt, positions = torch.tensor([long_prompt[:200]]), torch.arange(200)
+    with torch.inference_mode():
+        model.clear_caches()
+        model.setup_caches(1, 202)
+        model(prompt, positions)
+        assert not calls  # dense attention never reads index keys, so none are computed
+        with pytest.raises(RuntimeError, match="index keys of positions 0-199 are missing"):
+            model(prompt[:, :1], torch.tensor([200]), dsa=sparse)
+        model(prompt, positions, dsa=sparse)  # a sparse prefill makes them current again
+        model(prompt[:, :1], torch.tensor([200]), dsa=sparse)
+    assert len(calls) == 3  # the refused step, the sparse prefill and the decode step
+    model.clear_caches()
+
+
 def test_dense_layers_run_dense_and_the_others_stay_sparse(tiny, long_prompt):
     model = tiny.model
     prompt = torch.tensor([long_prompt])
