@@ -349,7 +349,7 @@ def evaluate_checkpoint(
     """`dsarag indexer eval`: recall of a checkpoint (default: the one made for these weights) per length."""
     from indexer_model.checkpoint import find_checkpoint, load_checkpoint
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _resolve_device(device)
     if checkpoint is not None and not (checkpoint / "config.json").is_file():
         raise BadInputError(f"{checkpoint}: no config.json — pass a folder written by `dsarag indexer train`")
     model = load_frozen_model(model_spec, device)
@@ -409,7 +409,7 @@ def run_training(
     """Train, measure recall on held-out text (trained vs untrained indexer), write the checkpoint to `out`."""
     from indexer_model.checkpoint import save_checkpoint
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _resolve_device(device)
     started = time.perf_counter()
     model = load_frozen_model(model_spec, device)
     tokens = load_token_stream(data, _tokenizer_encode(model_spec))
@@ -461,6 +461,11 @@ def _tokenizer_encode(model_spec: str) -> Callable[[str], list[int]] | None:
     from indexer_model.tokenizer import ChatTokenizer
 
     return ChatTokenizer(resolve_model(model_spec)).encode
+
+
+def _resolve_device(device: str) -> str:
+    """--device auto means the GPU when there is one."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _device_name(device: str) -> str:
