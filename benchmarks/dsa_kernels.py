@@ -9,7 +9,7 @@
    `F.scaled_dot_product_attention` with the flash backend; the share of the layer spent in top-k.
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
-   and 16 with caches of L tokens.
+   and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs).
 """
 
 import argparse
@@ -27,6 +27,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
 from indexer_model.dsa import DSAConfig  # noqa: E402
 from indexer_model.indexer import LightningIndexer  # noqa: E402
 from indexer_model.model import ModelArgs, Transformer  # noqa: E402
@@ -271,9 +272,15 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
                 row[f"decode_b{batch}_{name}_ms"] = time_ms(
                     lambda mode=mode, token=token, position=position: model(token, position, dsa=mode)
                 )
-            row[f"decode_b{batch}_speedup"] = (
-                row[f"decode_b{batch}_dense_ms"] / row[f"decode_b{batch}_dsa_ms"]
-            )
+                decoder = GraphedDecoder(model, batch, length, mode)  # as `generate` decodes on a GPU
+                row[f"decode_b{batch}_{name}_graph_ms"] = time_ms(
+                    lambda decoder=decoder, token=token, length=length: decoder(token, length)
+                )
+                del decoder
+            for kind in ("", "_graph"):
+                row[f"decode_b{batch}{kind}_speedup"] = (
+                    row[f"decode_b{batch}_dense{kind}_ms"] / row[f"decode_b{batch}_dsa{kind}_ms"]
+                )
         model.clear_caches()
         torch.cuda.empty_cache()
         rows.append(row)

@@ -84,6 +84,28 @@ def sparse_attention(
     return out
 
 
+def _triton_dsa(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    idx_q: Tensor,
+    idx_w: Tensor,
+    idx_k_cache: Tensor,
+    q_start: int | Tensor,
+    n_keys: int,
+    cfg: DSAConfig,
+    scale: float,
+) -> Tensor:
+    """The GPU path (kernels/): fused index scores + top-k, then gather attention."""
+    from kernels.indexer import select_topk as select_topk_triton
+    from kernels.sparse_attention import sparse_attention as sparse_attention_triton
+
+    indices = stack_sets(idx_w, lambda w_set: select_topk_triton(
+        idx_q, w_set, idx_k_cache, q_start, n_keys, cfg.topk, cfg.n_sink, cfg.window, fp8=cfg.fp8_indexer,
+    ))  # fmt: skip
+    return sparse_attention_triton(q, k_cache, v_cache, indices, scale)
+
+
 def masked_dense_attention_reference(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float
 ) -> Tensor:
@@ -102,15 +124,22 @@ def masked_dense_attention_reference(
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-    """Causal softmax attention. q (B, H, T, D) at positions `input_pos`; k, v (B, H_kv, S, D) at 0..S-1."""
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, whole_cache: bool = False) -> Tensor:
+    """Causal softmax attention. q (B, H, T, D) at positions `input_pos`; k, v (B, H_kv, S, D) at 0..S-1.
+
+    whole_cache: one query over a preallocated cache whose keys past input_pos are not written yet."""
     batch, n_head, q_len, head_dim = q.shape
     n_kv_head, kv_len = k.shape[1], k.shape[2]
     if q_len == 1:
         # One query sees every cached key: fold each kv group's heads into the query axis (25x faster on CPU
         # than enable_gqa, which takes the slow path for a single query).
+        if whole_cache and q.is_cuda:  # split across the keys: SDPA with a mask ran 1.5x slower at 128K
+            from kernels.sparse_attention import dense_attention_decode
+
+            return dense_attention_decode(q, k, v, input_pos, head_dim**-0.5)
         grouped = q.view(batch, n_kv_head, n_head // n_kv_head, head_dim)
-        return F.scaled_dot_product_attention(grouped, k, v).view(batch, n_head, 1, head_dim)
+        mask = (torch.arange(kv_len, device=q.device) <= input_pos)[None] if whole_cache else None
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(batch, n_head, 1, head_dim)
     if q_len == kv_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     mask = input_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
@@ -125,7 +154,7 @@ def dsa_attention(
     idx_w: Tensor,
     idx_k_cache: Tensor,
     q_positions: Tensor,
-    n_keys: int,
+    n_keys: int | None,
     cfg: DSAConfig,
     scale: float | None = None,
 ) -> Tensor:
@@ -134,21 +163,21 @@ def dsa_attention(
     idx_q (B, T, H_I, d_I) and idx_w (B, T, H_I), or (B, T, sets, H_I) for one selection per group of kv
     heads, come from LightningIndexer.project for the new tokens;
     idx_k_cache (B, S, d_I) holds the indexer keys of the first n_keys positions (the new tokens included).
+    n_keys None: one decode token over the whole preallocated caches, its position read on the device (a
+    step captured in a CUDA graph); the Triton kernels select among keys 0 ... q_positions[0] only.
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if n_keys is None:
+        return _triton_dsa(
+            q, k_cache, v_cache, idx_q, idx_w, idx_k_cache, q_positions[:1], k_cache.shape[2], cfg, scale
+        )
     if cfg.runs_dense(n_keys):
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cfg.kernels == "triton" or (cfg.kernels == "auto" and q.is_cuda):
-        # The GPU path (kernels/): fused index scores + top-k, then gather attention. New tokens sit at
-        # consecutive positions ending at n_keys - 1 (a prefill chunk or one decode step).
-        from kernels.indexer import select_topk as select_topk_triton
-        from kernels.sparse_attention import sparse_attention as sparse_attention_triton
-
-        indices = stack_sets(idx_w, lambda w_set: select_topk_triton(
-            idx_q, w_set, idx_k_cache, n_keys - q.shape[2], n_keys, cfg.topk, cfg.n_sink, cfg.window,
-            fp8=cfg.fp8_indexer,
-        ))  # fmt: skip
-        return sparse_attention_triton(q, k_cache, v_cache, indices, scale)
+        # New tokens sit at consecutive positions ending at n_keys - 1 (a prefill chunk or one decode step).
+        return _triton_dsa(
+            q, k_cache, v_cache, idx_q, idx_w, idx_k_cache, n_keys - q.shape[2], n_keys, cfg, scale
+        )
     # Queries that see at most k keys select all of them: exact dense attention, no indexer needed.
     n_dense = int((q_positions < cfg.topk).sum())  # positions ascend
     if n_dense == q.shape[2]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from indexer_model.cuda_graph import GraphedDecoder
 from indexer_model.dsa import DSAConfig
 from indexer_model.gguf_convert import END_OF_TURN_TOKENS
 from indexer_model.model import Transformer
@@ -134,7 +135,8 @@ def generate(
     dsa: DSAConfig | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas.
-    With `dsa`, prefill and every decode step use DeepSeek Sparse Attention."""
+    With `dsa`, prefill and every decode step use DeepSeek Sparse Attention. On a GPU the decode steps replay
+    a CUDA graph (`GraphedDecoder`)."""
     device = model.output.weight.device
     prompt_len = len(prompt_ids)
     total = prompt_len + max_new_tokens
@@ -156,7 +158,7 @@ def generate(
     prefill_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    stop_reason, decode_steps = "max_new_tokens", 0
+    stop_reason, decode_steps, graphed = "max_new_tokens", 0, None
     for position in range(prompt_len, total):
         token_id = int(token)
         if token_id in stop_ids:
@@ -165,7 +167,11 @@ def generate(
         stream.push(token_id)
         if position == total - 1:
             break
-        logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device), dsa)
+        if device.type == "cuda":
+            graphed = graphed or GraphedDecoder(model, 1, position, dsa)
+            logits = graphed(token.view(1, 1), position)
+        else:
+            logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device), dsa)
         token = sample(logits, temperature, top_p, generator)
         decode_steps += 1
     text = stream.flush()

@@ -48,19 +48,26 @@ class IndexKeyCache(nn.Module):
         )
         self.valid_until = 0
 
-    def update(self, input_pos: Tensor, k: Tensor, n_keys: int) -> Tensor:
-        """Write k at input_pos; return the first n_keys positions (as `KVCache.update`). Refuses to return
-        positions a dense step wrote without index keys: a sparse step would rank stale or zero keys."""
-        first_new = n_keys - k.shape[1]
+    def update(self, input_pos: Tensor, k: Tensor, n_keys: int | None) -> Tensor:
+        """Write k at input_pos; return the first n_keys positions (as `KVCache.update`), or the whole cache
+        when n_keys is None (a captured decode step, whose caller calls `record`). Refuses to return positions
+        a dense step wrote without index keys: a sparse step would rank stale or zero keys."""
+        batch = k.shape[0]
+        if n_keys is None:
+            self.k_cache[:batch, input_pos] = k
+            return self.k_cache[:batch]
+        self.record(n_keys - k.shape[1], n_keys)
+        self.k_cache[:batch, input_pos] = k
+        return self.k_cache[:batch, :n_keys]
+
+    def record(self, first_new: int, n_keys: int) -> None:
+        """A sparse step writes index keys for positions first_new ... n_keys - 1 and reads all before them."""
         if first_new > self.valid_until:
             raise RuntimeError(
                 f"index keys of positions {self.valid_until}-{first_new - 1} are missing (written by a dense "
                 "step): run a whole generation in one attention mode, or prefill it again in sparse mode"
             )
-        batch = k.shape[0]
-        self.k_cache[:batch, input_pos] = k
         self.valid_until = max(self.valid_until, n_keys)
-        return self.k_cache[:batch, :n_keys]
 
     def invalidate_from(self, position: int) -> None:
         """A dense step wrote K/V from `position` on without index keys."""

@@ -101,12 +101,14 @@ class KVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.k_cache.shape[2]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, n_keys: int | None) -> tuple[Tensor, Tensor]:
         """Write k, v at input_pos; return the first n_keys positions (the caller knows n_keys on the host, so
-        no layer waits for the GPU to read input_pos back)."""
+        no layer waits for the GPU to read input_pos back), or the whole cache when n_keys is None."""
         batch = k.shape[0]
         self.k_cache[:batch, :, input_pos] = k
         self.v_cache[:batch, :, input_pos] = v
+        if n_keys is None:
+            return self.k_cache[:batch], self.v_cache[:batch]
         return self.k_cache[:batch, :, :n_keys], self.v_cache[:batch, :, :n_keys]
 
 
@@ -136,24 +138,25 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         input_pos: Tensor,
-        n_keys: int,
+        n_keys: int | None,
         dsa: DSAConfig | None = None,
     ) -> Tensor:
         """Dense attention, or DSA when `dsa` is given and an indexer is attached (x is the normed input).
 
-        n_keys: cached positions after this call (input_pos[-1] + 1), known to the caller on the host."""
+        n_keys: cached positions after this call (input_pos[-1] + 1), known to the caller on the host; None
+        for a decode step captured in a CUDA graph, which reads the whole cache and masks it by input_pos."""
         q, k, v = self.project(x, rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, n_keys)
         if self.indexer is None or dsa is None:
-            if self.index_cache is not None:  # dense steps skip the indexer: its keys go stale from here
-                self.index_cache.invalidate_from(n_keys - x.shape[1])
-            y = dense_attention(q, k, v, input_pos)
+            if self.index_cache is not None and n_keys is not None:  # dense steps skip the indexer
+                self.index_cache.invalidate_from(n_keys - x.shape[1])  # its keys go stale from here
+            y = dense_attention(q, k, v, input_pos, whole_cache=n_keys is None)
         else:
             idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
             if self.index_cache is not None:
                 idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
-            y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, k.shape[2], dsa)
+            y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, dsa)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -183,7 +186,7 @@ class Block(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         input_pos: Tensor,
-        n_keys: int,
+        n_keys: int | None,
         dsa: DSAConfig | None = None,
     ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, input_pos, n_keys, dsa)
@@ -238,14 +241,23 @@ class Transformer(nn.Module):
         return self.layers[0].attention.indexer is not None
 
     def forward(
-        self, idx: Tensor, input_pos: Tensor, last_logits_only: bool = True, dsa: DSAConfig | None = None
+        self,
+        idx: Tensor,
+        input_pos: Tensor,
+        last_logits_only: bool = True,
+        dsa: DSAConfig | None = None,
+        whole_cache: bool = False,
     ) -> Tensor:
         """Logits (B, 1, V) for the last position, or (B, T, V) for all of `idx` (B, T) at `input_pos` (T,).
 
-        `dsa` switches attention to DeepSeek Sparse Attention for this call (needs attached indexers)."""
+        `dsa` switches attention to DeepSeek Sparse Attention for this call (needs attached indexers).
+        `whole_cache`: one decode token, attention over the whole preallocated cache masked by input_pos, and
+        no host sync, so the step can be captured in a CUDA graph (`indexer_model.cuda_graph`); DSA then runs
+        on the Triton kernels whatever the context length (with k at least the context, they select every key)."""
         x = self.tok_embeddings(idx)
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
-        n_keys = int(input_pos[-1]) + 1  # the one host sync of a step: each layer's cache view needs it
+        # The one host sync of an eager step: each layer's cache view needs the key count.
+        n_keys = None if whole_cache else int(input_pos[-1]) + 1
         for number, layer in enumerate(self.layers):
             x = layer(x, rope, input_pos, n_keys, None if dsa is None or number in dsa.dense_layers else dsa)
         if last_logits_only:

@@ -24,7 +24,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @triton.jit
 def _index_scores_kernel(
-    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr,
+    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr, start_ptr,
     n_queries, n_keys, q_start, n_sink, window,
     stride_qb, stride_qt, stride_qh,
     stride_wb, stride_wt,
@@ -32,9 +32,11 @@ def _index_scores_kernel(
     stride_qsb, stride_qst, stride_ksb,
     stride_ob, stride_ot,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if START_ON_DEVICE:  # a CUDA-graph decode step: the position changes at every replay
+        q_start = tl.load(start_ptr).to(tl.int32)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
@@ -76,11 +78,19 @@ def _index_scores_kernel(
     )
 
 
+def device_start(q_start: int | Tensor, placeholder: Tensor) -> tuple[int, Tensor, bool]:
+    """Kernel arguments for the first query position: a host int, or a one-element device tensor that the
+    kernel loads (no host sync, and one CUDA graph serves every decode position)."""
+    if isinstance(q_start, Tensor):
+        return 0, q_start, True
+    return q_start, placeholder, False
+
+
 def index_scores(
     q: Tensor,
     w: Tensor,
     k: Tensor,
-    q_start: int,
+    q_start: int | Tensor,
     n_sink: int,
     window: int,
     q_scale: Tensor | None = None,
@@ -96,7 +106,8 @@ def index_scores(
     where a 64-row tile would be almost all padding (2.2x faster at 128K, batch 16).
 
     Tiles entirely in the future are left unwritten. With q_scale (B, T, H_I) and k_scale (B, S), q and k are
-    float8_e4m3fn and the logits are rescaled (the FP8 indexer).
+    float8_e4m3fn and the logits are rescaled (the FP8 indexer). q_start may be a one-element device tensor
+    (`device_start`): a captured decode step then replays at every position.
     """
     batch, n_queries, n_heads, head_dim = q.shape
     n_keys = k.shape[1]
@@ -106,9 +117,10 @@ def index_scores(
     scaled = q_scale is not None
     block_q = block_q or (16 if n_queries <= 16 else 64)
     grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k), batch)
+    start, start_ptr, on_device = device_start(q_start, q)
     _index_scores_kernel[grid](
-        q, w, k, q_scale if scaled else q, k_scale if scaled else q, out,
-        n_queries, n_keys, q_start, n_sink, window,
+        q, w, k, q_scale if scaled else q, k_scale if scaled else q, out, start_ptr,
+        n_queries, n_keys, start, n_sink, window,
         q.stride(0), q.stride(1), q.stride(2),
         w.stride(0), w.stride(1),
         k.stride(0), k.stride(1),
@@ -116,7 +128,7 @@ def index_scores(
         k_scale.stride(0) if scaled else 0,
         out.stride(0), out.stride(1),
         N_HEADS=n_heads, HEAD_DIM=head_dim, SCALED=scaled, UPCAST=INTERPRETED, BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=num_warps,
+        START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -190,9 +202,9 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
 
 @triton.jit
 def _topk_candidates_kernel(
-    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
+    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk, capacity,
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
-    SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Fast path: a threshold from a sorted sample of the row keeps a few x topk candidates in one pass, and
     the exact radix select runs on those. status[row] = -1 when done, else the row needs `_topk_full_kernel`.
@@ -201,6 +213,8 @@ def _topk_candidates_kernel(
     collects the candidates of its segment into its own `capacity` slots; `_topk_merge_kernel` then joins
     the segments in key order and selects."""
     row, batch, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if START_ON_DEVICE:
+        q_start = tl.load(start_ptr).to(tl.int32)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     row_out = out_ptr + batch * stride_ob + row * stride_ot
     row_cands = cand_ptr + batch * stride_cb + row * stride_ct + part * capacity
@@ -279,14 +293,16 @@ def _topk_merge_kernel(
 
 @triton.jit
 def _topk_full_kernel(
-    scores_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk,
+    scores_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk,
     stride_sb, stride_st, stride_ob, stride_ot,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Exact radix select over the whole row, for the rows the fast path could not settle."""
     row, batch = tl.program_id(0), tl.program_id(1)
     if tl.load(status_ptr + batch * n_queries + row) == -1:
         return
+    if START_ON_DEVICE:
+        q_start = tl.load(start_ptr).to(tl.int32)
     row_len = tl.minimum(q_start + row + 1, n_keys)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
@@ -295,7 +311,7 @@ def _topk_full_kernel(
 
 def topk_select(
     scores: Tensor,
-    q_start: int,
+    q_start: int | Tensor,
     n_keys: int,
     topk: int,
     out: Tensor | None = None,
@@ -307,7 +323,8 @@ def topk_select(
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
     Exact on the bf16 scores; among equal scores at the threshold the lowest positions win. `split`: programs
-    per row (None: enough to fill the GPU when there are few rows, as in decode; a power of two).
+    per row (None: enough to fill the GPU when there are few rows, as in decode; a power of two). q_start: a
+    host int or a one-element device tensor, as in `index_scores`.
     """
     batch, n_queries, _ = scores.shape
     if out is None:
@@ -321,10 +338,11 @@ def topk_select(
     candidates = torch.empty(batch, n_queries, split * capacity, dtype=torch.int32, device=scores.device)
     counts = torch.empty(batch, n_queries, split, dtype=torch.int32, device=scores.device)
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
+    start, start_ptr, on_device = device_start(q_start, status)
     _topk_candidates_kernel[(n_queries, batch, split)](
-        scores, candidates, counts, status, out, n_queries, q_start, n_keys, topk, capacity,
+        scores, candidates, counts, status, out, start_ptr, n_queries, start, n_keys, topk, capacity,
         scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0), out.stride(1),
-        SAMPLE=sample, BLOCK=block, SPLIT=split, num_warps=num_warps,
+        SAMPLE=sample, BLOCK=block, SPLIT=split, START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         _topk_merge_kernel[(n_queries, batch)](
@@ -333,9 +351,9 @@ def topk_select(
             out.stride(1), BLOCK=block, SPLIT=split, num_warps=num_warps,
         )  # fmt: skip
     _topk_full_kernel[(n_queries, batch)](
-        scores, status, out, n_queries, q_start, n_keys, topk,
+        scores, status, out, start_ptr, n_queries, start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -361,7 +379,7 @@ def select_topk(
     q: Tensor,
     w: Tensor,
     k: Tensor,
-    q_start: int,
+    q_start: int | Tensor,
     n_keys: int,
     topk: int,
     n_sink: int = 4,
@@ -372,6 +390,8 @@ def select_topk(
     """Indices (B, T, topk) int32 for queries at q_start + t over keys k[:, :n_keys]: the GPU `select_topk`.
 
     Query chunks keep the bf16 score buffer under `chunk_elements` (2 GiB by default) at any context length.
+    q_start may be a one-element device tensor (a captured decode step); n_keys then bounds the keys any
+    replay may see (the cache length), and each row still reads only its causal prefix.
     """
     if topk < n_sink + window:
         raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
@@ -387,16 +407,17 @@ def select_topk(
     for t0 in range(0, n_queries, chunk):
         rows = slice(t0, min(t0 + chunk, n_queries))
         n_rows = rows.stop - t0
+        start = q_start + t0 if t0 else q_start
         scores = index_scores(
             q[:, rows],
             w[:, rows],
             k,
-            q_start + t0,
+            start,
             n_sink,
             window,
             q_scale[:, rows] if fp8 else None,
             k_scale,
             out=buffer[:, :n_rows],
         )
-        topk_select(scores, q_start + t0, n_keys, topk, out=indices[:, rows])
+        topk_select(scores, start, n_keys, topk, out=indices[:, rows])
     return indices

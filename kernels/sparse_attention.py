@@ -7,6 +7,8 @@ to 16 for the tensor cores). Softmax is online (flash-attention style) in float3
 
 Prefill: one program per (query, kv group). Decode (T = 1): the k selected keys are split across programs
 that each write a partial (max, sum, output), merged by `merge_partials` — enough parallelism at batch 1.
+The same decode kernel runs dense attention over a whole preallocated cache up to a position read on the
+device (`dense_attention_decode`): the dense half of a decode step captured in a CUDA graph.
 The PyTorch reference (and the CPU path) is `indexer_model.dsa.sparse_attention`.
 """
 
@@ -21,13 +23,17 @@ from kernels.common import INTERPRETED, dot
 @triton.jit
 def _gather_attention_block(
     q, m_i, l_i, acc, k_base, v_base, idx_base, slot_start, slot_end, stride_ks, stride_vs, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CONTIGUOUS: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update of (m_i, l_i, acc) over the selected keys in slots [slot_start, slot_end)."""
+    """Online-softmax update of (m_i, l_i, acc) over the selected keys in slots [slot_start, slot_end);
+    CONTIGUOUS: slot s is key s (dense attention, no index list)."""
     dims = tl.arange(0, HEAD_DIM)
     for start in range(slot_start, slot_end, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(idx_base + slots, mask=slots < slot_end, other=-1)
+        if CONTIGUOUS:
+            idx = tl.where(slots < slot_end, slots, -1)
+        else:
+            idx = tl.load(idx_base + slots, mask=slots < slot_end, other=-1)
         valid = idx >= 0
         safe_idx = tl.where(valid, idx, 0).to(tl.int64)
         k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=valid[None, :], other=0.0)
@@ -73,7 +79,7 @@ def _sparse_prefill_kernel(
         k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
         idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is + t * stride_it, 0, topk,
         stride_ks, stride_vs, scale_log2,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CONTIGUOUS=False,
     )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(
@@ -85,14 +91,15 @@ def _sparse_prefill_kernel(
 
 @triton.jit
 def _sparse_decode_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, topk, slots_per_split, scale_log2,
+    q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, pos_ptr, topk, slots_per_split, scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ib, stride_is,
     N_KV_HEADS: tl.constexpr, KV_PER_SET: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CONTIGUOUS: tl.constexpr,
 ):  # fmt: skip
+    """CONTIGUOUS: dense decode over keys 0 ... *pos_ptr (no index list; the position is read on the device)."""
     batch_group, split = tl.program_id(0), tl.program_id(1)
     batch, kv_head = batch_group // N_KV_HEADS, batch_group % N_KV_HEADS
     rows = tl.arange(0, G_PAD)
@@ -108,13 +115,14 @@ def _sparse_decode_kernel(
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, HEAD_DIM), tl.float32)
     slot_start = split * slots_per_split
+    n_slots = tl.load(pos_ptr).to(tl.int32) + 1 if CONTIGUOUS else topk
     m_i, l_i, acc = _gather_attention_block(
         q, m_i, l_i, acc,
         k_ptr + batch * stride_kb + kv_head * stride_kh, v_ptr + batch * stride_vb + kv_head * stride_vh,
         idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is, slot_start,
-        tl.minimum(slot_start + slots_per_split, topk),
+        tl.minimum(slot_start + slots_per_split, n_slots),
         stride_ks, stride_vs, scale_log2,
-        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CONTIGUOUS=CONTIGUOUS,
     )  # fmt: skip
     partial = (batch_group * tl.num_programs(1) + split) * G_PAD + rows
     tl.store(m_ptr + partial, m_i)
@@ -171,24 +179,51 @@ def sparse_attention_decode(
 ) -> Tensor:
     """Gather attention for one new token per sequence: q (B, Hq, 1, d), indices (B, 1, k) or (B, sets, 1, k)
     -> (B, Hq, 1, d)."""
+    return _decode(q, k_cache, v_cache, indices, None, scale, slots_per_split)
+
+
+def dense_attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor, scale: float, slots_per_split: int = 1024
+) -> Tensor:
+    """Dense attention of one new token per sequence over cache keys 0 ... position, a one-element device
+    tensor: q (B, Hq, 1, d) -> (B, Hq, 1, d). Split across the keys like the sparse decode (flash-decoding), so
+    a captured decode step serves every position of a preallocated cache. Masked SDPA over the whole cache
+    ran 1.5x slower than the eager unmasked call at 128K (docs/benchmarks.md)."""
+    return _decode(q, k_cache, v_cache, None, position, scale, slots_per_split)
+
+
+def _decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    indices: Tensor | None,
+    position: Tensor | None,
+    scale: float,
+    slots_per_split: int,
+) -> Tensor:
+    """One decode kernel for both: the selected keys (`indices`), or every key up to `position`."""
     batch, n_heads, _, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group, g_pad = _group_padding(n_heads, n_kv_heads)
-    indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
-    topk = indices.shape[-1]
+    contiguous = indices is None
+    if contiguous:
+        indices, stride_is, kv_per_set, topk = position, 0, n_kv_heads, k_cache.shape[2]
+    else:
+        indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
+        topk, position = indices.shape[-1], indices
     n_splits = triton.cdiv(topk, slots_per_split)
     partial_shape = (batch * n_kv_heads, n_splits, g_pad)
     m = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     lse_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     acc = torch.empty((*partial_shape, head_dim), dtype=torch.float32, device=q.device)
     _sparse_decode_kernel[(batch * n_kv_heads, n_splits)](
-        q, k_cache, v_cache, indices, m, lse_sum, acc, topk, slots_per_split, scale * 1.4426950408889634,
+        q, k_cache, v_cache, indices, m, lse_sum, acc, position, topk, slots_per_split, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        indices.stride(0), stride_is,
+        0 if contiguous else indices.stride(0), stride_is,
         N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
-        num_warps=4, num_stages=2,
+        CONTIGUOUS=contiguous, num_warps=4, num_stages=2,
     )  # fmt: skip
     out = merge_partials(m, lse_sum, acc)[:, :group]  # (B * Hkv, G, d)
     return out.reshape(batch, n_heads, 1, head_dim).to(q.dtype)

@@ -84,6 +84,26 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
     model.clear_caches()
 
 
+@pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])
+def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa):
+    """The step a CUDA graph captures (whole cache masked by a device position, no host sync) computes what
+    the eager step computes; DSA runs the Triton kernels (under the interpreter on the CPU)."""
+    model = tiny.model
+    prompt, n = torch.tensor([long_prompt[:200]]), 200
+    token, position = prompt[:, :1], torch.tensor([n])
+    with torch.inference_mode():
+        model.clear_caches()
+        model.setup_caches(1, n + 40)  # cache slots past the step hold zeros the mask must hide
+        # The prefill runs the PyTorch path (the interpreted kernels would take minutes); it fills the same caches.
+        model(
+            prompt, torch.arange(n), dsa=dsa and DSAConfig(topk=dsa.topk, dense_threshold=0, kernels="torch")
+        )
+        eager = model(token, position, dsa=dsa).float()
+        whole = model(token, position, dsa=dsa, whole_cache=True).float()
+    model.clear_caches()
+    torch.testing.assert_close(whole, eager, rtol=1e-3, atol=1e-3)
+
+
 def test_dense_layers_run_dense_and_the_others_stay_sparse(tiny, long_prompt):
     model = tiny.model
     prompt = torch.tensor([long_prompt])

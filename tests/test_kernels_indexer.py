@@ -116,6 +116,17 @@ def test_select_topk_matches_the_model_selection(dtype):
         torch.testing.assert_close(mine, best, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("position", [40, 150, 299])
+def test_select_topk_reads_the_query_position_from_a_device_tensor(position):
+    """A captured decode step: the grid covers the whole cache and each row reads only its causal prefix."""
+    q, w, k = indexer_inputs(batch=2, n_queries=1, n_keys=300, seed=4)
+    on_host = select_topk(q, w, k, position, position + 1, topk=80, n_sink=2, window=3)
+    start = torch.tensor([position], device=DEVICE)
+    on_device = select_topk(q, w, k, start, 300, topk=80, n_sink=2, window=3)
+    assert torch.equal(on_device.sort(-1).values, on_host.sort(-1).values)
+    assert int((on_device[0, 0] >= 0).sum()) == min(80, position + 1)
+
+
 def test_select_topk_rejects_a_budget_smaller_than_sinks_and_window():
     q, w, k = indexer_inputs(batch=1, n_queries=4, n_keys=4)
     with pytest.raises(ValueError, match="raise topk"):

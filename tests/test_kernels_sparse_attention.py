@@ -5,7 +5,12 @@ import torch
 
 from indexer_model.dsa import masked_dense_attention_reference
 from indexer_model.dsa import sparse_attention as sparse_attention_torch
-from kernels.sparse_attention import merge_partials, sparse_attention_decode, sparse_attention_prefill
+from kernels.sparse_attention import (
+    dense_attention_decode,
+    merge_partials,
+    sparse_attention_decode,
+    sparse_attention_prefill,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,6 +61,18 @@ def test_decode_kernel_splits_and_merges_like_one_softmax(dtype):
     got = sparse_attention_decode(q, k, v, indices, scale=0.25, slots_per_split=64)
     want = masked_dense_attention_reference(q, k, v, indices.long(), scale=0.25)
     torch.testing.assert_close(got.float(), want.float(), **tolerance_for(dtype))
+
+
+@pytest.mark.parametrize("position", [0, 130, 299])
+def test_dense_decode_kernel_attends_to_every_key_up_to_a_device_position(position):
+    """A preallocated cache of 300 slots: keys past the position (unwritten in a real cache) never count."""
+    (q, k, v), _ = attention_inputs(torch.float32, n_queries=1, n_keys=300)
+    got = dense_attention_decode(q, k, v, torch.tensor([position], device=DEVICE), 0.25, slots_per_split=64)
+    seen = slice(0, position + 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, seen], v[:, :, seen], scale=0.25, enable_gqa=True
+    )
+    torch.testing.assert_close(got, want, **tolerance_for(torch.float32))
 
 
 def test_more_slots_than_keys_is_fine():
