@@ -37,6 +37,7 @@ from torch import nn
 
 from evals.niah import NiahCase, answer_case, build_case, is_correct
 from indexer_model.dsa import DSAConfig
+from indexer_model.layer_budget import budget_recall
 from indexer_model.model import ModelArgs, Transformer
 from indexer_model.train import (
     RECALL_KS,
@@ -66,17 +67,31 @@ class Mode:
     topk: int | None
     indexers: str = "trained"
     dense_layers: tuple[int, ...] = ()
+    per_layer_topk: bool = True  # the checkpoint's per-layer scales of k, if it has any
 
     def dsa(self) -> DSAConfig | None:
         if self.topk is None:
             return None
-        return DSAConfig(topk=self.topk, dense_threshold=0, dense_layers=self.dense_layers)
+        return DSAConfig(
+            topk=self.topk,
+            dense_threshold=0,
+            dense_layers=self.dense_layers,
+            per_layer_topk=self.per_layer_topk,
+        )
 
 
-def modes_for(topks: list[int], untrained_topk: int | None, dense_layers: tuple[int, ...] = ()) -> list[Mode]:
+def modes_for(
+    topks: list[int],
+    untrained_topk: int | None,
+    dense_layers: tuple[int, ...] = (),
+    uniform_too: bool = False,
+) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
-    (named e.g. dsa-2048-dense0), then the untrained floor."""
+    (named e.g. dsa-2048-dense0); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
+    beside the checkpoint's per-layer k); then the untrained floor."""
     modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
+    if uniform_too:
+        modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
     if dense_layers:
         suffix = "dense" + "+".join(map(str, dense_layers))
         modes += [Mode(f"dsa-{k}-{suffix}", k, dense_layers=dense_layers) for k in topks]
@@ -197,6 +212,7 @@ def recall_section(
         section[str(length)] = {
             "windows": starts,
             "query_rows": runs[0]["query_rows"],
+            "layer_topk_scales": [indexer.topk_scale for indexer in indexer_sets["trained"]],
             **{
                 name: _mean_per_layer([run[name] for run in runs]) for name in runs[0] if name != "query_rows"
             },
@@ -459,7 +475,7 @@ def run_sections(
     indexer_sets = {name: copy.deepcopy(indexers) for name, indexers in indexer_sets.items()}
     if "ppl" in sections:
         lengths = [n for n in options.ppl_lengths if n <= max_len]
-        modes = modes_for(options.ppl_topks, None, tuple(options.dense_layers))
+        modes = modes_for(options.ppl_topks, None, tuple(options.dense_layers), options.uniform_too)
         perplexity_section(
             model,
             indexer_sets,
@@ -474,7 +490,9 @@ def run_sections(
         log(f"perplexity done at {deadline_elapsed(deadline):.0f} s")
     if "niah" in sections:
         spec = json.loads(options.niah.read_text())
-        modes = modes_for(options.niah_topks, options.untrained_topk, tuple(options.dense_layers))
+        modes = modes_for(
+            options.niah_topks, options.untrained_topk, tuple(options.dense_layers), options.uniform_too
+        )
         recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
         niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
         log(f"niah done at {deadline_elapsed(deadline):.0f} s")
@@ -628,6 +646,12 @@ def check_goals(data: dict) -> list[dict]:
             )
         if "512" in recall:
             goals.append(_goal(f"mean recall @k=512, {length} tokens", recall["512"], GOALS["recall_512"]))
+        scales = entry.get("layer_topk_scales") or []
+        per_layer = {int(k): values for k, values in entry["trained"].items()}
+        for k, target in ((2048, GOALS["recall_2048"]), (512, GOALS["recall_512"])):
+            if any(scale != 1.0 for scale in scales) and all(k * s in per_layer for s in (0.5, 1, 2)):
+                value = budget_recall(per_layer, k, scales)
+                goals.append(_goal(f"mean recall @k={k} spread per layer, {length} tokens", value, target))
     for mode, by_length in data.get("niah_scored", {}).get("summary", {}).get("on_dense_solved", {}).items():
         if mode == "dense" or mode.endswith("untrained"):  # the untrained indexer is a baseline
             continue
@@ -743,6 +767,21 @@ def _recall_markdown(recall: dict, data: dict) -> list[str]:
                 f"{_mean(entry['recent'][k]):.3f} | {_mean(entry['untrained'][k]):.3f} |"
             )
     lines.append("")
+    for length, entry in recall.items():
+        scales = entry.get("layer_topk_scales") or []
+        if "trained" not in entry or all(scale == 1.0 for scale in scales):
+            continue
+        per_layer = {int(k): values for k, values in entry["trained"].items()}
+        spread = [
+            f"k = {k}: {budget_recall(per_layer, k, scales):.3f} (one k for all: {_mean(per_layer[k]):.3f})"
+            for k in per_layer
+            if all(k * s in per_layer for s in (0.5, 1, 2))
+        ]
+        lines += [
+            f"Per-layer k, {length} tokens: the checkpoint gives layer i scales[i] x k keys (scales "
+            f"{' '.join(f'{s:g}' for s in scales)}; same keys in all); mean recall {'; '.join(spread)}.",
+            "",
+        ]
     for length, entry in recall.items():
         if "trained" not in entry:
             continue
@@ -946,6 +985,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run each DSA mode with these layers dense (perplexity and NIAH), e.g. 0",
     )
     run.add_argument("--niah-variants", type=_ints, default=None, help="run only these haystack variants")
+    run.add_argument(
+        "--uniform-too", action="store_true", help="also run each DSA mode with one k for every layer"
+    )
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
     run.add_argument("--timing-topk", type=int, default=2048)

@@ -9,6 +9,14 @@ from rich.console import Console
 indexer_app = typer.Typer(help="Train the DSA lightning indexers of a model.", no_args_is_help=True)
 stderr = Console(stderr=True)
 
+ModelOption = Annotated[
+    str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Indexer checkpoint folder (default: the one made for these weights)."),
+]
+
 
 @indexer_app.command("train")
 def train(
@@ -103,15 +111,8 @@ def evaluate(
         Path,
         typer.Option("--eval-data", help="Held-out text: a folder of .txt/.rst/.md, or token ids (.npy)."),
     ],
-    model: Annotated[
-        str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")
-    ] = "default",
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint", help="Indexer checkpoint folder (default: the one made for these weights)."
-        ),
-    ] = None,
+    model: ModelOption = "default",
+    checkpoint: CheckpointOption = None,
     lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated window lengths.")] = "8192,16384",
     ks: Annotated[str, typer.Option("--ks", help="Comma-separated top-k sizes.")] = "256,512,1024,2048",
     windows: Annotated[int, typer.Option("--windows", min=1, help="Windows per length, spread evenly.")] = 2,
@@ -151,6 +152,54 @@ def evaluate(
             print(f"| {layer} | " + " | ".join(cells) + " |")
         means = [f"{result['indexer_mean'][k]:.3f} / {result['oracle_mean'][k]:.3f}" for k in ks_here]
         print("| mean | " + " | ".join(means) + " |")
+
+
+@indexer_app.command("budget")
+def budget(
+    eval_data: Annotated[
+        Path,
+        typer.Option("--eval-data", help="Text to measure on (not the held-out text of the quality report)."),
+    ],
+    model: ModelOption = "default",
+    checkpoint: CheckpointOption = None,
+    topk: Annotated[int, typer.Option("--topk", min=256, help="The k the scales are measured around.")] = 512,
+    length: Annotated[int, typer.Option("--length", help="Window length.")] = 16384,
+    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows, spread evenly.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Spread a top-k budget over the layers: measure each layer's recall at k/2, k and 2k, pick per-layer
+    multipliers (1/2, 1 or 2, same keys in all) that keep the most attention mass, record them in the checkpoint."""
+    import json
+
+    from indexer_model.checkpoint import write_topk_scales
+    from indexer_model.layer_budget import allocate_topk_scales, budget_recall
+    from indexer_model.train import evaluate_checkpoint
+
+    ks = (topk // 2, topk, topk * 2)
+    results = evaluate_checkpoint(
+        model, eval_data, checkpoint, (length,), ks, windows, (), device, stderr.print
+    )
+    recall = {int(k): values for k, values in results["recall"][0]["indexer"].items()}
+    scales = allocate_topk_scales(recall, topk)
+    measurement = {
+        "eval_data": str(eval_data),
+        "length": length,
+        "windows": results["recall"][0]["windows"],
+        "topk": topk,
+        "recall": {str(k): values for k, values in recall.items()},
+        "mean_recall_uniform": budget_recall(recall, topk, [1.0] * len(scales)),
+        "mean_recall_scaled": budget_recall(recall, topk, scales),
+    }
+    write_topk_scales(Path(results["checkpoint"]), scales, measurement)
+    if as_json:
+        print(json.dumps({"checkpoint": results["checkpoint"], "layer_topk_scales": scales, **measurement}))
+        return
+    print(f"{results['checkpoint']}: layer_topk_scales {list(scales)}")
+    print(
+        f"mean recall at k = {topk}, {length} tokens: uniform {measurement['mean_recall_uniform']:.4f}, "
+        f"per layer {measurement['mean_recall_scaled']:.4f}"
+    )
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:

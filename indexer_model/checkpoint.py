@@ -114,7 +114,18 @@ def load_checkpoint(
             f"{folder / 'config.json'}: {error} — retrain the indexer with this dsarag"
         ) from error
     state = load_file(str(folder / "indexer.safetensors"))
+    scales = config.get("layer_topk_scales") or [1.0] * n_layer
     for i, indexer in enumerate(indexers):
         prefix = f"layers.{i}."
         indexer.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        indexer.topk_scale = float(scales[i])
     return indexers.to(dtype)
+
+
+def write_topk_scales(folder: Path, scales: tuple[float, ...], measurement: dict) -> None:
+    """Record per-layer top-k multipliers in a checkpoint's config.json, and how they were measured in its
+    metrics.json (atomic writes; the weights are untouched)."""
+    config = json.loads((folder / "config.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    atomic_write_json(folder / "metrics.json", {**metrics, "topk_budget": measurement})
+    atomic_write_json(folder / "config.json", {**config, "layer_topk_scales": list(scales)})

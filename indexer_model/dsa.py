@@ -5,7 +5,7 @@ query shared by all heads, -1 for unused slots. GQA as in HF `repeat_kv`: kv hea
 h * G ... h * G + G - 1, G = Hq / Hkv.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,11 @@ class DSAConfig:
     kernels: str = "auto"  # "triton" (GPU kernels), "torch" (reference path), "auto": triton on CUDA
     fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
+    per_layer_topk: bool = True  # spread topk over the layers by the checkpoint's scales (layer_budget.py)
+
+    def scaled(self, scale: float) -> "DSAConfig":
+        """This config with `scale` times the keys (one layer's share of a per-layer budget)."""
+        return replace(self, topk=max(self.n_sink + self.window, round(self.topk * scale)))
 
     def runs_dense(self, n_keys: int) -> bool:
         """Below the threshold, or with k covering every key, sparse attention would equal dense anyway."""

@@ -29,6 +29,7 @@ class GenerationResult:
     stop_reason: str  # "eos" or "max_new_tokens"
     attention: str = "dense"  # which attention ran: "dense" or "sparse"
     topk: int | None = None  # the DSA top-k when sparse
+    layer_topk: list[int] | None = None  # the keys each layer kept, when the checkpoint spreads k per layer
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -186,7 +187,19 @@ def generate(
         stop_reason=stop_reason,
         attention="dense" if dsa is None else "sparse",
         topk=None if dsa is None else dsa.topk,
+        layer_topk=None if dsa is None else layer_topk(model, dsa),
     )
+
+
+def layer_topk(model: Transformer, dsa: DSAConfig) -> list[int] | None:
+    """Each layer's k under `dsa` (0 for a layer kept dense), or None when every layer keeps dsa.topk."""
+    ks = [
+        0 if number in dsa.dense_layers else layer.attention.indexer.topk_scale
+        for number, layer in enumerate(model.layers)
+    ]
+    if not dsa.per_layer_topk or all(k == 1.0 for k in ks if k):
+        return None
+    return [dsa.scaled(k).topk if k else 0 for k in ks]
 
 
 def stop_token_ids(folder: Path, tokenizer: ChatTokenizer) -> set[int]:

@@ -87,6 +87,7 @@ class LightningIndexer(nn.Module):
         # share the index queries and keys and differ only in the head weights, so they cost one extra
         # weighted sum each, not another set of dot products.
         self.index_sets = index_sets
+        self.topk_scale = 1.0  # this layer's multiplier of a DSA top-k (a checkpoint's layer_topk_scales)
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim)

@@ -55,6 +55,7 @@ class AskResult:
     attention_topk: int | None
     timings: dict[str, float]
     tokens: dict[str, int]
+    attention_layer_topk: list[int] | None = None  # per-layer k, when the indexer checkpoint spreads k
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
@@ -133,6 +134,7 @@ def ask(
         model=generator.name,
         attention=generation.attention,
         attention_topk=generation.topk,
+        attention_layer_topk=generation.layer_topk,
         timings={name: round(value, 3) for name, value in timings.items()},
         tokens={
             "context": packed.tokens if packed else 0,
