@@ -29,9 +29,8 @@ class GraphedDecoder:
         self.position = torch.full((1,), first_position, dtype=torch.long, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(
-            stream
-        ):  # compiles the Triton kernels and warms the allocator outside the capture
+        # One eager step outside the capture compiles the Triton kernels and warms the allocator.
+        with torch.cuda.stream(stream):
             self._step()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

@@ -25,9 +25,11 @@ class DSAConfig:
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
     per_layer_topk: bool = True  # spread topk over the layers by the checkpoint's scales (layer_budget.py)
 
-    def scaled(self, scale: float) -> "DSAConfig":
-        """This config with `scale` times the keys (one layer's share of a per-layer budget)."""
-        return replace(self, topk=max(self.n_sink + self.window, round(self.topk * scale)))
+    def for_layer(self, topk_scale: float) -> "DSAConfig":
+        """The config of a layer whose indexer keeps `topk_scale` times k (its share of a per-layer budget)."""
+        if not self.per_layer_topk or topk_scale == 1.0:
+            return self
+        return replace(self, topk=max(self.n_sink + self.window, round(self.topk * topk_scale)))
 
     def runs_dense(self, n_keys: int) -> bool:
         """Below the threshold, or with k covering every key, sparse attention would equal dense anyway."""

@@ -194,12 +194,10 @@ def generate(
 def layer_topk(model: Transformer, dsa: DSAConfig) -> list[int] | None:
     """Each layer's k under `dsa` (0 for a layer kept dense), or None when every layer keeps dsa.topk."""
     ks = [
-        0 if number in dsa.dense_layers else layer.attention.indexer.topk_scale
+        0 if number in dsa.dense_layers else dsa.for_layer(layer.attention.indexer.topk_scale).topk
         for number, layer in enumerate(model.layers)
     ]
-    if not dsa.per_layer_topk or all(k == 1.0 for k in ks if k):
-        return None
-    return [dsa.scaled(k).topk if k else 0 for k in ks]
+    return None if all(k in (0, dsa.topk) for k in ks) else ks
 
 
 def stop_token_ids(folder: Path, tokenizer: ChatTokenizer) -> set[int]:

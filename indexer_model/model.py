@@ -153,8 +153,7 @@ class Attention(nn.Module):
                 self.index_cache.invalidate_from(n_keys - x.shape[1])  # its keys go stale from here
             y = dense_attention(q, k, v, input_pos, whole_cache=n_keys is None)
         else:
-            if dsa.per_layer_topk and self.indexer.topk_scale != 1.0:
-                dsa = dsa.scaled(self.indexer.topk_scale)  # this layer's share of the budget
+            dsa = dsa.for_layer(self.indexer.topk_scale)
             idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
             if self.index_cache is not None:
                 idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
