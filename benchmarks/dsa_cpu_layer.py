@@ -1,10 +1,11 @@
 """Where a DSA layer's time goes on the CPU, against dense SDPA, on the default model's real attention inputs.
 
 One dense prefill of held-out text runs through the model; a hook on each chosen layer takes that layer's q, k, v
-and indexer projections and times, side by side on the same tensors: dense causal SDPA, the index scores + top-k
-(`select_topk`), and the gather attention (`sparse_attention`), for the queries that select (the first k
-queries attend to every earlier key and run dense in DSA too). It also reports how many keys a block of queries
-gathers (the union of its selections) against k.
+and indexer projections and times, side by side on the same tensors: dense causal SDPA; the PyTorch path's index
+scores + top-k (`select_topk`) and gather attention (`sparse_attention`), for the queries that select (the first
+k queries attend to every earlier key and run dense in DSA too); and the same two steps through the compiled CPU
+kernels (`kernels/cpu_dsa.py`) where they build. It also reports how many keys a block of queries gathers on the
+PyTorch path (the union of its selections) against k.
 
     .venv/bin/python benchmarks/dsa_cpu_layer.py --heldout heldout.npy --lengths 8192 16384 --layers 0 9 16 23
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from indexer_model.dsa import DSAConfig, dense_attention, sparse_attention, union_of_selections  # noqa: E402
 from indexer_model.generate import load_generator  # noqa: E402
 from indexer_model.indexer import select_topk  # noqa: E402
+from kernels import cpu_dsa  # noqa: E402
 
 
 def seconds(run) -> tuple[float, object]:
@@ -64,6 +66,20 @@ def time_layer(attention, x, rope, positions, cfg: DSAConfig, block: int) -> dic
         for t0 in range(0, indices.shape[1], block)
     ]
     dsa_s = prefix_s + topk_s + sparse_s
+    native = {}
+    if cpu_dsa.native_library() is not None:
+        args = (idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], len(positions), cfg.topk, cfg.n_sink)
+        native_topk_s, native_indices = seconds(lambda: cpu_dsa.select_topk(*args, cfg.window))
+        native_sparse_s, _ = seconds(
+            lambda: cpu_dsa.sparse_attention(q[:, :, rows], k, v, native_indices, scale)
+        )
+        native_s = prefix_s + native_topk_s + native_sparse_s
+        native = {
+            "native_select_topk_s": round(native_topk_s, 3),
+            "native_sparse_attention_s": round(native_sparse_s, 3),
+            "native_dsa_s": round(native_s, 3),
+            "native_over_dense": round(native_s / dense_s, 2),
+        }
     return {
         "dense_s": round(dense_s, 3),
         "dense_prefix_s": round(prefix_s, 3),
@@ -73,6 +89,7 @@ def time_layer(attention, x, rope, positions, cfg: DSAConfig, block: int) -> dic
         "dsa_over_dense": round(dsa_s / dense_s, 2),
         "union_over_k": round(float(np.mean(unions)) / cfg.topk, 2),
         "dtype": str(q.dtype).removeprefix("torch."),
+        **native,
     }
 
 
@@ -122,14 +139,25 @@ def main() -> None:
         "load_average": os.getloadavg()[0],
     }
     print(
-        "| tokens | layer | dense SDPA s | DSA: dense prefix s | select_topk s | sparse attention s | DSA s | DSA / dense | union / k |"
+        "| tokens | layer | dense SDPA s | DSA: dense prefix s | select_topk s | sparse attention s | DSA s | "
+        "DSA / dense | union / k | compiled: select s | compiled: attention s | compiled DSA s | compiled / dense |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for length, layers in rows.items():
         for number, r in layers.items():
+            compiled = [
+                r.get(key, "-")
+                for key in (
+                    "native_select_topk_s",
+                    "native_sparse_attention_s",
+                    "native_dsa_s",
+                    "native_over_dense",
+                )
+            ]
             print(
                 f"| {length} | {number} | {r['dense_s']} | {r['dense_prefix_s']} | {r['select_topk_s']} | "
-                f"{r['sparse_attention_s']} | {r['dsa_s']} | {r['dsa_over_dense']}x | {r['union_over_k']} |"
+                f"{r['sparse_attention_s']} | {r['dsa_s']} | {r['dsa_over_dense']}x | {r['union_over_k']} | "
+                f"{' | '.join(map(str, compiled))} |"
             )
     if options.out:
         options.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

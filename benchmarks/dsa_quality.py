@@ -367,19 +367,36 @@ def cpu_timing_section(
     log: Callable[[str], None],
     modes: tuple[str, ...] = ("dense", "dsa"),
 ) -> dict:
-    """Prefill seconds per length in the CPU's default dtype, dense (no indexer attached) then DSA at `topk`;
-    one measurement each.
+    """Prefill seconds per length in the CPU's default dtype, dense (no indexer attached) then DSA at `topk`
+    (the compiled CPU kernels where they build) and, among `modes`, DSA on the PyTorch path; one measurement each.
     A length is skipped when even a linear extrapolation of the previous one exceeds `limit_s` (attention and
     the indexer grow quadratically, so the real time would be longer still)."""
     from indexer_model.weights import default_dtype
 
     model.to(default_dtype("cpu"))  # what `dsarag ask` runs on this CPU: fp32 unless it has fast bf16
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    section: dict = {"topk": topk, "dtype": dtype, "threads": torch.get_num_threads(), "lengths": {}}
+    from kernels.cpu_dsa import native_library
+
+    dsa_kernels = "native" if native_library() is not None else "torch"  # what DSAConfig's "auto" runs here
+    section: dict = {
+        "topk": topk,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "dsa_kernels": dsa_kernels,
+        "lengths": {},
+    }
     for length in lengths:
         section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
-    for mode, dsa in (("dense", None), ("dsa", DSAConfig(topk=topk, dense_threshold=0))):
+    configs = (
+        ("dense", None),
+        ("dsa", DSAConfig(topk=topk, dense_threshold=0)),
+        (
+            "dsa-torch",
+            DSAConfig(topk=topk, dense_threshold=0, kernels="torch"),
+        ),  # the PyTorch path, beside it
+    )
+    for mode, dsa in configs:
         if mode not in modes:
             continue
         if dsa is not None:
@@ -552,7 +569,7 @@ def merge_results(paths: list[Path]) -> dict:
             merged["niah"]["cases"] += data.pop("niah")["cases"]
         _merge_into(merged, data)
     for entry in merged.get("cpu_timing", {}).get("lengths", {}).values():
-        for mode in ("dense", "dsa"):
+        for mode in ("dense", "dsa", "dsa-torch"):
             if f"{mode}_s" in entry:
                 entry.pop(f"{mode}_skipped", None)
     return merged
@@ -911,20 +928,22 @@ def _cpu_markdown(timing: dict, data: dict) -> list[str]:
         "## 4. CPU prefill time",
         "",
         f"One prefill per length, {timing['dtype']}, {timing['threads']} threads, last logits only; dense without "
-        f"indexers, DSA with k = {timing['topk']} through the CPU path (blockwise top-k; each block of queries "
-        "gathers the union of its selections once; the first k queries, which select every earlier key, run "
-        "dense). One measurement each. Where the time goes per layer: `benchmarks/dsa_cpu_layer.py` "
-        "(docs/benchmarks.md).",
+        f"indexers, DSA with k = {timing['topk']}: through the compiled CPU kernels (`kernels/cpu_dsa.cpp`: each "
+        "query scores every earlier key in one fused pass, takes its exact top-k and attends to those keys only) "
+        'and, where run, through the PyTorch path (`DSAConfig(kernels="torch")`: blockwise top-k; each block of '
+        "queries gathers the union of its selections once). The first k queries, which select every earlier "
+        f"key, run dense in both. This run's DSA path: {timing.get('dsa_kernels', 'torch')}. One measurement each. "
+        "Where the time goes per layer: `benchmarks/dsa_cpu_layer.py` (docs/benchmarks.md).",
         "",
         "Load: the machine's 1-minute load average before / after each timing (other work shared its cores).",
         "",
-        "| tokens | dense (s) | load | DSA (s) | load | DSA / dense |",
-        "|---|---|---|---|---|---|",
+        "| tokens | dense (s) | load | DSA (s) | load | DSA / dense | DSA, PyTorch path (s) | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for length, entry in timing["lengths"].items():
-        cells = [_timing_cell(entry, mode) for mode in ("dense", "dsa")]
+        cells = [_timing_cell(entry, mode) for mode in ("dense", "dsa", "dsa-torch")]
         ratio = f"{entry['dsa_s'] / entry['dense_s']:.2f}" if "dsa_s" in entry and "dense_s" in entry else ""
-        lines.append(f"| {length} | {' | '.join(cells)} | {ratio} |")
+        lines.append(f"| {length} | {cells[0]} | {cells[1]} | {ratio} | {cells[2]} |")
     lines.append("")
     return lines
 
@@ -991,7 +1010,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
     run.add_argument("--timing-topk", type=int, default=2048)
-    run.add_argument("--timing-modes", default="dense,dsa", help="which prefills to time")
+    run.add_argument(
+        "--timing-modes", default="dense,dsa", help="which prefills to time: dense, dsa, dsa-torch"
+    )
     run.add_argument(
         "--limit-s", type=float, default=300.0, help="skip a DSA timing estimated longer than this"
     )

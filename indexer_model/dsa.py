@@ -20,7 +20,9 @@ class DSAConfig:
     n_sink: int = 4  # attention sinks: dropping them collapses quality just past k tokens
     window: int = 64  # local window always attended
     dense_threshold: int = 2048  # shorter contexts run exact dense attention
-    kernels: str = "auto"  # "triton" (GPU kernels), "torch" (reference path), "auto": triton on CUDA
+    # "triton" (GPU kernels), "native" (compiled C++ CPU kernels, kernels/cpu_dsa.py), "torch" (PyTorch path);
+    # "auto": triton on CUDA, native on the CPU where a C++ compiler builds it, else torch
+    kernels: str = "auto"
     fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
     per_layer_topk: bool = True  # spread topk over the layers by the checkpoint's scales (layer_budget.py)
@@ -153,6 +155,19 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, whole_ca
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _native_cpu(cfg: DSAConfig) -> bool:
+    """Whether the CPU path runs the compiled kernels: under "auto" where they build, always under "native"."""
+    if cfg.kernels not in ("auto", "native"):
+        return False
+    from kernels.cpu_dsa import native_library
+
+    if native_library() is None:
+        if cfg.kernels == "native":
+            raise RuntimeError("DSAConfig(kernels='native') needs a C++ compiler (g++ or $CXX) to build them")
+        return False
+    return True
+
+
 def dsa_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -190,7 +205,12 @@ def dsa_attention(
     if n_dense == q.shape[2]:
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
     rows = slice(n_dense, None)
-    indices = select_topk_sets(
+    select, attend = (select_topk_sets, sparse_attention)
+    if _native_cpu(cfg):
+        from kernels import cpu_dsa
+
+        select, attend = cpu_dsa.select_topk_sets, cpu_dsa.sparse_attention
+    indices = select(
         idx_q[:, rows],
         idx_w[:, rows],
         idx_k_cache,
@@ -200,7 +220,7 @@ def dsa_attention(
         cfg.n_sink,
         cfg.window,
     )
-    out = sparse_attention(q[:, :, rows], k_cache, v_cache, indices, scale)
+    out = attend(q[:, :, rows], k_cache, v_cache, indices, scale)
     if n_dense == 0:
         return out
     n_seen = int(q_positions[n_dense - 1]) + 1

@@ -49,10 +49,20 @@ def decode_one_token(
     return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
 
 
-# Prompt length from which a DSA prefill is measured faster than a dense one, per device type; None: slower at
-# every length measured (CPU: up to 16K tokens, docs/dsa-quality.md section 4; H100: up to 128K, end to end,
-# docs/benchmarks.md). `auto` stays dense below it: sparse would be slower and less exact.
-SPARSE_FASTER_FROM: dict[str, int | None] = {"cpu": None, "cuda": None}
+# Prompt length from which a DSA prefill is measured faster than a dense one, per device path; None: slower at
+# every length measured. "cpu": the compiled CPU kernels (kernels/cpu_dsa.py; docs/dsa-quality.md section 4);
+# "cpu-torch": the PyTorch path, where no C++ compiler builds them (up to 16K tokens); "cuda": the Triton
+# kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md). `auto` stays dense below it.
+SPARSE_FASTER_FROM: dict[str, int | None] = {"cpu": 8192, "cpu-torch": None, "cuda": None}
+
+
+def _device_path(device: str) -> str:
+    """The SPARSE_FASTER_FROM key of a device: the CPU counts as "cpu" only where the compiled kernels build."""
+    if device != "cpu":
+        return device
+    from kernels.cpu_dsa import native_library
+
+    return "cpu" if native_library() is not None else "cpu-torch"
 
 
 def choose_attention(
@@ -76,10 +86,10 @@ def choose_attention(
     if mode != "auto":
         raise ValueError(f"attention mode {mode!r}: use dense, sparse or auto")
     k = topk or default.topk
-    faster_from = SPARSE_FASTER_FROM.get(device)
-    if faster_from is None or n_context < max(faster_from, default.dense_threshold):
+    if not has_indexers or k >= n_context or n_context < default.dense_threshold:
         return None
-    if not has_indexers or k >= n_context:
+    faster_from = SPARSE_FASTER_FROM.get(_device_path(device))
+    if faster_from is None or n_context < faster_from:
         return None
     return DSAConfig(topk=k)
 

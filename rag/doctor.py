@@ -77,6 +77,7 @@ def run_doctor(
     report = DoctorReport()
     _check_models(report, full)
     _check_caches(report, repair)
+    _check_cpu_kernels(report)
     _check_disk(
         report, [path for path in (store, _cache_dir(), _data_home()) if path is not None], min_free_mb
     )
@@ -115,6 +116,24 @@ def _check_models(report: DoctorReport, full: bool) -> None:
         else:
             detail = "present, stamps match the verified files (--full rehashes)"
         report.add("models", name, "ok", f"{detail} — {status.size_bytes / 1e6:,.0f} MB")
+
+
+def _check_cpu_kernels(report: DoctorReport) -> None:
+    """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
+    from kernels.cpu_dsa import native_library
+
+    if native_library() is not None:
+        report.add(
+            "caches", "cpu-dsa-kernels", "ok", "compiled CPU kernels for sparse attention build and load"
+        )
+    else:
+        report.add(
+            "caches",
+            "cpu-dsa-kernels",
+            "warn",
+            "no C++ compiler: sparse attention on the CPU runs its slower PyTorch path, --attention auto stays dense",
+            "install g++ (apt install g++), or point $CXX at a C++ compiler",
+        )
 
 
 def _registry_names() -> set[str]:

@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.needs_compiler`: the compiled CPU kernels must build here (a C++ compiler)."""
+    if item.get_closest_marker("needs_compiler"):
+        from kernels.cpu_dsa import native_library
+
+        if native_library() is None:
+            pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_home(tmp_path_factory, monkeypatch):
     """Default stores go to a temporary folder, never into the user's data dir."""

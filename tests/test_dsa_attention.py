@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference, sparse_attention
 from indexer_model.indexer import select_topk
+from kernels import cpu_dsa
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 14, 2, 16  # the 0.5B model's GQA ratio, small head dim
 
@@ -114,29 +115,38 @@ def test_dsa_attention_dense_fallback_for_a_prefill_chunk_matches_the_full_causa
     torch.testing.assert_close(out, sdpa_causal(q, k, v)[:, :, chunk], rtol=1e-6, atol=1e-6)
 
 
-def test_dsa_attention_sparse_path_attends_to_the_selected_keys():
+# Each CPU path with its own selection: they may break ties between equal index scores differently.
+CPU_PATHS = [
+    pytest.param("torch", select_topk, id="torch"),
+    pytest.param("native", cpu_dsa.select_topk, id="native", marks=pytest.mark.needs_compiler),
+]
+
+
+@pytest.mark.parametrize(("kernels", "select"), CPU_PATHS)
+def test_dsa_attention_sparse_path_attends_to_the_selected_keys(kernels, select):
     q, k, v = random_qkv(seq_len=40, n_keys=40)
     idx_q, idx_w, idx_k = random_index_inputs(40)
-    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=16)
+    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=16, kernels=kernels)
     positions = torch.arange(40)
     out = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys=40, cfg=cfg)
-    indices = select_topk(idx_q, idx_w, idx_k, positions, 40, topk=10, n_sink=2, window=3)
+    indices = select(idx_q, idx_w, idx_k, positions, 40, topk=10, n_sink=2, window=3)
     torch.testing.assert_close(out, masked_dense_attention_reference(q, k, v, indices, HEAD_DIM**-0.5))
     # Queries with at most topk keys see all of them: exactly dense there.
     torch.testing.assert_close(out[:, :, :10], sdpa_causal(q, k, v)[:, :, :10], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out[:, :, 10:], sdpa_causal(q, k, v)[:, :, 10:], atol=1e-3)
 
 
-def test_dsa_attention_prefill_chunk_straddling_topk_matches_the_selected_keys():
+@pytest.mark.parametrize(("kernels", "select"), CPU_PATHS)
+def test_dsa_attention_prefill_chunk_straddling_topk_matches_the_selected_keys(kernels, select):
     """A chunk whose first queries see fewer than k keys (run dense) and whose later ones select (sparse)."""
     q, k, v = random_qkv(seq_len=40, n_keys=40)
     idx_q, idx_w, idx_k = random_index_inputs(40)
-    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=0)
+    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=0, kernels=kernels)
     chunk, positions = slice(6, 40), torch.arange(6, 40)
     out = dsa_attention(
         q[:, :, chunk], k, v, idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, n_keys=40, cfg=cfg
     )
-    indices = select_topk(idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, 40, topk=10, n_sink=2, window=3)
+    indices = select(idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, 40, topk=10, n_sink=2, window=3)
     expected = masked_dense_attention_reference(q[:, :, chunk], k, v, indices, HEAD_DIM**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

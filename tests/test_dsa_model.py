@@ -13,6 +13,7 @@ from indexer_model.checkpoint import load_checkpoint
 from indexer_model.dsa import DSAConfig
 from indexer_model.generate import choose_attention, generate, load_generator
 from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
+from kernels import cpu_dsa
 from rag.errors import ModelError
 
 TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
@@ -151,15 +152,17 @@ def test_checkpoint_with_another_rope_layout_is_refused(tmp_path, tiny):
 
 def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("dense", 10_000, None, True) is None
-    # auto: dense wherever DSA was not measured faster on the device (every length, on CPU and GPU, so far).
-    assert choose_attention("auto", 10_000, None, True, "cpu") is None
+    # auto: DSA from the length where it was measured faster on the device's path.
     monkeypatch.setitem(generate_module.SPARSE_FASTER_FROM, "cpu", 8_192)
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())  # the compiled CPU kernels build here
     assert choose_attention("auto", 8_000, None, True) is None  # below where DSA pays
     assert choose_attention("auto", 1_000, None, True) is None  # below the dense threshold
     assert choose_attention("auto", 10_000, None, False) is None  # no trained indexer
     assert choose_attention("auto", 10_000, None, True).topk == 2048
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
-    assert choose_attention("auto", 10_000, None, True, "cuda") is None
+    assert choose_attention("auto", 10_000, None, True, "cuda") is None  # slower at every length measured
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
+    assert choose_attention("auto", 10_000, None, True) is None
     forced = choose_attention("sparse", 600, None, True)
     assert forced.topk < 600 and forced.dense_threshold == 0
     with pytest.raises(ModelError, match="indexer"):

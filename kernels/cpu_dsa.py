@@ -1,0 +1,179 @@
+"""DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, and gather attention.
+
+The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
+into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
+compiling fails, `native_library()` returns None and the model keeps the PyTorch path (indexer.select_topk and
+dsa.sparse_attention), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call.
+Same signatures as the PyTorch path, so `dsa_attention` swaps one for the other.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from indexer_model.indexer import stack_sets
+
+SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+KEY_TILE, HEAD_GROUP = (
+    16,
+    4,
+)  # cpu_dsa.cpp kKeyTile, kHeadGroup: keys are tiled and index heads padded to them
+log = logging.getLogger(__name__)
+
+_i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "dsa_select_topk": [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int, _int, _int, _int, _int, _ptr, _int],
+    "dsa_sparse_attention": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _ptr,
+        _i64,
+        _int,
+        _int,
+        _int,
+        _int,
+        _int,
+        _f32,
+        _ptr,
+        _int,
+    ],
+}
+
+
+def _machine_tag() -> str:
+    """-march=native code runs only on CPUs with the same instruction sets: key the build by them."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile to a temporary file beside target, then rename: a concurrent or killed build leaves no half file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, text=True
+        )
+        os.replace(built, target)
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None where they cannot be built (the PyTorch path runs)."""
+    from indexer_model.provision import cache_dir
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("no C++ compiler (g++ or $CXX) found: DSA on the CPU runs its slower PyTorch path")
+        return None
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _machine_tag()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_dsa-{key}.so"
+    if not target.exists():
+        try:
+            _build(compiler, target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            log.warning(
+                "building %s failed (%s): DSA on the CPU runs its PyTorch path", SOURCE.name, detail[-300:]
+            )
+            return None
+    library = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(library, name).argtypes = argtypes
+        getattr(library, name).restype = None
+    return library
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+def _f32_rows(cache: Tensor) -> Tensor:
+    """A (heads, keys, d) cache prefix in float32 whose rows are contiguous; the heads may sit apart (a slice of
+    a preallocated cache is passed as it is, with its head stride)."""
+    cache = cache.to(torch.float32)
+    return cache if cache.stride(2) == 1 and cache.stride(1) == cache.shape[2] else cache.contiguous()
+
+
+def select_topk(
+    q: Tensor,
+    w: Tensor,
+    k: Tensor,
+    q_positions: Tensor,
+    n_keys: int,
+    topk: int,
+    n_sink: int = 4,
+    window: int = 64,
+) -> Tensor:
+    """indexer.select_topk in one fused pass per query: indices (B, T, topk) int64, ascending, -1 padding.
+
+    q (B, T, H_I, d_I), w (B, T, H_I), k (B, >= n_keys, d_I), q_positions (T,) below n_keys."""
+    if topk < n_sink + window:
+        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    library = native_library()
+    batch, n_queries, n_heads, dim = q.shape
+    n_tiles = -(-n_keys // KEY_TILE)
+    pad_heads = -n_heads % HEAD_GROUP  # zero-weight heads add nothing to a score
+    positions = q_positions.to(torch.int64).contiguous()
+    out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
+    for b in range(batch):
+        tiles = torch.zeros(n_tiles * KEY_TILE, dim, dtype=torch.float32)
+        tiles[:n_keys] = k[b, :n_keys]
+        tiles = tiles.view(n_tiles, KEY_TILE, dim).transpose(1, 2).contiguous()  # (n_tiles, dim, KEY_TILE)
+        q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
+        w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
+        library.dsa_select_topk(
+            q_b.data_ptr(), w_b.data_ptr(), tiles.data_ptr(), n_tiles, positions.data_ptr(),
+            n_queries, n_heads + pad_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def select_topk_sets(
+    q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, n_keys: int, topk: int, n_sink: int, window: int
+) -> Tensor:
+    """`select_topk` for each index set: (B, T, topk), or (B, sets, T, topk) when w has a set dimension."""
+    return stack_sets(w, lambda w_set: select_topk(q, w_set, k, q_positions, n_keys, topk, n_sink, window))
+
+
+def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """dsa.sparse_attention with exact per-query work: out (B, Hq, T, d) in q's dtype.
+
+    indices (B, T, k) or (B, sets, T, k) into the caches (B, Hkv, S, d); every query needs one valid index."""
+    library = native_library()
+    batch, n_q_heads, n_queries, dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    sets = indices if indices.dim() == 4 else indices[:, None]
+    out = torch.empty(batch, n_q_heads, n_queries, dim, dtype=torch.float32)
+    for b in range(batch):
+        q_b, k_b, v_b = _f32(q[b]), _f32_rows(k_cache[b]), _f32_rows(v_cache[b])
+        sets_b = sets[b].to(torch.int64).contiguous()
+        if k_b.stride(0) != v_b.stride(0):
+            v_b = v_b.contiguous() if k_b.is_contiguous() else v_b
+            k_b, v_b = k_b.contiguous(), v_b.contiguous()
+        library.dsa_sparse_attention(
+            q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0), sets_b.data_ptr(), n_queries,
+            n_q_heads, n_kv_heads, sets_b.shape[0], dim, sets_b.shape[-1], scale, out[b].data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return out.to(q.dtype)

@@ -1,0 +1,125 @@
+"""The compiled CPU kernels (kernels/cpu_dsa.cpp) against their PyTorch references."""
+
+import pytest
+import torch
+
+from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
+from indexer_model.indexer import select_topk
+from kernels import cpu_dsa
+
+
+def index_inputs(n_keys: int, n_heads: int = 4, dim: int = 64, seed: int = 0):
+    """Positive queries, keys and weights: every index score is a distinct positive sum, so no ties."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.rand(1, n_keys, n_heads, dim, generator=gen)
+    w = torch.rand(1, n_keys, n_heads, generator=gen)
+    k = torch.rand(1, n_keys, dim, generator=gen)
+    return q, w, k
+
+
+@pytest.mark.needs_compiler
+@pytest.mark.parametrize("n_heads", [4, 6, 16])  # 6: padded to two groups of four heads
+def test_selection_equals_reference(n_heads):
+    n_keys, topk, n_sink, window = 300, 96, 4, 16
+    q, w, k = index_inputs(n_keys, n_heads)
+    positions = torch.arange(40, n_keys)  # a prefill chunk after 40 cached tokens
+    native = cpu_dsa.select_topk(q[:, 40:], w[:, 40:], k, positions, n_keys, topk, n_sink, window)
+    reference = select_topk(q[:, 40:], w[:, 40:], k, positions, n_keys, topk, n_sink, window)
+    for row, position in enumerate(positions.tolist()):
+        chosen = native[0, row]
+        valid = chosen[chosen >= 0]
+        assert torch.equal(valid, valid.sort().values), "ascending"
+        assert (chosen[len(valid) :] == -1).all(), "padding at the end"
+        expected = reference[0, row]
+        assert set(valid.tolist()) == set(expected[expected >= 0].tolist()), position
+        assert len(valid) == min(position + 1, topk)
+        assert int(valid.max()) <= position  # causal
+        if position + 1 > topk:
+            assert set(range(n_sink)) | set(range(position - window + 1, position + 1)) <= set(valid.tolist())
+
+
+@pytest.mark.needs_compiler
+def test_selection_ties_go_to_the_earliest_keys():
+    """Keys 10-109 score exactly 0, the best score (negative weights); 60 candidate slots take keys 10-69."""
+    n_keys, topk, n_sink, window = 200, 80, 4, 16
+    q, w, k = index_inputs(n_keys)
+    k[:, 10:110] = -k[:, 10:110]  # negative dot products: ReLU 0
+    chosen = cpu_dsa.select_topk(q, -w, k, torch.arange(n_keys), n_keys, topk, n_sink, window)
+    expected = [*range(n_sink), *range(10, 70), *range(n_keys - window, n_keys)]
+    assert chosen[0, -1].tolist() == expected
+
+
+@pytest.mark.needs_compiler
+@pytest.mark.parametrize(
+    "n_heads, n_kv_heads, sets, dtype",
+    [
+        (14, 2, 1, torch.float32),
+        (9, 3, 1, torch.float32),
+        (18, 2, 2, torch.float32),
+        (14, 2, 1, torch.bfloat16),
+    ],
+)
+def test_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, dtype):
+    """Query heads 7, 3 and 9 per kv head (9: two lane groups), one selection per kv head, and bf16 caches."""
+    gen = torch.Generator().manual_seed(1)
+    n_queries, n_keys, topk, dim = 40, 160, 24, 64
+    q = torch.randn(1, n_heads, n_queries, dim, generator=gen).to(dtype)
+    cache = torch.randn(2, 1, n_kv_heads, n_keys + 32, dim, generator=gen).to(dtype)
+    k_cache, v_cache = cache[0, :, :, :n_keys], cache[1, :, :, :n_keys]  # a preallocated cache's prefix
+    shape = (1, sets, n_queries, topk) if sets > 1 else (1, n_queries, topk)
+    indices = torch.rand(*shape[:-1], n_keys, generator=gen).argsort(-1)[
+        ..., :topk
+    ]  # distinct keys, any order
+    indices[..., -5:] = -1  # unused slots
+    out = cpu_dsa.sparse_attention(q, k_cache, v_cache, indices, dim**-0.5)
+    reference = masked_dense_attention_reference(q, k_cache, v_cache, indices, dim**-0.5)
+    assert out.dtype == dtype
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), reference.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.needs_compiler
+def test_dsa_attention_native_equals_torch_path():
+    """The model's switch: the same DSA layer through the compiled kernels and the PyTorch path."""
+    gen = torch.Generator().manual_seed(2)
+    n_keys, dim = 256, 64
+    q = torch.randn(1, 14, n_keys, dim, generator=gen)
+    k_cache = torch.randn(1, 2, n_keys, dim, generator=gen)
+    v_cache = torch.randn(1, 2, n_keys, dim, generator=gen)
+    idx_q, idx_w, idx_k = index_inputs(n_keys)
+    positions = torch.arange(n_keys)
+    outs = {
+        kernels: dsa_attention(
+            q,
+            k_cache,
+            v_cache,
+            idx_q,
+            idx_w,
+            idx_k,
+            positions,
+            n_keys,
+            DSAConfig(topk=96, n_sink=4, window=16, dense_threshold=0, kernels=kernels),
+        )  # fmt: skip
+        for kernels in ("native", "torch")
+    }
+    torch.testing.assert_close(outs["native"], outs["torch"], atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_torch_path_runs(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-dsarag")
+    cpu_dsa.native_library.cache_clear()
+    try:
+        assert cpu_dsa.native_library() is None
+        q = torch.randn(1, 2, 100, 16)
+        kv = torch.randn(1, 1, 100, 16)
+        idx_q, idx_w, idx_k = (x[..., :16] for x in index_inputs(100, dim=16))
+        args = (q, kv, kv, idx_q, idx_w, idx_k, torch.arange(100), 100)
+        auto = dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0))
+        torch_path = dsa_attention(
+            *args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0, kernels="torch")
+        )
+        assert torch.equal(auto, torch_path)
+        with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+            dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0, kernels="native"))
+    finally:
+        cpu_dsa.native_library.cache_clear()
