@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from indexer_model.indexer import select_topk_sets, stack_sets
+from indexer_model.indexer import select_topk, select_topk_sets, stack_sets
 
 
 @dataclass(frozen=True)
@@ -205,12 +205,12 @@ def dsa_attention(
     if n_dense == q.shape[2]:
         return dense_attention(q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys], q_positions)
     rows = slice(n_dense, None)
-    select, attend = (select_topk_sets, sparse_attention)
+    select, attend = select_topk, sparse_attention
     if _native_cpu(cfg):
         from kernels import cpu_dsa
 
-        select, attend = cpu_dsa.select_topk_sets, cpu_dsa.sparse_attention
-    indices = select(
+        select, attend = cpu_dsa.select_topk, cpu_dsa.sparse_attention
+    indices = select_topk_sets(
         idx_q[:, rows],
         idx_w[:, rows],
         idx_k_cache,
@@ -219,6 +219,7 @@ def dsa_attention(
         cfg.topk,
         cfg.n_sink,
         cfg.window,
+        select,
     )
     out = attend(q[:, :, rows], k_cache, v_cache, indices, scale)
     if n_dense == 0:

@@ -49,20 +49,30 @@ def decode_one_token(
     return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
 
 
-# Prompt length from which a DSA prefill is measured faster than a dense one, per device path; None: slower at
-# every length measured. "cpu": the compiled CPU kernels (kernels/cpu_dsa.py; docs/dsa-quality.md section 4);
-# "cpu-torch": the PyTorch path, where no C++ compiler builds them (up to 16K tokens); "cuda": the Triton
-# kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md). `auto` stays dense below it.
-SPARSE_FASTER_FROM: dict[str, int | None] = {"cpu": 8192, "cpu-torch": None, "cuda": None}
+# Where a DSA prefill is measured faster than a dense one, per device path: (the shortest prompt, the largest k as a
+# share of the prompt); None: slower wherever measured, or not measured. "cpu": the compiled CPU kernels
+# (kernels/cpu_dsa.py) on a CPU that runs the model in fp32 (docs/dsa-quality.md section 4: k = 512 won at 8K,
+# k = 2048 tied at 8K and won at 16K); "cpu-bf16": the same kernels where the model runs in bf16, whose dense
+# attention is faster, not measured; "cpu-torch": the PyTorch path, where no C++ compiler builds the kernels
+# (slower up to 16K); "cuda": the Triton kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md).
+SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
+    "cpu": (8192, 1 / 8),
+    "cpu-bf16": None,
+    "cpu-torch": None,
+    "cuda": None,
+}
 
 
 def _device_path(device: str) -> str:
-    """The SPARSE_FASTER_FROM key of a device: the CPU counts as "cpu" only where the compiled kernels build."""
+    """The SPARSE_FASTER key of a device: on the CPU, which DSA path runs and in which dtype."""
     if device != "cpu":
         return device
+    from indexer_model.weights import default_dtype
     from kernels.cpu_dsa import native_library
 
-    return "cpu" if native_library() is not None else "cpu-torch"
+    if native_library() is None:
+        return "cpu-torch"
+    return "cpu-bf16" if default_dtype("cpu") == torch.bfloat16 else "cpu"
 
 
 def choose_attention(
@@ -71,8 +81,8 @@ def choose_attention(
     """The attention of one generation: None for dense, else the DSA config.
 
     dense: always dense. sparse: DSA even on short contexts (k below the context length). auto: DSA when a
-    trained indexer is attached, k < context, and the context reaches both the dense threshold and the length
-    from which DSA is measured faster on `device` (SPARSE_FASTER_FROM)."""
+    trained indexer is attached, the context reaches the dense threshold, and context and k lie where DSA is
+    measured faster on `device` (SPARSE_FASTER)."""
     default = DSAConfig()
     if mode == "dense":
         return None
@@ -88,8 +98,8 @@ def choose_attention(
     k = topk or default.topk
     if not has_indexers or k >= n_context or n_context < default.dense_threshold:
         return None
-    faster_from = SPARSE_FASTER_FROM.get(_device_path(device))
-    if faster_from is None or n_context < faster_from:
+    faster = SPARSE_FASTER.get(_device_path(device))
+    if faster is None or n_context < faster[0] or k > n_context * faster[1]:
         return None
     return DSAConfig(topk=k)
 

@@ -233,6 +233,8 @@ def select_topk_sets(
     topk: int,
     n_sink: int = 4,
     window: int = 64,
+    select: Callable[..., Tensor] = select_topk,
 ) -> Tensor:
-    """`select_topk` for each index set: (B, T, topk), or (B, sets, T, topk) when w has a set dimension."""
-    return stack_sets(w, lambda w_set: select_topk(q, w_set, k, q_positions, n_keys, topk, n_sink, window))
+    """`select` (select_topk, or the compiled kernels' own) for each index set: (B, T, topk), or
+    (B, sets, T, topk) when w has a set dimension."""
+    return stack_sets(w, lambda w_set: select(q, w_set, k, q_positions, n_keys, topk, n_sink, window))

@@ -21,35 +21,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from indexer_model.indexer import stack_sets
-
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-KEY_TILE, HEAD_GROUP = (
-    16,
-    4,
-)  # cpu_dsa.cpp kKeyTile, kHeadGroup: keys are tiled and index heads padded to them
+KEY_TILE = 16  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
+HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
 log = logging.getLogger(__name__)
 
-_i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_SIGNATURES = {
-    "dsa_select_topk": [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _int, _int, _int, _int, _int, _ptr, _int],
-    "dsa_sparse_attention": [
-        _ptr,
-        _ptr,
-        _ptr,
-        _i64,
-        _ptr,
-        _i64,
-        _int,
-        _int,
-        _int,
-        _int,
-        _int,
-        _f32,
-        _ptr,
-        _int,
-    ],
+_i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
+    "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
+    "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
 }
 
 
@@ -149,13 +130,6 @@ def select_topk(
     return out
 
 
-def select_topk_sets(
-    q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, n_keys: int, topk: int, n_sink: int, window: int
-) -> Tensor:
-    """`select_topk` for each index set: (B, T, topk), or (B, sets, T, topk) when w has a set dimension."""
-    return stack_sets(w, lambda w_set: select_topk(q, w_set, k, q_positions, n_keys, topk, n_sink, window))
-
-
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
     """dsa.sparse_attention with exact per-query work: out (B, Hq, T, d) in q's dtype.
 
@@ -168,8 +142,7 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     for b in range(batch):
         q_b, k_b, v_b = _f32(q[b]), _f32_rows(k_cache[b]), _f32_rows(v_cache[b])
         sets_b = sets[b].to(torch.int64).contiguous()
-        if k_b.stride(0) != v_b.stride(0):
-            v_b = v_b.contiguous() if k_b.is_contiguous() else v_b
+        if k_b.stride(0) != v_b.stride(0):  # one head stride serves both caches
             k_b, v_b = k_b.contiguous(), v_b.contiguous()
         library.dsa_sparse_attention(
             q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0), sets_b.data_ptr(), n_queries,

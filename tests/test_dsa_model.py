@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from indexer_model import generate as generate_module
+from indexer_model import weights
 from indexer_model.checkpoint import load_checkpoint
 from indexer_model.dsa import DSAConfig
 from indexer_model.generate import choose_attention, generate, load_generator
@@ -152,17 +153,22 @@ def test_checkpoint_with_another_rope_layout_is_refused(tmp_path, tiny):
 
 def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("dense", 10_000, None, True) is None
-    # auto: DSA from the length where it was measured faster on the device's path.
-    monkeypatch.setitem(generate_module.SPARSE_FASTER_FROM, "cpu", 8_192)
+    # auto: DSA where it was measured faster on the device's path: long enough prompts, small enough k.
+    monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu", (8_192, 1 / 8))
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())  # the compiled CPU kernels build here
-    assert choose_attention("auto", 8_000, None, True) is None  # below where DSA pays
+    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.float32)  # and the model runs in fp32
+    assert choose_attention("auto", 8_000, 512, True) is None  # below where DSA pays
     assert choose_attention("auto", 1_000, None, True) is None  # below the dense threshold
-    assert choose_attention("auto", 10_000, None, False) is None  # no trained indexer
-    assert choose_attention("auto", 10_000, None, True).topk == 2048
+    assert choose_attention("auto", 10_000, 512, False) is None  # no trained indexer
+    assert choose_attention("auto", 10_000, 512, True).topk == 512
+    assert choose_attention("auto", 10_000, None, True) is None  # k = 2048: a fifth of the prompt, no faster
+    assert choose_attention("auto", 16_384, None, True).topk == 2048
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
-    assert choose_attention("auto", 10_000, None, True, "cuda") is None  # slower at every length measured
+    assert choose_attention("auto", 20_000, None, True, "cuda") is None  # slower at every length measured
+    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # bf16 CPU: not measured
+    assert choose_attention("auto", 16_384, None, True) is None
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
-    assert choose_attention("auto", 10_000, None, True) is None
+    assert choose_attention("auto", 16_384, None, True) is None
     forced = choose_attention("sparse", 600, None, True)
     assert forced.topk < 600 and forced.dense_threshold == 0
     with pytest.raises(ModelError, match="indexer"):
