@@ -25,11 +25,15 @@ SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KEY_TILE = 16  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
 HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
+# Fewer queries score the index key cache row by row: laying it out in tiles each decode step copied the whole
+# cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
+FEW_QUERIES = 8
 log = logging.getLogger(__name__)
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
+    "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
 }
 
@@ -118,11 +122,18 @@ def select_topk(
     positions = q_positions.to(torch.int64).contiguous()
     out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
     for b in range(batch):
+        q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
+        w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
+        if n_queries < FEW_QUERIES:  # decode: score the cache's rows as they are
+            keys = _f32(k[b, :n_keys])
+            library.dsa_select_topk_rows(
+                q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(),
+                n_queries, n_heads + pad_heads, dim, topk, n_sink, window, out[b].data_ptr(),
+            )  # fmt: skip
+            continue
         tiles = torch.zeros(n_tiles * KEY_TILE, dim, dtype=torch.float32)
         tiles[:n_keys] = k[b, :n_keys]
         tiles = tiles.view(n_tiles, KEY_TILE, dim).transpose(1, 2).contiguous()  # (n_tiles, dim, KEY_TILE)
-        q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
-        w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
         library.dsa_select_topk(
             q_b.data_ptr(), w_b.data_ptr(), tiles.data_ptr(), n_tiles, positions.data_ptr(),
             n_queries, n_heads + pad_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),

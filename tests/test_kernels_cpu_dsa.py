@@ -39,6 +39,21 @@ def test_selection_equals_reference(n_heads):
 
 
 @pytest.mark.needs_compiler
+@pytest.mark.parametrize("n_heads", [4, 16])
+def test_decode_selection_scores_the_cache_rows_like_the_tiled_path(n_heads):
+    """Fewer than FEW_QUERIES queries take the row-by-row scoring (no tiled copy of the cache per step)."""
+    n_keys, topk = 300, 96
+    q, w, k = index_inputs(n_keys, n_heads)
+    last = slice(n_keys - 3, n_keys)
+    few = cpu_dsa.select_topk(q[:, last], w[:, last], k, torch.arange(n_keys)[last], n_keys, topk, 4, 16)
+    many = cpu_dsa.select_topk(q, w, k, torch.arange(n_keys), n_keys, topk, 4, 16)[:, last]
+    reference = select_topk(q[:, last], w[:, last], k, torch.arange(n_keys)[last], n_keys, topk, 4, 16)
+    assert few.shape[1] < cpu_dsa.FEW_QUERIES <= n_keys
+    assert torch.equal(few, many)
+    assert all(set(few[0, t].tolist()) == set(reference[0, t].tolist()) for t in range(3))
+
+
+@pytest.mark.needs_compiler
 def test_selection_ties_go_to_the_earliest_keys():
     """Keys 10-109 score exactly 0, the best score (negative weights); 60 candidate slots take keys 10-69."""
     n_keys, topk, n_sink, window = 200, 80, 4, 16
