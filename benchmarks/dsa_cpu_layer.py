@@ -68,8 +68,8 @@ def time_layer(attention, x, rope, positions, cfg: DSAConfig, block: int) -> dic
     dsa_s = prefix_s + topk_s + sparse_s
     native = {}
     if cpu_dsa.native_library() is not None:
-        args = (idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], len(positions), cfg.topk, cfg.n_sink)
-        native_topk_s, native_indices = seconds(lambda: cpu_dsa.select_topk(*args, cfg.window))
+        args = (idx_q[:, rows], idx_w[:, rows], idx_k, positions[rows], len(positions), cfg.topk)
+        native_topk_s, native_indices = seconds(lambda: cpu_dsa.select_topk(*args, cfg.n_sink, cfg.window))
         native_sparse_s, _ = seconds(
             lambda: cpu_dsa.sparse_attention(q[:, :, rows], k, v, native_indices, scale)
         )

@@ -388,13 +388,10 @@ def cpu_timing_section(
     for length in lengths:
         section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
-    configs = (
+    configs = (  # dsa: DSAConfig's "auto" path; dsa-torch: the PyTorch path beside it
         ("dense", None),
         ("dsa", DSAConfig(topk=topk, dense_threshold=0)),
-        (
-            "dsa-torch",
-            DSAConfig(topk=topk, dense_threshold=0, kernels="torch"),
-        ),  # the PyTorch path, beside it
+        ("dsa-torch", DSAConfig(topk=topk, dense_threshold=0, kernels="torch")),
     )
     for mode, dsa in configs:
         if mode not in modes:

@@ -131,8 +131,9 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
             "caches",
             "cpu-dsa-kernels",
             "warn",
-            "no C++ compiler: sparse attention on the CPU runs its slower PyTorch path, --attention auto stays dense",
-            "install g++ (apt install g++), or point $CXX at a C++ compiler",
+            "the compiled CPU kernels cannot be built (no C++ compiler, or its build failed: see the warning above);"
+            " sparse attention on the CPU runs its slower PyTorch path, --attention auto stays dense",
+            "install g++ with OpenMP (apt install g++), or point $CXX at a C++ compiler",
         )
 
 

@@ -19,7 +19,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         from kernels.cpu_dsa import native_library
 
         if native_library() is None:
-            pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
+            pytest.skip(
+                "the compiled CPU kernels cannot be built here (no C++ compiler, or its build failed)"
+            )
 
 
 @pytest.fixture(autouse=True)
