@@ -34,6 +34,14 @@ def train(
         int, typer.Option("--sparse-steps", min=0, help="Sparse-stage steps after it.")
     ] = 0,
     topk: Annotated[int, typer.Option("--topk", min=128, help="Selected set of the sparse stage.")] = 2048,
+    sparse_dense_weight: Annotated[
+        float,
+        typer.Option(
+            "--sparse-dense-weight",
+            min=0.0,
+            help="Weight of the dense KL kept in the sparse stage (0 = the selected set alone).",
+        ),
+    ] = 0.0,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     max_seconds: Annotated[
         float, typer.Option("--max-seconds", help="Stop after this much time (0 = none).")
@@ -85,6 +93,7 @@ def train(
         steps=steps,
         sparse_steps=sparse_steps,
         topk=topk,
+        sparse_dense_weight=sparse_dense_weight,
         lr=lr,
         max_seconds=max_seconds,
         index_sets=index_sets,

@@ -1,7 +1,8 @@
 """KL distillation of the lightning indexer from the frozen model's dense attention (DSA warm-up).
 
 Target p[t, :] = the layer's dense attention probabilities summed over heads and L1-normalized;
-loss = mean_t KL(p[t, :] || softmax(I[t, :])). The sparse stage restricts both to the selected set.
+loss = mean_t KL(p[t, :] || softmax(I[t, :])). The sparse stage restricts both to the selected set, optionally
+plus a weighted dense KL that keeps the keys outside the set in the loss.
 Main-model q (B, Hq, T, d) and k (B, Hkv, S, d) are post-RoPE, key s at position s; index scores are
 (B, T, S) with -inf on future keys.
 """
@@ -74,6 +75,7 @@ def _block_kl_sum(
     idx_k: Tensor,
     indices: Tensor | None,
     scale: float | None,
+    dense_weight: float,
 ) -> Tensor:
     keys_seen = min(k.shape[2], int(positions.max()) + 1)  # later keys are future to every query here
     sets = 1 if idx_w.dim() == 3 else idx_w.shape[2]
@@ -82,9 +84,10 @@ def _block_kl_sum(
     scores = stack_sets(
         idx_w, lambda w: index_scores(idx_q, w, idx_k[:, :keys_seen], positions, key_positions)
     )
-    if indices is not None:
-        target, scores = _restrict_to_selected(target, scores, indices)
-    return _kl_per_row(target, scores).sum()
+    if indices is None:
+        return _kl_per_row(target, scores).sum()
+    sparse = _kl_per_row(*_restrict_to_selected(target, scores, indices)).sum()
+    return sparse + dense_weight * _kl_per_row(target, scores).sum() if dense_weight else sparse
 
 
 def blockwise_indexer_kl_loss(
@@ -97,8 +100,10 @@ def blockwise_indexer_kl_loss(
     indices: Tensor | None = None,
     block: int = 1024,
     scale: float | None = None,
+    dense_weight: float = 0.0,
 ) -> Tensor:
-    """indexer_kl_loss (or the sparse variant when indices are given) one block of queries at a time.
+    """indexer_kl_loss (or the sparse variant when indices are given, plus dense_weight x the dense loss) one
+    block of queries at a time.
 
     q, k: the frozen layer's attention inputs (no gradient); idx_q (B, T, H_I, d_I), idx_w (B, T, H_I) and
     idx_k (B, S, d_I) from LightningIndexer.project, whose parameters get the gradient (idx_w (B, T, sets, H_I)
@@ -121,6 +126,7 @@ def blockwise_indexer_kl_loss(
             idx_k,
             block_indices,
             scale,
+            dense_weight,
             use_reentrant=False,
         )
     return total / (batch * seq_len * sets)

@@ -37,6 +37,9 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop early when this wall time is spent (0 = no limit)
     sparse_steps: int = 0  # extra steps of the sparse stage (KL over the selected set)
     topk: int = 2048  # the selected set of the sparse stage
+    # Weight of the dense KL added to the sparse stage's loss (0 = the selected set alone, as in DeepSeek-V3.2):
+    # the sparse KL sharpens the order inside the set, the dense one still pulls up keys left out of it.
+    sparse_dense_weight: float = 0.0
     lr: float = 1e-3
     warmup_steps: int = 20
     # Index heads of the trained layers; 0 = DEFAULT_INDEX_HEADS for fresh indexers, or as --init-from has them.
@@ -213,7 +216,16 @@ def train_indexers(
                         idx_q, idx_w, idx_k, positions[rows], config.seq_len, config.topk, N_SINK, WINDOW
                     )
             loss = blockwise_indexer_kl_loss(
-                q, k, positions[rows], idx_q, idx_w, idx_k, indices, config.query_block
+                q,
+                k,
+                positions[rows],
+                idx_q,
+                idx_w,
+                idx_k,
+                indices,
+                config.query_block,
+                None,
+                config.sparse_dense_weight,
             )
             loss.backward()  # layer by layer: only one layer's graph is alive at a time
             step_loss += float(loss.detach())

@@ -54,6 +54,25 @@ def test_training_some_layers_on_some_rows_leaves_the_other_layers_untouched():
         assert same == (layer != 1), layer
 
 
+def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_the_loss():
+    model = load_frozen_model("tiny", "cpu")
+    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
+    torch.manual_seed(0)
+    start = make_indexers(model, TrainConfig())
+    curves = {}
+    for weight in (0.0, 1.0):
+        config = TrainConfig(
+            seq_len=256, steps=1, sparse_steps=1, topk=128, layers=(1,), sparse_dense_weight=weight
+        )
+        _, curves[weight] = train_indexers(
+            model, tokens, config, log=lambda _: None, init=copy.deepcopy(start)
+        )
+    assert [step["sparse"] for step in curves[0.0]] == [False, True]
+    # Same windows and weights up to the sparse step: its loss gains the dense KL, a positive amount.
+    assert curves[1.0][0]["loss"] == curves[0.0][0]["loss"]
+    assert curves[1.0][1]["loss"] > curves[0.0][1]["loss"] + 1e-4
+
+
 def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer_heads(tmp_path):
     model = load_frozen_model("tiny", "cpu")
     torch.manual_seed(0)
