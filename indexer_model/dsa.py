@@ -26,6 +26,9 @@ class DSAConfig:
     fp8_indexer: bool = False  # Triton path only: float8 e4m3 index queries and keys (Hopper)
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
     per_layer_topk: bool = True  # spread topk over the layers by the checkpoint's scales (layer_budget.py)
+    # Decode steps select top-k too. False: the prefill alone is sparse and each new token attends to the whole
+    # cache, exactly; `auto` does so wherever a DSA decode step was measured slower than a dense one.
+    sparse_decode: bool = True
 
     def for_layer(self, topk_scale: float) -> "DSAConfig":
         """The config of a layer whose indexer keeps `topk_scale` times k (its share of a per-layer budget)."""

@@ -27,7 +27,8 @@ class GenerationResult:
     decode_s: float
     decode_steps: int  # one-token forward passes (the first new token comes from the prefill)
     stop_reason: str  # "eos" or "max_new_tokens"
-    attention: str = "dense"  # which attention ran: "dense" or "sparse"
+    attention: str = "dense"  # which attention the prefill ran: "dense" or "sparse"
+    decode_attention: str = "dense"  # and the decode steps
     topk: int | None = None  # the DSA top-k when sparse
     layer_topk: list[int] | None = None  # the keys each layer kept, when the checkpoint spreads k per layer
 
@@ -61,6 +62,11 @@ SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
     "cpu-torch": None,
     "cuda": None,
 }
+# A DSA decode step was measured slower than a dense one on every path: 1.13x at 8K on the CPU
+# (benchmarks/dsa_cpu_decode.py; a step projects the indexer and scores every cached key, where dense attention
+# reads 2 kv heads), 1.4-1.7x on the H200 with CUDA graphs (docs/benchmarks.md). So `auto` runs a sparse prefill
+# and decodes densely over the whole cache: faster, and exact.
+SPARSE_DECODE_FASTER = False
 
 
 def _device_path(device: str) -> str:
@@ -101,7 +107,7 @@ def choose_attention(
     faster = SPARSE_FASTER.get(_device_path(device))
     if faster is None or n_context < faster[0] or k > n_context * faster[1]:
         return None
-    return DSAConfig(topk=k)
+    return DSAConfig(topk=k, sparse_decode=SPARSE_DECODE_FASTER)
 
 
 def sample(
@@ -156,8 +162,8 @@ def generate(
     dsa: DSAConfig | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas.
-    With `dsa`, prefill and every decode step use DeepSeek Sparse Attention. On a GPU the decode steps replay
-    a CUDA graph (`GraphedDecoder`)."""
+    With `dsa`, the prefill uses DeepSeek Sparse Attention, and so does every decode step unless
+    `dsa.sparse_decode` is False. On a GPU the decode steps replay a CUDA graph (`GraphedDecoder`)."""
     device = model.output.weight.device
     prompt_len = len(prompt_ids)
     total = prompt_len + max_new_tokens
@@ -179,6 +185,7 @@ def generate(
     prefill_s = time.perf_counter() - started
 
     started = time.perf_counter()
+    step_dsa = dsa if dsa is not None and dsa.sparse_decode else None
     stop_reason, decode_steps, graphed = "max_new_tokens", 0, None
     for position in range(prompt_len, total):
         token_id = int(token)
@@ -189,10 +196,12 @@ def generate(
         if position == total - 1:
             break
         if device.type == "cuda":
-            graphed = graphed or GraphedDecoder(model, 1, position, dsa)
+            graphed = graphed or GraphedDecoder(model, 1, position, step_dsa)
             logits = graphed(token.view(1, 1), position)
         else:
-            logits = decode_one_token(model, token.view(1, 1), torch.tensor([position], device=device), dsa)
+            logits = decode_one_token(
+                model, token.view(1, 1), torch.tensor([position], device=device), step_dsa
+            )
         token = sample(logits, temperature, top_p, generator)
         decode_steps += 1
     text = stream.flush()
@@ -206,6 +215,7 @@ def generate(
         decode_steps=decode_steps,
         stop_reason=stop_reason,
         attention="dense" if dsa is None else "sparse",
+        decode_attention="dense" if step_dsa is None else "sparse",
         topk=None if dsa is None else dsa.topk,
         layer_topk=None if dsa is None else layer_topk(model, dsa),
     )

@@ -56,6 +56,7 @@ class AskResult:
     timings: dict[str, float]
     tokens: dict[str, int]
     attention_layer_topk: list[int] | None = None  # per-layer k, when the indexer checkpoint spreads k
+    attention_decode: str = "dense"  # the decode steps' attention (auto: dense after a sparse prefill)
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
@@ -135,6 +136,7 @@ def ask(
         attention=generation.attention,
         attention_topk=generation.topk,
         attention_layer_topk=generation.layer_topk,
+        attention_decode=generation.decode_attention,
         timings={name: round(value, 3) for name, value in timings.items()},
         tokens={
             "context": packed.tokens if packed else 0,

@@ -46,6 +46,22 @@ def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny
     assert sparse.token_ids == dense.token_ids
 
 
+def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prompt, monkeypatch):
+    indexer = tiny.model.layers[0].attention.indexer
+    projected = []  # tokens per call of the indexer's projection
+    project = indexer.project
+    monkeypatch.setattr(indexer, "project", lambda x, pos: projected.append(x.shape[1]) or project(x, pos))
+    prompt = long_prompt[:300]
+    runs = {}
+    for sparse_decode in (False, True):
+        dsa = DSAConfig(topk=128, dense_threshold=0, sparse_decode=sparse_decode)
+        runs[sparse_decode] = generate(tiny.model, prompt, 4, tiny.tokenizer.decode, set(), dsa=dsa)
+    assert runs[False].attention == "sparse" and runs[False].decode_attention == "dense"
+    assert runs[True].decode_attention == "sparse"
+    # The dense decode steps never project index keys; the sparse ones project one token each.
+    assert projected == [300] + [300, 1, 1, 1]
+
+
 def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, long_prompt):
     model = tiny.model
     prompt = torch.tensor([long_prompt])
@@ -160,7 +176,8 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("auto", 8_000, 512, True) is None  # below where DSA pays
     assert choose_attention("auto", 1_000, None, True) is None  # below the dense threshold
     assert choose_attention("auto", 10_000, 512, False) is None  # no trained indexer
-    assert choose_attention("auto", 10_000, 512, True).topk == 512
+    auto = choose_attention("auto", 10_000, 512, True)
+    assert auto.topk == 512 and not auto.sparse_decode  # a DSA decode step is slower: dense over the cache
     assert choose_attention("auto", 10_000, None, True) is None  # k = 2048: a fifth of the prompt, no faster
     assert choose_attention("auto", 16_384, None, True).topk == 2048
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
@@ -170,7 +187,7 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
     assert choose_attention("auto", 16_384, None, True) is None
     forced = choose_attention("sparse", 600, None, True)
-    assert forced.topk < 600 and forced.dense_threshold == 0
+    assert forced.topk < 600 and forced.dense_threshold == 0 and forced.sparse_decode
     with pytest.raises(ModelError, match="indexer"):
         choose_attention("sparse", 600, None, False)
 
@@ -186,3 +203,4 @@ def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
     assert code == 0
     result = json.loads(out)
     assert result["attention"] == "sparse" and result["attention_topk"] == 96
+    assert result["attention_decode"] == "sparse"  # forced sparse: the decode steps select top-k too
