@@ -62,10 +62,10 @@ SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
     "cpu-torch": None,
     "cuda": None,
 }
-# A DSA decode step was measured slower than a dense one on every path: 1.13x at 8K on the CPU
+# A DSA decode step was measured no faster than a dense one on any path: 1.13x at 8K and 1.00x at 16K on the CPU
 # (benchmarks/dsa_cpu_decode.py; a step projects the indexer and scores every cached key, where dense attention
 # reads 2 kv heads), 1.4-1.7x on the H200 with CUDA graphs (docs/benchmarks.md). So `auto` runs a sparse prefill
-# and decodes densely over the whole cache: faster, and exact.
+# and decodes densely over the whole cache: as fast or faster, and exact.
 SPARSE_DECODE_FASTER = False
 
 
