@@ -68,6 +68,9 @@ class Mode:
     indexers: str = "trained"
     dense_layers: tuple[int, ...] = ()
     per_layer_topk: bool = True  # the checkpoint's per-layer scales of k, if it has any
+    sparse_decode: bool = (
+        True  # False: a sparse prefill, then dense decode steps (what `--attention auto` runs)
+    )
 
     def dsa(self) -> DSAConfig | None:
         if self.topk is None:
@@ -77,6 +80,7 @@ class Mode:
             dense_threshold=0,
             dense_layers=self.dense_layers,
             per_layer_topk=self.per_layer_topk,
+            sparse_decode=self.sparse_decode,
         )
 
 
@@ -85,11 +89,16 @@ def modes_for(
     untrained_topk: int | None,
     dense_layers: tuple[int, ...] = (),
     uniform_too: bool = False,
+    dense_decode: bool = False,
 ) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
     (named e.g. dsa-2048-dense0); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
-    beside the checkpoint's per-layer k); then the untrained floor."""
-    modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
+    beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
+    prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode)."""
+    if dense_decode:
+        modes = [Mode("dense", None)] + [Mode(f"dsa-{k}-dense-decode", k, sparse_decode=False) for k in topks]
+    else:
+        modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
     if uniform_too:
         modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
     if dense_layers:
@@ -505,7 +514,11 @@ def run_sections(
     if "niah" in sections:
         spec = json.loads(options.niah.read_text())
         modes = modes_for(
-            options.niah_topks, options.untrained_topk, tuple(options.dense_layers), options.uniform_too
+            options.niah_topks,
+            options.untrained_topk,
+            tuple(options.dense_layers),
+            options.uniform_too,
+            options.dense_decode,
         )
         recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
         niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
@@ -1003,6 +1016,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--niah-variants", type=_ints, default=None, help="run only these haystack variants")
     run.add_argument(
         "--uniform-too", action="store_true", help="also run each DSA mode with one k for every layer"
+    )
+    run.add_argument(
+        "--dense-decode",
+        action="store_true",
+        help="NIAH: the DSA modes prefill sparsely and decode densely, as --attention auto answers",
     )
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])

@@ -239,8 +239,10 @@ def greedy_continue(
     stop_ids: set[int],
     dsa: DSAConfig | None,
 ) -> list[int]:
-    """Up to `max_new_tokens` greedy tokens after `logits`, the next one going to `position`."""
+    """Up to `max_new_tokens` greedy tokens after `logits`, the next one going to `position`; the steps attend
+    densely when `dsa.sparse_decode` is False, as `generate` does."""
     device = logits.device
+    step_dsa = dsa if dsa is not None and dsa.sparse_decode else None
     ids: list[int] = []
     for step in range(max_new_tokens):
         token = sample(logits)
@@ -249,7 +251,7 @@ def greedy_continue(
         ids.append(int(token))
         if step < max_new_tokens - 1:
             logits = decode_one_token(
-                model, token.view(1, 1), torch.tensor([position + step], device=device), dsa
+                model, token.view(1, 1), torch.tensor([position + step], device=device), step_dsa
             )
     return ids
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from evals.niah import greedy_continue
 from indexer_model import generate as generate_module
 from indexer_model import weights
 from indexer_model.checkpoint import load_checkpoint
@@ -60,6 +61,14 @@ def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prom
     assert runs[True].decode_attention == "sparse"
     # The dense decode steps never project index keys; the sparse ones project one token each.
     assert projected == [300] + [300, 1, 1, 1]
+    # The NIAH evaluations decode the same way.
+    projected.clear()
+    with torch.inference_mode():
+        tiny.model.setup_caches(1, 310)
+        dsa = DSAConfig(topk=128, dense_threshold=0, sparse_decode=False)
+        logits = tiny.model(torch.tensor([prompt]), torch.arange(300), dsa=dsa)[:, -1]
+        greedy_continue(tiny.model, logits, 300, 4, set(), dsa)
+    assert projected == [300]
 
 
 def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, long_prompt):
