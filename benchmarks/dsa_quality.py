@@ -68,9 +68,8 @@ class Mode:
     indexers: str = "trained"
     dense_layers: tuple[int, ...] = ()
     per_layer_topk: bool = True  # the checkpoint's per-layer scales of k, if it has any
-    sparse_decode: bool = (
-        True  # False: a sparse prefill, then dense decode steps (what `--attention auto` runs)
-    )
+    # False: a sparse prefill, then dense decode steps (what `--attention auto` runs)
+    sparse_decode: bool = True
 
     def dsa(self) -> DSAConfig | None:
         if self.topk is None:
@@ -95,10 +94,10 @@ def modes_for(
     (named e.g. dsa-2048-dense0); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
     beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
     prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode)."""
-    if dense_decode:
-        modes = [Mode("dense", None)] + [Mode(f"dsa-{k}-dense-decode", k, sparse_decode=False) for k in topks]
-    else:
-        modes = [Mode("dense", None)] + [Mode(f"dsa-{k}", k) for k in topks]
+    suffix = "-dense-decode" if dense_decode else ""
+    modes = [Mode("dense", None)] + [
+        Mode(f"dsa-{k}{suffix}", k, sparse_decode=not dense_decode) for k in topks
+    ]
     if uniform_too:
         modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
     if dense_layers:

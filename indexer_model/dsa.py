@@ -27,7 +27,7 @@ class DSAConfig:
     dense_layers: tuple[int, ...] = ()  # layers kept dense (their indexers recall least: docs/dsa-quality.md)
     per_layer_topk: bool = True  # spread topk over the layers by the checkpoint's scales (layer_budget.py)
     # Decode steps select top-k too. False: the prefill alone is sparse and each new token attends to the whole
-    # cache, exactly; `auto` does so wherever a DSA decode step was measured slower than a dense one.
+    # cache, exactly; `auto` does so while no DSA decode step is measured faster than a dense one.
     sparse_decode: bool = True
 
     def for_layer(self, topk_scale: float) -> "DSAConfig":

@@ -216,17 +216,9 @@ def train_indexers(
                         idx_q, idx_w, idx_k, positions[rows], config.seq_len, config.topk, N_SINK, WINDOW
                     )
             loss = blockwise_indexer_kl_loss(
-                q,
-                k,
-                positions[rows],
-                idx_q,
-                idx_w,
-                idx_k,
-                indices,
-                config.query_block,
-                None,
-                config.sparse_dense_weight,
-            )
+                q, k, positions[rows], idx_q, idx_w, idx_k, indices, config.query_block,
+                dense_weight=config.sparse_dense_weight,
+            )  # fmt: skip
             loss.backward()  # layer by layer: only one layer's graph is alive at a time
             step_loss += float(loss.detach())
         optimizer.step()

@@ -102,22 +102,9 @@ def test_blockwise_kl_loss_and_its_gradient_equal_the_full_matrix_loss(block):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_blockwise_sparse_kl_loss_equals_the_full_matrix_sparse_loss():
-    torch.manual_seed(0)
-    indexer = LightningIndexer(dim=16, rope_base=1e4, n_heads=2, head_dim=8)
-    q, k = main_qk(24)
-    positions = torch.arange(24)
-    idx_q, idx_w, idx_k = indexer_inputs(indexer, 24)
-    indices = select_topk(
-        idx_q.detach(), idx_w.detach(), idx_k.detach(), positions, 24, topk=6, n_sink=1, window=2
-    )
-    target = dense_attention_target(q, k, positions)
-    full = indexer_kl_loss_sparse(target, index_scores(idx_q, idx_w, idx_k, positions, positions), indices)
-    blockwise = blockwise_indexer_kl_loss(q, k, positions, idx_q, idx_w, idx_k, indices=indices, block=5)
-    torch.testing.assert_close(blockwise, full)
-
-
-def test_sparse_loss_with_dense_weight_adds_the_weighted_dense_loss():
+@pytest.mark.parametrize("dense_weight", [0.0, 0.5])
+def test_blockwise_sparse_kl_loss_equals_the_full_matrix_sparse_loss(dense_weight):
+    """The sparse stage's loss, alone or with the weighted dense KL beside it (--sparse-dense-weight)."""
     torch.manual_seed(0)
     indexer = LightningIndexer(dim=16, rope_base=1e4, n_heads=2, head_dim=8)
     q, k = main_qk(24)
@@ -128,12 +115,14 @@ def test_sparse_loss_with_dense_weight_adds_the_weighted_dense_loss():
     )
     target = dense_attention_target(q, k, positions)
     scores = index_scores(idx_q, idx_w, idx_k, positions, positions)
-    want = indexer_kl_loss_sparse(target, scores, indices) + 0.5 * indexer_kl_loss(target, scores)
-    mixed = blockwise_indexer_kl_loss(
-        q, k, positions, idx_q, idx_w, idx_k, indices=indices, block=5, dense_weight=0.5
+    sparse = indexer_kl_loss_sparse(target, scores, indices)
+    full = sparse + dense_weight * indexer_kl_loss(target, scores)
+    blockwise = blockwise_indexer_kl_loss(
+        q, k, positions, idx_q, idx_w, idx_k, indices=indices, block=5, dense_weight=dense_weight
     )
-    torch.testing.assert_close(mixed, want)
-    assert mixed > indexer_kl_loss_sparse(target, scores, indices)  # the keys left out now count
+    torch.testing.assert_close(blockwise, full)
+    if dense_weight:
+        assert blockwise > sparse  # the keys left out of the set now count
 
 
 def test_topk_attention_mass_recall_sums_the_selected_target_mass():

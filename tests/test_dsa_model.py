@@ -68,6 +68,7 @@ def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prom
         dsa = DSAConfig(topk=128, dense_threshold=0, sparse_decode=False)
         logits = tiny.model(torch.tensor([prompt]), torch.arange(300), dsa=dsa)[:, -1]
         greedy_continue(tiny.model, logits, 300, 4, set(), dsa)
+    tiny.model.clear_caches()
     assert projected == [300]
 
 
