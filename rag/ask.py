@@ -169,17 +169,21 @@ def refresh_store(
 
 
 def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
-    """The cost meter of one generation: the mode that ran against the other, at the answer's top-k."""
+    """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
+    side decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
     from indexer_model.dsa import DSAConfig
+    from indexer_model.generate import SPARSE_DECODE_FASTER
 
+    sparse = generation.attention == "sparse"
     meter = meter_answer(
         ModelShape.of(generator.model),
         generation.prompt_tokens,
         generation.new_tokens,
         generation.topk or DSAConfig().topk,
         {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
-        "sparse" if generation.attention == "sparse" else "dense",
+        "sparse" if sparse else "dense",
         gpu,
+        sparse_decode=generation.decode_attention == "sparse" if sparse else SPARSE_DECODE_FASTER,
     )
     meter["measured"]["peak_memory_mb"] = round(peak_memory_mb(str(generator.model.output.weight.device)), 1)
     return meter

@@ -176,15 +176,18 @@ def meter_answer(
     measured: dict[str, float],
     mode_ran: str,
     gpu: GpuSpec,
+    sparse_decode: bool = True,
 ) -> dict:
     """Sparse against dense for one answer: analytic FLOPs, bytes, roofline ms and $, plus what was measured.
 
     `measured` holds prefill_s and decode_s of the mode that ran (`mode_ran`: "dense" or "sparse").
+    sparse_decode False: the sparse mode's decode steps attend densely (a sparse prefill only, as
+    `--attention auto` answers), so they cost what dense ones do.
     """
     modes = {}
     for mode, mode_topk in (("dense", None), ("sparse", topk)):
         prefill = prefill_cost(shape, prompt_tokens, mode_topk)
-        decode = decode_cost(shape, prompt_tokens, new_tokens, mode_topk)
+        decode = decode_cost(shape, prompt_tokens, new_tokens, mode_topk if sparse_decode else None)
         seconds = gpu.seconds(prefill.flops, 0) + gpu.seconds(decode.flops, decode.bytes_moved)
         modes[mode] = {
             "prefill_flops": prefill.flops,
@@ -203,6 +206,7 @@ def meter_answer(
         "new_tokens": new_tokens,
         "topk": topk,
         "mode_ran": mode_ran,
+        "sparse_decode": sparse_decode,
         "gpu": asdict(gpu),
         "dense": dense,
         "sparse": sparse,

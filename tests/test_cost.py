@@ -78,6 +78,14 @@ def test_meter_answer_reports_savings_and_measured_dollars():
     assert meter["sparse"]["roofline_ms"] < meter["dense"]["roofline_ms"]
     assert meter["measured"]["dollars_at_price"] == pytest.approx(0.01)
     assert meter["measured"]["tokens_per_s"] == pytest.approx(16.0)
+    # A sparse prefill with dense decode steps (--attention auto) saves in the prefill only.
+    prefill_only = meter_answer(
+        QWEN_05B, 8000, 32, 2048, {"prefill_s": 8.0, "decode_s": 2.0}, "sparse", gpu, sparse_decode=False
+    )
+    assert prefill_only["decode_bytes_saving"] == 0.0
+    assert prefill_only["sparse"]["decode_flops"] == prefill_only["dense"]["decode_flops"]
+    assert prefill_only["sparse"]["prefill_flops"] == meter["sparse"]["prefill_flops"]
+    assert 0 < prefill_only["flops_saving"] < meter["flops_saving"]
 
 
 def test_ledger_appends_rows_and_reports_per_day_and_mode(tmp_path):

@@ -214,3 +214,4 @@ def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
     result = json.loads(out)
     assert result["attention"] == "sparse" and result["attention_topk"] == 96
     assert result["attention_decode"] == "sparse"  # forced sparse: the decode steps select top-k too
+    assert result["cost"]["sparse_decode"]  # and the cost meter's sparse side decodes sparsely too
