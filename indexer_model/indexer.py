@@ -172,6 +172,12 @@ def _selection_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_po
     return scores.masked_fill_(future, float("-inf"))
 
 
+def check_topk_holds_forced(topk: int, n_sink: int, window: int) -> None:
+    """Every selection path's first check: k must have room for the sinks and the window it always keeps."""
+    if topk < n_sink + window:
+        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+
+
 def select_topk(
     q: Tensor,
     w: Tensor,
@@ -191,8 +197,7 @@ def select_topk(
     a time and merged into a running top-k per query, so memory is O(query_block * (key_block + topk)) however
     long the context; queries that see at most topk keys take them all, unscored. Slot order is unspecified.
     """
-    if topk < n_sink + window:
-        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    check_topk_holds_forced(topk, n_sink, window)
     batch, seq_len = q.shape[:2]
     key_positions = torch.arange(n_keys, device=k.device)
     selected = torch.full((batch, seq_len, topk), -1, dtype=torch.long, device=q.device)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from indexer_model.indexer import check_topk_holds_forced
+
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KEY_TILE = 16  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
@@ -113,8 +115,7 @@ def select_topk(
     """indexer.select_topk in one fused pass per query: indices (B, T, topk) int64, ascending, -1 padding.
 
     q (B, T, H_I, d_I), w (B, T, H_I), k (B, >= n_keys, d_I), q_positions (T,) below n_keys."""
-    if topk < n_sink + window:
-        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    check_topk_holds_forced(topk, n_sink, window)
     library = native_library()
     batch, n_queries, n_heads, dim = q.shape
     n_tiles = -(-n_keys // KEY_TILE)

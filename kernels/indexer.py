@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from indexer_model.indexer import check_topk_holds_forced
 from indexer_model.indexer import index_scores as index_scores_torch
 from kernels.common import INTERPRETED, dot
 
@@ -393,8 +394,7 @@ def select_topk(
     q_start may be a one-element device tensor (a captured decode step); n_keys then bounds the keys any
     replay may see (the cache length), and each row still reads only its causal prefix.
     """
-    if topk < n_sink + window:
-        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
+    check_topk_holds_forced(topk, n_sink, window)
     batch, n_queries = q.shape[:2]
     k = k[:, :n_keys]
     q_scale = k_scale = None

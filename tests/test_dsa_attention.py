@@ -169,3 +169,14 @@ def test_dsa_attention_decodes_one_token_against_a_preallocated_cache():
         q, k[:, :, :25].repeat_interleave(group, dim=1), v[:, :, :25].repeat_interleave(group, dim=1)
     )
     torch.testing.assert_close(dense, all_filled, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["torch", "native", "triton"])
+def test_every_selection_path_refuses_a_k_too_small_for_the_sinks_and_window(path):
+    from kernels.indexer import select_topk as select_topk_triton
+
+    select = {"torch": select_topk, "native": cpu_dsa.select_topk, "triton": select_topk_triton}[path]
+    q, w, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 4), torch.randn(1, 8, 16)
+    args = (q, w, k, torch.arange(8), 8) if path != "triton" else (q, w, k, 0, 8)
+    with pytest.raises(ValueError, match="topk=60 cannot hold the 4 sinks and the window of 64"):
+        select(*args, 60, 4, 64)
