@@ -70,6 +70,7 @@ class Mode:
     per_layer_topk: bool = True  # the checkpoint's per-layer scales of k, if it has any
     # False: a sparse prefill, then dense decode steps (what `--attention auto` runs)
     sparse_decode: bool = True
+    dense_tail: int = 0  # the prompt's last positions attending densely (what `--attention auto` runs)
 
     def dsa(self) -> DSAConfig | None:
         if self.topk is None:
@@ -80,6 +81,7 @@ class Mode:
             dense_layers=self.dense_layers,
             per_layer_topk=self.per_layer_topk,
             sparse_decode=self.sparse_decode,
+            dense_tail=self.dense_tail,
         )
 
 
@@ -89,14 +91,23 @@ def modes_for(
     dense_layers: tuple[int, ...] = (),
     uniform_too: bool = False,
     dense_decode: bool = False,
+    dense_tails: tuple[int, ...] = (0,),
 ) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
     (named e.g. dsa-2048-dense0); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
     beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
-    prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode)."""
-    suffix = "-dense-decode" if dense_decode else ""
+    prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode), and
+    each of `dense_tails` gives them that many last prompt positions attending densely (e.g. dsa-2048-tail64)."""
+    decode = "-dense-decode" if dense_decode else ""
     modes = [Mode("dense", None)] + [
-        Mode(f"dsa-{k}{suffix}", k, sparse_decode=not dense_decode) for k in topks
+        Mode(
+            f"dsa-{k}{decode}{f'-tail{tail}' if tail else ''}",
+            k,
+            sparse_decode=not dense_decode,
+            dense_tail=tail,
+        )
+        for tail in dense_tails
+        for k in topks
     ]
     if uniform_too:
         modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
@@ -518,6 +529,7 @@ def run_sections(
             tuple(options.dense_layers),
             options.uniform_too,
             options.dense_decode,
+            tuple(options.dense_tails),
         )
         recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
         niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
@@ -567,21 +579,39 @@ def prepare(options: argparse.Namespace) -> None:
 # --- report: score and write Markdown ----------------------------------------------------------------------
 
 
-def merge_results(paths: list[Path]) -> dict:
-    """One dict of several measure outputs: runs and NIAH cases concatenated, other sections merged key by key
-    (nested dicts too, later files winning); a CPU timing measured later replaces an earlier skip."""
+def merge_results(paths: list[Path], niah_modes: list[str] | None = None) -> dict:
+    """One dict of several measure outputs: runs concatenated, the modes of a NIAH case run in several files
+    joined (other cases appended), other sections merged key by key (nested dicts too, later files winning); a
+    CPU timing measured later replaces an earlier skip. `niah_modes`: keep only these NIAH modes."""
     merged: dict = {"runs": []}
     for path in paths:
         data = json.loads(path.read_text())
         merged["runs"] += data.pop("runs", [])
         if "niah" in data and "niah" in merged:
-            merged["niah"]["cases"] += data.pop("niah")["cases"]
+            _merge_cases(merged["niah"]["cases"], data.pop("niah")["cases"])
         _merge_into(merged, data)
+    if niah_modes and "niah" in merged:
+        for case in merged["niah"]["cases"]:
+            case["modes"] = {mode: case["modes"][mode] for mode in niah_modes if mode in case["modes"]}
     for entry in merged.get("cpu_timing", {}).get("lengths", {}).values():
         for mode in ("dense", "dsa", "dsa-torch"):
             if f"{mode}_s" in entry:
                 entry.pop(f"{mode}_skipped", None)
     return merged
+
+
+def _merge_cases(cases: list[dict], new_cases: list[dict]) -> None:
+    """Add each new case's modes to the same haystack's entry (same length, filler and needles), else append it."""
+
+    def identity(case: dict) -> str:
+        return json.dumps([case["length"], case["meta"], case["needles"]], sort_keys=True)
+
+    known = {identity(case): case for case in cases}
+    for case in new_cases:
+        if identity(case) in known:
+            known[identity(case)]["modes"].update(case["modes"])
+        else:
+            cases.append(case)
 
 
 def _merge_into(target: dict, source: dict) -> None:
@@ -636,7 +666,7 @@ def _tally(cell: list[int], correct: bool) -> None:
 
 
 def report(options: argparse.Namespace) -> None:
-    data = merge_results(options.from_json)
+    data = merge_results(options.from_json, options.niah_modes)
     if "niah" in data:
         from indexer_model.resolve import resolve_model
         from indexer_model.tokenizer import ChatTokenizer
@@ -1021,6 +1051,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="NIAH: the DSA modes prefill sparsely and decode densely, as --attention auto answers",
     )
+    run.add_argument(
+        "--dense-tails",
+        type=_ints,
+        default=[0],
+        help="NIAH: run the DSA modes with each of these many last prompt positions attending densely, e.g. 0,64",
+    )
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
     run.add_argument("--timing-topk", type=int, default=2048)
@@ -1035,6 +1071,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("--from-json", type=Path, nargs="+", required=True)
     rep.add_argument("--md", type=Path, default=Path("docs/dsa-quality.md"))
     rep.add_argument("--note", action="append", help="a line for the Notes section (repeatable)")
+    rep.add_argument(
+        "--niah-modes", type=lambda text: text.split(","), default=None, help="report only these NIAH modes"
+    )
     return parser.parse_args(argv)
 
 

@@ -239,6 +239,8 @@ def ask(
     mode = (
         result.attention if result.attention_topk is None else f"{result.attention} k={result.attention_topk}"
     )
+    if result.attention_dense_tail:
+        mode += f", last {result.attention_dense_tail} prompt tokens dense"
     if result.attention_decode != result.attention:
         mode += f", decode {result.attention_decode}"
     stderr.print(f"[dim]{result.model} · {mode} · {timing}[/]")

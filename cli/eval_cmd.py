@@ -89,7 +89,13 @@ def run(
             help="retrieval: an index setting, repeatable: Flat, HNSW32:efSearch=128, IVF64,Flat:nprobe=8, bm25, hybrid.",
         ),
     ] = None,  # fmt: skip
-    attention: Annotated[str, typer.Option("--attention", help="docqa: dense | sparse | auto.")] = "auto",
+    attention: Annotated[
+        str,
+        typer.Option(
+            "--attention",
+            help="docqa: dense | sparse | auto; niah: which DSA modes run beside dense (auto: both kinds).",
+        ),
+    ] = "auto",
     context_tokens: Annotated[
         int,
         typer.Option("--context-tokens", help="docqa/temporal/latency: token budget of the packed sources."),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from indexer_model.dsa import DSAConfig
-from indexer_model.generate import decode_one_token, sample
+from indexer_model.generate import decode_one_token, prefill, sample
 from indexer_model.model import Transformer
 
 FIRST_NAMES = tuple(
@@ -214,13 +214,15 @@ def answer_case(
     _synchronize(device)
     started = time.perf_counter()
     prefix = torch.tensor([case.prefix_ids], device=device)
-    model(prefix, torch.arange(prefix_len, device=device), last_logits_only=True, dsa=dsa)
+    # A dense tail longer than a question reaches into the shared prefix: as far as the shortest question needs.
+    shortest_prompt = prefix_len + min(map(len, case.question_ids))
+    prefill(model, prefix, torch.arange(prefix_len, device=device), dsa, prompt_end=shortest_prompt)
     _synchronize(device)
     prefill_s = time.perf_counter() - started
     answers = []
     for question in case.question_ids:
         positions = torch.arange(prefix_len, prefix_len + len(question), device=device)
-        logits = model(torch.tensor([question], device=device), positions, dsa=dsa)[:, -1]
+        logits = prefill(model, torch.tensor([question], device=device), positions, dsa)
         answers.append(
             greedy_continue(model, logits, prefix_len + len(question), max_new_tokens, stop_ids, dsa)
         )

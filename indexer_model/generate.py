@@ -30,6 +30,7 @@ class GenerationResult:
     attention: str = "dense"  # which attention the prefill ran: "dense" or "sparse"
     decode_attention: str = "dense"  # and the decode steps
     topk: int | None = None  # the DSA top-k when sparse
+    dense_tail: int = 0  # the prompt's last positions that attended densely after a sparse body
     layer_topk: list[int] | None = None  # the keys each layer kept, when the checkpoint spreads k per layer
 
     @property
@@ -37,9 +38,31 @@ class GenerationResult:
         return self.decode_steps / self.decode_s if self.decode_steps else 0.0
 
 
-def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, dsa: DSAConfig | None = None) -> Tensor:
-    """Run the prompt (B, T) through the model, filling the KV cache; logits (B, V) of its last position."""
-    return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
+def prefill(
+    model: Transformer,
+    prompt: Tensor,
+    input_pos: Tensor,
+    dsa: DSAConfig | None = None,
+    prompt_end: int | None = None,
+) -> Tensor:
+    """Run the prompt (B, T) through the model, filling the KV cache; logits (B, V) of its last position.
+
+    With `dsa.dense_tail`, positions from prompt_end - dense_tail on attend densely; prompt_end is where the
+    whole prompt ends (by default where this part does: a caller prefilling a prompt in parts passes it).
+    The tail still writes its index keys: a later sparse part (the next question after a shared prefix, or a
+    sparse decode step) ranks them."""
+    if dsa is None or dsa.dense_tail == 0:
+        return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
+    first = int(input_pos[0])
+    end = first + prompt.shape[1] if prompt_end is None else prompt_end
+    split = min(max(end - dsa.dense_tail - first, 0), prompt.shape[1])
+    if split == prompt.shape[1]:
+        return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
+    if split > 0:
+        model(prompt[:, :split], input_pos[:split], last_logits_only=True, dsa=dsa)
+    return model(prompt[:, split:], input_pos[split:], last_logits_only=True, dsa=dsa.attending_densely())[
+        :, -1
+    ]
 
 
 def decode_one_token(
@@ -67,6 +90,23 @@ SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
 # reads 2 kv heads), 1.4-1.7x on the H200 with CUDA graphs (docs/benchmarks.md). So `auto` runs a sparse prefill
 # and decodes densely over the whole cache: as fast or faster, and exact.
 SPARSE_DECODE_FASTER = False
+# `auto` also runs the prompt's last AUTO_DENSE_TAIL positions densely: the question and the chat template's end,
+# whose attention retrieves from the whole context. On 96 NIAH haystacks (docs/dsa-quality.md; questions of 30-34
+# tokens) a sparse prefill lost 12 / 17 of the 267 questions dense answers at k = 2048 / 512, and 4 / 7 with a dense
+# tail of 32 (a tail of 128, on half of them: no better). The tail reads 32 x (L - k) more keys: 1.4 % more
+# attention than a sparse 16K prefill at k = 2048, and its queries skip the index scores.
+AUTO_DENSE_TAIL = 32
+
+
+def auto_dsa(topk: int, dense_threshold: int = DSAConfig.dense_threshold) -> DSAConfig:
+    """The DSA `--attention auto` runs at `topk` once it chooses DSA: a sparse prefill with a dense tail, then
+    dense decode steps while no sparse one is measured faster."""
+    return DSAConfig(
+        topk=topk,
+        dense_threshold=dense_threshold,
+        sparse_decode=SPARSE_DECODE_FASTER,
+        dense_tail=AUTO_DENSE_TAIL,
+    )
 
 
 def _device_path(device: str) -> str:
@@ -107,7 +147,7 @@ def choose_attention(
     faster = SPARSE_FASTER.get(_device_path(device))
     if faster is None or n_context < faster[0] or k > n_context * faster[1]:
         return None
-    return DSAConfig(topk=k, sparse_decode=SPARSE_DECODE_FASTER)
+    return auto_dsa(k)
 
 
 def sample(
@@ -217,6 +257,7 @@ def generate(
         attention="dense" if dsa is None else "sparse",
         decode_attention="dense" if step_dsa is None else "sparse",
         topk=None if dsa is None else dsa.topk,
+        dense_tail=0 if dsa is None else min(dsa.dense_tail, prompt_len),
         layer_topk=None if dsa is None else layer_topk(model, dsa),
     )
 

@@ -57,6 +57,7 @@ class AskResult:
     tokens: dict[str, int]
     attention_layer_topk: list[int] | None = None  # per-layer k, when the indexer checkpoint spreads k
     attention_decode: str = "dense"  # the decode steps' attention (auto: dense after a sparse prefill)
+    attention_dense_tail: int = 0  # the prompt's last positions that attended densely (auto: the question)
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
@@ -137,6 +138,7 @@ def ask(
         attention_topk=generation.topk,
         attention_layer_topk=generation.layer_topk,
         attention_decode=generation.decode_attention,
+        attention_dense_tail=generation.dense_tail,
         timings={name: round(value, 3) for name, value in timings.items()},
         tokens={
             "context": packed.tokens if packed else 0,
@@ -170,9 +172,9 @@ def refresh_store(
 
 def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
     """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
-    side decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
+    side prefills and decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
     from indexer_model.dsa import DSAConfig
-    from indexer_model.generate import SPARSE_DECODE_FASTER
+    from indexer_model.generate import AUTO_DENSE_TAIL, SPARSE_DECODE_FASTER
 
     sparse = generation.attention == "sparse"
     meter = meter_answer(
@@ -184,6 +186,7 @@ def meter_generation(generator: "Generator", generation: "GenerationResult", gpu
         "sparse" if sparse else "dense",
         gpu,
         sparse_decode=generation.decode_attention == "sparse" if sparse else SPARSE_DECODE_FASTER,
+        dense_tail=generation.dense_tail if sparse else AUTO_DENSE_TAIL,
     )
     meter["measured"]["peak_memory_mb"] = round(peak_memory_mb(str(generator.model.output.weight.device)), 1)
     return meter

@@ -138,9 +138,16 @@ def phase_cost(
     )
 
 
-def prefill_cost(shape: ModelShape, prompt_tokens: int, topk: int | None) -> PhaseCost:
-    """The prompt in one pass; logits only for its last position."""
-    return phase_cost(shape, 0, prompt_tokens, topk, logits_tokens=1)
+def prefill_cost(shape: ModelShape, prompt_tokens: int, topk: int | None, dense_tail: int = 0) -> PhaseCost:
+    """The prompt in one pass; logits only for its last position. Sparse with `dense_tail`: the prompt's last
+    positions attend densely, computing no index scores but still projecting their index keys
+    (indexer_model/generate.py prefill)."""
+    tail = min(dense_tail, prompt_tokens) if topk is not None else 0
+    if not tail:
+        return phase_cost(shape, 0, prompt_tokens, topk, logits_tokens=1)
+    body = phase_cost(shape, 0, prompt_tokens - tail, topk, logits_tokens=0)
+    projection = PhaseCost(2 * shape.n_layer * shape.indexer_weights * tail, 0.0, 0.0, 0.0)
+    return body + phase_cost(shape, prompt_tokens - tail, tail, None, logits_tokens=1) + projection
 
 
 def decode_cost(shape: ModelShape, prompt_tokens: int, new_tokens: int, topk: int | None) -> PhaseCost:
@@ -177,16 +184,18 @@ def meter_answer(
     mode_ran: str,
     gpu: GpuSpec,
     sparse_decode: bool = True,
+    dense_tail: int = 0,
 ) -> dict:
     """Sparse against dense for one answer: analytic FLOPs, bytes, roofline ms and $, plus what was measured.
 
     `measured` holds prefill_s and decode_s of the mode that ran (`mode_ran`: "dense" or "sparse").
     sparse_decode False: the sparse mode's decode steps attend densely (a sparse prefill only, as
-    `--attention auto` answers), so they cost what dense ones do.
+    `--attention auto` answers), so they cost what dense ones do; `dense_tail`: so do the sparse prefill's last
+    positions.
     """
     modes = {}
     for mode, mode_topk in (("dense", None), ("sparse", topk)):
-        prefill = prefill_cost(shape, prompt_tokens, mode_topk)
+        prefill = prefill_cost(shape, prompt_tokens, mode_topk, dense_tail)
         decode = decode_cost(shape, prompt_tokens, new_tokens, mode_topk if sparse_decode else None)
         seconds = gpu.seconds(prefill.flops, 0) + gpu.seconds(decode.flops, decode.bytes_moved)
         modes[mode] = {
@@ -207,6 +216,7 @@ def meter_answer(
         "topk": topk,
         "mode_ran": mode_ran,
         "sparse_decode": sparse_decode,
+        "dense_tail": dense_tail,
         "gpu": asdict(gpu),
         "dense": dense,
         "sparse": sparse,

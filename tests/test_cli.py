@@ -117,6 +117,7 @@ def test_ask_json_with_the_tiny_model_cites_sources_and_reports_timings(small_do
     result = json.loads(out)
     assert result["answer"]
     assert result["sources"][0]["citation"].startswith("kitchen.md:")
-    assert result["attention"] == "dense"
+    assert result["attention"] == "dense" and result["attention_dense_tail"] == 0
+    assert result["cost"]["dense_tail"] == 32  # after a dense run the meter's sparse side is what auto runs
     assert {"retrieve_s", "prefill_s", "decode_s", "load_model_s"} <= set(result["timings"])
     assert result["tokens"]["generated"] <= 16

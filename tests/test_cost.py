@@ -47,6 +47,24 @@ def test_attention_flops_by_hand_for_a_tiny_model():
     assert cost.flops == cost.attention_flops + cost.indexer_flops + linear
 
 
+def test_a_dense_tail_costs_its_queries_every_key_and_no_index_scores():
+    shape = ModelShape(n_layer=1, n_head=2, n_kv_head=1, head_dim=4, dim=8, intermediate_size=16, vocab_size=10,
+                       index_heads=1, index_dim=2)  # fmt: skip
+    tailed = prefill_cost(shape, 5, topk=2, dense_tail=2)  # positions 0-2 select, 3-4 read every key
+    assert tailed.attention_flops == 4 * 2 * 4 * ((1 + 2 + 2) + (4 + 5))
+    assert tailed.indexer_flops == 2 * 1 * 2 * (1 + 2 + 3)
+    dense = prefill_cost(shape, 5, None)
+    projections = 2 * shape.indexer_weights * 5  # every position, the tail's too, writes its index key
+    extra = tailed.attention_flops - dense.attention_flops + tailed.indexer_flops + projections
+    assert tailed.flops == dense.flops + extra
+    whole = prefill_cost(QWEN_05B, 8000, 2048, dense_tail=8000)  # a tail as long as the prompt is dense
+    assert (
+        whole.attention_flops == prefill_cost(QWEN_05B, 8000, None).attention_flops
+        and not whole.indexer_flops
+    )
+    assert prefill_cost(QWEN_05B, 8000, None, dense_tail=32) == prefill_cost(QWEN_05B, 8000, None)
+
+
 @pytest.mark.parametrize("topk", [None, 512])
 def test_costs_grow_with_context(topk):
     prefills = [prefill_cost(QWEN_05B, n, topk).flops for n in (1024, 4096, 16384)]
@@ -86,6 +104,16 @@ def test_meter_answer_reports_savings_and_measured_dollars():
     assert prefill_only["sparse"]["decode_flops"] == prefill_only["dense"]["decode_flops"]
     assert prefill_only["sparse"]["prefill_flops"] == meter["sparse"]["prefill_flops"]
     assert 0 < prefill_only["flops_saving"] < meter["flops_saving"]
+    # ... and with the question's positions dense (what auto runs), a little less.
+    tailed = meter_answer(
+        QWEN_05B, 8000, 32, 2048, {"prefill_s": 8.0}, "sparse", gpu, sparse_decode=False, dense_tail=32
+    )
+    assert tailed["dense_tail"] == 32
+    assert (
+        prefill_only["sparse"]["prefill_flops"]
+        < tailed["sparse"]["prefill_flops"]
+        < meter["dense"]["prefill_flops"]
+    )
 
 
 def test_ledger_appends_rows_and_reports_per_day_and_mode(tmp_path):

@@ -1,5 +1,6 @@
 """DSA inside the model: trained indexers found by fingerprint, sparse generation, recall against a random indexer."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,15 @@ from indexer_model import generate as generate_module
 from indexer_model import weights
 from indexer_model.checkpoint import load_checkpoint
 from indexer_model.dsa import DSAConfig
-from indexer_model.generate import choose_attention, generate, load_generator
+from indexer_model.generate import (
+    AUTO_DENSE_TAIL,
+    auto_dsa,
+    choose_attention,
+    decode_one_token,
+    generate,
+    load_generator,
+    prefill,
+)
 from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
 from kernels import cpu_dsa
 from rag.errors import ModelError
@@ -61,6 +70,11 @@ def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prom
     assert runs[True].decode_attention == "sparse"
     # The dense decode steps never project index keys; the sparse ones project one token each.
     assert projected == [300] + [300, 1, 1, 1]
+    # What auto runs: the prompt's last 32 positions attend densely in a second pass (which still writes index keys).
+    projected.clear()
+    auto = generate(tiny.model, prompt, 4, tiny.tokenizer.decode, set(), dsa=auto_dsa(128, dense_threshold=0))
+    assert projected == [300 - AUTO_DENSE_TAIL, AUTO_DENSE_TAIL] and auto.dense_tail == AUTO_DENSE_TAIL == 32
+    assert auto.attention == "sparse" and auto.decode_attention == "dense"
     # The NIAH evaluations decode the same way.
     projected.clear()
     with torch.inference_mode():
@@ -70,6 +84,40 @@ def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prom
         greedy_continue(tiny.model, logits, 300, 4, set(), dsa)
     tiny.model.clear_caches()
     assert projected == [300]
+
+
+def test_a_dense_tail_attends_to_every_key_and_keeps_the_index_keys_for_sparse_decode(tiny, long_prompt):
+    model, n, tail = tiny.model, 300, 16
+    prompt, positions = torch.tensor([long_prompt[:n]]), torch.arange(n)
+
+    def run(dsa: DSAConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last prompt logits and layer 1's keys (which hold layer 0's attention output at each position)."""
+        with torch.inference_mode():
+            model.setup_caches(1, n + 1)
+            logits = prefill(model, prompt, positions, dsa)
+            keys = model.layers[1].attention.kv_cache.k_cache[0, :, :n].float().clone()
+            if dsa is not None:  # a sparse decode step after the tail finds every index key current
+                assert torch.isfinite(
+                    decode_one_token(model, logits.argmax(-1, keepdim=True), positions[-1:] + 1, dsa)
+                ).all()
+        model.clear_caches()
+        return logits.float(), keys
+
+    sparse = DSAConfig(topk=128, dense_threshold=0)
+    dense_logits, dense_keys = run(None)
+    sparse_logits, sparse_keys = run(sparse)
+    tail_logits, tail_keys = run(dataclasses.replace(sparse, dense_tail=tail))
+    whole_logits, _ = run(dataclasses.replace(sparse, dense_tail=n))
+    body = slice(0, n - tail)
+    assert not torch.allclose(
+        sparse_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-3
+    )  # the tail is where DSA differs
+    assert torch.allclose(
+        tail_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-4
+    )  # ... and there it now attends densely
+    assert torch.allclose(tail_keys[:, body], sparse_keys[:, body], atol=1e-5)  # the body still runs sparse
+    assert not torch.allclose(tail_logits, sparse_logits, atol=1e-3)
+    assert torch.allclose(whole_logits, dense_logits, atol=1e-3)  # a tail covering the prompt is dense
 
 
 def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, long_prompt):
@@ -188,6 +236,7 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("auto", 10_000, 512, False) is None  # no trained indexer
     auto = choose_attention("auto", 10_000, 512, True)
     assert auto.topk == 512 and not auto.sparse_decode  # a DSA decode step is slower: dense over the cache
+    assert auto.dense_tail == AUTO_DENSE_TAIL  # and the question reads the whole context
     assert choose_attention("auto", 10_000, None, True) is None  # k = 2048: a fifth of the prompt, no faster
     assert choose_attention("auto", 16_384, None, True).topk == 2048
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
@@ -197,7 +246,9 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
     assert choose_attention("auto", 16_384, None, True) is None
     forced = choose_attention("sparse", 600, None, True)
-    assert forced.topk < 600 and forced.dense_threshold == 0 and forced.sparse_decode
+    assert (
+        forced.topk < 600 and forced.dense_threshold == 0 and forced.sparse_decode and not forced.dense_tail
+    )
     with pytest.raises(ModelError, match="indexer"):
         choose_attention("sparse", 600, None, False)
 
@@ -215,3 +266,6 @@ def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
     assert result["attention"] == "sparse" and result["attention_topk"] == 96
     assert result["attention_decode"] == "sparse"  # forced sparse: the decode steps select top-k too
     assert result["cost"]["sparse_decode"]  # and the cost meter's sparse side decodes sparsely too
+    assert (
+        result["attention_dense_tail"] == 0 == result["cost"]["dense_tail"]
+    )  # every prompt position selected

@@ -218,10 +218,11 @@ def test_niah_small_grid_resumes_without_recomputing(tmp_path, monkeypatch, cons
     metrics = summary["metrics"]
     assert metrics["accuracy.dense"] == 1.0  # the tiny model finds pass keys in 384 tokens
     assert 0.0 <= metrics["lost_vs_dense.dsa-128"] <= 1.0
-    assert {"accuracy.single.dense", "accuracy.multi.dsa-128"} <= set(metrics)
+    assert {"accuracy.single.dense", "accuracy.multi.dsa-128", "lost_vs_dense.auto-128"} <= set(metrics)
     folder = tmp_path / "out" / "niah"
     assert (folder / "niah_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((folder / "items.jsonl").read_text().splitlines()) == 6  # 3 cases × 2 modes
+    # 3 cases × dense, dsa-128 and auto-128 (the question's positions dense)
+    assert len((folder / "items.jsonl").read_text().splitlines()) == 9
 
     import evals.suites.niah as niah
 

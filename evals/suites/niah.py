@@ -2,8 +2,11 @@
 
 Haystack: the text files of `--data DIR`, or the bundled prose generator (corpora/synthetic.py). A single-key
 case hides one needle at one depth; a multi-key case hides one needle at every depth and asks for each. Every
-case runs under dense attention and under DSA at each `--topks` value below its length. `lost_vs_dense.<mode>`
-is the share of the questions dense answered that the mode got wrong (the DSA quality goal: ≤ 2 points).
+case runs under dense attention and, at each `--topks` value below its length, under DSA: `dsa-K`, every prompt
+position and decode step selecting (`--attention sparse` runs only these), and `auto-K`, as `ask --attention
+auto` runs DSA (the question's last positions and the decode steps attend densely; `--attention auto`, the
+default, runs both). `--attention dense` runs dense alone. `lost_vs_dense.<mode>` is the share of the questions
+dense answered that the mode got wrong (the DSA quality goal: ≤ 2 points).
 """
 
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from evals.niah import NiahCase, answer_case, build_case, is_correct
 from evals.report import heatmaps
 from evals.run import SuiteResult, SuiteRun, timed
 from indexer_model.dsa import DSAConfig
-from indexer_model.generate import Generator
+from indexer_model.generate import Generator, auto_dsa
 from rag.cost import ModelShape, prefill_cost
 from rag.errors import BadInputError
 
@@ -69,14 +72,18 @@ class Haystacks:
         return build_case(self.generator.tokenizer, window, spec.length, spec.depths, rng, self.line_ends)
 
 
-def modes_for(length: int, topks: list[int]) -> list[tuple[str, int | None]]:
-    """dense, then DSA at every k below the length."""
-    return [("dense", None)] + [(f"dsa-{k}", k) for k in sorted(topks) if k < length]
+def modes_for(length: int, topks: list[int], attention: str = "auto") -> list[tuple[str, DSAConfig | None]]:
+    """dense, then at every k below the length DSA (dsa-K) and, under `auto`, DSA as `ask` runs it (auto-K)."""
+    ks = [k for k in sorted(topks) if k < length] if attention != "dense" else []
+    modes: list[tuple[str, DSAConfig | None]] = [("dense", None)]
+    modes += [(f"dsa-{k}", DSAConfig(topk=k, dense_threshold=0)) for k in ks]
+    if attention == "auto":
+        modes += [(f"auto-{k}", auto_dsa(k, dense_threshold=0)) for k in ks]
+    return modes
 
 
-def answer(generator: Generator, case: NiahCase, topk: int | None) -> dict:
+def answer(generator: Generator, case: NiahCase, dsa: DSAConfig | None) -> dict:
     """One case under one mode: per question, the reply and whether it holds the needle's value."""
-    dsa = None if topk is None else DSAConfig(topk=topk, dense_threshold=0)
     result = answer_case(generator.model, case, dsa, MAX_NEW_TOKENS, generator.stop_ids)
     replies = [generator.tokenizer.decode(ids) for ids in result["answers"]]
     shape = ModelShape.of(generator.model)
@@ -88,7 +95,7 @@ def answer(generator: Generator, case: NiahCase, topk: int | None) -> dict:
         ],
         "replies": replies,
         "prefill_s": result["prefill_s"],
-        "prefill_tflop": prefill_cost(shape, len(case.prefix_ids), topk).flops / 1e12,
+        "prefill_tflop": prefill_cost(shape, len(case.prefix_ids), dsa and dsa.topk).flops / 1e12,
     }
 
 
@@ -105,12 +112,17 @@ def run_cases(run: SuiteRun, specs: list[CaseSpec], topks: list[int]) -> list[di
     for number, spec in enumerate(specs, start=1):
         run.progress(number, len(specs), spec.key)
         case: NiahCase | None = None
-        for mode, topk in modes_for(spec.length, topks):
+        for mode, dsa in modes_for(spec.length, topks, run.options.attention):
             key = f"{spec.key}/{mode}"
             if run.log.get(key) is None:
                 case = case or haystacks.case(spec)
-                fields = {"variant": spec.variant, "length": spec.length, "mode": mode, "topk": topk}
-                run.log.record(key, timed(lambda: fields | answer(generator, case, topk)))  # noqa: B023
+                fields = {
+                    "variant": spec.variant,
+                    "length": spec.length,
+                    "mode": mode,
+                    "topk": dsa and dsa.topk,
+                }
+                run.log.record(key, timed(lambda: fields | answer(generator, case, dsa)))  # noqa: B023
             rows.append(run.log.get(key))
     return rows
 

@@ -1,0 +1,34 @@
+"""The DSA quality report joins runs of the same NIAH haystacks under different modes (benchmarks/dsa_quality.py)."""
+
+import json
+
+from benchmarks.dsa_quality import merge_results
+
+
+def _case(variant: int, modes: dict) -> dict:
+    needles = [{"name": "Ines Okafor", "value": "64597", "depth": 0.5, "position": 9}]
+    return {"length": 4096, "needles": needles, "meta": {"variant": variant}, "modes": modes}
+
+
+def test_modes_of_one_haystack_from_two_runs_join_and_other_haystacks_append(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    dense, sparse = {"answers": [[1]]}, {"answers": [[2]]}
+    first.write_text(
+        json.dumps({"runs": [{"n": 1}], "niah": {"modes": [], "cases": [_case(0, {"dense": dense})]}})
+    )
+    second.write_text(
+        json.dumps(
+            {
+                "runs": [{"n": 2}],
+                "niah": {"cases": [_case(0, {"dsa-512": sparse}), _case(1, {"dense": dense})]},
+            }
+        )
+    )
+    merged = merge_results([first, second])
+    assert merged["runs"] == [{"n": 1}, {"n": 2}]
+    assert [case["modes"] for case in merged["niah"]["cases"]] == [
+        {"dense": dense, "dsa-512": sparse},
+        {"dense": dense},
+    ]
+    only_dense = merge_results([first, second], niah_modes=["dense"])
+    assert [list(case["modes"]) for case in only_dense["niah"]["cases"]] == [["dense"], ["dense"]]
