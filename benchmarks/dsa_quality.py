@@ -588,9 +588,12 @@ def merge_results(paths: list[Path], niah_modes: list[str] | None = None) -> dic
         data = json.loads(path.read_text())
         merged["runs"] += data.pop("runs", [])
         if "niah" in data and "niah" in merged:
-            _merge_cases(merged["niah"]["cases"], data.pop("niah")["cases"])
+            niah = data.pop("niah")
+            _merge_cases(merged["niah"]["cases"], niah["cases"])
+            merged["niah"]["modes"] += [mode for mode in niah["modes"] if mode not in merged["niah"]["modes"]]
         _merge_into(merged, data)
     if niah_modes and "niah" in merged:
+        merged["niah"]["modes"] = [mode for mode in niah_modes if mode in merged["niah"]["modes"]]
         for case in merged["niah"]["cases"]:
             case["modes"] = {mode: case["modes"][mode] for mode in niah_modes if mode in case["modes"]}
     for entry in merged.get("cpu_timing", {}).get("lengths", {}).values():

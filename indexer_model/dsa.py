@@ -31,8 +31,8 @@ class DSAConfig:
     # cache, exactly; `auto` does so while no DSA decode step is measured faster than a dense one.
     sparse_decode: bool = True
     # The prompt's last `dense_tail` positions attend to every earlier key, exactly. They hold the question and the
-    # start of the answer, whose attention retrieves from the whole context; a sparse body with a dense tail costs
-    # dense_tail x L more (query, key) pairs, under 1 % of a 16K prefill at 64. 0: every prompt position selects.
+    # start of the answer, whose attention retrieves from the whole context; they read dense_tail x (L - k) more
+    # keys than a sparse prefill (generate.prefill runs them). 0: every prompt position selects.
     dense_tail: int = 0
 
     def attending_densely(self) -> "DSAConfig":

@@ -51,18 +51,18 @@ def prefill(
     whole prompt ends (by default where this part does: a caller prefilling a prompt in parts passes it).
     The tail still writes its index keys: a later sparse part (the next question after a shared prefix, or a
     sparse decode step) ranks them."""
-    if dsa is None or dsa.dense_tail == 0:
+    n_tokens = prompt.shape[1]
+    split = n_tokens  # where the dense tail starts within this part
+    if dsa is not None and dsa.dense_tail:
+        first = int(input_pos[0])
+        end = first + n_tokens if prompt_end is None else prompt_end
+        split = min(max(end - dsa.dense_tail - first, 0), n_tokens)
+    if split == n_tokens:
         return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
-    first = int(input_pos[0])
-    end = first + prompt.shape[1] if prompt_end is None else prompt_end
-    split = min(max(end - dsa.dense_tail - first, 0), prompt.shape[1])
-    if split == prompt.shape[1]:
-        return model(prompt, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
-    if split > 0:
+    if split:
         model(prompt[:, :split], input_pos[:split], last_logits_only=True, dsa=dsa)
-    return model(prompt[:, split:], input_pos[split:], last_logits_only=True, dsa=dsa.attending_densely())[
-        :, -1
-    ]
+    tail = slice(split, None)
+    return model(prompt[:, tail], input_pos[tail], last_logits_only=True, dsa=dsa.attending_densely())[:, -1]
 
 
 def decode_one_token(

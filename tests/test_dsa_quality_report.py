@@ -14,21 +14,26 @@ def test_modes_of_one_haystack_from_two_runs_join_and_other_haystacks_append(tmp
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     dense, sparse = {"answers": [[1]]}, {"answers": [[2]]}
     first.write_text(
-        json.dumps({"runs": [{"n": 1}], "niah": {"modes": [], "cases": [_case(0, {"dense": dense})]}})
+        json.dumps({"runs": [{"n": 1}], "niah": {"modes": ["dense"], "cases": [_case(0, {"dense": dense})]}})
     )
     second.write_text(
         json.dumps(
             {
                 "runs": [{"n": 2}],
-                "niah": {"cases": [_case(0, {"dsa-512": sparse}), _case(1, {"dense": dense})]},
+                "niah": {
+                    "modes": ["dense", "dsa-512"],
+                    "cases": [_case(0, {"dsa-512": sparse}), _case(1, {"dense": dense})],
+                },
             }
         )
     )
     merged = merge_results([first, second])
     assert merged["runs"] == [{"n": 1}, {"n": 2}]
+    assert merged["niah"]["modes"] == ["dense", "dsa-512"]
     assert [case["modes"] for case in merged["niah"]["cases"]] == [
         {"dense": dense, "dsa-512": sparse},
         {"dense": dense},
     ]
     only_dense = merge_results([first, second], niah_modes=["dense"])
+    assert only_dense["niah"]["modes"] == ["dense"]
     assert [list(case["modes"]) for case in only_dense["niah"]["cases"]] == [["dense"], ["dense"]]
