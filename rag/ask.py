@@ -174,19 +174,20 @@ def meter_generation(generator: "Generator", generation: "GenerationResult", gpu
     """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
     side prefills and decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
     from indexer_model.dsa import DSAConfig
-    from indexer_model.generate import AUTO_DENSE_TAIL, SPARSE_DECODE_FASTER
+    from indexer_model.generate import auto_dsa
 
     sparse = generation.attention == "sparse"
+    auto = auto_dsa(generation.topk or DSAConfig().topk)  # what the sparse side runs after a dense answer
     meter = meter_answer(
         ModelShape.of(generator.model),
         generation.prompt_tokens,
         generation.new_tokens,
-        generation.topk or DSAConfig().topk,
+        auto.topk,
         {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
         "sparse" if sparse else "dense",
         gpu,
-        sparse_decode=generation.decode_attention == "sparse" if sparse else SPARSE_DECODE_FASTER,
-        dense_tail=generation.dense_tail if sparse else AUTO_DENSE_TAIL,
+        sparse_decode=generation.decode_attention == "sparse" if sparse else auto.sparse_decode,
+        dense_tail=generation.dense_tail if sparse else auto.dense_tail,
     )
     meter["measured"]["peak_memory_mb"] = round(peak_memory_mb(str(generator.model.output.weight.device)), 1)
     return meter

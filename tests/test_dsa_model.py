@@ -109,12 +109,9 @@ def test_a_dense_tail_attends_to_every_key_and_keeps_the_index_keys_for_sparse_d
     tail_logits, tail_keys = run(dataclasses.replace(sparse, dense_tail=tail))
     whole_logits, _ = run(dataclasses.replace(sparse, dense_tail=n))
     body = slice(0, n - tail)
-    assert not torch.allclose(
-        sparse_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-3
-    )  # the tail is where DSA differs
-    assert torch.allclose(
-        tail_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-4
-    )  # ... and there it now attends densely
+    # The tail positions are where pure DSA differs from dense, and there the tail now attends densely.
+    assert not torch.allclose(sparse_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-3)
+    assert torch.allclose(tail_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-4)
     assert torch.allclose(tail_keys[:, body], sparse_keys[:, body], atol=1e-5)  # the body still runs sparse
     assert not torch.allclose(tail_logits, sparse_logits, atol=1e-3)
     assert torch.allclose(whole_logits, dense_logits, atol=1e-3)  # a tail covering the prompt is dense
@@ -266,6 +263,5 @@ def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
     assert result["attention"] == "sparse" and result["attention_topk"] == 96
     assert result["attention_decode"] == "sparse"  # forced sparse: the decode steps select top-k too
     assert result["cost"]["sparse_decode"]  # and the cost meter's sparse side decodes sparsely too
-    assert (
-        result["attention_dense_tail"] == 0 == result["cost"]["dense_tail"]
-    )  # every prompt position selected
+    # Every prompt position selected: no dense tail, in the answer or in the meter.
+    assert result["attention_dense_tail"] == 0 == result["cost"]["dense_tail"]
