@@ -28,7 +28,13 @@ def train(
         str, typer.Option("--model", help="Base model spec (see `dsarag ask --model`) or .gguf.")
     ] = "default",
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Held-out text for recall.")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=128)] = 8192,
+    seq_len: Annotated[
+        str,
+        typer.Option(
+            "--seq-len",
+            help="Window length in tokens; comma-separated lengths mix, one drawn at random per step.",
+        ),
+    ] = "8192",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Dense warm-up steps.")] = 600,
     sparse_steps: Annotated[
         int, typer.Option("--sparse-steps", min=0, help="Sparse-stage steps after it.")
@@ -62,6 +68,14 @@ def train(
             help="Index heads of the trained layers (0: 4 fresh, or as --init-from has them; more grows them).",
         ),
     ] = 0,
+    index_dim: Annotated[
+        int,
+        typer.Option(
+            "--index-dim",
+            min=0,
+            help="Dims of each index head in the trained layers (0: 64 fresh, or as --init-from has them; a multiple widens them, and RoPE then covers more frequencies).",
+        ),
+    ] = 0,
     query_rows: Annotated[
         int,
         typer.Option(
@@ -89,7 +103,7 @@ def train(
     from indexer_model.train import TrainConfig, run_training
 
     config = TrainConfig(
-        seq_len=seq_len,
+        seq_lens=_int_list(seq_len, "--seq-len"),
         steps=steps,
         sparse_steps=sparse_steps,
         topk=topk,
@@ -98,6 +112,7 @@ def train(
         max_seconds=max_seconds,
         index_sets=index_sets,
         index_heads=index_heads,
+        index_dim=index_dim,
         query_rows=query_rows,
         layers=_int_list(layers, "--layers"),
     )

@@ -77,13 +77,18 @@ def save_checkpoint(folder: Path, indexers: nn.ModuleList, config: dict, metrics
 
 
 def indexers_config(indexers: nn.ModuleList) -> dict:
-    """The config a checkpoint records: the most common layer's, plus `layer_heads` for layers with other head
-    counts (a harder layer may get more index heads than the rest)."""
-    counts = [indexer.n_heads for indexer in indexers]
-    common = max(set(counts), key=counts.count)
-    config = indexers[counts.index(common)].config()
-    layer_heads = {str(i): heads for i, heads in enumerate(counts) if heads != common}
-    return {**config, "layer_heads": layer_heads} if layer_heads else config
+    """The config a checkpoint records: the most common layer shape's, plus `layer_heads` / `layer_dims` for layers
+    with other head counts or head dims (a harder layer may get a bigger indexer than the rest)."""
+    shapes = [(indexer.n_heads, indexer.head_dim) for indexer in indexers]
+    common = max(set(shapes), key=shapes.count)
+    config = indexers[shapes.index(common)].config()
+    layer_heads = {str(i): heads for i, (heads, _) in enumerate(shapes) if heads != common[0]}
+    layer_dims = {str(i): dims for i, (_, dims) in enumerate(shapes) if dims != common[1]}
+    return {
+        **config,
+        **({"layer_heads": layer_heads} if layer_heads else {}),
+        **({"layer_dims": layer_dims} if layer_dims else {}),
+    }
 
 
 def load_checkpoint(
@@ -93,6 +98,7 @@ def load_checkpoint(
     config = json.loads((folder / "config.json").read_text())
     recorded = dict(config["indexer"])
     layer_heads = {int(layer): heads for layer, heads in recorded.pop("layer_heads", {}).items()}
+    layer_dims = {int(layer): dims for layer, dims in recorded.pop("layer_dims", {}).items()}
     if config.get("n_layer") != n_layer:
         raise ModelError(
             f"{folder}: indexer for {config.get('n_layer')} layers, model has {n_layer} — retrain it"
@@ -102,13 +108,14 @@ def load_checkpoint(
             dim,
             recorded["rope_base"],
             layer_heads.get(i, recorded["n_heads"]),
-            recorded["head_dim"],
+            layer_dims.get(i, recorded["head_dim"]),
             recorded.get("index_sets", 1),
         )
         for i in range(n_layer)
     )
+    common = next(i for i in range(n_layer) if i not in layer_dims)  # its RoPE dims are the recorded ones
     try:
-        indexers[0].check_config({**recorded, "n_heads": indexers[0].n_heads})
+        indexers[common].check_config({**recorded, "n_heads": indexers[common].n_heads})
     except ValueError as error:
         raise ModelError(
             f"{folder / 'config.json'}: {error} — retrain the indexer with this dsarag"

@@ -26,13 +26,13 @@ from indexer_model.model import Transformer, rope_cos_sin
 from rag.errors import BadInputError
 
 RECALL_KS = (256, 512, 1024, 2048)
-DEFAULT_INDEX_HEADS = 4
+DEFAULT_INDEX_HEADS, DEFAULT_INDEX_DIM = 4, 64
 N_SINK, WINDOW = 4, 64
 
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 8192
+    seq_lens: tuple[int, ...] = (8192,)  # window lengths; each step draws one of them at random
     steps: int = 600
     max_seconds: float = 0.0  # stop early when this wall time is spent (0 = no limit)
     sparse_steps: int = 0  # extra steps of the sparse stage (KL over the selected set)
@@ -45,7 +45,9 @@ class TrainConfig:
     # Index heads of the trained layers; 0 = DEFAULT_INDEX_HEADS for fresh indexers, or as --init-from has them.
     # More than --init-from has grows those layers (grow_heads): a hard layer can get more than the rest.
     index_heads: int = 0
-    index_dim: int = 64
+    # Dims of each index head in the trained layers; 0 = DEFAULT_INDEX_DIM for fresh indexers, or as --init-from
+    # has them. A multiple of that widens those layers (grow_dims).
+    index_dim: int = 0
     index_sets: int = 1  # selections per layer: 1 shared by all heads, or one per group of kv heads
     query_block: int = 1024
     # Query rows per window that take part in the loss (0 = all). A random subset keeps every distance up to
@@ -96,7 +98,7 @@ def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
             args.dim,
             args.rope_base,
             config.index_heads or DEFAULT_INDEX_HEADS,
-            config.index_dim,
+            config.index_dim or DEFAULT_INDEX_DIM,
             config.index_sets,
         )
         for _ in range(args.n_layer)
@@ -177,6 +179,54 @@ def grow_heads(indexers: nn.ModuleList, layers: list[int], n_heads: int) -> nn.M
     return grown
 
 
+def grow_dims(indexers: nn.ModuleList, layers: list[int], head_dim: int) -> nn.ModuleList:
+    """The same indexers with `head_dim` dims in `layers`, m times what they have; index scores are unchanged.
+
+    RoPE covers half of d_I, so m times the dims carries m times the frequencies: an indexer of 64 dims rotates
+    at every second frequency of a 64-dim model head, and only approximates a position pattern built on the others
+    (Qwen2.5's layer 0, whose q and k biases make its attention mostly a function of distance:
+    benchmarks/position_terms.py). Old rotation pair i moves to pair i * m, which turns at the same frequency;
+    every key dim is repeated m times, which leaves the key's LayerNorm statistics as they were; the query reads
+    only the first copy until training moves it."""
+    grown = nn.ModuleList(indexers)
+    for layer in layers:
+        old = indexers[layer]
+        if old.head_dim == head_dim:
+            continue
+        if head_dim % old.head_dim:
+            raise BadInputError(
+                f"--index-dim {head_dim}: layer {layer} of --init-from has {old.head_dim} dims — pass a multiple of it"
+            )
+        repeat, dim = head_dim // old.head_dim, old.wq.in_features
+        source, first = _repeated_dims(old.rope_dims, old.head_dim, repeat)
+        new = LightningIndexer(dim, old.rope_base, old.n_heads, head_dim, old.index_sets)
+        new = new.to(old.wq.weight.dtype)
+        with torch.no_grad():
+            new.wk.weight.copy_(old.wk.weight[source])
+            new.k_norm.weight.copy_(old.k_norm.weight[source])
+            new.k_norm.bias.copy_(old.k_norm.bias[source])
+            query = old.wq.weight.view(old.n_heads, old.head_dim, dim)[:, source] * first[None, :, None]
+            new.wq.weight.copy_(query.reshape(-1, dim))
+            # Scores carry a factor (H_I d_I)^-1/2: the wider head's smaller factor is made up in the weights.
+            new.weights_proj.weight.copy_(old.weights_proj.weight * math.sqrt(repeat))
+        grown[layer] = new
+    return grown
+
+
+def _repeated_dims(rope_dims: int, head_dim: int, repeat: int) -> tuple[Tensor, Tensor]:
+    """For each dim of an indexer `repeat` times wider: the old dim it copies, and whether it is the first copy.
+
+    Half-split layout: old pair (i, i + rope_dims/2) -> new pairs (i*repeat + c, i*repeat + c + new rope_dims/2);
+    the dims without RoPE follow the new rotated ones, each repeated in place."""
+    half, new_half = rope_dims // 2, rope_dims * repeat // 2
+    source = torch.empty(head_dim * repeat, dtype=torch.long)
+    pairs = torch.arange(half).repeat_interleave(repeat)
+    source[:new_half], source[new_half : 2 * new_half] = pairs, pairs + half
+    source[2 * new_half :] = torch.arange(rope_dims, head_dim).repeat_interleave(repeat)
+    # Every block of `repeat` dims starts at a multiple of `repeat` (new_half is one), so its copy number is n % repeat.
+    return source, torch.arange(head_dim * repeat) % repeat == 0
+
+
 def train_indexers(
     model: Transformer,
     tokens: np.ndarray,
@@ -194,15 +244,17 @@ def train_indexers(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, config, total_steps)
     )
-    positions = torch.arange(config.seq_len, device=device)
     layers = _layer_list(config.layers, len(indexers))
     curve: list[dict] = []
     started = time.perf_counter()
     for step in range(total_steps):
         sparse = step >= config.steps
-        start = int(rng.integers(0, len(tokens) - config.seq_len))
-        window = torch.from_numpy(tokens[start : start + config.seq_len]).to(device)[None]
-        rows = _query_rows(rng, config, device)
+        # One length draws nothing, so single-length runs pick the same windows as before lengths could mix.
+        seq_len = config.seq_lens[0] if len(config.seq_lens) == 1 else int(rng.choice(config.seq_lens))
+        positions = torch.arange(seq_len, device=device)
+        start = int(rng.integers(0, len(tokens) - seq_len))
+        window = torch.from_numpy(tokens[start : start + seq_len]).to(device)[None]
+        rows = _query_rows(rng, seq_len, config.query_rows, device)
         step_loss = 0.0
         inputs = frozen_attention_inputs(model, window, max(layers) + 1)
         for layer in layers:
@@ -213,7 +265,7 @@ def train_indexers(
             if sparse:
                 with torch.no_grad():
                     indices = select_topk_sets(
-                        idx_q, idx_w, idx_k, positions[rows], config.seq_len, config.topk, N_SINK, WINDOW
+                        idx_q, idx_w, idx_k, positions[rows], seq_len, config.topk, N_SINK, WINDOW
                     )
             loss = blockwise_indexer_kl_loss(
                 q, k, positions[rows], idx_q, idx_w, idx_k, indices, config.query_block,
@@ -226,7 +278,13 @@ def train_indexers(
         schedule.step()
         elapsed = time.perf_counter() - started
         curve.append(
-            {"step": step, "loss": step_loss / len(layers), "seconds": round(elapsed, 2), "sparse": sparse}
+            {
+                "step": step,
+                "loss": step_loss / len(layers),
+                "seconds": round(elapsed, 2),
+                "sparse": sparse,
+                "seq_len": seq_len,
+            }
         )
         if step % 10 == 0 or step == total_steps - 1:
             log(
@@ -246,11 +304,11 @@ def _layer_list(layers: tuple[int, ...], n_layer: int) -> list[int]:
     return sorted(set(layers)) or list(range(n_layer))
 
 
-def _query_rows(rng: np.random.Generator, config: TrainConfig, device: torch.device) -> Tensor:
+def _query_rows(rng: np.random.Generator, seq_len: int, query_rows: int, device: torch.device) -> Tensor:
     """Sorted query positions of this step's loss: all of them, or `query_rows` drawn at random."""
-    if not 0 < config.query_rows < config.seq_len:
-        return torch.arange(config.seq_len, device=device)
-    rows = np.sort(rng.choice(config.seq_len, config.query_rows, replace=False))
+    if not 0 < query_rows < seq_len:
+        return torch.arange(seq_len, device=device)
+    rows = np.sort(rng.choice(seq_len, query_rows, replace=False))
     return torch.from_numpy(rows).to(device)
 
 
@@ -418,6 +476,12 @@ def run_training(
     model = load_frozen_model(model_spec, device)
     tokens = load_token_stream(data, _tokenizer_encode(model_spec))
     log(f"{model_spec}: {model.args.n_layer} layers; {len(tokens):,} training tokens; device {device}")
+    longest = min(len(tokens) - 1, model.args.max_seq_len)
+    if not config.seq_lens or not all(128 <= length <= longest for length in config.seq_lens):
+        raise BadInputError(
+            f"--seq-len {','.join(map(str, config.seq_lens))}: windows must be 128 to {longest:,} tokens (the "
+            f"training text and the model's context) — pass shorter lengths or more text"
+        )
     init = None
     if config.layers and init_from is None:
         raise BadInputError("--layers trains some layers and keeps the others: pass --init-from CHECKPOINT")
@@ -429,6 +493,8 @@ def run_training(
         )
         if config.index_heads:
             init = grow_heads(init, _layer_list(config.layers, len(init)), config.index_heads)
+        if config.index_dim:
+            init = grow_dims(init, _layer_list(config.layers, len(init)), config.index_dim)
         log(f"continuing from {init_from}")
     indexers, curve = train_indexers(model, tokens, config, log, init)
     train_seconds = time.perf_counter() - started

@@ -27,11 +27,11 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     index_heads: float = 4  # per layer; the mean where layers differ (a hard layer may have more)
-    index_dim: int = 64
+    index_dim: float = 64  # per layer; the mean where layers differ
     bytes_per_value: int = 2  # bf16 weights, KV and index keys
 
     @classmethod
-    def from_args(cls, args: ModelArgs, index_heads: float = 4, index_dim: int = 64) -> "ModelShape":
+    def from_args(cls, args: ModelArgs, index_heads: float = 4, index_dim: float = 64) -> "ModelShape":
         return cls(
             n_layer=args.n_layer,
             n_head=args.n_head,
@@ -50,8 +50,11 @@ class ModelShape:
         indexers = [layer.attention.indexer for layer in model.layers if layer.attention.indexer is not None]
         if not indexers:
             return cls.from_args(model.args)
-        heads = sum(indexer.n_heads for indexer in indexers) / len(indexers)
-        return cls.from_args(model.args, heads, indexers[0].head_dim)
+        # Means over layers, the heads chosen so that heads x dim is the mean of each layer's: that product is
+        # what an index score costs per key, and the dim alone what a cached index key holds.
+        dims = sum(indexer.head_dim for indexer in indexers) / len(indexers)
+        heads_x_dims = sum(indexer.n_heads * indexer.head_dim for indexer in indexers) / len(indexers)
+        return cls.from_args(model.args, heads_x_dims / dims, dims)
 
     @property
     def layer_weights(self) -> int:

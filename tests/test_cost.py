@@ -156,8 +156,8 @@ def test_empty_ledger_reports_zero(tmp_path):
     assert cost_report(read_ledger(tmp_path / "none"))["total"]["answers"] == 0
 
 
-def test_shape_of_a_model_counts_its_indexers_mean_head_count():
-    from indexer_model.train import TrainConfig, grow_heads, load_frozen_model, make_indexers
+def test_shape_of_a_model_counts_its_indexers_mean_heads_and_dims():
+    from indexer_model.train import TrainConfig, grow_dims, grow_heads, load_frozen_model, make_indexers
 
     model = load_frozen_model("tiny", "cpu")
     assert ModelShape.of(model).index_heads == 4  # no indexers attached: the design default
@@ -169,3 +169,11 @@ def test_shape_of_a_model_counts_its_indexers_mean_head_count():
         prefill_cost(ModelShape.from_args(model.args), 4096, 512),
     )
     assert sparse.indexer_flops == 2 * four_heads.indexer_flops
+    model.attach_indexers(grow_dims(indexers, [1], 128))  # one layer with twice the dims of each index head
+    shape = ModelShape.of(model)
+    per_layer = [
+        (layer.attention.indexer.n_heads, layer.attention.indexer.head_dim) for layer in model.layers
+    ]
+    assert shape.index_dim == pytest.approx(sum(dims for _, dims in per_layer) / len(per_layer))
+    heads_x_dims = sum(heads * dims for heads, dims in per_layer) / len(per_layer)
+    assert shape.index_heads * shape.index_dim == pytest.approx(heads_x_dims)  # what each key's score costs

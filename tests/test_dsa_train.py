@@ -1,5 +1,5 @@
-"""`dsarag indexer train` options for long windows (a random subset of query rows, a subset of layers) and
-`dsarag indexer eval`."""
+"""`dsarag indexer train` options for long windows (a random subset of query rows, mixed lengths, a subset of
+layers, grown heads and dims) and `dsarag indexer eval`."""
 
 import copy
 import json
@@ -14,12 +14,14 @@ from indexer_model.checkpoint import (
     save_checkpoint,
     weights_fingerprint,
 )
+from indexer_model.dsa import DSAConfig
 from indexer_model.indexer import index_scores
 from indexer_model.train import (
     TrainConfig,
     _query_rows,
     attention_mass_recall,
     checkpoint_config,
+    grow_dims,
     grow_heads,
     load_frozen_model,
     make_indexers,
@@ -30,18 +32,18 @@ from rag.errors import BadInputError
 
 def test_query_rows_are_a_sorted_random_subset_and_zero_means_all():
     rng = np.random.default_rng(0)
-    rows = _query_rows(rng, TrainConfig(seq_len=1000, query_rows=64), torch.device("cpu"))
+    rows = _query_rows(rng, 1000, 64, torch.device("cpu"))
     assert len(rows) == 64 and len(set(rows.tolist())) == 64
     assert torch.equal(rows, rows.sort().values) and rows.max() < 1000
     assert rows.max() > 500  # drawn over the whole window, so long distances take part
-    every = _query_rows(rng, TrainConfig(seq_len=100, query_rows=0), torch.device("cpu"))
+    every = _query_rows(rng, 100, 0, torch.device("cpu"))
     assert torch.equal(every, torch.arange(100))
 
 
 def test_training_some_layers_on_some_rows_leaves_the_other_layers_untouched():
     model = load_frozen_model("tiny", "cpu")
     tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
-    config = TrainConfig(seq_len=256, steps=2, query_rows=48, layers=(1,), warmup_steps=1)
+    config = TrainConfig(seq_lens=(256,), steps=2, query_rows=48, layers=(1,), warmup_steps=1)
     torch.manual_seed(0)
     start = make_indexers(model, config)
     trained, curve = train_indexers(model, tokens, config, log=lambda _: None, init=copy.deepcopy(start))
@@ -62,7 +64,7 @@ def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_t
     curves = {}
     for weight in (0.0, 1.0):
         config = TrainConfig(
-            seq_len=256, steps=1, sparse_steps=1, topk=128, layers=(1,), sparse_dense_weight=weight
+            seq_lens=(256,), steps=1, sparse_steps=1, topk=128, layers=(1,), sparse_dense_weight=weight
         )
         _, curves[weight] = train_indexers(
             model, tokens, config, log=lambda _: None, init=copy.deepcopy(start)
@@ -92,7 +94,7 @@ def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer
         grow_heads(start, [0], 2)
 
     tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
-    config = TrainConfig(seq_len=256, steps=2, layers=(0,), index_heads=8, warmup_steps=1)
+    config = TrainConfig(seq_lens=(256,), steps=2, layers=(0,), index_heads=8, warmup_steps=1)
     trained, _ = train_indexers(model, tokens, config, log=lambda _: None, init=grown)
     new_weights = trained[0].weights_proj.weight.view(8, -1)[4:]
     assert new_weights.abs().sum() > 0  # the zero-started heads take part in training
@@ -107,11 +109,66 @@ def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer
     )
 
 
-def test_layers_without_a_checkpoint_to_keep_the_others_is_refused(tmp_path, run_cli):
+def test_widened_index_dims_keep_scores_and_logits_then_learn_and_a_checkpoint_keeps_per_layer_dims(tmp_path):
+    model = load_frozen_model("tiny", "cpu")
+    trained = load_checkpoint(find_checkpoint(weights_fingerprint(model)), model.args.dim, model.args.n_layer)
+    wide = grow_dims(copy.deepcopy(trained), [0], 128)
+    assert (wide[0].head_dim, wide[0].rope_dims) == (128, 64)
+    assert [indexer.head_dim for indexer in wide[1:]] == [64] * (model.args.n_layer - 1)
+    # RoPE over 64 dims turns at every frequency of the 32 before and at one more between each two of them.
+    hidden, positions = torch.randn(1, 96, model.args.dim), torch.arange(96) + 5000
+    before, after = trained[0].project(hidden, positions), wide[0].project(hidden, positions)
+    scores_before = index_scores(*before, positions, positions)
+    scores_after = index_scores(*after, positions, positions)
+    causal = torch.isfinite(scores_before)
+    torch.testing.assert_close(scores_after[causal], scores_before[causal], atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.isfinite(scores_after), causal)
+    with pytest.raises(BadInputError, match="--index-dim 96"):
+        grow_dims(trained, [0], 96)
+
+    # The whole model selects the same keys through the wider layer, so its sparse logits are unchanged.
+    prompt = torch.from_numpy(np.random.default_rng(0).integers(100, 20000, size=300))[None]
+    logits = []
+    for indexers in (trained, wide):
+        model.attach_indexers(copy.deepcopy(indexers))
+        model.setup_caches(1, 300)
+        with torch.inference_mode():
+            logits.append(model(prompt, torch.arange(300), dsa=DSAConfig(topk=96, dense_threshold=0)).float())
+        model.clear_caches()
+    torch.testing.assert_close(logits[1], logits[0], atol=0.05, rtol=0.0)
+
+    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
+    config = TrainConfig(seq_lens=(256,), steps=2, layers=(0,), index_dim=128, warmup_steps=1)
+    learned, _ = train_indexers(model, tokens, config, log=lambda _: None, init=wide)
+    new_dims = learned[0].wq.weight.view(learned[0].n_heads, 128, -1)[:, 1::2]
+    assert new_dims.abs().sum() > 0  # the frequencies the narrow indexer lacked take part in training
+    save_checkpoint(tmp_path, learned, checkpoint_config(model, learned, config, {}), {})
+    recorded = json.loads((tmp_path / "config.json").read_text())["indexer"]
+    assert recorded["head_dim"] == 64 and recorded["layer_dims"] == {"0": 128}
+    loaded = load_checkpoint(tmp_path, model.args.dim, model.args.n_layer)
+    assert [indexer.head_dim for indexer in loaded] == [128] + [64] * (model.args.n_layer - 1)
+
+
+def test_mixed_window_lengths_are_each_drawn_and_recorded_in_the_loss_curve():
+    model = load_frozen_model("tiny", "cpu")
+    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
+    config = TrainConfig(seq_lens=(128, 256), steps=8, query_rows=32, layers=(1,), warmup_steps=1)
+    _, curve = train_indexers(model, tokens, config, log=lambda _: None, init=make_indexers(model, config))
+    assert {step["seq_len"] for step in curve} == {128, 256}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seq-len", "256", "--layers", "0"], "--init-from"),
+        (["--seq-len", "256,2000"], "--seq-len 256,2000"),
+    ],
+)
+def test_bad_training_options_are_refused_before_anything_is_written(tmp_path, run_cli, extra, message):
     np.save(tmp_path / "train.npy", np.arange(100, 1100))
     args = ["--model", "tiny", "--data", str(tmp_path / "train.npy"), "--out", str(tmp_path / "out")]
-    code, _, err = run_cli("indexer", "train", *args, "--seq-len", "256", "--layers", "0", "--device", "cpu")
-    assert code == 2 and "--init-from" in err
+    code, _, err = run_cli("indexer", "train", *args, *extra, "--device", "cpu")
+    assert code == 2 and message in err
     assert not (tmp_path / "out").exists()
 
 

@@ -100,9 +100,11 @@ def test_topk_select_breaks_ties_by_position():
     assert sorted(got[0, 0].tolist()) == list(range(10))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_select_topk_matches_the_model_selection(dtype):
-    q, w, k = indexer_inputs(batch=1, n_queries=48, n_keys=80, seed=3)
+@pytest.mark.parametrize(
+    ("dtype", "dim"), [(torch.bfloat16, 16), (torch.float32, 16), (torch.bfloat16, 128)]
+)  # 128: a widened layer's index heads (train.grow_dims)
+def test_select_topk_matches_the_model_selection(dtype, dim):
+    q, w, k = indexer_inputs(batch=1, n_queries=48, n_keys=80, dim=dim, seed=3)
     q, w, k = q.to(dtype), w.to(dtype), k.to(dtype)
     q_start = 32
     got = select_topk(q, w, k, q_start, n_keys=80, topk=20, n_sink=2, window=3, chunk_elements=16 * 80)
