@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from indexer_model.checkpoint import load_checkpoint  # noqa: E402
 from indexer_model.dsa import DSAConfig, dense_attention, sparse_attention, union_of_selections  # noqa: E402
 from indexer_model.generate import load_generator  # noqa: E402
 from indexer_model.indexer import select_topk  # noqa: E402
@@ -94,9 +95,12 @@ def time_layer(attention, x, rope, positions, cfg: DSAConfig, block: int) -> dic
 
 
 @torch.inference_mode()
-def measure(heldout: np.ndarray, length: int, layers: list[int], cfg: DSAConfig, block: int) -> dict:
-    generator = load_generator()
-    model = generator.model
+def measure(
+    heldout: np.ndarray, length: int, layers: list[int], cfg: DSAConfig, block: int, checkpoint: Path | None
+) -> dict:
+    model = load_generator().model
+    if checkpoint is not None:  # another checkpoint of the same base model, e.g. one with a wider layer
+        model.attach_indexers(load_checkpoint(checkpoint, model.args.dim, model.args.n_layer))
     model.setup_caches(1, length)
     positions = torch.arange(length)
     results: dict = {}
@@ -126,15 +130,20 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--block", type=int, default=64, help="queries per gathered union")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
+    parser.add_argument("--checkpoint", type=Path, help="indexer checkpoint (default: the shipped one)")
     options = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     heldout = np.load(options.heldout)
     cfg = DSAConfig(topk=options.topk, dense_threshold=0)
-    rows = {n: measure(heldout, n, options.layers, cfg, options.block) for n in options.lengths}
+    rows = {
+        n: measure(heldout, n, options.layers, cfg, options.block, options.checkpoint)
+        for n in options.lengths
+    }
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "topk": options.topk,
+        "checkpoint": str(options.checkpoint or "shipped"),
         "block": options.block,
         "load_average": os.getloadavg()[0],
     }
