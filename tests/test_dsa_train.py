@@ -115,7 +115,7 @@ def test_widened_index_dims_keep_scores_and_logits_then_learn_and_a_checkpoint_k
     wide = grow_dims(copy.deepcopy(trained), [0], 128)
     assert (wide[0].head_dim, wide[0].rope_dims) == (128, 64)
     assert [indexer.head_dim for indexer in wide[1:]] == [64] * (model.args.n_layer - 1)
-    # RoPE over 64 dims turns at every frequency of the 32 before and at one more between each two of them.
+    # 64 rotated dims: the 16 frequencies the 32 rotated dims had, and one more between each two of them.
     hidden, positions = torch.randn(1, 96, model.args.dim), torch.arange(96) + 5000
     before, after = trained[0].project(hidden, positions), wide[0].project(hidden, positions)
     scores_before = index_scores(*before, positions, positions)
