@@ -94,7 +94,7 @@ def modes_for(
     dense_tails: tuple[int, ...] = (0,),
 ) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
-    (named e.g. dsa-2048-dense0); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
+    (named e.g. dsa-2048-dense0, or dsa-512-dense-decode-tail32-dense0+23); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
     beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
     prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode), and
     each of `dense_tails` gives them that many last prompt positions attending densely (e.g. dsa-2048-tail64)."""
@@ -113,7 +113,17 @@ def modes_for(
         modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
     if dense_layers:
         suffix = "dense" + "+".join(map(str, dense_layers))
-        modes += [Mode(f"dsa-{k}-{suffix}", k, dense_layers=dense_layers) for k in topks]
+        modes += [
+            Mode(
+                f"dsa-{k}{decode}{f'-tail{tail}' if tail else ''}-{suffix}",
+                k,
+                dense_layers=dense_layers,
+                sparse_decode=not dense_decode,
+                dense_tail=tail,
+            )
+            for tail in dense_tails
+            for k in topks
+        ]
     if untrained_topk:
         modes.append(Mode(f"dsa-{untrained_topk}-untrained", untrained_topk, "untrained"))
     return modes

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.dsa_quality import merge_results
+from benchmarks.dsa_quality import merge_results, modes_for
 
 
 def _case(variant: int, modes: dict) -> dict:
@@ -37,3 +37,15 @@ def test_modes_of_one_haystack_from_two_runs_join_and_other_haystacks_append(tmp
     only_dense = merge_results([first, second], niah_modes=["dense"])
     assert only_dense["niah"]["modes"] == ["dense"]
     assert [list(case["modes"]) for case in only_dense["niah"]["cases"]] == [["dense"], ["dense"]]
+
+
+def test_dense_layer_modes_answer_as_their_dsa_modes_do():
+    modes = {
+        mode.name: mode for mode in modes_for([512], None, (0, 23), dense_decode=True, dense_tails=(32,))
+    }
+    with_dense_layers = modes["dsa-512-dense-decode-tail32-dense0+23"].dsa()
+    assert with_dense_layers.dense_layers == (0, 23)
+    assert not with_dense_layers.sparse_decode and with_dense_layers.dense_tail == 32
+    assert modes["dsa-512-dense-decode-tail32"].dsa().dense_layers == ()
+    pure = {mode.name: mode for mode in modes_for([512], None, (0,))}["dsa-512-dense0"].dsa()
+    assert pure.sparse_decode and pure.dense_tail == 0 and pure.dense_layers == (0,)
