@@ -541,6 +541,8 @@ def run_sections(
             options.dense_decode,
             tuple(options.dense_tails),
         )
+        if options.only_modes:  # the rest measured before on the same haystacks: `report` joins the runs
+            modes = [mode for mode in modes if mode.name in options.only_modes]
         recorder.data["niah_spec"] = {key: value for key, value in spec.items() if key != "cases"}
         niah_section(model, indexer_sets, spec, modes, deadline, saver("niah"), options.niah_variants)
         log(f"niah done at {deadline_elapsed(deadline):.0f} s")
@@ -1056,6 +1058,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run each DSA mode with these layers dense (perplexity and NIAH), e.g. 0",
     )
     run.add_argument("--niah-variants", type=_ints, default=None, help="run only these haystack variants")
+    run.add_argument(
+        "--only-modes", type=lambda text: text.split(","), default=None, help="NIAH: run only these modes"
+    )
     run.add_argument(
         "--uniform-too", action="store_true", help="also run each DSA mode with one k for every layer"
     )
