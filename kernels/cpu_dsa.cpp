@@ -19,7 +19,8 @@ namespace {
 // the accumulators below in registers, where plain arrays were spilled to memory.
 typedef float v8 __attribute__((vector_size(32)));
 
-inline v8 splat(float x) { return v8{} + x; }
+// A plain broadcast: v8{} + x must add 0 first (x may be -0), one more instruction in the scoring loop.
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
 inline v8 load8(const float* p) {
   v8 r;
   std::memcpy(&r, p, sizeof r);
@@ -54,7 +55,7 @@ inline v8 exp8(v8 x) {
   return y * scale;
 }
 
-constexpr int kKeyTile = 16;  // keys scored together: two registers per index head, 8 independent sums
+constexpr int kKeyTile = 24;  // keys scored together: three registers per index head, 12 independent sums
 constexpr int kHeadGroup = 4;  // index heads summed together (the caller pads to a multiple of it)
 constexpr int kQueryBlock = 8;  // queries scored together per key tile
 constexpr int kRadixBits = 12;  // top-k threshold buckets: sign, exponent and 3 bits, an eighth of an octave
@@ -62,25 +63,34 @@ constexpr int kValueBlock = 64;  // keys whose value rows are weighted together 
 constexpr int kValuePrefetch = 32;  // value rows asked for this many keys ahead (8 / 16: 1.3x slower, random keys)
 
 // scores[s] = sum_h w[h] * relu(q[h] . k[s]) for the kKeyTile keys of one tile, (dim, kKeyTile) contiguous.
+// 12 independent sums (4 heads x 3 key registers) keep both FMA pipes busy; with 16-key tiles (8 sums) this loop
+// ran at about half of a float32 matmul's rate, now at three quarters (docs/benchmarks.md, "DSA on the CPU").
 void score_tile(const float* q, const float* w, const float* keys, int n_heads, int dim, float* scores) {
-  v8 total0{}, total1{};
+  v8 total0{}, total1{}, total2{};
+  const v8 zero{};
   for (int h0 = 0; h0 < n_heads; h0 += kHeadGroup) {
     const float *q0 = q + h0 * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
-    v8 a0{}, a1{}, b0{}, b1{}, c0{}, c1{}, d0{}, d1{};
+    v8 a0{}, a1{}, a2{}, b0{}, b1{}, b2{}, c0{}, c1{}, c2{}, d0{}, d1{}, d2{};
     for (int i = 0; i < dim; ++i) {
-      const v8 k0 = load8(keys + i * kKeyTile), k1 = load8(keys + i * kKeyTile + 8);
-      const v8 x0 = splat(q0[i]), x1 = splat(q1[i]), x2 = splat(q2[i]), x3 = splat(q3[i]);
-      a0 += x0 * k0, a1 += x0 * k1, b0 += x1 * k0, b1 += x1 * k1;
-      c0 += x2 * k0, c1 += x2 * k1, d0 += x3 * k0, d1 += x3 * k1;
+      const float* row = keys + i * kKeyTile;
+      const v8 k0 = load8(row), k1 = load8(row + 8), k2 = load8(row + 16);
+      v8 x = splat(q0[i]);
+      a0 += x * k0, a1 += x * k1, a2 += x * k2;
+      x = splat(q1[i]);
+      b0 += x * k0, b1 += x * k1, b2 += x * k2;
+      x = splat(q2[i]);
+      c0 += x * k0, c1 += x * k1, c2 += x * k2;
+      x = splat(q3[i]);
+      d0 += x * k0, d1 += x * k1, d2 += x * k2;
     }
-    const v8 zero{};
-    total0 += w[h0] * max8(a0, zero) + w[h0 + 1] * max8(b0, zero) + w[h0 + 2] * max8(c0, zero) +
-              w[h0 + 3] * max8(d0, zero);
-    total1 += w[h0] * max8(a1, zero) + w[h0 + 1] * max8(b1, zero) + w[h0 + 2] * max8(c1, zero) +
-              w[h0 + 3] * max8(d1, zero);
+    const float w0 = w[h0], w1 = w[h0 + 1], w2 = w[h0 + 2], w3 = w[h0 + 3];
+    total0 += w0 * max8(a0, zero) + w1 * max8(b0, zero) + w2 * max8(c0, zero) + w3 * max8(d0, zero);
+    total1 += w0 * max8(a1, zero) + w1 * max8(b1, zero) + w2 * max8(c1, zero) + w3 * max8(d1, zero);
+    total2 += w0 * max8(a2, zero) + w1 * max8(b2, zero) + w2 * max8(c2, zero) + w3 * max8(d2, zero);
   }
   store8(scores, total0);
   store8(scores + 8, total1);
+  store8(scores + 16, total2);
 }
 
 // The same scores for keys stored as rows (n_keys, dim): the decode path, where laying the whole cache out in

@@ -25,7 +25,7 @@ from indexer_model.indexer import check_topk_holds_forced
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-KEY_TILE = 16  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
+KEY_TILE = 24  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
 HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
 # Fewer queries score the index key cache row by row: laying it out in tiles each decode step copied the whole
 # cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
