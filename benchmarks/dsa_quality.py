@@ -94,8 +94,8 @@ def modes_for(
     dense_tails: tuple[int, ...] = (0,),
 ) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
-    (named e.g. dsa-2048-dense0, or dsa-512-dense-decode-tail32-dense0+23); with `uniform_too` the DSA modes with one k for every layer (dsa-2048-uniform,
-    beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
+    (named e.g. dsa-2048-dense0, or dsa-512-dense-decode-tail32-dense0+23); with `uniform_too` the DSA modes with
+    one k for every layer (dsa-2048-uniform, beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
     prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode), and
     each of `dense_tails` gives them that many last prompt positions attending densely (e.g. dsa-2048-tail64)."""
     decode = "-dense-decode" if dense_decode else ""

@@ -125,30 +125,31 @@ struct TopkScratch {
   std::vector<int64_t> kept;  // positions of the scores in that bucket or above, ascending
 };
 
-// The best `wanted` of values[0, n) (0 < wanted <= n) as ascending positions into `out`, ties to the lowest
-// positions. Two passes over the row: a histogram of the keys' top kRadixBits bits finds the bucket that holds the
+// The best `wanted` of scores[first, last) (0 < wanted <= last - first) as ascending positions into `out`, ties to
+// the lowest positions. Two passes over the row: a histogram of the keys' top kRadixBits bits finds the bucket that holds the
 // wanted-th largest; the second keeps the positions at or above that bucket (about wanted of them) and the bucket's
 // values, and nth_element runs over the bucket alone. Counting the values above the threshold and writing the
 // chosen positions then go over the bucket and the kept positions, not the whole row.
-int64_t best_positions(const float* values, int64_t n, int64_t wanted, TopkScratch& scratch, int64_t* out) {
+int64_t best_positions(const float* scores, int64_t first, int64_t last, int64_t wanted, TopkScratch& scratch,
+                       int64_t* out) {
   constexpr int kShift = 32 - kRadixBits;
   std::vector<uint32_t>& counts = scratch.counts;
   counts.assign(size_t{1} << kRadixBits, 0);
-  for (int64_t s = 0; s < n; ++s) ++counts[order_key(values[s]) >> kShift];
+  for (int64_t s = first; s < last; ++s) ++counts[order_key(scores[s]) >> kShift];
   int64_t above = 0;  // values in buckets above the one holding the answer
   uint32_t top = (1u << kRadixBits) - 1;
   while (above + counts[top] < wanted) above += counts[top--];
   // Written without branches: about half the row passes at k = 2048 and 8K, and a branch mispredicted often.
-  scratch.bucket.resize(n);
-  scratch.kept.resize(n);
+  scratch.bucket.resize(last - first);
+  scratch.kept.resize(last - first);
   float* bucket = scratch.bucket.data();
   int64_t* kept = scratch.kept.data();
   int64_t n_bucket = 0, n_kept = 0;
-  for (int64_t s = 0; s < n; ++s) {
-    const uint32_t key = order_key(values[s]) >> kShift;
+  for (int64_t s = first; s < last; ++s) {
+    const uint32_t key = order_key(scores[s]) >> kShift;
     kept[n_kept] = s;
     n_kept += key >= top;
-    bucket[n_bucket] = values[s];
+    bucket[n_bucket] = scores[s];
     n_bucket += key == top;
   }
   float* kth = bucket + n_bucket - (wanted - above);
@@ -159,7 +160,7 @@ int64_t best_positions(const float* values, int64_t n, int64_t wanted, TopkScrat
   int64_t ties = wanted - greater;  // ties at the threshold go to the lowest positions
   int64_t filled = 0;
   for (int64_t j = 0; j < n_kept; ++j) {
-    const float value = values[kept[j]];
+    const float value = scores[kept[j]];
     if (value > threshold || (value == threshold && ties-- > 0)) out[filled++] = kept[j];
   }
   return filled;
@@ -177,9 +178,7 @@ void select_row(const float* scores, int64_t position, int topk, int n_sink, int
     const int64_t wanted = topk - n_sink - window;  // 0: sinks and window fill k
     for (int64_t s = 0; s < first; ++s) out[filled++] = s;
     if (wanted > 0) {
-      const int64_t chosen = best_positions(scores + first, last - first, wanted, scratch, out + filled);
-      for (int64_t j = filled; j < filled + chosen; ++j) out[j] += first;
-      filled += chosen;
+      filled += best_positions(scores, first, last, wanted, scratch, out + filled);
     }
     for (int64_t s = last; s <= position; ++s) out[filled++] = s;
   }
