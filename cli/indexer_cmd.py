@@ -226,6 +226,29 @@ def budget(
     )
 
 
+@indexer_app.command("tokenize")
+def tokenize(
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of .txt/.rst/.md files, read as `train --data` reads it.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Token ids to write (.npy).")],
+    model: ModelOption = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Save a text folder's token ids for `train --data` / `--eval-data` on a machine with only the GGUF."""
+    import json
+
+    from indexer_model.token_ids import write_token_ids
+
+    summary = write_token_ids(model, folder, out)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(
+        f"{summary['out']}: {summary['tokens']:,} tokens from {summary['files']} files (sha256 {summary['sha256']})"
+    )
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())

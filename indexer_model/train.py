@@ -23,6 +23,7 @@ from indexer_model.distill import (
 )
 from indexer_model.indexer import LightningIndexer, select_topk_sets
 from indexer_model.model import Transformer, rope_cos_sin
+from indexer_model.token_ids import load_token_stream, tokenizer_encode
 from rag.errors import BadInputError
 
 RECALL_KS = (256, 512, 1024, 2048)
@@ -74,16 +75,6 @@ def load_frozen_model(spec: str, device: str) -> Transformer:
 
         model = load_model(resolve_model(spec))
     return model.to(device).requires_grad_(False)
-
-
-def load_token_stream(data: Path, encode: Callable[[str], list[int]] | None = None) -> np.ndarray:
-    """Token ids from a `.npy` file, or from every .txt/.rst/.md file under a folder (sorted, blank-line joined)."""
-    if data.suffix == ".npy":
-        return np.load(data).astype(np.int64)
-    if encode is None:
-        raise ValueError(f"{data}: a text folder needs the model's tokenizer; pass token ids as .npy instead")
-    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in {".txt", ".rst", ".md"})
-    return np.array(encode("\n\n".join(p.read_text(errors="replace") for p in files)), dtype=np.int64)
 
 
 def make_indexers(model: Transformer, config: TrainConfig) -> nn.ModuleList:
@@ -422,7 +413,7 @@ def evaluate_checkpoint(
             "with `dsarag indexer train`"
         )
     _layer_list(layers, model.args.n_layer)  # refuses layers the model lacks, before the slow part
-    tokens = load_token_stream(eval_data, _tokenizer_encode(model_spec))
+    tokens = load_token_stream(eval_data, tokenizer_encode(model_spec))
     longest = min(len(tokens), model.args.max_seq_len)
     if any(length > longest for length in lengths):
         raise BadInputError(
@@ -474,7 +465,7 @@ def run_training(
     device = _resolve_device(device)
     started = time.perf_counter()
     model = load_frozen_model(model_spec, device)
-    tokens = load_token_stream(data, _tokenizer_encode(model_spec))
+    tokens = load_token_stream(data, tokenizer_encode(model_spec))
     log(f"{model_spec}: {model.args.n_layer} layers; {len(tokens):,} training tokens; device {device}")
     longest = min(len(tokens) - 1, model.args.max_seq_len)
     if not config.seq_lens or not all(128 <= length <= longest for length in config.seq_lens):
@@ -500,7 +491,7 @@ def run_training(
     train_seconds = time.perf_counter() - started
     metrics: dict = {"loss_curve": curve, "train_seconds": round(train_seconds, 1), "recall": {}}
     if eval_data is not None:
-        held_out = load_token_stream(eval_data, _tokenizer_encode(model_spec))
+        held_out = load_token_stream(eval_data, tokenizer_encode(model_spec))
         untrained = make_indexers(model, config).to(device)
         for length in eval_lengths:
             if length > min(len(held_out), model.args.max_seq_len):
@@ -522,15 +513,6 @@ def run_training(
     save_checkpoint(out, indexers, checkpoint_config(model, indexers, config, extra), metrics)
     log(f"wrote {out}")
     return metrics
-
-
-def _tokenizer_encode(model_spec: str) -> Callable[[str], list[int]] | None:
-    if model_spec.endswith(".gguf"):
-        return None  # token ids come pre-tokenized (.npy) where only the GGUF travels
-    from indexer_model.resolve import resolve_model
-    from indexer_model.tokenizer import ChatTokenizer
-
-    return ChatTokenizer(resolve_model(model_spec)).encode
 
 
 def _resolve_device(device: str) -> str:
