@@ -47,6 +47,10 @@ from indexer_model.train import (
     window_starts,
 )
 
+# Run as a script, benchmarks/ itself is not on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.oracle_dsa import oracle_selection  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = (0.1, 0.5, 0.9)
 LENGTHS = (4096, 8192, 16384, 32768)
@@ -61,7 +65,8 @@ GOALS = {
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """One attention setting: dense (topk None), or DSA at `topk` with the trained or an untrained indexer."""
+    """One attention setting: dense (topk None), or DSA at `topk` with the trained or an untrained indexer, or
+    with the oracle's selection (benchmarks/oracle_dsa.py: the top-k of the layer's own dense attention)."""
 
     name: str
     topk: int | None
@@ -92,12 +97,14 @@ def modes_for(
     uniform_too: bool = False,
     dense_decode: bool = False,
     dense_tails: tuple[int, ...] = (0,),
+    oracle: bool = False,
 ) -> list[Mode]:
     """Dense, DSA at each k, and with `dense_layers` the same DSA modes with those layers kept dense beside them
     (named e.g. dsa-2048-dense0, or dsa-512-dense-decode-tail32-dense0+23); with `uniform_too` the DSA modes with
     one k for every layer (dsa-2048-uniform, beside the checkpoint's per-layer k); then the untrained floor. With `dense_decode` the trained DSA modes
     prefill sparsely and decode densely, as `--attention auto` answers (named e.g. dsa-2048-dense-decode), and
-    each of `dense_tails` gives them that many last prompt positions attending densely (e.g. dsa-2048-tail64)."""
+    each of `dense_tails` gives them that many last prompt positions attending densely (e.g. dsa-2048-tail64).
+    With `oracle` each of those DSA modes also runs with the oracle's selection (oracle-2048-dense-decode-tail32)."""
     decode = "-dense-decode" if dense_decode else ""
     modes = [Mode("dense", None)] + [
         Mode(
@@ -109,6 +116,11 @@ def modes_for(
         for tail in dense_tails
         for k in topks
     ]
+    if oracle:
+        modes += [
+            dataclasses.replace(mode, name=mode.name.replace("dsa-", "oracle-", 1), indexers="oracle")
+            for mode in modes[1:]
+        ]
     if uniform_too:
         modes += [Mode(f"dsa-{k}-uniform", k, per_layer_topk=False) for k in topks]
     if dense_layers:
@@ -363,7 +375,10 @@ def niah_section(
                 entry["modes"][mode.name] = {"skipped": "deadline"}
                 continue
             model.attach_indexers(indexer_sets[mode.indexers])
-            entry["modes"][mode.name] = answer_case(model, case, mode.dsa(), spec["max_new_tokens"], stop_ids)
+            with oracle_selection(mode.indexers == "oracle"):
+                entry["modes"][mode.name] = answer_case(
+                    model, case, mode.dsa(), spec["max_new_tokens"], stop_ids
+                )
         save(section)
     return section
 
@@ -485,7 +500,9 @@ def run_sections(
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    indexer_sets = {"trained": trained, "untrained": untrained_indexers(model)}
+    # The oracle keeps the trained indexers attached: their key caches stay written, so dense steps and
+    # CUDA-graph decode steps run as in the trained modes.
+    indexer_sets = {"trained": trained, "untrained": untrained_indexers(model), "oracle": trained}
     max_len = model.args.max_seq_len
     if options.cpu_timing:
         cpu_timing_section(
@@ -540,6 +557,7 @@ def run_sections(
             options.uniform_too,
             options.dense_decode,
             tuple(options.dense_tails),
+            options.oracle,
         )
         if options.only_modes:  # the rest measured before on the same haystacks: `report` joins the runs
             modes = [mode for mode in modes if mode.name in options.only_modes]
@@ -724,7 +742,7 @@ def check_goals(data: dict) -> list[dict]:
                 value = budget_recall(per_layer, k, scales)
                 goals.append(_goal(f"mean recall @k={k} spread per layer, {length} tokens", value, target))
     for mode, by_length in data.get("niah_scored", {}).get("summary", {}).get("on_dense_solved", {}).items():
-        if mode == "dense" or mode.endswith("untrained"):  # the untrained indexer is a baseline
+        if mode == "dense" or mode.endswith("untrained") or mode.startswith("oracle"):  # baselines
             continue
         correct, total = (sum(cell[i] for cell in by_length.values()) for i in (0, 1))
         points = 100.0 * (1 - correct / total) if total else float("nan")
@@ -1074,6 +1092,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_ints,
         default=[0],
         help="NIAH: run the DSA modes with each of these many last prompt positions attending densely, e.g. 0,64",
+    )
+    run.add_argument(
+        "--oracle",
+        action="store_true",
+        help="NIAH: also run each DSA mode with the top-k of the true attention (oracle-K...), a perfect indexer",
     )
     run.add_argument("--cpu-timing", action="store_true", help="only time CPU prefill, dense vs DSA")
     run.add_argument("--timing-lengths", type=_ints, default=[4096, 8192, 16384])
