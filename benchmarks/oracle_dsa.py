@@ -32,9 +32,8 @@ def oracle_topk(
         positions = q_positions[t0 : t0 + block, None]
         target = dense_attention_target(q[:, :, t0 : t0 + block], k, q_positions[t0 : t0 + block], block)
         forced = (keys < n_sink) | ((keys > positions - window) & (keys <= positions))
-        target = target.masked_fill_(forced, 2.0).masked_fill_(
-            keys > positions, -1.0
-        )  # forced > any p > future
+        # Forced keys rank above any probability, future keys below every past one.
+        target = target.masked_fill_(forced, 2.0).masked_fill_(keys > positions, -1.0)
         values, indices = target.topk(min(topk, n_keys), dim=-1)
         selected[:, t0 : t0 + block, : indices.shape[-1]] = indices.masked_fill_(values < 0, -1)
     return selected
