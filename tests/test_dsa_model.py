@@ -1,5 +1,6 @@
 """DSA inside the model: trained indexers found by fingerprint, sparse generation, recall against a random indexer."""
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -90,15 +91,15 @@ def test_a_dense_tail_attends_to_every_key_and_keeps_the_index_keys_for_sparse_d
     model, n, tail = tiny.model, 300, 16
     prompt, positions = torch.tensor([long_prompt[:n]]), torch.arange(n)
 
-    def run(dsa: DSAConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(dsa: DSAConfig | None, length: int = n) -> tuple[torch.Tensor, torch.Tensor]:
         """Last prompt logits and layer 1's keys (which hold layer 0's attention output at each position)."""
         with torch.inference_mode():
             model.setup_caches(1, n + 1)
-            logits = prefill(model, prompt, positions, dsa)
-            keys = model.layers[1].attention.kv_cache.k_cache[0, :, :n].float().clone()
+            logits = prefill(model, prompt[:, :length], positions[:length], dsa)
+            keys = model.layers[1].attention.kv_cache.k_cache[0, :, :length].float().clone()
             if dsa is not None:  # a sparse decode step after the tail finds every index key current
                 assert torch.isfinite(
-                    decode_one_token(model, logits.argmax(-1, keepdim=True), positions[-1:] + 1, dsa)
+                    decode_one_token(model, logits.argmax(-1, keepdim=True), torch.tensor([length]), dsa)
                 ).all()
         model.clear_caches()
         return logits.float(), keys
@@ -112,7 +113,10 @@ def test_a_dense_tail_attends_to_every_key_and_keeps_the_index_keys_for_sparse_d
     # The tail positions are where pure DSA differs from dense, and there the tail now attends densely.
     assert not torch.allclose(sparse_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-3)
     assert torch.allclose(tail_keys[:, -tail:], dense_keys[:, -tail:], atol=1e-4)
-    assert torch.allclose(tail_keys[:, body], sparse_keys[:, body], atol=1e-5)  # the body still runs sparse
+    # The body still runs sparse: exactly as a sparse prefill of the body alone (the same call shape, so the
+    # same rounding on every CPU).
+    _, body_keys = run(sparse, length=n - tail)
+    assert torch.equal(tail_keys[:, body], body_keys)
     assert not torch.allclose(tail_logits, sparse_logits, atol=1e-3)
     assert torch.allclose(whole_logits, dense_logits, atol=1e-3)  # a tail covering the prompt is dense
 
@@ -161,7 +165,8 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
 def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa):
     """The step a CUDA graph captures (whole cache masked by a device position, no host sync) computes what
     the eager step computes; DSA runs the Triton kernels (under the interpreter on the CPU)."""
-    model = tiny.model
+    # fp32: in bf16 the masked whole-cache kernels round differently from the eager ones on some CPUs (AMX).
+    model = copy.deepcopy(tiny.model).float()
     prompt, n = torch.tensor([long_prompt[:200]]), 200
     token, position = prompt[:, :1], torch.tensor([n])
     with torch.inference_mode():
