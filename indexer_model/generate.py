@@ -77,7 +77,8 @@ def decode_one_token(
 # share of the prompt); None: slower wherever measured, or not measured. "cpu": the compiled CPU kernels
 # (kernels/cpu_dsa.py) on a CPU that runs the model in fp32 (docs/dsa-quality.md section 4: k = 512 won at 8K,
 # k = 2048 tied at 8K and won at 16K); "cpu-bf16": the same kernels where the model runs in bf16, whose dense
-# attention is faster, not measured; "cpu-torch": the PyTorch path, where no C++ compiler builds the kernels
+# attention is 3-4x faster (AMX): DSA measured slower, 1.9-2.0x at k = 2048 from 8K on and 1.17x at k = 512 on
+# 16K (docs/benchmarks.md, 'Session 17'); "cpu-torch": the PyTorch path, where no C++ compiler builds the kernels
 # (slower up to 16K); "cuda": the Triton kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md).
 SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
     "cpu": (8192, 1 / 8),
