@@ -129,12 +129,11 @@ def test_widened_index_dims_keep_scores_and_logits_then_learn_and_a_checkpoint_k
     # The whole model selects the same keys through the wider layer, so its sparse logits are unchanged. In
     # fp32: bf16 rounding differs between CPU kernels (AMX or not) and flips near ties in the ranking.
     prompt = torch.from_numpy(np.random.default_rng(0).integers(100, 20000, size=300))[None]
-    full_precision, logits = copy.deepcopy(model).float(), []
+    full_precision, dsa, logits = copy.deepcopy(model).float(), DSAConfig(topk=96, dense_threshold=0), []
     for indexers in (trained, wide):
         full_precision.attach_indexers(copy.deepcopy(indexers))
         full_precision.setup_caches(1, 300)
         with torch.inference_mode():
-            dsa = DSAConfig(topk=96, dense_threshold=0)
             logits.append(full_precision(prompt, torch.arange(300), dsa=dsa))
         full_precision.clear_caches()
     torch.testing.assert_close(logits[1], logits[0], atol=0.05, rtol=0.0)
