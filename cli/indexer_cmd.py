@@ -48,6 +48,21 @@ def train(
             help="Weight of the dense KL kept in the sparse stage (0 = the selected set alone).",
         ),
     ] = 0.0,
+    boundary_topks: Annotated[
+        str,
+        typer.Option(
+            "--boundary-topks",
+            help="Comma-separated ks whose attention-mass recall the boundary term aims at (with --boundary-weight).",
+        ),
+    ] = "512,2048",
+    boundary_weight: Annotated[
+        float,
+        typer.Option(
+            "--boundary-weight",
+            min=0.0,
+            help="Weight of the boundary term beside the KL: it moves the keys around each k-th score by the attention they hold (0 = KL only).",
+        ),
+    ] = 0.0,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     max_seconds: Annotated[
         float, typer.Option("--max-seconds", help="Stop after this much time (0 = none).")
@@ -108,6 +123,8 @@ def train(
         sparse_steps=sparse_steps,
         topk=topk,
         sparse_dense_weight=sparse_dense_weight,
+        boundary_topks=_int_list(boundary_topks, "--boundary-topks"),
+        boundary_weight=boundary_weight,
         lr=lr,
         max_seconds=max_seconds,
         index_sets=index_sets,

@@ -2,7 +2,8 @@
 
 Target p[t, :] = the layer's dense attention probabilities summed over heads and L1-normalized;
 loss = mean_t KL(p[t, :] || softmax(I[t, :])). The sparse stage restricts both to the selected set, optionally
-plus a weighted dense KL that keeps the keys outside the set in the loss.
+plus a weighted dense KL that keeps the keys outside the set in the loss. An optional boundary term aims at the
+attention-mass recall at given k directly (`_boundary_recall_sum`).
 Main-model q (B, Hq, T, d) and k (B, Hkv, S, d) are post-RoPE, key s at position s; index scores are
 (B, T, S) with -inf on future keys.
 """
@@ -66,6 +67,49 @@ def indexer_kl_loss_sparse(target_p: Tensor, index_scores: Tensor, indices: Tens
     return _kl_per_row(*_restrict_to_selected(target_p, index_scores, indices)).mean()
 
 
+# Width (in index-score units) of the band around the k-th score where the boundary term acts: the trained
+# indexers' scores fall by about 1 each time the rank doubles near k = 512 and 2048.
+BOUNDARY_WIDTH = 0.5
+
+
+def _boundary_recall_sum(
+    target_p: Tensor, scores: Tensor, positions: Tensor, topks: tuple[int, ...], forced: tuple[int, int]
+) -> Tensor:
+    """Sum over query rows and each k in `topks` of a smooth stand-in for minus the attention-mass recall at k.
+
+    Row t keeps its n_sink sinks and its window, plus the `slots` best of the other keys, whose boundary b_t
+    lies between the slots-th and the next score. The term -sum_s sigmoid((I[t,s] - b_t) / w) (p[t,s] - pbar_t),
+    with b_t and pbar_t held fixed, has the gradient the soft top-k recall has once b_t moves with the scores
+    (the soft set size stays k): keys near the boundary holding more attention than pbar_t, the average of the
+    keys around it, move up, the others down. The KL alone stops moving that boundary once it has converged.
+    """
+    n_sink, window = forced
+    rows = positions >= min(topks)  # earlier queries take every key they see
+    total = scores.new_zeros(())
+    if not bool(rows.any()):
+        return total
+    scores, target_p, positions = scores[..., rows, :], target_p[..., rows, :], positions[rows]
+    key_positions = torch.arange(scores.shape[-1], device=scores.device)
+    is_forced = (key_positions[None, :] < n_sink) | (key_positions[None, :] > positions[:, None] - window)
+    free = scores.masked_fill(is_forced, float("-inf"))  # future keys are -inf already
+    widest = min(max(topks) - n_sink - window + 1, free.shape[-1])
+    with torch.no_grad():  # one sorted top-k holds every k's boundary
+        top = free.topk(widest, dim=-1).values
+    for topk in topks:
+        live = positions >= topk
+        slots = topk - n_sink - window
+        if not bool(live.any()):
+            continue
+        boundary = (top[..., live, slots - 1] + top[..., live, slots]) / 2
+        inside = torch.sigmoid((free[..., live, :] - boundary[..., None]) / BOUNDARY_WIDTH)
+        with torch.no_grad():
+            slope = inside * (1 - inside)
+            p = target_p[..., live, :]
+            mean_p = (p * slope).sum(-1) / slope.sum(-1).clamp_min(torch.finfo(slope.dtype).tiny)
+        total = total - (inside * (p - mean_p[..., None])).sum()
+    return total
+
+
 def _block_kl_sum(
     q: Tensor,
     k: Tensor,
@@ -76,6 +120,7 @@ def _block_kl_sum(
     indices: Tensor | None,
     scale: float | None,
     dense_weight: float,
+    boundary: tuple[tuple[int, ...], float, tuple[int, int]] | None,
 ) -> Tensor:
     keys_seen = min(k.shape[2], int(positions.max()) + 1)  # later keys are future to every query here
     sets = 1 if idx_w.dim() == 3 else idx_w.shape[2]
@@ -85,9 +130,15 @@ def _block_kl_sum(
         idx_w, lambda w: index_scores(idx_q, w, idx_k[:, :keys_seen], positions, key_positions)
     )
     if indices is None:
-        return _kl_per_row(target, scores).sum()
-    sparse = _kl_per_row(*_restrict_to_selected(target, scores, indices)).sum()
-    return sparse + dense_weight * _kl_per_row(target, scores).sum() if dense_weight else sparse
+        loss = _kl_per_row(target, scores).sum()
+    else:
+        loss = _kl_per_row(*_restrict_to_selected(target, scores, indices)).sum()
+        if dense_weight:
+            loss = loss + dense_weight * _kl_per_row(target, scores).sum()
+    if boundary:
+        topks, weight, forced = boundary
+        loss = loss + weight * _boundary_recall_sum(target, scores, positions, topks, forced)
+    return loss
 
 
 def blockwise_indexer_kl_loss(
@@ -101,9 +152,11 @@ def blockwise_indexer_kl_loss(
     block: int = 1024,
     scale: float | None = None,
     dense_weight: float = 0.0,
+    boundary: tuple[tuple[int, ...], float, tuple[int, int]] | None = None,
 ) -> Tensor:
     """indexer_kl_loss (or the sparse variant when indices are given, plus dense_weight x the dense loss) one
-    block of queries at a time.
+    block of queries at a time; boundary = (ks, weight, (n_sink, window)) adds weight x the boundary term at
+    each k (`_boundary_recall_sum`).
 
     q, k: the frozen layer's attention inputs (no gradient); idx_q (B, T, H_I, d_I), idx_w (B, T, H_I) and
     idx_k (B, S, d_I) from LightningIndexer.project, whose parameters get the gradient (idx_w (B, T, sets, H_I)
@@ -127,6 +180,7 @@ def blockwise_indexer_kl_loss(
             block_indices,
             scale,
             dense_weight,
+            boundary,
             use_reentrant=False,
         )
     return total / (batch * seq_len * sets)

@@ -41,6 +41,9 @@ class TrainConfig:
     # Weight of the dense KL added to the sparse stage's loss (0 = the selected set alone, as in DeepSeek-V3.2):
     # the sparse KL sharpens the order inside the set, the dense one still pulls up keys left out of it.
     sparse_dense_weight: float = 0.0
+    # The boundary term beside the KL (distill._boundary_recall_sum): the ks whose recall it aims at, its weight.
+    boundary_topks: tuple[int, ...] = ()
+    boundary_weight: float = 0.0
     lr: float = 1e-3
     warmup_steps: int = 20
     # Index heads of the trained layers; 0 = DEFAULT_INDEX_HEADS for fresh indexers, or as --init-from has them.
@@ -236,6 +239,9 @@ def train_indexers(
         optimizer, lambda step: _lr_factor(step, config, total_steps)
     )
     layers = _layer_list(config.layers, len(indexers))
+    boundary = (
+        (config.boundary_topks, config.boundary_weight, (N_SINK, WINDOW)) if config.boundary_weight else None
+    )
     curve: list[dict] = []
     started = time.perf_counter()
     for step in range(total_steps):
@@ -260,7 +266,7 @@ def train_indexers(
                     )
             loss = blockwise_indexer_kl_loss(
                 q, k, positions[rows], idx_q, idx_w, idx_k, indices, config.query_block,
-                dense_weight=config.sparse_dense_weight,
+                dense_weight=config.sparse_dense_weight, boundary=boundary,
             )  # fmt: skip
             loss.backward()  # layer by layer: only one layer's graph is alive at a time
             step_loss += float(loss.detach())
@@ -472,6 +478,11 @@ def run_training(
         raise BadInputError(
             f"--seq-len {','.join(map(str, config.seq_lens))}: windows must be 128 to {longest:,} tokens (the "
             f"training text and the model's context) — pass shorter lengths or more text"
+        )
+    if config.boundary_weight and not all(k > N_SINK + WINDOW for k in config.boundary_topks):
+        raise BadInputError(
+            f"--boundary-topks {','.join(map(str, config.boundary_topks))}: each k must exceed the "
+            f"{N_SINK} sinks and the window of {WINDOW} it always keeps — pass larger ks"
         )
     init = None
     if config.layers and init_from is None:

@@ -75,6 +75,26 @@ def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_t
     assert curves[1.0][1]["loss"] > curves[0.0][1]["loss"] + 1e-4
 
 
+def test_the_boundary_weight_adds_its_term_to_the_training_loss_and_its_gradient():
+    model = load_frozen_model("tiny", "cpu")
+    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
+    torch.manual_seed(0)
+    start = make_indexers(model, TrainConfig())
+    runs = {}
+    for weight in (0.0, 1.0):
+        config = TrainConfig(
+            seq_lens=(256,), steps=1, layers=(1,), boundary_topks=(96, 128), boundary_weight=weight
+        )
+        runs[weight] = train_indexers(model, tokens, config, log=lambda _: None, init=copy.deepcopy(start))
+    # Same window and starting weights: only the boundary term tells the two runs apart.
+    assert runs[1.0][1][0]["loss"] != runs[0.0][1][0]["loss"]
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(runs[0.0][0][1].parameters(), runs[1.0][0][1].parameters(), strict=True)
+    ]
+    assert any(moved)
+
+
 def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer_heads(tmp_path):
     model = load_frozen_model("tiny", "cpu")
     torch.manual_seed(0)
@@ -163,6 +183,10 @@ def test_mixed_window_lengths_are_each_drawn_and_recorded_in_the_loss_curve():
     [
         (["--seq-len", "256", "--layers", "0"], "--init-from"),
         (["--seq-len", "256,2000"], "--seq-len 256,2000"),
+        (
+            ["--seq-len", "256", "--boundary-weight", "1", "--boundary-topks", "64,512"],
+            "--boundary-topks 64,512",
+        ),
     ],
 )
 def test_bad_training_options_are_refused_before_anything_is_written(tmp_path, run_cli, extra, message):
