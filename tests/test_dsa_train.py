@@ -56,19 +56,28 @@ def test_training_some_layers_on_some_rows_leaves_the_other_layers_untouched():
         assert same == (layer != 1), layer
 
 
-def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_the_loss():
+def runs_with_weight_zero_and_one(weight_option: str, **config) -> dict[float, tuple]:
+    """Layer 1 of the tiny model trained once with `weight_option` at 0 and once at 1, from the same indexers and
+    windows: (indexers, loss curve) per weight."""
     model = load_frozen_model("tiny", "cpu")
     tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
     torch.manual_seed(0)
     start = make_indexers(model, TrainConfig())
-    curves = {}
-    for weight in (0.0, 1.0):
-        config = TrainConfig(
-            seq_lens=(256,), steps=1, sparse_steps=1, topk=128, layers=(1,), sparse_dense_weight=weight
+    return {
+        weight: train_indexers(
+            model,
+            tokens,
+            TrainConfig(seq_lens=(256,), layers=(1,), **config, **{weight_option: weight}),
+            log=lambda _: None,
+            init=copy.deepcopy(start),
         )
-        _, curves[weight] = train_indexers(
-            model, tokens, config, log=lambda _: None, init=copy.deepcopy(start)
-        )
+        for weight in (0.0, 1.0)
+    }
+
+
+def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_the_loss():
+    runs = runs_with_weight_zero_and_one("sparse_dense_weight", steps=1, sparse_steps=1, topk=128)
+    curves = {weight: curve for weight, (_, curve) in runs.items()}
     assert [step["sparse"] for step in curves[0.0]] == [False, True]
     # Same windows and weights up to the sparse step: its loss gains the dense KL, a positive amount.
     assert curves[1.0][0]["loss"] == curves[0.0][0]["loss"]
@@ -76,16 +85,7 @@ def test_the_sparse_stage_follows_the_dense_steps_and_its_dense_weight_adds_to_t
 
 
 def test_the_boundary_weight_adds_its_term_to_the_training_loss_and_its_gradient():
-    model = load_frozen_model("tiny", "cpu")
-    tokens = np.random.default_rng(0).integers(100, 20000, size=2000)
-    torch.manual_seed(0)
-    start = make_indexers(model, TrainConfig())
-    runs = {}
-    for weight in (0.0, 1.0):
-        config = TrainConfig(
-            seq_lens=(256,), steps=1, layers=(1,), boundary_topks=(96, 128), boundary_weight=weight
-        )
-        runs[weight] = train_indexers(model, tokens, config, log=lambda _: None, init=copy.deepcopy(start))
+    runs = runs_with_weight_zero_and_one("boundary_weight", steps=1, boundary_topks=(96, 128))
     # Same window and starting weights: only the boundary term tells the two runs apart.
     assert runs[1.0][1][0]["loss"] != runs[0.0][1][0]["loss"]
     moved = [
