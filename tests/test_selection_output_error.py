@@ -1,0 +1,26 @@
+"""Mass and attention-output error of indexer selections, per layer and head (benchmarks/selection_output_error.py)."""
+
+import numpy as np
+import torch
+
+from benchmarks.selection_output_error import mass_and_output_error
+from indexer_model.indexer import LightningIndexer
+from indexer_model.model import ModelArgs, Transformer
+
+SMALL = ModelArgs(
+    model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
+    intermediate_size=128, rope_base=1e4, norm_eps=1e-6, max_seq_len=512, qkv_bias=True, tie_embeddings=False,
+)  # fmt: skip
+
+
+def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some():
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(SMALL.n_layer))
+    tokens = np.random.default_rng(0).integers(0, 256, size=200)
+    every = mass_and_output_error(model, {"a": indexers}, tokens, topk=256, rows=32)["a"]
+    np.testing.assert_allclose(every["mass"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(every["error"], 0.0, atol=1e-4)
+    few = mass_and_output_error(model, {"a": indexers}, tokens, topk=80, rows=32)["a"]
+    assert np.array(few["mass"]).shape == (SMALL.n_layer, SMALL.n_head)
+    assert np.all(np.array(few["mass"]) < 1.0) and np.all(np.array(few["error"]) > 0.0)
