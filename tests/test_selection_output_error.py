@@ -1,9 +1,10 @@
 """Mass and attention-output error of indexer selections, per layer and head (benchmarks/selection_output_error.py)."""
 
 import numpy as np
+import pytest
 import torch
 
-from benchmarks.selection_output_error import mass_and_output_error
+from benchmarks.selection_output_error import hidden_state_drift, mass_and_output_error
 from indexer_model.indexer import LightningIndexer
 from indexer_model.model import ModelArgs, Transformer
 
@@ -24,3 +25,15 @@ def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some():
     few = mass_and_output_error(model, {"a": indexers}, tokens, topk=80, rows=32)["a"]
     assert np.array(few["mass"]).shape == (SMALL.n_layer, SMALL.n_head)
     assert np.all(np.array(few["mass"]) < 1.0) and np.all(np.array(few["error"]) > 0.0)
+
+
+def test_hidden_states_drift_from_dense_only_when_the_set_leaves_keys_out():
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(SMALL.n_layer))
+    tokens = np.random.default_rng(0).integers(0, 256, size=201)
+    every = hidden_state_drift(model, {"a": indexers}, tokens, topk=256, rows=32)
+    np.testing.assert_allclose(every["a"]["drift"], 0.0, atol=1e-4)
+    assert every["a"]["nll"] == pytest.approx(every["dense"]["nll"], abs=1e-3)
+    few = hidden_state_drift(model, {"a": indexers}, tokens, topk=80, rows=32)
+    assert len(few["a"]["drift"]) == SMALL.n_layer and min(few["a"]["drift"]) > 1e-3
