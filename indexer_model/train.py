@@ -42,7 +42,7 @@ class TrainConfig:
     # the sparse KL sharpens the order inside the set, the dense one still pulls up keys left out of it.
     sparse_dense_weight: float = 0.0
     # The boundary term beside the KL (distill._boundary_recall_sum): the ks whose recall it aims at, its weight.
-    boundary_topks: tuple[int, ...] = ()
+    boundary_topks: tuple[int, ...] = (512, 2048)
     boundary_weight: float = 0.0
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -479,7 +479,9 @@ def run_training(
             f"--seq-len {','.join(map(str, config.seq_lens))}: windows must be 128 to {longest:,} tokens (the "
             f"training text and the model's context) — pass shorter lengths or more text"
         )
-    if config.boundary_weight and not all(k > N_SINK + WINDOW for k in config.boundary_topks):
+    if config.boundary_weight and not (
+        config.boundary_topks and min(config.boundary_topks) > N_SINK + WINDOW
+    ):
         raise BadInputError(
             f"--boundary-topks {','.join(map(str, config.boundary_topks))}: each k must exceed the "
             f"{N_SINK} sinks and the window of {WINDOW} it always keeps — pass larger ks"
