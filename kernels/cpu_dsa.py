@@ -3,8 +3,9 @@
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
 compiling fails, `native_library()` returns None and the model keeps the PyTorch path (indexer.select_topk and
-dsa.sparse_attention), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call.
-Same signatures as the PyTorch path, so `dsa_attention` swaps one for the other.
+dsa.sparse_attention), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call,
+except on CPUs with AMX and AVX512-BF16 (where the model runs in bf16), which take bf16 kernels built on AMX tile
+products (`amx_ready()`). Same signatures as the PyTorch path, so `dsa_attention` swaps one for the other.
 """
 
 import ctypes
@@ -30,6 +31,8 @@ HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple o
 # Fewer queries score the index key cache row by row: laying it out in tiles each decode step copied the whole
 # cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
 FEW_QUERIES = 8
+AMX_ROWS, AMX_DEPTH = 16, 32  # an AMX tile: 16 rows of 32 bf16 values
+AMX_MAX_GROUP, AMX_HEAD_DIM = 16, 64  # the bf16 gather attention: query heads per kv head, head size
 log = logging.getLogger(__name__)
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -37,6 +40,8 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
+    "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
+    "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
 }
 
 
@@ -86,20 +91,37 @@ def native_library() -> ctypes.CDLL | None:
             return None
     library = ctypes.CDLL(str(target))
     for name, argtypes in _SIGNATURES.items():
-        getattr(library, name).argtypes = argtypes
-        getattr(library, name).restype = None
+        if hasattr(library, name):  # the AMX kernels exist only where the CPU has AMX
+            getattr(library, name).argtypes = argtypes
+            getattr(library, name).restype = None
+    library.dsa_amx_ready.restype = _int
+    library.amx = bool(library.dsa_amx_ready())
     return library
+
+
+def amx_ready() -> bool:
+    """Whether the bf16 kernels run here: built for a CPU with AMX and AVX512-BF16, tile state granted."""
+    library = native_library()
+    return library is not None and library.amx
+
+
+def _runs_amx(*tensors: Tensor) -> bool:
+    """bf16 inputs on an AMX CPU take the bf16 kernels: no float32 copy, and AMX tile products."""
+    return all(x.dtype == torch.bfloat16 for x in tensors) and amx_ready()
 
 
 def _f32(x: Tensor) -> Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _f32_rows(cache: Tensor) -> Tensor:
-    """A (heads, keys, d) cache prefix in float32 whose rows are contiguous; the heads may sit apart (a slice of
-    a preallocated cache is passed as it is, with its head stride)."""
-    cache = cache.to(torch.float32)
+def _rows(cache: Tensor) -> Tensor:
+    """A (heads, keys, d) cache prefix whose rows are contiguous; the heads may sit apart (a slice of a
+    preallocated cache is passed as it is, with its head stride)."""
     return cache if cache.stride(2) == 1 and cache.stride(1) == cache.shape[2] else cache.contiguous()
+
+
+def _f32_rows(cache: Tensor) -> Tensor:
+    return _rows(cache.to(torch.float32))
 
 
 def select_topk(
@@ -122,7 +144,18 @@ def select_topk(
     pad_heads = -n_heads % HEAD_GROUP  # zero-weight heads add nothing to a score
     positions = q_positions.to(torch.int64).contiguous()
     out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
+    amx = n_queries >= FEW_QUERIES and _runs_amx(q, k) and dim % AMX_DEPTH == 0
     for b in range(batch):
+        if amx:
+            blocks = -(-n_queries // AMX_ROWS) * AMX_ROWS  # the kernel reads whole blocks of 16 queries
+            q_b = torch.nn.functional.pad(q[b], (0, 0, 0, 0, 0, blocks - n_queries)).contiguous()
+            w_b = torch.nn.functional.pad(w[b].float(), (0, 0, 0, blocks - n_queries)).contiguous()
+            keys = k[b, :n_keys].contiguous()
+            library.dsa_select_topk_amx(
+                q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(),
+                n_queries, n_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            continue
         q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
         w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
         if n_queries < FEW_QUERIES:  # decode: score the cache's rows as they are
@@ -151,14 +184,24 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     n_kv_heads = k_cache.shape[1]
     sets = indices if indices.dim() == 4 else indices[:, None]
     out = torch.empty(batch, n_q_heads, n_queries, dim, dtype=torch.float32)
+    amx = _runs_amx(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and n_q_heads // n_kv_heads <= AMX_MAX_GROUP
     for b in range(batch):
-        q_b, k_b, v_b = _f32(q[b]), _f32_rows(k_cache[b]), _f32_rows(v_cache[b])
+        if amx:  # bf16 as they are
+            q_b, k_b, v_b = q[b].contiguous(), _rows(k_cache[b]), _rows(v_cache[b])
+        else:
+            q_b, k_b, v_b = _f32(q[b]), _f32_rows(k_cache[b]), _f32_rows(v_cache[b])
         sets_b = sets[b].to(torch.int64).contiguous()
         if k_b.stride(0) != v_b.stride(0):  # one head stride serves both caches
             k_b, v_b = k_b.contiguous(), v_b.contiguous()
-        library.dsa_sparse_attention(
-            q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0), sets_b.data_ptr(), n_queries,
-            n_q_heads, n_kv_heads, sets_b.shape[0], dim, sets_b.shape[-1], scale, out[b].data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
+        caches = (q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0))
+        if amx:
+            library.dsa_sparse_attention_amx(
+                *caches, k_b.shape[1], sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0],
+                sets_b.shape[-1], scale, out[b].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        else:
+            library.dsa_sparse_attention(
+                *caches, sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0], dim,
+                sets_b.shape[-1], scale, out[b].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
     return out.to(q.dtype)

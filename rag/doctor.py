@@ -120,11 +120,15 @@ def _check_models(report: DoctorReport, full: bool) -> None:
 
 def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
-    from kernels.cpu_dsa import native_library
+    from kernels.cpu_dsa import amx_ready, native_library
 
     if native_library() is not None:
+        flavour = "bf16 on AMX" if amx_ready() else "float32"
         report.add(
-            "caches", "cpu-dsa-kernels", "ok", "compiled CPU kernels for sparse attention build and load"
+            "caches",
+            "cpu-dsa-kernels",
+            "ok",
+            f"compiled CPU kernels for sparse attention build and load ({flavour})",
         )
     else:
         report.add(

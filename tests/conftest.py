@@ -14,14 +14,17 @@ if not torch.cuda.is_available():
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """`@pytest.mark.needs_compiler`: the compiled CPU kernels must build here (a C++ compiler)."""
-    if item.get_closest_marker("needs_compiler"):
-        from kernels.cpu_dsa import native_library
+    """`@pytest.mark.needs_compiler`: the compiled CPU kernels must build here (a C++ compiler);
+    `@pytest.mark.needs_amx`: and this CPU runs their bf16 kernels (AMX and AVX512-BF16)."""
+    if item.get_closest_marker("needs_compiler") or item.get_closest_marker("needs_amx"):
+        from kernels.cpu_dsa import amx_ready, native_library
 
         if native_library() is None:
             pytest.skip(
                 "the compiled CPU kernels cannot be built here (no C++ compiler, or its build failed)"
             )
+        if item.get_closest_marker("needs_amx") and not amx_ready():
+            pytest.skip("this CPU has no AMX / AVX512-BF16: the bf16 CPU kernels are not built here")
 
 
 @pytest.fixture(autouse=True)

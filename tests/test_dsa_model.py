@@ -243,8 +243,12 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("auto", 16_384, None, True).topk == 2048
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
     assert choose_attention("auto", 20_000, None, True, "cuda") is None  # slower at every length measured
-    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # bf16 CPU: not measured
+    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # a bf16 CPU
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the float32 kernels, slower
     assert choose_attention("auto", 16_384, None, True) is None
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)  # with AMX: the bf16 kernels, k up to 1/16
+    assert choose_attention("auto", 16_384, None, True) is None  # k = 2048: an eighth, no faster
+    assert choose_attention("auto", 16_384, 1024, True).topk == 1024
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
     assert choose_attention("auto", 16_384, None, True) is None
     forced = choose_attention("sparse", 600, None, True)

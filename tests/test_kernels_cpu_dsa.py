@@ -138,3 +138,83 @@ def test_without_a_compiler_the_torch_path_runs(monkeypatch):
             dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0, kernels="native"))
     finally:
         cpu_dsa.native_library.cache_clear()
+
+
+def small_integer_inputs(n_keys: int, n_heads: int, seed: int = 3):
+    """bf16 index inputs whose scores are exact small integers in any order of summation: many ties, and the
+    same scores in the bf16 (AMX) and float32 kernels."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (1, n_keys, n_heads, 64), generator=gen).to(torch.bfloat16)
+    w = torch.randint(-2, 4, (1, n_keys, n_heads), generator=gen).to(torch.bfloat16)
+    k = torch.randint(-2, 3, (1, n_keys, 64), generator=gen).to(torch.bfloat16)
+    return q, w, k
+
+
+@pytest.mark.needs_amx
+@pytest.mark.parametrize("n_heads, topk", [(4, 96), (6, 96), (4, 300), (4, 68)])
+def test_amx_selection_equals_float32_kernel(n_heads, topk):
+    """The AMX scores and the AVX-512 threshold search pick exactly the float32 kernel's keys, ties included;
+    45 queries after 40 cached tokens: a last, partial block of 16. k = 68: sinks and window only."""
+    n_keys = 340
+    q, w, k = small_integer_inputs(n_keys, n_heads)
+    positions = torch.arange(n_keys - 45, n_keys)
+    rows = slice(n_keys - 45, None)
+    amx = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    fp32 = cpu_dsa.select_topk(
+        q[:, rows].float(), w[:, rows].float(), k.float(), positions, n_keys, topk, 4, 64
+    )
+    assert torch.equal(amx, fp32)
+
+
+@pytest.mark.needs_amx
+def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
+    n_keys, topk = 200, 80
+    q, w, k = small_integer_inputs(n_keys, 4)
+    chosen = cpu_dsa.select_topk(q, torch.zeros_like(w), k, torch.arange(n_keys), n_keys, topk, 4, 16)
+    assert chosen[0, -1].tolist() == [*range(4), *range(4, 64), *range(n_keys - 16, n_keys)]
+
+
+@pytest.mark.needs_amx
+@pytest.mark.parametrize(
+    "n_heads, n_kv_heads, sets, n_queries, n_keys, topk",
+    [
+        (14, 2, 1, 40, 160, 24),  # the default model's grouping; a partial last block
+        (9, 3, 1, 16, 160, 24),  # 3 query heads per kv head
+        (18, 2, 2, 33, 160, 24),  # one selection per kv head
+        (32, 2, 1, 20, 700, 200),  # 16 query heads per kv head; unions of up to 16 x 200 keys
+    ],
+)
+def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_queries, n_keys, topk):
+    gen = torch.Generator().manual_seed(4)
+    dim = 64
+    q = torch.randn(1, n_heads, n_queries, dim, generator=gen).to(torch.bfloat16)
+    cache = torch.randn(2, 1, n_kv_heads, n_keys + 32, dim, generator=gen).to(torch.bfloat16)
+    k_cache, v_cache = cache[0, :, :, :n_keys], cache[1, :, :, :n_keys]
+    shape = (1, sets, n_queries, topk) if sets > 1 else (1, n_queries, topk)
+    indices = torch.rand(*shape[:-1], n_keys, generator=gen).argsort(-1)[..., :topk]
+    indices[..., -5:] = -1
+    indices[..., 0, 1:] = -1  # a query with a single key
+    out = cpu_dsa.sparse_attention(q, k_cache, v_cache, indices, dim**-0.5)
+    reference = masked_dense_attention_reference(q, k_cache, v_cache, indices, dim**-0.5)
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
+    exact = masked_dense_attention_reference(q.float(), k_cache.float(), v_cache.float(), indices, dim**-0.5)
+    relative = (out.float() - exact).norm() / exact.norm()
+    assert relative < 5e-3  # bf16 probabilities: about 2e-3
+
+
+@pytest.mark.needs_amx
+def test_dsa_layer_in_bf16_runs_the_amx_kernels_like_the_torch_path():
+    gen = torch.Generator().manual_seed(5)
+    n_keys = 256
+    q = torch.randn(1, 14, n_keys, 64, generator=gen).bfloat16()
+    k_cache, v_cache = torch.randn(2, 1, 2, n_keys, 64, generator=gen).bfloat16()
+    # Distinct integer index scores (a permutation of 0-255, exact in bf16): both paths rank the keys alike.
+    idx_q, idx_w = torch.ones(1, n_keys, 4, 64).bfloat16(), torch.ones(1, n_keys, 4).bfloat16()
+    idx_k = torch.zeros(1, n_keys, 64)
+    idx_k[0, :, 0] = torch.randperm(n_keys, generator=gen) / 4
+    idx_k = idx_k.bfloat16()
+    cfg = dict(topk=96, n_sink=4, window=16, dense_threshold=0)
+    args = (q, k_cache, v_cache, idx_q, idx_w, idx_k, torch.arange(n_keys), n_keys)
+    native = dsa_attention(*args, DSAConfig(**cfg, kernels="native"))
+    torch_path = dsa_attention(*args, DSAConfig(**cfg, kernels="torch"))
+    torch.testing.assert_close(native.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
