@@ -182,6 +182,7 @@ def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
         (9, 3, 1, 16, 160, 24),  # 3 query heads per kv head
         (18, 2, 2, 33, 160, 24),  # one selection per kv head
         (32, 2, 1, 20, 700, 200),  # 16 query heads per kv head; unions of up to 16 x 200 keys
+        (14, 2, 1, 1, 300, 96),  # one query: a decode step of --attention sparse
     ],
 )
 def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_queries, n_keys, topk):
@@ -193,7 +194,7 @@ def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_q
     shape = (1, sets, n_queries, topk) if sets > 1 else (1, n_queries, topk)
     indices = torch.rand(*shape[:-1], n_keys, generator=gen).argsort(-1)[..., :topk]
     indices[..., -5:] = -1
-    indices[..., 0, 1:] = -1  # a query with a single key
+    indices[..., -1, 1:] = -1  # a query with a single key
     out = cpu_dsa.sparse_attention(q, k_cache, v_cache, indices, dim**-0.5)
     reference = masked_dense_attention_reference(q, k_cache, v_cache, indices, dim**-0.5)
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
