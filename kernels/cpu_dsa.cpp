@@ -34,25 +34,24 @@ inline void prefetch_row(const float* row, int dim) {
 }
 
 // e^x lane by lane (Cephes expf: x = n ln2 + r, a polynomial for e^r, 2^n in the exponent bits); relative
-// error about 2e-7 in [-87, 88], inputs clamped to it. V: a vector of floats, 8 or 16 lanes.
-template <class V>
-inline V exp_lanes(V x) {
-  typedef int I __attribute__((vector_size(sizeof(V))));
-  x = x > -87.0f ? x : V{} - 87.0f;
-  x = x < 88.0f ? x : V{} + 88.0f;
-  const V z = x * 1.44269504088896341f + 0.5f;
-  V n = __builtin_convertvector(__builtin_convertvector(z, I), V);
+// error about 2e-7 in [-87, 88], inputs clamped to it.
+inline v8 exp8(v8 x) {
+  typedef int i8 __attribute__((vector_size(32)));
+  x = max8(x, splat(-87.0f));
+  x = x < 88.0f ? x : splat(88.0f);
+  const v8 z = x * 1.44269504088896341f + 0.5f;
+  v8 n = __builtin_convertvector(__builtin_convertvector(z, i8), v8);
   n = n > z ? n - 1.0f : n;  // floor
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V y = V{} + 1.9875691500e-4f;
+  const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V scale;
+  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+  v8 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
@@ -296,7 +295,7 @@ void dsa_sparse_attention(const float* q, const float* k, const float* v, int64_
             best = max8(best, s);
           }
           v8 total{};
-          for (j = 0; j < n; ++j) total += (probs[j] = exp_lanes(probs[j] - best));
+          for (j = 0; j < n; ++j) total += (probs[j] = exp8(probs[j] - best));
           const v8 inverse = 1.0f / total;
           // Weighted values, 8 output dims at a time in 8 registers, over blocks of kValueBlock keys: a block's
           // rows stay in L1 through the dim / 8 passes (one pass over all k rows per 8 dims ran from L2 / L3).
@@ -365,22 +364,6 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// Index keys (n_keys, dim) bf16 -> AMX B tiles, (n_tiles, dim / 32, 16, 32): tile j, depth chunk c, row r holds
-// dims c*32 + 2r and c*32 + 2r + 1 of keys 16j ... 16j + 15, pair by pair (keys past n_keys are 0).
-void pack_key_tiles(const uint16_t* keys, int64_t n_keys, int dim, uint32_t* packed, int n_threads) {
-  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows;
-  const int pairs = dim / 2;
-#pragma omp parallel for num_threads(n_threads)
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    uint32_t* dst = packed + tile * pairs * kTileRows;
-    for (int n = 0; n < kTileRows; ++n) {
-      const int64_t s = tile * kTileRows + n;
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(keys + s * dim);
-      for (int p = 0; p < pairs; ++p) dst[p * kTileRows + n] = s < n_keys ? row[p] : 0;
-    }
-  }
-}
-
 // Interleave two rows of 32 bf16 values a, b as (a0, b0, a1, b1, ...): the first and the second 16 pairs.
 const __m512i kLowPairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                            37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -410,6 +393,19 @@ inline void transpose16(__m512i r[16]) {
     r[8 + j] = _mm512_shuffle_i32x4(even, even2, 0xDD);
     r[4 + j] = _mm512_shuffle_i32x4(odd, odd2, 0x88);
     r[12 + j] = _mm512_shuffle_i32x4(odd, odd2, 0xDD);
+  }
+}
+
+// 16 keys as AMX B tiles, one per 32 dims: tile c, row r holds dims c*32 + 2r and c*32 + 2r + 1 of the 16 keys,
+// pair by pair. rows[n]: key n's `dim` bf16 values, or nullptr for a padding key (0).
+inline void pack_key_tile(const uint16_t* const rows[kTileRows], int dim, uint32_t* tiles) {
+  for (int c = 0; c < dim / kTileDims; ++c) {
+    __m512i pairs[kTileRows];
+    for (int n = 0; n < kTileRows; ++n) {
+      pairs[n] = rows[n] ? _mm512_loadu_si512(rows[n] + c * kTileDims) : _mm512_setzero_si512();
+    }
+    transpose16(pairs);
+    for (int r = 0; r < kTileRows; ++r) _mm512_storeu_si512(tiles + (c * kTileRows + r) * kTileRows, pairs[r]);
   }
 }
 
@@ -509,8 +505,8 @@ int64_t best_positions_wide(const float* scores, int64_t first, int64_t last, in
 }
 
 // One thread's gather attention over a block of up to 16 consecutive queries, head size 64 (see
-// dsa_sparse_attention_amx). The union of the block's selections is about 2x k keys at k = 2048 and 3.7x at
-// k = 512 on 8K of text (4x and 4.4x at 16K); each query's own keys are marked in a bit mask. Per query head,
+// dsa_sparse_attention_amx). The union of the block's selections is about 2.1x k keys at k = 2048 and 3.7x at
+// k = 512 on 8K of text (2.9x and 4.4x at 16K); each query's own keys are marked in a bit mask. Per query head,
 // tile products give the scores (query, union key), the softmax gives 0 to every key a query did not select, and
 // tile products weigh the values.
 class UnionBlock {
@@ -554,13 +550,9 @@ class UnionBlock {
       return u < n_ ? _mm512_loadu_si512(head + keys_[u] * kHeadDim + half * kTileDims) : _mm512_setzero_si512();
     };
     for (int u0 = 0; u0 < padded_; u0 += kTileRows) {
-      for (int half = 0; half < 2; ++half) {  // dim pairs 0-15, then 16-31
-        __m512i rows[kTileRows];
-        for (int r = 0; r < kTileRows; ++r) rows[r] = row(k_head, u0 + r, half);
-        transpose16(rows);
-        uint32_t* tile = &key_tiles_[u0 * kHeadDim / 2 + half * kTile];
-        for (int r = 0; r < kTileRows; ++r) _mm512_storeu_si512(tile + r * kTileRows, rows[r]);
-      }
+      const uint16_t* rows[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) rows[r] = u0 + r < n_ ? k_head + keys_[u0 + r] * kHeadDim : nullptr;
+      pack_key_tile(rows, kHeadDim, &key_tiles_[u0 * kHeadDim / 2]);
     }
     for (int u = 0; u < padded_; u += 2) {
       uint32_t* tiles = &value_tiles_[u / kChunk * kChunk * kHeadDim / 2 + u % kChunk / 2 * kTileRows];
@@ -705,9 +697,17 @@ void dsa_select_topk_amx(const uint16_t* q, const float* w, const uint16_t* keys
   const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows, row = n_tiles * kTileRows;
   const int chunks = dim / kTileDims;
   std::vector<uint32_t> packed(n_tiles * (dim / 2) * kTileRows);
-  pack_key_tiles(keys, n_keys, dim, packed.data(), n_threads);
 #pragma omp parallel num_threads(n_threads)
   {
+#pragma omp for
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      const uint16_t* rows[kTileRows];
+      for (int n = 0; n < kTileRows; ++n) {
+        const int64_t s = tile * kTileRows + n;
+        rows[n] = s < n_keys ? keys + s * dim : nullptr;
+      }
+      pack_key_tile(rows, dim, packed.data() + tile * (dim / 2) * kTileRows);
+    }  // the loop's barrier: every tile is packed before any is read
     configure_tiles();
     std::vector<float> scores(kTileRows * row);
     alignas(64) float dots[kTileRows * kTileRows];
