@@ -678,6 +678,66 @@ class UnionBlock {
   alignas(64) float weighted_[4 * kTile];
 };
 
+inline void prefetch_bf16_row(const uint16_t* row) {  // 64 bf16 values: two 64-byte lines
+  __builtin_prefetch(row);
+  __builtin_prefetch(row + 32);
+}
+
+// A decode step's gather attention for one query and one kv head (see dsa_sparse_attention_rows_bf16): the
+// group's query heads ride in the 16 lanes of a register, so a selected key or value row is read once for all of
+// them and no score needs a horizontal sum. q_pairs[i]: lane g holds dims 2i and 2i + 1 of query head g.
+void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, const uint16_t* v_head,
+                 const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
+  constexpr int kKeys = 4;  // keys scored together: independent sums hide the dot products' latency
+  constexpr int kAhead = 16;  // rows come from all over the cache: ask for them this many keys early
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  for (int j0 = 0; j0 < n; j0 += kKeys) {
+    const uint16_t* rows[kKeys];
+    for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kHeadDim;
+    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row(k_head + keys[j0 + kAhead + u] * kHeadDim);
+    __m512 sums[kKeys] = {};
+    for (int i = 0; i < kHeadDim / 2; ++i) {
+      for (int u = 0; u < kKeys; ++u) {
+        int32_t pair;
+        std::memcpy(&pair, rows[u] + 2 * i, sizeof pair);
+        sums[u] = _mm512_dpbf16_ps(sums[u], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)q_pairs[i]);
+      }
+    }
+    for (int u = 0; u < kKeys && j0 + u < n; ++u) {
+      const __m512 score = _mm512_mul_ps(sums[u], _mm512_set1_ps(scale));
+      _mm512_storeu_ps(probs + (j0 + u) * kTileRows, score);
+      best = _mm512_max_ps(best, score);
+    }
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m512 p = exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + j * kTileRows), best));
+    _mm512_storeu_ps(probs + j * kTileRows, p);
+    total = _mm512_add_ps(total, p);
+  }
+  alignas(64) float inverse[kTileRows];
+  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+  constexpr int kHeads = 4;  // query heads weighed per pass over the values: 16 sums in registers
+  for (int g0 = 0; g0 < group; g0 += kHeads) {
+    __m512 sums[kHeads][4] = {};
+    for (int j = 0; j < n; ++j) {
+      const uint16_t* row = v_head + keys[j] * kHeadDim;
+      if (j + kAhead < n) prefetch_bf16_row(v_head + keys[j + kAhead] * kHeadDim);
+      __m512 value[4];
+      for (int c = 0; c < 4; ++c) value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
+      for (int g = 0; g < kHeads; ++g) {
+        const __m512 weight = _mm512_set1_ps(probs[j * kTileRows + g0 + g]);
+        for (int c = 0; c < 4; ++c) sums[g][c] = _mm512_fmadd_ps(weight, value[c], sums[g][c]);
+      }
+    }
+    for (int g = 0; g < kHeads && g0 + g < group; ++g) {
+      for (int c = 0; c < 4; ++c) {
+        _mm512_storeu_ps(out[g0 + g] + 16 * c, _mm512_mul_ps(sums[g][c], _mm512_set1_ps(inverse[g0 + g])));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -771,6 +831,110 @@ void dsa_sparse_attention_amx(const uint16_t* q, const uint16_t* k, const uint16
       }
     }
     _tile_release();
+  }
+}
+
+// dsa_select_topk_amx for a few queries (decode), with keys (n_keys, dim) bf16 rows read in place: the key rows
+// are the A tiles, and the B tiles hold the queries' index heads, one (query, head) per column. Threads split the
+// keys; each 16 x 16 tile of dot products is transposed in registers so that ReLU and the weights fold a head's
+// column into 16 keys' scores at once. n_heads at most 16.
+void dsa_select_topk_amx_rows(const uint16_t* q, const float* w, const uint16_t* keys, int64_t n_keys,
+                              const int64_t* positions, int64_t n_queries, int n_heads, int dim, int topk, int n_sink,
+                              int window, int64_t* out, int n_threads) {
+  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows, row = n_tiles * kTileRows;
+  const int chunks = dim / kTileDims, per_pass = kTileRows / n_heads;
+  std::vector<float> scores(n_queries * row);
+  for (int64_t t0 = 0; t0 < n_queries; t0 += per_pass) {
+    const int64_t t1 = std::min<int64_t>(n_queries, t0 + per_pass);
+    const int64_t last = *std::max_element(positions + t0, positions + t1);
+    if (last + 1 <= topk) continue;  // every query takes all its keys: no scores needed
+    std::vector<uint32_t> columns(chunks * kTileRows * kTileRows, 0);  // B tiles: (dim pair, (query, head))
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int h = 0; h < n_heads; ++h) {
+        const uint16_t* qh = q + (t * n_heads + h) * dim;
+        for (int i = 0; i < dim / 2; ++i) {
+          std::memcpy(&columns[i * kTileRows + (t - t0) * n_heads + h], qh + 2 * i, sizeof(uint32_t));
+        }
+      }
+    }
+#pragma omp parallel num_threads(n_threads)
+    {
+      configure_tiles();
+      std::vector<uint16_t> padded(kTileRows * dim);  // the last, partial tile of keys, zero past n_keys
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile <= last / kTileRows; ++tile) {
+        const uint16_t* rows = keys + tile * kTileRows * dim;
+        if ((tile + 1) * kTileRows > n_keys) {
+          const int64_t have = n_keys - tile * kTileRows;
+          std::fill(std::copy(rows, rows + have * dim, padded.begin()), padded.end(), uint16_t{0});
+          rows = padded.data();
+        }
+        _tile_zero(0);
+        for (int c = 0; c < chunks; ++c) {
+          _tile_loadd(1, rows + c * kTileDims, dim * 2);
+          _tile_loadd(2, &columns[c * kTileRows * kTileRows], 64);
+          _tile_dpbf16ps(0, 1, 2);
+        }
+        alignas(64) float dots[kTileRows * kTileRows];  // (key, column)
+        _tile_stored(0, dots, 64);
+        __m512i by_column[kTileRows];
+        for (int r = 0; r < kTileRows; ++r) by_column[r] = _mm512_load_si512(dots + r * kTileRows);
+        transpose16(by_column);
+        for (int64_t t = t0; t < t1; ++t) {
+          __m512 total = _mm512_setzero_ps();
+          for (int h = 0; h < n_heads; ++h) {
+            const __m512 dot = _mm512_castsi512_ps(by_column[(t - t0) * n_heads + h]);
+            total = _mm512_fmadd_ps(_mm512_set1_ps(w[t * n_heads + h]), _mm512_max_ps(dot, _mm512_setzero_ps()), total);
+          }
+          _mm512_storeu_ps(scores.data() + t * row + tile * kTileRows, total);
+        }
+      }
+      _tile_release();
+    }
+  }
+#pragma omp parallel num_threads(std::min<int64_t>(n_threads, n_queries))
+  {
+    TopkScratch scratch;
+#pragma omp for
+    for (int64_t t = 0; t < n_queries; ++t) {
+      select_row<best_positions_wide>(scores.data() + t * row, positions[t], topk, n_sink, window, scratch,
+                                      out + t * topk);
+    }
+  }
+}
+
+// dsa_sparse_attention for a few queries (a decode step) on bf16 caches, float32 out, head size 64, at most 16
+// query heads per kv head: per query and kv head, attend_rows reads exactly the selected rows. Needs
+// AVX512-BF16 only; the union blocks of dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on one query.
+void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kv_head_stride,
+                                    const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
+                                    int n_sets, int topk, float scale, float* out, int n_threads) {
+  const int group = n_q_heads / n_kv_heads, kv_per_set = n_kv_heads / n_sets;
+#pragma omp parallel num_threads(n_threads)
+  {
+    std::vector<float> probs(topk * kTileRows);  // (key, query head)
+    std::vector<int64_t> keys(topk);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_queries; ++t) {
+      for (int h = 0; h < n_kv_heads; ++h) {
+        const int64_t* chosen = indices + ((h / kv_per_set) * n_queries + t) * topk;
+        int n = 0;
+        for (int j = 0; j < topk; ++j) {
+          if (chosen[j] >= 0) keys[n++] = chosen[j];
+        }
+        alignas(64) uint32_t pairs[kHeadDim / 2][kTileRows] = {};
+        float* rows_out[kTileRows];
+        for (int g = 0; g < group; ++g) {
+          const int64_t head_row = (h * group + g) * n_queries + t;
+          for (int i = 0; i < kHeadDim / 2; ++i) std::memcpy(&pairs[i][g], q + head_row * kHeadDim + 2 * i, 4);
+          rows_out[g] = out + head_row * kHeadDim;
+        }
+        __m512i q_pairs[kHeadDim / 2];
+        for (int i = 0; i < kHeadDim / 2; ++i) q_pairs[i] = _mm512_load_si512(pairs[i]);
+        attend_rows(q_pairs, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale, group, rows_out,
+                    probs.data());
+      }
+    }
   }
 }
 

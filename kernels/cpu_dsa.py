@@ -42,6 +42,8 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
+    "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
+    "dsa_sparse_attention_rows_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
 }
 
 
@@ -144,21 +146,23 @@ def select_topk(
     pad_heads = -n_heads % HEAD_GROUP  # zero-weight heads add nothing to a score
     positions = q_positions.to(torch.int64).contiguous()
     out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
-    amx = n_queries >= FEW_QUERIES and _runs_amx(q, k) and dim % AMX_DEPTH == 0
+    few = n_queries < FEW_QUERIES
+    amx = _runs_amx(q, k) and dim % AMX_DEPTH == 0 and (not few or n_heads <= AMX_ROWS)
     for b in range(batch):
-        if amx:
-            blocks = -(-n_queries // AMX_ROWS) * AMX_ROWS  # the kernel reads whole blocks of 16 queries
+        if amx:  # decode steps: the cache's rows are the tiles; prefill: whole blocks of 16 queries
+            blocks = n_queries if few else -(-n_queries // AMX_ROWS) * AMX_ROWS
             q_b = torch.nn.functional.pad(q[b], (0, 0, 0, 0, 0, blocks - n_queries)).contiguous()
             w_b = torch.nn.functional.pad(w[b].float(), (0, 0, 0, blocks - n_queries)).contiguous()
             keys = k[b, :n_keys].contiguous()
-            library.dsa_select_topk_amx(
+            kernel = library.dsa_select_topk_amx_rows if few else library.dsa_select_topk_amx
+            kernel(
                 q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(),
                 n_queries, n_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
             continue
         q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
         w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
-        if n_queries < FEW_QUERIES:  # decode: score the cache's rows as they are
+        if few:  # decode: score the cache's rows as they are
             keys = _f32(k[b, :n_keys])
             library.dsa_select_topk_rows(
                 q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(),
@@ -194,7 +198,12 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
         if k_b.stride(0) != v_b.stride(0):  # one head stride serves both caches
             k_b, v_b = k_b.contiguous(), v_b.contiguous()
         caches = (q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0))
-        if amx:
+        if amx and n_queries < FEW_QUERIES:  # a decode step: exactly the selected rows, heads in lanes
+            library.dsa_sparse_attention_rows_bf16(
+                *caches, sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0], sets_b.shape[-1],
+                scale, out[b].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        elif amx:
             library.dsa_sparse_attention_amx(
                 *caches, k_b.shape[1], sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0],
                 sets_b.shape[-1], scale, out[b].data_ptr(), torch.get_num_threads(),

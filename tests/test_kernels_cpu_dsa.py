@@ -167,6 +167,21 @@ def test_amx_selection_equals_float32_kernel(n_heads, topk):
 
 
 @pytest.mark.needs_amx
+@pytest.mark.parametrize("n_heads, n_queries, topk", [(4, 1, 96), (4, 5, 300), (16, 1, 96), (6, 3, 68)])
+def test_amx_decode_selection_equals_float32_kernel(n_heads, n_queries, topk):
+    """Decode steps score the cache's rows in place (keys as tile rows, the last tile of 340 keys partial)."""
+    n_keys = 340
+    q, w, k = small_integer_inputs(n_keys, n_heads)
+    positions = torch.arange(n_keys - n_queries, n_keys)
+    rows = slice(n_keys - n_queries, None)
+    amx = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    fp32 = cpu_dsa.select_topk(
+        q[:, rows].float(), w[:, rows].float(), k.float(), positions, n_keys, topk, 4, 64
+    )
+    assert torch.equal(amx, fp32)
+
+
+@pytest.mark.needs_amx
 def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
     n_keys, topk = 200, 80
     q, w, k = small_integer_inputs(n_keys, 4)
@@ -182,7 +197,8 @@ def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
         (9, 3, 1, 16, 160, 24),  # 3 query heads per kv head
         (18, 2, 2, 33, 160, 24),  # one selection per kv head
         (32, 2, 1, 20, 700, 200),  # 16 query heads per kv head; unions of up to 16 x 200 keys
-        (14, 2, 1, 1, 300, 96),  # one query: a decode step of --attention sparse
+        (14, 2, 1, 1, 300, 96),  # one query: a decode step of --attention sparse (heads in lanes)
+        (32, 2, 2, 3, 300, 96),  # a few queries, 16 query heads per kv head, one selection per kv head
     ],
 )
 def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_queries, n_keys, topk):
