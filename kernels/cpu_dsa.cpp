@@ -724,7 +724,9 @@ void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, co
       const uint16_t* row = v_head + keys[j] * kHeadDim;
       if (j + kAhead < n) prefetch_bf16_row(v_head + keys[j + kAhead] * kHeadDim);
       __m512 value[4];
-      for (int c = 0; c < 4; ++c) value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
+      for (int c = 0; c < 4; ++c) {
+        value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
+      }
       for (int g = 0; g < kHeads; ++g) {
         const __m512 weight = _mm512_set1_ps(probs[j * kTileRows + g0 + g]);
         for (int c = 0; c < 4; ++c) sums[g][c] = _mm512_fmadd_ps(weight, value[c], sums[g][c]);
