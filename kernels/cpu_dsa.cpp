@@ -504,11 +504,19 @@ int64_t best_positions_wide(const float* scores, int64_t first, int64_t last, in
   return filled;
 }
 
+inline void prefetch_bf16_row(const uint16_t* row) {  // 64 bf16 values: two 64-byte lines
+  __builtin_prefetch(row);
+  __builtin_prefetch(row + 32);
+}
+
 // One thread's gather attention over a block of up to 16 consecutive queries, head size 64 (see
 // dsa_sparse_attention_amx). The union of the block's selections is about 2.1x k keys at k = 2048 and 3.7x at
-// k = 512 on 8K of text (2.9x and 4.4x at 16K); each query's own keys are marked in a bit mask. Per query head,
-// tile products give the scores (query, union key), the softmax gives 0 to every key a query did not select, and
-// tile products weigh the values.
+// k = 512 on 8K of text (2.9x and 4.4x at 16K); each query's own keys are marked in a bit mask. The union is
+// walked in spans of kSpan keys, each laid out as AMX tiles once and used by every query head of the kv head's
+// group while it sits in L2 (one pass over the whole union per query head streamed it from L3 seven times). Per
+// span and query head, tile products give the scores (query, key), a running softmax gives 0 to every key a
+// query did not select and rescales the sums so far when a query's largest score grows, and tile products add
+// the weighted values.
 class UnionBlock {
  public:
   UnionBlock(int64_t n_keys, int topk)
@@ -517,10 +525,10 @@ class UnionBlock {
         keys_(most_),
         members_(most_),
         masks_(most_),
-        key_tiles_(most_ * kHeadDim / 2),
-        value_tiles_(most_ * kHeadDim / 2),
-        scores_(kTileRows * most_),
-        probs_(kTileRows * most_) {}
+        key_tiles_(kSpan * kHeadDim / 2),
+        value_tiles_(kSpan * kHeadDim / 2),
+        scores_(kTileRows * kSpan),
+        probs_(kTileRows * kSpan) {}
 
   // The union of `rows` selections (topk indices each, -1 unused), and which query chose which key.
   void gather(const int64_t* chosen, int rows, int topk) {
@@ -543,43 +551,47 @@ class UnionBlock {
     }
   }
 
-  // One kv head's union rows as B tiles: keys transposed to (dim pair, key) per 16 keys, values interleaved to
-  // (key pair, dim) per 32 keys and 16 dims; padding keys are 0.
-  void pack(const uint16_t* k_head, const uint16_t* v_head) {
-    auto row = [this](const uint16_t* head, int u, int half) {
-      return u < n_ ? _mm512_loadu_si512(head + keys_[u] * kHeadDim + half * kTileDims) : _mm512_setzero_si512();
-    };
-    for (int u0 = 0; u0 < padded_; u0 += kTileRows) {
-      const uint16_t* rows[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) rows[r] = u0 + r < n_ ? k_head + keys_[u0 + r] * kHeadDim : nullptr;
-      pack_key_tile(rows, kHeadDim, &key_tiles_[u0 * kHeadDim / 2]);
+  // One kv head's rows and the `group` query heads it serves: q_rows[g] (rows_, 64) bf16 -> out[g] (rows_, 64)
+  // float32, both with rows 64 values apart.
+  void attend(const uint16_t* k_head, const uint16_t* v_head, const uint16_t* const q_rows[], float* const out[],
+              int group, float scale) {
+    const uint16_t* q_tiles[kMaxGroup];
+    for (int g = 0; g < group; ++g) {
+      q_tiles[g] = q_rows[g];
+      if (rows_ < kTileRows) {  // a tile reads 16 rows: pad the last block's queries
+        uint16_t* padded = q_padded_ + g * kTileRows * kHeadDim;
+        std::memset(padded, 0, kTileRows * kHeadDim * 2);
+        std::memcpy(padded, q_rows[g], rows_ * kHeadDim * 2);
+        q_tiles[g] = padded;
+      }
+      std::fill(best_[g], best_[g] + kTileRows, -INFINITY);
+      std::fill(total_[g], total_[g] + kTileRows, 0.0f);
+      std::fill(weighted_[g], weighted_[g] + 4 * kTile, 0.0f);
     }
-    for (int u = 0; u < padded_; u += 2) {
-      uint32_t* tiles = &value_tiles_[u / kChunk * kChunk * kHeadDim / 2 + u % kChunk / 2 * kTileRows];
-      for (int half = 0; half < 2; ++half) {  // dims 0-31, then 32-63: two tiles of 16 dims each
-        const __m512i a = row(v_head, u, half), b = row(v_head, u + 1, half);
-        _mm512_storeu_si512(tiles + 2 * half * kTile, _mm512_permutex2var_epi16(a, kLowPairs, b));
-        _mm512_storeu_si512(tiles + (2 * half + 1) * kTile, _mm512_permutex2var_epi16(a, kHighPairs, b));
+    for (int s0 = 0; s0 < padded_; s0 += kSpan) {
+      const int span = std::min(kSpan, padded_ - s0);
+      pack(k_head, v_head, s0, span);
+      for (int g = 0; g < group; ++g) {
+        score(q_tiles[g], span);
+        for (int i = 0; i < rows_; ++i) {
+          const float factor = softmax_row(i, s0, span, scale, best_[g][i], total_[g][i]);
+          if (factor != 1.0f) {  // this query's largest score grew: its sums so far shrink by the same factor
+            for (int c = 0; c < 4; ++c) {
+              float* sums = weighted_[g] + c * kTile + i * kTileRows;
+              _mm512_storeu_ps(sums, _mm512_mul_ps(_mm512_loadu_ps(sums), _mm512_set1_ps(factor)));
+            }
+          }
+        }
+        weigh_values(weighted_[g], span);
       }
     }
-  }
-
-  // One query head: q_rows (rows_, 64) bf16 -> out (rows_, 64) float32, both with rows 64 values apart.
-  void attend(const uint16_t* q_rows, float scale, float* out) {
-    if (rows_ < kTileRows) {  // a tile reads 16 rows: pad the last block's queries
-      std::memset(q_padded_, 0, sizeof q_padded_);
-      std::memcpy(q_padded_, q_rows, rows_ * kHeadDim * 2);
-      q_rows = q_padded_;
-    }
-    score(q_rows);
-    alignas(64) float inverse[kTileRows];
-    for (int i = 0; i < rows_; ++i) inverse[i] = softmax_row(i, scale);
-    weigh_values();
-    for (int i = 0; i < rows_; ++i) {
-      const __m512 factor = _mm512_set1_ps(inverse[i]);
-      for (int c = 0; c < 4; ++c) {
-        const __m512 sum = _mm512_loadu_ps(weighted_ + c * kTile + i * kTileRows);
-        _mm512_storeu_ps(out + i * kHeadDim + 16 * c, _mm512_mul_ps(sum, factor));
+    for (int g = 0; g < group; ++g) {
+      for (int i = 0; i < rows_; ++i) {
+        const __m512 inverse = _mm512_set1_ps(1.0f / total_[g][i]);
+        for (int c = 0; c < 4; ++c) {
+          const __m512 sum = _mm512_loadu_ps(weighted_[g] + c * kTile + i * kTileRows);
+          _mm512_storeu_ps(out[g] + i * kHeadDim + 16 * c, _mm512_mul_ps(sum, inverse));
+        }
       }
     }
   }
@@ -587,13 +599,42 @@ class UnionBlock {
  private:
   static constexpr int kChunk = 2 * kTileRows;  // 32 keys: the depth of one tile product over keys
   static constexpr int kTile = kTileRows * kTileRows;  // 32-bit values in one tile
+  static constexpr int kSpan = 512;  // union keys laid out at a time: 128 KB of key and value tiles
+  static constexpr int kMaxGroup = 16;  // query heads per kv head
+  static constexpr int kAhead = 32;  // union rows come from all over the cache: ask for them this many keys early
   static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-  // scores_ (query, union key): two tiles of 16 keys in flight.
-  void score(const uint16_t* q_rows) {
+  // Union keys s0 ... s0 + span - 1 of one kv head as B tiles: keys transposed to (dim pair, key) per 16 keys,
+  // values interleaved to (key pair, dim) per 32 keys and 16 dims; padding keys are 0.
+  void pack(const uint16_t* k_head, const uint16_t* v_head, int s0, int span) {
+    auto row = [this](const uint16_t* head, int u, int half) {
+      return u < n_ ? _mm512_loadu_si512(head + keys_[u] * kHeadDim + half * kTileDims) : _mm512_setzero_si512();
+    };
+    for (int u0 = 0; u0 < span; u0 += kTileRows) {
+      const uint16_t* rows[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) {
+        const int u = s0 + u0 + r;
+        rows[r] = u < n_ ? k_head + keys_[u] * kHeadDim : nullptr;
+        if (u + kAhead < n_) prefetch_bf16_row(k_head + keys_[u + kAhead] * kHeadDim);
+        if (u + kAhead < n_) prefetch_bf16_row(v_head + keys_[u + kAhead] * kHeadDim);
+      }
+      pack_key_tile(rows, kHeadDim, &key_tiles_[u0 * kHeadDim / 2]);
+    }
+    for (int u = 0; u < span; u += 2) {
+      uint32_t* tiles = &value_tiles_[u / kChunk * kChunk * kHeadDim / 2 + u % kChunk / 2 * kTileRows];
+      for (int half = 0; half < 2; ++half) {  // dims 0-31, then 32-63: two tiles of 16 dims each
+        const __m512i a = row(v_head, s0 + u, half), b = row(v_head, s0 + u + 1, half);
+        _mm512_storeu_si512(tiles + 2 * half * kTile, _mm512_permutex2var_epi16(a, kLowPairs, b));
+        _mm512_storeu_si512(tiles + (2 * half + 1) * kTile, _mm512_permutex2var_epi16(a, kHighPairs, b));
+      }
+    }
+  }
+
+  // scores_ (query, span key): two tiles of 16 keys in flight.
+  void score(const uint16_t* q_rows, int span) {
     _tile_loadd(1, q_rows, kHeadDim * 2);
     _tile_loadd(2, q_rows + kTileDims, kHeadDim * 2);
-    for (int u0 = 0; u0 < padded_; u0 += kChunk) {
+    for (int u0 = 0; u0 < span; u0 += kChunk) {
       const uint32_t* tiles = &key_tiles_[u0 * kHeadDim / 2];
       _tile_zero(0);
       _tile_zero(5);
@@ -605,53 +646,64 @@ class UnionBlock {
       _tile_dpbf16ps(5, 1, 6);
       _tile_dpbf16ps(0, 2, 4);
       _tile_dpbf16ps(5, 2, 7);
-      _tile_stored(0, &scores_[u0], padded_ * 4);
-      _tile_stored(5, &scores_[u0 + kTileRows], padded_ * 4);
+      _tile_stored(0, &scores_[u0], span * 4);
+      _tile_stored(5, &scores_[u0 + kTileRows], span * 4);
     }
   }
 
-  // Query i's probabilities over its own keys, rounded to bf16, into its row of the A tiles in probs_ (32 keys
-  // each); returns 1 / their sum.
-  float softmax_row(int i, float scale) {
-    const float* row = &scores_[i * padded_];
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    for (int u0 = 0; u0 < padded_; u0 += kTileRows) {
-      best = _mm512_mask_max_ps(best, masks_[u0 + i], best, _mm512_loadu_ps(row + u0));
+  // Query i's probabilities over its own keys in the span, relative to its largest score so far (best, raised
+  // to the span's), rounded to bf16 into its row of the A tiles in probs_ (32 keys each), their sum added to
+  // total; returns the factor by which the earlier sums shrink.
+  float softmax_row(int i, int s0, int span, float scale, float& best, float& total) {
+    const float* row = &scores_[i * span];
+    const uint16_t* masks = &masks_[s0 + i];
+    __m512 most = _mm512_set1_ps(-INFINITY);
+    for (int u0 = 0; u0 < span; u0 += kTileRows) {
+      most = _mm512_mask_max_ps(most, masks[u0], most, _mm512_loadu_ps(row + u0));
     }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best)), scale_v = _mm512_set1_ps(scale);
+    const float top = std::max(best, _mm512_reduce_max_ps(most));
+    if (top == -INFINITY) {  // none of this query's keys yet
+      for (int u0 = 0; u0 < span; u0 += kChunk)
+        _mm512_storeu_si512(&probs_[u0 * kTileRows + i * kChunk], _mm512_setzero_si512());
+      return 1.0f;
+    }
+    const float factor = best == -INFINITY ? 1.0f : std::exp((best - top) * scale);
+    best = top;
+    const __m512 top_v = _mm512_set1_ps(top), scale_v = _mm512_set1_ps(scale);
     auto prob = [&](int u) {
-      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + u), top), scale_v);
-      return _mm512_maskz_mov_ps(masks_[u + i], exp_bf16(x));
+      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + u), top_v), scale_v);
+      return _mm512_maskz_mov_ps(masks[u], exp_bf16(x));
     };
-    __m512 total = _mm512_setzero_ps();
-    for (int u0 = 0; u0 < padded_; u0 += kChunk) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int u0 = 0; u0 < span; u0 += kChunk) {
       uint16_t* chunk = &probs_[u0 * kTileRows + i * kChunk];
-      if ((masks_[u0 + i] | masks_[u0 + kTileRows + i]) == 0) {  // none of these 32 keys is query i's
+      if ((masks[u0] | masks[u0 + kTileRows]) == 0) {  // none of these 32 keys is query i's
         _mm512_storeu_si512(chunk, _mm512_setzero_si512());
         continue;
       }
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(prob(u0 + kTileRows), prob(u0));  // keys in order
       _mm512_storeu_si512(chunk, both);
-      total = _mm512_add_ps(total, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(both)));
-      total = _mm512_add_ps(total, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(both, 1)));
+      sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(both)));
+      sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(both, 1)));
     }
-    return 1.0f / _mm512_reduce_add_ps(total);
+    total = total * factor + _mm512_reduce_add_ps(sum);
+    return factor;
   }
 
-  // weighted_ (query, dim) as 4 tiles of 16 dims: 32 dims at a time, two chunks of 32 keys in flight in their own
-  // tiles (a tile loaded again waits until the product reading it is done).
-  void weigh_values() {
+  // sums (query, dim) as 4 tiles of 16 dims += the span's probabilities x values: 32 dims at a time, two chunks
+  // of 32 keys in flight in their own tiles (a tile loaded again waits until the product reading it is done).
+  void weigh_values(float* sums, int span) {
     for (int half = 0; half < 2; ++half) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int u0 = 0; u0 < padded_; u0 += 2 * kChunk) {
+      _tile_loadd(0, sums + 2 * half * kTile, 64);
+      _tile_loadd(1, sums + (2 * half + 1) * kTile, 64);
+      for (int u0 = 0; u0 < span; u0 += 2 * kChunk) {
         const uint32_t* tiles = &value_tiles_[u0 * kHeadDim / 2 + 2 * half * kTile];
         _tile_loadd(2, &probs_[u0 * kTileRows], 64);
         _tile_loadd(3, tiles, 64);
         _tile_loadd(4, tiles + kTile, 64);
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 2, 4);
-        if (u0 + kChunk < padded_) {
+        if (u0 + kChunk < span) {
           _tile_loadd(5, &probs_[(u0 + kChunk) * kTileRows], 64);
           _tile_loadd(6, tiles + 4 * kTile, 64);
           _tile_loadd(7, tiles + 5 * kTile, 64);
@@ -659,8 +711,8 @@ class UnionBlock {
           _tile_dpbf16ps(1, 5, 7);
         }
       }
-      _tile_stored(0, weighted_ + 2 * half * kTile, 64);
-      _tile_stored(1, weighted_ + (2 * half + 1) * kTile, 64);
+      _tile_stored(0, sums + 2 * half * kTile, 64);
+      _tile_stored(1, sums + (2 * half + 1) * kTile, 64);
     }
   }
 
@@ -670,18 +722,14 @@ class UnionBlock {
   std::vector<int64_t> keys_;  // the union's keys
   std::vector<uint32_t> members_;  // bit i: query i selected this union key
   std::vector<uint16_t> masks_;  // per 16 union keys and query i: the same bits, one mask per query
-  std::vector<uint32_t> key_tiles_;  // per 16 keys, 2 B tiles (dim pair, key) of bf16 pairs
-  std::vector<uint32_t> value_tiles_;  // per 32 keys, 4 B tiles (key pair, dim) of bf16 pairs
-  std::vector<float> scores_;  // (query, union key)
-  std::vector<uint16_t> probs_;  // per 32 keys, an A tile (query, key) of bf16
-  alignas(64) uint16_t q_padded_[kTileRows * kHeadDim];
-  alignas(64) float weighted_[4 * kTile];
+  std::vector<uint32_t> key_tiles_;  // the span's keys: per 16 keys, 2 B tiles (dim pair, key) of bf16 pairs
+  std::vector<uint32_t> value_tiles_;  // the span's values: per 32 keys, 4 B tiles (key pair, dim) of bf16 pairs
+  std::vector<float> scores_;  // (query, span key)
+  std::vector<uint16_t> probs_;  // per 32 span keys, an A tile (query, key) of bf16
+  alignas(64) uint16_t q_padded_[kMaxGroup * kTileRows * kHeadDim];
+  float best_[kMaxGroup][kTileRows], total_[kMaxGroup][kTileRows];  // per query head and query: running softmax
+  alignas(64) float weighted_[kMaxGroup][4 * kTile];  // per query head: (query, dim) as 4 tiles of 16 dims
 };
-
-inline void prefetch_bf16_row(const uint16_t* row) {  // 64 bf16 values: two 64-byte lines
-  __builtin_prefetch(row);
-  __builtin_prefetch(row + 32);
-}
 
 // A decode step's gather attention for one query and one kv head (see dsa_sparse_attention_rows_bf16): the
 // group's query heads ride in the 16 lanes of a register, so a selected key or value row is read once for all of
@@ -825,10 +873,13 @@ void dsa_sparse_attention_amx(const uint16_t* q, const uint16_t* k, const uint16
         const int nq = static_cast<int>(std::min<int64_t>(kTileRows, n_queries - t0));
         block.gather(indices + (set * n_queries + t0) * topk, nq, topk);
         for (int h = set * kv_per_set; h < (set + 1) * kv_per_set; ++h) {
-          block.pack(k + h * kv_head_stride, v + h * kv_head_stride);
-          for (int head = h * group; head < (h + 1) * group; ++head) {
-            block.attend(q + (head * n_queries + t0) * kHeadDim, scale, out + (head * n_queries + t0) * kHeadDim);
+          const uint16_t* q_rows[kTileRows];
+          float* out_rows[kTileRows];
+          for (int g = 0; g < group; ++g) {
+            q_rows[g] = q + ((h * group + g) * n_queries + t0) * kHeadDim;
+            out_rows[g] = out + ((h * group + g) * n_queries + t0) * kHeadDim;
           }
+          block.attend(k + h * kv_head_stride, v + h * kv_head_stride, q_rows, out_rows, group, scale);
         }
       }
     }
