@@ -246,9 +246,10 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # a bf16 CPU
     monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the float32 kernels, slower
     assert choose_attention("auto", 16_384, None, True) is None
-    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)  # with AMX: the bf16 kernels, k up to 1/16
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)  # with AMX: the bf16 kernels, k up to 3/32
     assert choose_attention("auto", 16_384, None, True) is None  # k = 2048: an eighth, no faster
-    assert choose_attention("auto", 16_384, 1024, True).topk == 1024
+    assert choose_attention("auto", 16_384, 1536, True).topk == 1536
+    assert choose_attention("auto", 8_192, 737, True).topk == 737  # the agent's largest k at 8K (9 %)
     monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
     assert choose_attention("auto", 16_384, None, True) is None
     forced = choose_attention("sparse", 600, None, True)
