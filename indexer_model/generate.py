@@ -128,6 +128,12 @@ def _device_path(device: str) -> str:
     return "cpu-amx" if amx_ready() else "cpu-bf16"
 
 
+def auto_sparse_range(device: str = "cpu") -> tuple[int, float] | None:
+    """Where `--attention auto` runs DSA on `device`: (the shortest prompt, the largest k as a share of it), or
+    None where it always runs dense."""
+    return SPARSE_FASTER.get(_device_path(device))
+
+
 def choose_attention(
     mode: str, n_context: int, topk: int | None, has_indexers: bool, device: str = "cpu"
 ) -> DSAConfig | None:
@@ -151,7 +157,7 @@ def choose_attention(
     k = topk or default.topk
     if not has_indexers or k >= n_context or n_context < default.dense_threshold:
         return None
-    faster = SPARSE_FASTER.get(_device_path(device))
+    faster = auto_sparse_range(device)
     if faster is None or n_context < faster[0] or k > n_context * faster[1]:
         return None
     return auto_dsa(k)

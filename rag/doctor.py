@@ -120,15 +120,22 @@ def _check_models(report: DoctorReport, full: bool) -> None:
 
 def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
+    from indexer_model.generate import auto_sparse_range
     from kernels.cpu_dsa import amx_ready, native_library
 
     if native_library() is not None:
         flavour = "bf16 on AMX" if amx_ready() else "float32"
+        where = auto_sparse_range("cpu")
+        auto = (
+            f"--attention auto runs DSA from {where[0]:,} tokens with k up to {where[1]:.1%} of the prompt"
+            if where
+            else "--attention auto stays dense (DSA measured slower on such CPUs)"
+        )
         report.add(
             "caches",
             "cpu-dsa-kernels",
             "ok",
-            f"compiled CPU kernels for sparse attention build and load ({flavour})",
+            f"compiled CPU kernels for sparse attention build and load ({flavour}); {auto}",
         )
     else:
         report.add(

@@ -26,6 +26,7 @@ from indexer_model.generate import (
 )
 from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
 from kernels import cpu_dsa
+from rag.doctor import DoctorReport, _check_cpu_kernels
 from rag.errors import ModelError
 
 TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
@@ -258,6 +259,24 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     )
     with pytest.raises(ModelError, match="indexer"):
         choose_attention("sparse", 600, None, False)
+
+
+def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
+    def kernels_detail(dtype: torch.dtype, amx: bool) -> str:
+        monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())
+        monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: amx)
+        monkeypatch.setattr(weights, "default_dtype", lambda device: dtype)
+        report = DoctorReport()
+        _check_cpu_kernels(report)
+        return report.checks[0].detail
+
+    assert "(float32); --attention auto runs DSA from 8,192 tokens with k up to 12.5%" in kernels_detail(
+        torch.float32, False
+    )
+    assert "(bf16 on AMX); --attention auto runs DSA from 8,192 tokens with k up to 9.4%" in kernels_detail(
+        torch.bfloat16, True
+    )
+    assert "auto stays dense" in kernels_detail(torch.bfloat16, False)
 
 
 def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
