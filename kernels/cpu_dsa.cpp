@@ -331,8 +331,8 @@ void dsa_sparse_attention(const float* q, const float* k, const float* v, int64_
 // dsa_amx_ready() answers 0 and cpu_dsa.py keeps the float32 kernels above). On such CPUs the model runs in bf16
 // and dense attention runs on AMX, 3-4x faster than in float32: DSA has to use the same units to keep up.
 // Products of bf16 values are exact in float32 and sums accumulate in float32, so the index scores equal the
-// float32 kernel's up to the order of the sums; the attention's probabilities are rounded to bf16 before they
-// weigh the values, as bf16 SDPA does.
+// float32 kernel's up to the order of the sums. The prefill's union blocks round the attention's probabilities to
+// bf16 before they weigh the values, as bf16 SDPA does; a decode step keeps them in float32.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -615,8 +615,10 @@ class UnionBlock {
       for (int r = 0; r < kTileRows; ++r) {
         const int u = s0 + u0 + r;
         rows[r] = u < n_ ? k_head + keys_[u] * kHeadDim : nullptr;
-        if (u + kAhead < n_) prefetch_bf16_row(k_head + keys_[u + kAhead] * kHeadDim);
-        if (u + kAhead < n_) prefetch_bf16_row(v_head + keys_[u + kAhead] * kHeadDim);
+        if (u + kAhead < n_) {
+          prefetch_bf16_row(k_head + keys_[u + kAhead] * kHeadDim);
+          prefetch_bf16_row(v_head + keys_[u + kAhead] * kHeadDim);
+        }
       }
       pack_key_tile(rows, kHeadDim, &key_tiles_[u0 * kHeadDim / 2]);
     }
