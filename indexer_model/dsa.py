@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from indexer_model.indexer import select_topk, select_topk_sets, stack_sets
+from indexer_model.indexer import LightningIndexer, select_topk, select_topk_sets, stack_sets
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,18 @@ def _native_cpu(cfg: DSAConfig) -> bool:
             raise RuntimeError("DSAConfig(kernels='native') needs a C++ compiler (g++ or $CXX) to build them")
         return False
     return True
+
+
+def project_index(
+    indexer: LightningIndexer, x: Tensor, positions: Tensor, cfg: DSAConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The indexer's q, w, k for the new tokens; on the CPU a decode step's take one compiled call."""
+    if not x.is_cuda and _native_cpu(cfg):
+        from kernels import cpu_dsa
+
+        if cpu_dsa.projects_natively(indexer, x):
+            return cpu_dsa.index_projection(indexer, x, positions)
+    return indexer.project(x, positions)
 
 
 def dsa_attention(

@@ -117,6 +117,11 @@ class LightningIndexer(nn.Module):
                 f"indexer checkpoint does not match this indexer ({details}); retrain or re-export it"
             )
 
+    @property
+    def weight_scale(self) -> float:
+        """H_I^-1/2 * d_I^-1/2, the scale of the head weights w (DESIGN.md)."""
+        return (self.n_heads * self.head_dim) ** -0.5
+
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, D), positions (T,) -> q (B, T, H_I, d_I), w (B, T, H_I), k (B, T, d_I).
 
@@ -124,7 +129,7 @@ class LightningIndexer(nn.Module):
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x))
-        w = self.weights_proj(x) * (self.n_heads * self.head_dim) ** -0.5
+        w = self.weights_proj(x) * self.weight_scale
         if self.index_sets > 1:
             w = w.view(batch, seq_len, self.index_sets, self.n_heads)
         cos, sin = rope_cos_sin(positions, self.rope_dims, self.rope_base)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention
+from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index
 from indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -154,7 +154,7 @@ class Attention(nn.Module):
             y = dense_attention(q, k, v, input_pos, whole_cache=n_keys is None)
         else:
             dsa = dsa.for_layer(self.indexer.topk_scale)
-            idx_q, idx_w, idx_k = self.indexer.project(x, input_pos)
+            idx_q, idx_w, idx_k = project_index(self.indexer, x, input_pos, dsa)
             if self.index_cache is not None:
                 idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
             y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, dsa)

@@ -1,4 +1,5 @@
-"""DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, and gather attention.
+"""DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, gather attention, and the
+indexer's projection of a decode step.
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from indexer_model.indexer import check_topk_holds_forced
+from indexer_model.indexer import LightningIndexer, check_topk_holds_forced
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -40,6 +41,10 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
+    "dsa_index_project": [_ptr, _ptr, _i64, _int] + [_ptr] * 3 + [_int] * 3 + [_ptr] * 2 + [_float, _int]
+    + [_float] * 2 + [_ptr] * 3 + [_int],
+    "dsa_index_project_bf16": [_ptr, _ptr, _i64, _int] + [_ptr] * 3 + [_int] * 3 + [_ptr] * 2 + [_float, _int]
+    + [_float] * 2 + [_ptr] * 3 + [_int],
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
@@ -124,6 +129,45 @@ def _rows(cache: Tensor) -> Tensor:
 
 def _f32_rows(cache: Tensor) -> Tensor:
     return _rows(cache.to(torch.float32))
+
+
+def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
+    """Whether `index_projection` serves x: a few new tokens (a decode step) on the CPU, in float32 or bf16 like
+    the indexer's weights, with no gradient wanted (the kernel has no backward)."""
+    params = (indexer.wq.weight, indexer.wk.weight, indexer.weights_proj.weight, *indexer.k_norm.parameters())
+    return (
+        x.device.type == "cpu"
+        and x.shape[1] < FEW_QUERIES
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and all(p.dtype == x.dtype and p.is_contiguous() for p in params)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+    )
+
+
+def index_projection(indexer: LightningIndexer, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """indexer.project(x, positions) in one compiled call: q, w, k in x's dtype (see `projects_natively`).
+
+    A decode step's projection is about ten PyTorch calls on tiny tensors, 0.45 ms a layer in bf16: as long as
+    the step's selection and attention at 8K (benchmarks/dsa_cpu_decode.py)."""
+    library = native_library()
+    batch, n_rows, dim = x.shape
+    n_weights = indexer.weights_proj.out_features
+    rows = x.reshape(batch * n_rows, dim).contiguous()
+    row_positions = positions.to(torch.int64).expand(batch, n_rows).contiguous()
+    q = torch.empty(batch, n_rows, indexer.n_heads, indexer.head_dim, dtype=x.dtype)
+    k = torch.empty(batch, n_rows, indexer.head_dim, dtype=x.dtype)
+    w = torch.empty(batch, n_rows, n_weights, dtype=x.dtype)
+    kernel = library.dsa_index_project_bf16 if x.dtype == torch.bfloat16 else library.dsa_index_project
+    weights = (indexer.wq.weight, indexer.wk.weight, indexer.weights_proj.weight)
+    kernel(
+        rows.data_ptr(), row_positions.data_ptr(), batch * n_rows, dim, *(p.data_ptr() for p in weights),
+        indexer.n_heads, indexer.head_dim, n_weights, indexer.k_norm.weight.data_ptr(),
+        indexer.k_norm.bias.data_ptr(), indexer.k_norm.eps, indexer.rope_dims, indexer.rope_base,
+        indexer.weight_scale, q.data_ptr(), k.data_ptr(), w.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if indexer.index_sets > 1:
+        w = w.view(batch, n_rows, indexer.index_sets, indexer.n_heads)
+    return q, w, k
 
 
 def select_topk(

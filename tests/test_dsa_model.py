@@ -12,6 +12,7 @@ import torch
 
 from evals.niah import greedy_continue
 from indexer_model import generate as generate_module
+from indexer_model import model as model_module
 from indexer_model import weights
 from indexer_model.checkpoint import load_checkpoint
 from indexer_model.dsa import DSAConfig
@@ -146,8 +147,13 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
     model, sparse = tiny.model, DSAConfig(topk=128, dense_threshold=0)
     indexer = model.layers[0].attention.indexer
     calls = []
-    project = indexer.project
-    monkeypatch.setattr(indexer, "project", lambda *args: calls.append(1) or project(*args))
+    project = model_module.project_index
+
+    def counted(layer_indexer, *args):
+        calls.extend([1] if layer_indexer is indexer else [])
+        return project(layer_indexer, *args)
+
+    monkeypatch.setattr(model_module, "project_index", counted)
     prompt, positions = torch.tensor([long_prompt[:200]]), torch.arange(200)
     with torch.inference_mode():
         model.clear_caches()
@@ -160,6 +166,28 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
         model(prompt[:, :1], torch.tensor([200]), dsa=sparse)
     assert len(calls) == 3  # the refused step, the sparse prefill and the decode step
     model.clear_caches()
+
+
+@pytest.mark.needs_compiler
+def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
+    model, length, dsa = tiny.model, len(long_prompt), DSAConfig(topk=128, dense_threshold=0, kernels="native")
+    calls = []
+    kernel = cpu_dsa.index_projection
+    monkeypatch.setattr(cpu_dsa, "index_projection", lambda *args: calls.append(1) or kernel(*args))
+    steps = {}
+    with torch.inference_mode():
+        for projection in ("compiled", "pytorch"):
+            if projection == "pytorch":
+                monkeypatch.setattr(cpu_dsa, "projects_natively", lambda *args: False)
+            calls.clear()
+            model.clear_caches()
+            model.setup_caches(1, length + 1)
+            logits = model(torch.tensor([long_prompt]), torch.arange(length), dsa=dsa)
+            assert not calls  # a prefill projects in PyTorch
+            steps[projection] = model(logits[:, -1:].argmax(-1), torch.tensor([length]), dsa=dsa).float()
+            assert len(calls) == (len(model.layers) if projection == "compiled" else 0)
+    model.clear_caches()
+    torch.testing.assert_close(steps["compiled"], steps["pytorch"], atol=0.02, rtol=0.02)
 
 
 @pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])

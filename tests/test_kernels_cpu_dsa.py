@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
-from indexer_model.indexer import select_topk
+from indexer_model.indexer import LightningIndexer, select_topk
 from kernels import cpu_dsa
 
 
@@ -118,6 +118,38 @@ def test_dsa_attention_native_equals_torch_path():
         for kernels in ("native", "torch")
     }
     torch.testing.assert_close(outs["native"], outs["torch"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_sets", [1, 2])
+def test_index_projection_of_a_decode_step_equals_the_indexer(dtype, index_sets):
+    """The kernel's q, w and k match LightningIndexer.project, RoPE included (far positions: large angles)."""
+    torch.manual_seed(4)
+    indexer = LightningIndexer(96, rope_base=1e6, n_heads=4, head_dim=64, index_sets=index_sets)
+    with torch.no_grad():  # a trained LayerNorm, not the identity
+        indexer.k_norm.weight.uniform_(0.5, 1.5)
+        indexer.k_norm.bias.uniform_(-0.2, 0.2)
+    indexer = indexer.to(dtype)
+    x = torch.randn(2, 3, 96, dtype=dtype)
+    positions = torch.tensor([20_000, 20_001, 20_002])
+    with torch.inference_mode():
+        assert cpu_dsa.projects_natively(indexer, x)
+        expected, got = indexer.project(x, positions), cpu_dsa.index_projection(indexer, x, positions)
+    one_ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5  # sums in another order may round the other way
+    for want, have in zip(expected, got, strict=True):
+        assert have.dtype == want.dtype
+        torch.testing.assert_close(have, want, rtol=one_ulp, atol=1e-5)
+
+
+def test_index_projection_leaves_prefill_and_gradients_to_pytorch():
+    indexer = LightningIndexer(32, rope_base=1e4, n_heads=2, head_dim=16)
+    step = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        assert cpu_dsa.projects_natively(indexer, step)
+        assert not cpu_dsa.projects_natively(indexer, torch.randn(1, cpu_dsa.FEW_QUERIES, 32))
+        assert not cpu_dsa.projects_natively(indexer.to(torch.float16), step.half())
+    assert not cpu_dsa.projects_natively(indexer.float(), step)  # training: the kernel has no backward
 
 
 def test_without_a_compiler_the_torch_path_runs(monkeypatch):
