@@ -41,10 +41,22 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
-    "dsa_index_project": [_ptr, _ptr, _i64, _int] + [_ptr] * 3 + [_int] * 3 + [_ptr] * 2 + [_float, _int]
-    + [_float] * 2 + [_ptr] * 3 + [_int],
-    "dsa_index_project_bf16": [_ptr, _ptr, _i64, _int] + [_ptr] * 3 + [_int] * 3 + [_ptr] * 2 + [_float, _int]
-    + [_float] * 2 + [_ptr] * 3 + [_int],
+    "dsa_index_project": [_ptr, _ptr, _i64, _int]
+    + [_ptr] * 3
+    + [_int] * 3
+    + [_ptr] * 2
+    + [_float, _int]
+    + [_float] * 2
+    + [_ptr] * 3
+    + [_int],
+    "dsa_index_project_bf16": [_ptr, _ptr, _i64, _int]
+    + [_ptr] * 3
+    + [_int] * 3
+    + [_ptr] * 2
+    + [_float, _int]
+    + [_float] * 2
+    + [_ptr] * 3
+    + [_int],
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
@@ -144,7 +156,9 @@ def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
     )
 
 
-def index_projection(indexer: LightningIndexer, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def index_projection(
+    indexer: LightningIndexer, x: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """indexer.project(x, positions) in one compiled call: q, w, k in x's dtype (see `projects_natively`).
 
     A decode step's projection is about ten PyTorch calls on tiny tensors, 0.45 ms a layer in bf16: as long as

@@ -170,7 +170,11 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
 
 @pytest.mark.needs_compiler
 def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
-    model, length, dsa = tiny.model, len(long_prompt), DSAConfig(topk=128, dense_threshold=0, kernels="native")
+    model, length, dsa = (
+        tiny.model,
+        len(long_prompt),
+        DSAConfig(topk=128, dense_threshold=0, kernels="native"),
+    )
     calls = []
     kernel = cpu_dsa.index_projection
     monkeypatch.setattr(cpu_dsa, "index_projection", lambda *args: calls.append(1) or kernel(*args))
