@@ -37,26 +37,16 @@ AMX_MAX_GROUP, AMX_HEAD_DIM = 16, 64  # the bf16 gather attention: query heads p
 log = logging.getLogger(__name__)
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+# x, positions, rows, dim; wq, wk, wp; heads, head dim, weights; LayerNorm: weight, bias, eps; RoPE dims, base;
+# w scale; q, k, w out; threads
+_INDEX_PROJECT = [_ptr, _ptr, _i64, _int, *[_ptr] * 3, *[_int] * 3, _ptr, _ptr, _float, _int, _float, _float]
+_INDEX_PROJECT += [*[_ptr] * 3, _int]
 _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
-    "dsa_index_project": [_ptr, _ptr, _i64, _int]
-    + [_ptr] * 3
-    + [_int] * 3
-    + [_ptr] * 2
-    + [_float, _int]
-    + [_float] * 2
-    + [_ptr] * 3
-    + [_int],
-    "dsa_index_project_bf16": [_ptr, _ptr, _i64, _int]
-    + [_ptr] * 3
-    + [_int] * 3
-    + [_ptr] * 2
-    + [_float, _int]
-    + [_float] * 2
-    + [_ptr] * 3
-    + [_int],
+    "dsa_index_project": _INDEX_PROJECT,
+    "dsa_index_project_bf16": _INDEX_PROJECT,
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
