@@ -184,7 +184,7 @@ def _native_cpu(cfg: DSAConfig) -> bool:
 def project_index(
     indexer: LightningIndexer, x: Tensor, positions: Tensor, cfg: DSAConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The indexer's q, w, k for the new tokens; on the CPU a decode step's take one compiled call."""
+    """The indexer's q, w, k for the new tokens; on the CPU, a decode step's come from one compiled call."""
     if not x.is_cuda and _native_cpu(cfg):
         from kernels import cpu_dsa
 

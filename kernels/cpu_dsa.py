@@ -151,8 +151,8 @@ def index_projection(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """indexer.project(x, positions) in one compiled call: q, w, k in x's dtype (see `projects_natively`).
 
-    A decode step's projection is about ten PyTorch calls on tiny tensors, 0.45 ms a layer in bf16: as long as
-    the step's selection and attention at 8K (benchmarks/dsa_cpu_decode.py)."""
+    A decode step's projection is about ten PyTorch calls on tiny tensors, 0.3-0.6 ms a layer in bf16: about as
+    long as the step's selection and attention (benchmarks/dsa_cpu_decode.py)."""
     library = native_library()
     batch, n_rows, dim = x.shape
     n_weights = indexer.weights_proj.out_features

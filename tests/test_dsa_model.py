@@ -44,6 +44,20 @@ def long_prompt(tiny) -> list[int]:
     return tiny.tokenizer.encode(text)[:320]
 
 
+def count_projections(monkeypatch, indexer) -> list[int]:
+    """Tokens per index projection of `indexer`, in PyTorch calls or in the compiled decode-step kernel."""
+    projected = []
+    project = model_module.project_index
+
+    def counted(layer_indexer, x, *args):
+        if layer_indexer is indexer:
+            projected.append(x.shape[1])
+        return project(layer_indexer, x, *args)
+
+    monkeypatch.setattr(model_module, "project_index", counted)
+    return projected
+
+
 def test_the_shipped_indexer_of_the_tiny_model_is_found_by_its_weights(tiny):
     assert tiny.indexer_checkpoint is not None
     assert tiny.indexer_checkpoint.name == "smollm2-135m-instruct"
@@ -60,10 +74,7 @@ def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny
 
 
 def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prompt, monkeypatch):
-    indexer = tiny.model.layers[0].attention.indexer
-    projected = []  # tokens per call of the indexer's projection
-    project = indexer.project
-    monkeypatch.setattr(indexer, "project", lambda x, pos: projected.append(x.shape[1]) or project(x, pos))
+    projected = count_projections(monkeypatch, tiny.model.layers[0].attention.indexer)
     prompt = long_prompt[:300]
     runs = {}
     for sparse_decode in (False, True):
@@ -145,15 +156,7 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
 
 def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(tiny, long_prompt, monkeypatch):
     model, sparse = tiny.model, DSAConfig(topk=128, dense_threshold=0)
-    indexer = model.layers[0].attention.indexer
-    calls = []
-    project = model_module.project_index
-
-    def counted(layer_indexer, *args):
-        calls.extend([1] if layer_indexer is indexer else [])
-        return project(layer_indexer, *args)
-
-    monkeypatch.setattr(model_module, "project_index", counted)
+    calls = count_projections(monkeypatch, model.layers[0].attention.indexer)
     prompt, positions = torch.tensor([long_prompt[:200]]), torch.arange(200)
     with torch.inference_mode():
         model.clear_caches()
@@ -170,11 +173,8 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
 
 @pytest.mark.needs_compiler
 def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
-    model, length, dsa = (
-        tiny.model,
-        len(long_prompt),
-        DSAConfig(topk=128, dense_threshold=0, kernels="native"),
-    )
+    model, length = tiny.model, len(long_prompt)
+    dsa = DSAConfig(topk=128, dense_threshold=0, kernels="native")
     calls = []
     kernel = cpu_dsa.index_projection
     monkeypatch.setattr(cpu_dsa, "index_projection", lambda *args: calls.append(1) or kernel(*args))
