@@ -1,11 +1,12 @@
 """Decode time per token on the CPU after a long prompt, DSA against dense, on the default model.
 
 One DSA prefill of held-out text fills the KV and index-key caches; then decode steps alternate between DSA and
-dense attention (and DSA with the indexer's projection in PyTorch calls) over that same cache, each step rewriting
-the same next position (on a shared host the speed of whole steps drifts by a third within a minute; steps side by
-side run under the same conditions), and the medians of each mode and of its step-by-step ratios to dense are
-printed. Then one DSA step is taken apart in one layer (`--layer`), on
-its real input and caches: the indexer's projection (as the step runs it, and in PyTorch calls), the selection and the gather attention against dense
+dense attention over that same cache, each step rewriting the same next position (on a shared host the speed of
+whole steps drifts by a third within a minute; steps side by side run under the same conditions). Two more modes
+show what the compiled pieces save: a DSA step with the indexer's projection in PyTorch calls, and a dense step
+with the weights' products in PyTorch. The medians of each mode and of its step-by-step ratios to dense are
+printed. Then one DSA step is taken apart in one layer (`--layer`), on its real input and caches: the indexer's
+projection (as the step runs it, and in PyTorch calls), the selection and the gather attention against dense
 attention over the same cache (median of warm calls).
 
     .venv/bin/python benchmarks/dsa_cpu_decode.py --heldout heldout.npy --length 8192
@@ -85,14 +86,17 @@ def main() -> None:
     prefill(model, torch.from_numpy(tokens[: options.length])[None], torch.arange(options.length), dsa)
     print(f"DSA prefill of {options.length} tokens: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     token, position = torch.tensor([[int(tokens[options.length])]]), torch.tensor([options.length])
-    # The third mode is a DSA step whose indexer projection runs in PyTorch calls, as before the compiled one.
+
+    # The last two modes each run one compiled piece in PyTorch calls instead, as before it existed: the indexer's
+    # projection of a DSA step, and the weights' matrix-vector products of a dense step.
+    def in_pytorch(check: str):
+        return lambda: mock.patch.object(cpu_dsa, check, lambda *_: False)
+
     modes = {
         "dsa": (dsa, contextlib.nullcontext),
         "dense": (None, contextlib.nullcontext),
-        "dsa, projection in PyTorch": (
-            dsa,
-            lambda: mock.patch.object(cpu_dsa, "projects_natively", lambda *_: False),
-        ),
+        "dsa, projection in PyTorch": (dsa, in_pytorch("projects_natively")),
+        "dense, linears in PyTorch": (None, in_pytorch("runs_linear_rows")),
     }
     steps: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(options.pairs):

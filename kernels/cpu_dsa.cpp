@@ -921,6 +921,26 @@ void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, co
   }
 }
 
+// sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
+// AVX512-BF16 dot product per 32 values and row, the rows prefetched kLinearAhead values ahead.
+constexpr int kLinearRows = 4;
+constexpr int kLinearAhead = 1024;  // 2 KB: nearer (256) or none read the weights at 12-14 GB/s, this at 14-16
+inline void linear_block(const uint16_t* x, const uint16_t* w, int k, int rows, float* sums) {
+  __m512 acc[kLinearRows];
+  for (int r = 0; r < kLinearRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += kTileDims) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    for (int r = 0; r < kLinearRows; ++r) {
+      if (r < rows) {
+        const uint16_t* p = w + int64_t(r) * k + i;
+        _mm_prefetch(reinterpret_cast<const char*>(p + kLinearAhead), _MM_HINT_T0);
+        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p));
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 }  // namespace
 
 extern "C" {
@@ -1119,6 +1139,25 @@ void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const 
         for (int i = 0; i < kHeadDim / 2; ++i) q_pairs[i] = _mm512_load_si512(pairs[i]);
         attend_rows(q_pairs, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale, group, rows_out,
                     probs.data());
+      }
+    }
+  }
+}
+
+// F.linear for the few rows of a decode step: x (n_rows, k) . w (n, k)^T + bias (n,) or none -> out (n_rows, n), all
+// bf16, sums in float32; k a multiple of 32. PyTorch's bf16 path reads the weights of such a product at 6-7 GB/s
+// on this kind of CPU, where float32 weights stream at 15-18: a decode step is mostly these reads. The threads split
+// the weight rows; a block of kLinearRows rows is read from memory once for every row of x (it stays in L1).
+void dsa_linear_rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t n_rows, int64_t n, int k,
+                          uint16_t* out, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t j0 = 0; j0 < n; j0 += kLinearRows) {
+    const int rows = int(std::min<int64_t>(kLinearRows, n - j0));
+    float sums[kLinearRows];
+    for (int64_t t = 0; t < n_rows; ++t) {
+      linear_block(x + t * k, w + j0 * k, k, rows, sums);
+      for (int r = 0; r < rows; ++r) {
+        out[t * n + j0 + r] = narrow<uint16_t>(sums[r] + (bias ? widen(bias[j0 + r]) : 0.0f));
       }
     }
   }

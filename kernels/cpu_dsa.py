@@ -51,6 +51,7 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_rows_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
+    "dsa_linear_rows_bf16": [_ptr] * 3 + [_i64, _i64, _int, _ptr, _int],
 }
 
 
@@ -172,6 +173,33 @@ def index_projection(
     if indexer.index_sets > 1:
         w = w.view(batch, n_rows, indexer.index_sets, indexer.n_heads)
     return q, w, k
+
+
+def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether `linear_rows` serves F.linear(x, weight, bias): a decode step's few rows in bf16 on a CPU whose bf16
+    kernels run (`amx_ready`), the inner size a multiple of 32, no gradient wanted."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        x.device.type == "cpu"
+        and x.numel() < FEW_QUERIES * x.shape[-1]
+        and x.shape[-1] % AMX_DEPTH == 0
+        and all(t.dtype == torch.bfloat16 for t in tensors)
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and amx_ready()
+    )
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, weight, bias) in one compiled call (see `runs_linear_rows`): PyTorch's bf16 product reads a
+    decode step's weights at 6-7 GB/s on such CPUs, this one at 13-16 (benchmarks/dsa_cpu_decode.py)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    native_library().dsa_linear_rows_bf16(
+        rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(),
+        rows.shape[0], weight.shape[0], weight.shape[1], out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 def select_topk(

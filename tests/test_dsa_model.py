@@ -194,6 +194,30 @@ def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long
     torch.testing.assert_close(steps["compiled"], steps["pytorch"], atol=0.02, rtol=0.02)
 
 
+@pytest.mark.needs_amx
+def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
+    model, length = tiny.model, len(long_prompt)
+    assert model.output.weight.dtype == torch.bfloat16  # an AMX CPU runs the model in bf16
+    calls = []
+    kernel = cpu_dsa.linear_rows
+    monkeypatch.setattr(cpu_dsa, "linear_rows", lambda *args: calls.append(1) or kernel(*args))
+    steps = {}
+    with torch.inference_mode():
+        for linears in ("compiled", "pytorch"):
+            if linears == "pytorch":
+                monkeypatch.setattr(cpu_dsa, "runs_linear_rows", lambda *args: False)
+            calls.clear()
+            model.clear_caches()
+            model.setup_caches(1, length + 1)
+            logits = model(torch.tensor([long_prompt]), torch.arange(length))
+            compiled = linears == "compiled"
+            assert len(calls) == compiled  # a prefill's products stay PyTorch's, but for its last logits
+            steps[linears] = model(logits[:, -1:].argmax(-1), torch.tensor([length])).float()
+            assert len(calls) == (7 * len(model.layers) + 2 if compiled else 0)
+    model.clear_caches()
+    torch.testing.assert_close(steps["compiled"], steps["pytorch"], atol=0.02, rtol=0.02)
+
+
 @pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])
 def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa):
     """The step a CUDA graph captures (whole cache masked by a device position, no host sync) computes what

@@ -267,3 +267,31 @@ def test_dsa_layer_in_bf16_runs_the_amx_kernels_like_the_torch_path():
     native = dsa_attention(*args, DSAConfig(**cfg, kernels="native"))
     torch_path = dsa_attention(*args, DSAConfig(**cfg, kernels="torch"))
     torch.testing.assert_close(native.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.needs_amx
+@pytest.mark.parametrize("n_rows, bias", [(1, False), (3, True)])
+def test_decode_linear_equals_pytorch(n_rows, bias):
+    """The decode step's bf16 matrix-vector product against F.linear: 103 output rows (a partial last block of
+    four), an inner size of 4 x 32 x 7, float32 sums rounded once."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(103, 896, generator=gen).bfloat16()
+    bias_values = torch.randn(103, generator=gen).bfloat16() if bias else None
+    x = torch.randn(1, n_rows, 896, generator=gen).bfloat16()
+    with torch.inference_mode():
+        assert cpu_dsa.runs_linear_rows(x, weight, bias_values)
+        got = cpu_dsa.linear_rows(x, weight, bias_values)
+        want = torch.nn.functional.linear(x, weight, bias_values)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)  # sums in another order: one bf16 step
+
+
+def test_decode_linear_leaves_prefill_float32_and_gradients_to_pytorch():
+    weight = torch.randn(8, 64).bfloat16()
+    with torch.no_grad():
+        assert not cpu_dsa.runs_linear_rows(torch.randn(1, cpu_dsa.FEW_QUERIES, 64).bfloat16(), weight, None)
+        assert not cpu_dsa.runs_linear_rows(torch.randn(1, 1, 64), weight.float(), None)
+        assert not cpu_dsa.runs_linear_rows(
+            torch.randn(1, 1, 48).bfloat16(), torch.randn(8, 48).bfloat16(), None
+        )
+    assert not cpu_dsa.runs_linear_rows(torch.randn(1, 1, 64).bfloat16(), weight.requires_grad_(), None)
