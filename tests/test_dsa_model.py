@@ -171,51 +171,46 @@ def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(ti
     model.clear_caches()
 
 
-@pytest.mark.needs_compiler
-def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
-    model, length = tiny.model, len(long_prompt)
-    dsa = DSAConfig(topk=128, dense_threshold=0, kernels="native")
+def compiled_and_pytorch_step(tiny, prompt, monkeypatch, kernel: str, check: str, dsa=None) -> dict:
+    """One decode step after a prefill, with cpu_dsa's `kernel` and with it off (its `check` answering False): the
+    two steps' logits must agree; returns how often the kernel ran in each run's prefill and step."""
+    model, length = tiny.model, len(prompt)
     calls = []
-    kernel = cpu_dsa.index_projection
-    monkeypatch.setattr(cpu_dsa, "index_projection", lambda *args: calls.append(1) or kernel(*args))
-    steps = {}
+    compiled = getattr(cpu_dsa, kernel)
+    monkeypatch.setattr(cpu_dsa, kernel, lambda *args: calls.append(1) or compiled(*args))
+    steps, counts = {}, {}
     with torch.inference_mode():
-        for projection in ("compiled", "pytorch"):
-            if projection == "pytorch":
-                monkeypatch.setattr(cpu_dsa, "projects_natively", lambda *args: False)
+        for run in ("compiled", "pytorch"):
+            if run == "pytorch":
+                monkeypatch.setattr(cpu_dsa, check, lambda *args: False)
             calls.clear()
             model.clear_caches()
             model.setup_caches(1, length + 1)
-            logits = model(torch.tensor([long_prompt]), torch.arange(length), dsa=dsa)
-            assert not calls  # a prefill projects in PyTorch
-            steps[projection] = model(logits[:, -1:].argmax(-1), torch.tensor([length]), dsa=dsa).float()
-            assert len(calls) == (len(model.layers) if projection == "compiled" else 0)
+            logits = model(torch.tensor([prompt]), torch.arange(length), dsa=dsa)
+            in_prefill = len(calls)
+            steps[run] = model(logits[:, -1:].argmax(-1), torch.tensor([length]), dsa=dsa).float()
+            counts[run] = (in_prefill, len(calls) - in_prefill)
     model.clear_caches()
     torch.testing.assert_close(steps["compiled"], steps["pytorch"], atol=0.02, rtol=0.02)
+    return counts
+
+
+@pytest.mark.needs_compiler
+def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
+    dsa = DSAConfig(topk=128, dense_threshold=0, kernels="native")
+    counts = compiled_and_pytorch_step(
+        tiny, long_prompt, monkeypatch, "index_projection", "projects_natively", dsa
+    )
+    # A prefill projects in PyTorch; the step once a layer.
+    assert counts == {"compiled": (0, len(tiny.model.layers)), "pytorch": (0, 0)}
 
 
 @pytest.mark.needs_amx
 def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
-    model, length = tiny.model, len(long_prompt)
-    assert model.output.weight.dtype == torch.bfloat16  # an AMX CPU runs the model in bf16
-    calls = []
-    kernel = cpu_dsa.linear_rows
-    monkeypatch.setattr(cpu_dsa, "linear_rows", lambda *args: calls.append(1) or kernel(*args))
-    steps = {}
-    with torch.inference_mode():
-        for linears in ("compiled", "pytorch"):
-            if linears == "pytorch":
-                monkeypatch.setattr(cpu_dsa, "runs_linear_rows", lambda *args: False)
-            calls.clear()
-            model.clear_caches()
-            model.setup_caches(1, length + 1)
-            logits = model(torch.tensor([long_prompt]), torch.arange(length))
-            compiled = linears == "compiled"
-            assert len(calls) == compiled  # a prefill's products stay PyTorch's, but for its last logits
-            steps[linears] = model(logits[:, -1:].argmax(-1), torch.tensor([length])).float()
-            assert len(calls) == (7 * len(model.layers) + 2 if compiled else 0)
-    model.clear_caches()
-    torch.testing.assert_close(steps["compiled"], steps["pytorch"], atol=0.02, rtol=0.02)
+    assert tiny.model.output.weight.dtype == torch.bfloat16  # an AMX CPU runs the model in bf16
+    counts = compiled_and_pytorch_step(tiny, long_prompt, monkeypatch, "linear_rows", "runs_linear_rows")
+    # A prefill's products stay PyTorch's but for its last logits; the step's 7 a layer and the output head.
+    assert counts == {"compiled": (1, 7 * len(tiny.model.layers) + 1), "pytorch": (0, 0)}
 
 
 @pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])
