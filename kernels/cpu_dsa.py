@@ -1,5 +1,5 @@
 """DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, gather attention, and the
-indexer's projection of a decode step.
+indexer's projection of a decode step; with the bf16 kernels, a decode step's weight products too.
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
