@@ -921,26 +921,6 @@ void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, co
   }
 }
 
-// sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
-// AVX512-BF16 dot product per 32 values and row, the rows prefetched kLinearAhead values ahead.
-constexpr int kLinearRows = 4;
-constexpr int kLinearAhead = 1024;  // 2 KB: nearer (256) or none read the weights at 12-14 GB/s, this at 14-16
-inline void linear_block(const uint16_t* x, const uint16_t* w, int k, int rows, float* sums) {
-  __m512 acc[kLinearRows];
-  for (int r = 0; r < kLinearRows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int i = 0; i < k; i += kTileDims) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-    for (int r = 0; r < kLinearRows; ++r) {
-      if (r < rows) {
-        const uint16_t* p = w + int64_t(r) * k + i;
-        _mm_prefetch(reinterpret_cast<const char*>(p + kLinearAhead), _MM_HINT_T0);
-        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p));
-      }
-    }
-  }
-  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
 }  // namespace
 
 extern "C" {
@@ -1144,6 +1124,43 @@ void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const 
   }
 }
 
+}  // extern "C"
+#else
+extern "C" int dsa_amx_ready() { return 0; }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// A decode step's bf16 weight products, on CPUs with AVX512-BF16 (with or without AMX; elsewhere the symbol is absent
+// and cpu_dsa.py keeps PyTorch's product).
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+namespace {
+
+// sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
+// AVX512-BF16 dot product per 32 values and row, the rows prefetched kLinearAhead values ahead.
+constexpr int kLinearRows = 4;
+constexpr int kLinearAhead = 1024;  // 2 KB: nearer (256) or none read the weights at 12-14 GB/s, this at 14-16
+inline void linear_block(const uint16_t* x, const uint16_t* w, int k, int rows, float* sums) {
+  __m512 acc[kLinearRows];
+  for (int r = 0; r < kLinearRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    for (int r = 0; r < kLinearRows; ++r) {
+      if (r < rows) {
+        const uint16_t* p = w + int64_t(r) * k + i;
+        _mm_prefetch(reinterpret_cast<const char*>(p + kLinearAhead), _MM_HINT_T0);
+        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p));
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+}  // namespace
+
+extern "C" {
+
 // F.linear for the few rows of a decode step: x (n_rows, k) . w (n, k)^T + bias (n,) or none -> out (n_rows, n), all
 // bf16, sums in float32; k a multiple of 32. PyTorch's bf16 path reads the weights of such a product at 6-7 GB/s
 // on this kind of CPU, where float32 weights stream at 15-18: a decode step is mostly these reads. The threads split
@@ -1164,6 +1181,4 @@ void dsa_linear_rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* 
 }
 
 }  // extern "C"
-#else
-extern "C" int dsa_amx_ready() { return 0; }
 #endif

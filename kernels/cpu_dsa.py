@@ -1,5 +1,5 @@
 """DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, gather attention, and the
-indexer's projection of a decode step; with the bf16 kernels, a decode step's weight products too.
+indexer's projection of a decode step; on CPUs with AVX512-BF16, a decode step's bf16 weight products too.
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
@@ -106,6 +106,7 @@ def native_library() -> ctypes.CDLL | None:
             getattr(library, name).restype = None
     library.dsa_amx_ready.restype = _int
     library.amx = bool(library.dsa_amx_ready())
+    library.bf16_linear = hasattr(library, "dsa_linear_rows_bf16")  # built where the CPU has AVX512-BF16
     return library
 
 
@@ -113,6 +114,12 @@ def amx_ready() -> bool:
     """Whether the bf16 kernels run here: built for a CPU with AMX and AVX512-BF16, tile state granted."""
     library = native_library()
     return library is not None and library.amx
+
+
+def bf16_linear_ready() -> bool:
+    """Whether a decode step's bf16 weight products run compiled here (`linear_rows`: a CPU with AVX512-BF16)."""
+    library = native_library()
+    return library is not None and library.bf16_linear
 
 
 def _runs_amx(*tensors: Tensor) -> bool:
@@ -176,8 +183,8 @@ def index_projection(
 
 
 def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether `linear_rows` serves F.linear(x, weight, bias): a decode step's few rows in bf16 on a CPU whose bf16
-    kernels run (`amx_ready`), the inner size a multiple of 32, no gradient wanted."""
+    """Whether `linear_rows` serves F.linear(x, weight, bias): a decode step's few rows in bf16 on a CPU with
+    AVX512-BF16 (`bf16_linear_ready`), the inner size a multiple of 32, no gradient wanted."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         x.device.type == "cpu"
@@ -186,7 +193,7 @@ def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and all(t.dtype == torch.bfloat16 for t in tensors)
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and amx_ready()
+        and bf16_linear_ready()
     )
 
 

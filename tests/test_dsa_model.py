@@ -205,9 +205,9 @@ def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long
     assert counts == {"compiled": (0, len(tiny.model.layers)), "pytorch": (0, 0)}
 
 
-@pytest.mark.needs_amx
+@pytest.mark.needs_bf16_linear
 def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
-    assert tiny.model.output.weight.dtype == torch.bfloat16  # an AMX CPU runs the model in bf16
+    assert tiny.model.output.weight.dtype == torch.bfloat16  # an AVX512-BF16 CPU runs the model in bf16
     counts = compiled_and_pytorch_step(tiny, long_prompt, monkeypatch, "linear_rows", "runs_linear_rows")
     # A prefill's products stay PyTorch's but for its last logits; the step's 7 a layer and the output head.
     assert counts == {"compiled": (1, 7 * len(tiny.model.layers) + 1), "pytorch": (0, 0)}

@@ -269,7 +269,7 @@ def test_dsa_layer_in_bf16_runs_the_amx_kernels_like_the_torch_path():
     torch.testing.assert_close(native.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.needs_amx
+@pytest.mark.needs_bf16_linear
 @pytest.mark.parametrize("n_rows, bias", [(1, False), (3, True)])
 def test_decode_linear_equals_pytorch(n_rows, bias):
     """The decode step's bf16 matrix-vector product against F.linear: 103 output rows (a partial last block of
