@@ -120,11 +120,16 @@ def _check_models(report: DoctorReport, full: bool) -> None:
 
 def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
+    import torch
+
     from indexer_model.generate import auto_sparse_range
-    from kernels.cpu_dsa import amx_ready, native_library
+    from indexer_model.weights import default_dtype
+    from kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
 
     if native_library() is not None:
         flavour = "bf16 on AMX" if amx_ready() else "float32"
+        if bf16_linear_ready() and default_dtype("cpu") == torch.bfloat16:
+            flavour += ", and bf16 decode steps' weight products"
         where = auto_sparse_range("cpu")
         auto = (
             f"--attention auto runs DSA from {where[0]:,} tokens with k up to {where[1]:.1%} of the prompt"

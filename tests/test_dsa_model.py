@@ -316,6 +316,7 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
     def kernels_detail(dtype: torch.dtype, amx: bool) -> str:
         monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())
         monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: amx)
+        monkeypatch.setattr(cpu_dsa, "bf16_linear_ready", lambda: dtype == torch.bfloat16)
         monkeypatch.setattr(weights, "default_dtype", lambda device: dtype)
         report = DoctorReport()
         _check_cpu_kernels(report)
@@ -324,8 +325,9 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
     assert "(float32); --attention auto runs DSA from 8,192 tokens with k up to 12.5%" in kernels_detail(
         torch.float32, False
     )
-    assert "(bf16 on AMX); --attention auto runs DSA from 8,192 tokens with k up to 9.4%" in kernels_detail(
-        torch.bfloat16, True
+    assert (
+        "(bf16 on AMX, and bf16 decode steps' weight products); --attention auto runs DSA from 8,192 tokens with k"
+        " up to 9.4%" in kernels_detail(torch.bfloat16, True)
     )
     assert "auto stays dense" in kernels_detail(torch.bfloat16, False)
 
