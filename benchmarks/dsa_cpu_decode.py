@@ -49,7 +49,7 @@ def time_layer_step(
     def hook(module, args):
         x, rope, input_pos = args[:3]
         q, _, _ = module.project(x, rope)
-        n_keys = position + 1  # the cache rows at `position` hold an earlier round's step
+        n_keys = position + 1  # the cache rows at `position` hold the earlier steps' token
         k, v = (cache[:, :, :n_keys] for cache in (module.kv_cache.k_cache, module.kv_cache.v_cache))
         sparse = cfg.for_layer(module.indexer.topk_scale)
         idx_q, idx_w, _ = project_index(module.indexer, x, input_pos, sparse)

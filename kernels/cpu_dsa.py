@@ -141,6 +141,11 @@ def _f32_rows(cache: Tensor) -> Tensor:
     return _rows(cache.to(torch.float32))
 
 
+def _wants_gradient(*tensors: Tensor) -> bool:
+    """The compiled kernels have no backward: calls that autograd must follow stay in PyTorch."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
     """Whether `index_projection` serves x: a few new tokens (a decode step) on the CPU, in float32 or bf16 like
     the indexer's weights, with no gradient wanted (the kernel has no backward)."""
@@ -150,7 +155,7 @@ def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
         and x.shape[1] < FEW_QUERIES
         and x.dtype in (torch.float32, torch.bfloat16)
         and all(p.dtype == x.dtype and p.is_contiguous() for p in params)
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+        and not _wants_gradient(x, *params)
     )
 
 
@@ -192,7 +197,7 @@ def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.shape[-1] % AMX_DEPTH == 0
         and all(t.dtype == torch.bfloat16 for t in tensors)
         and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not _wants_gradient(*tensors)
         and bf16_linear_ready()
     )
 
