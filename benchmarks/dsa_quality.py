@@ -745,7 +745,7 @@ def check_goals(data: dict) -> list[dict]:
         if mode == "dense" or mode.endswith("untrained") or mode.startswith("oracle"):  # baselines
             continue
         correct, total = (sum(cell[i] for cell in by_length.values()) for i in (0, 1))
-        points = 100.0 * (1 - correct / total) if total else float("nan")
+        points = 100.0 * (total - correct) / total if total else float("nan")  # exact at whole questions
         goals.append(
             {
                 "goal": f"NIAH {mode}: points lost on what dense solves ({correct}/{total} kept)",
