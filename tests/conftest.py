@@ -31,6 +31,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("this CPU has no AVX512-BF16: the bf16 decode linear is not built here")
 
 
+@pytest.fixture
+def small_model_args():
+    """A 2-layer Qwen2-shaped model (GQA, qkv bias) for tests that need the model's maths, not trained weights."""
+    from indexer_model.model import ModelArgs
+
+    return ModelArgs(
+        model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
+        intermediate_size=128, rope_base=1e4, norm_eps=1e-6, max_seq_len=512, qkv_bias=True, tie_embeddings=False,
+    )  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_home(tmp_path_factory, monkeypatch):
     """Default stores go to a temporary folder, never into the user's data dir."""

@@ -5,19 +5,15 @@ import torch
 
 from benchmarks.layer_mix import mean_nll, mixed
 from indexer_model.indexer import LightningIndexer
-from indexer_model.model import ModelArgs, Transformer
-
-SMALL = ModelArgs(
-    model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-    intermediate_size=128, rope_base=1e4, norm_eps=1e-6, max_seq_len=512, qkv_bias=True, tie_embeddings=False,
-)  # fmt: skip
+from indexer_model.model import Transformer
 
 
-def test_a_mix_scores_as_the_checkpoint_each_of_its_layers_comes_from():
+def test_a_mix_scores_as_the_checkpoint_each_of_its_layers_comes_from(small_model_args):
     torch.manual_seed(0)
-    model = Transformer(SMALL).eval()
+    model = Transformer(small_model_args).eval()
     base, other = (
-        torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(SMALL.n_layer)) for _ in range(2)
+        torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(small_model_args.n_layer))
+        for _ in range(2)
     )
     windows = [np.random.default_rng(0).integers(0, 256, size=301)]
 

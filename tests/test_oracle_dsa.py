@@ -7,12 +7,7 @@ import indexer_model.model as model_module
 from benchmarks.oracle_dsa import oracle_dsa_attention, oracle_selection, oracle_topk
 from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, masked_dense_attention_reference
 from indexer_model.indexer import LightningIndexer
-from indexer_model.model import ModelArgs, Transformer
-
-SMALL = ModelArgs(
-    model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-    intermediate_size=128, rope_base=1e4, norm_eps=1e-6, max_seq_len=512, qkv_bias=True, tie_embeddings=False,
-)  # fmt: skip
+from indexer_model.model import Transformer
 
 
 def naive_oracle(q, k, t, topk, n_sink, window):
@@ -54,11 +49,18 @@ def test_oracle_attention_reads_only_its_selection_and_falls_back_to_dense_when_
 
 
 @torch.inference_mode()
-def test_oracle_selection_switches_the_model_and_restores_it():
+def test_oracle_selection_switches_the_model_and_restores_it(small_model_args):
     torch.manual_seed(2)
-    model = Transformer(SMALL).eval()
-    model.attach_indexers(torch.nn.ModuleList(LightningIndexer(SMALL.dim, SMALL.rope_base) for _ in range(2)))
-    prompt, dsa = torch.randint(0, SMALL.vocab_size, (1, 200)), DSAConfig(topk=80, dense_threshold=0)
+    model = Transformer(small_model_args).eval()
+    model.attach_indexers(
+        torch.nn.ModuleList(
+            LightningIndexer(small_model_args.dim, small_model_args.rope_base) for _ in range(2)
+        )
+    )
+    prompt, dsa = (
+        torch.randint(0, small_model_args.vocab_size, (1, 200)),
+        DSAConfig(topk=80, dense_threshold=0),
+    )
 
     def logits():
         model.setup_caches(1, 200)

@@ -6,34 +6,29 @@ import torch
 
 from benchmarks.selection_output_error import hidden_state_drift, mass_and_output_error
 from indexer_model.indexer import LightningIndexer
-from indexer_model.model import ModelArgs, Transformer
-
-SMALL = ModelArgs(
-    model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-    intermediate_size=128, rope_base=1e4, norm_eps=1e-6, max_seq_len=512, qkv_bias=True, tie_embeddings=False,
-)  # fmt: skip
+from indexer_model.model import Transformer
 
 
-def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some():
+def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some(small_model_args):
     torch.manual_seed(0)
-    model = Transformer(SMALL).eval()
-    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(SMALL.n_layer))
+    model = Transformer(small_model_args).eval()
+    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(small_model_args.n_layer))
     tokens = np.random.default_rng(0).integers(0, 256, size=200)
     every = mass_and_output_error(model, {"a": indexers}, tokens, topk=256, rows=32)["a"]
     np.testing.assert_allclose(every["mass"], 1.0, atol=1e-5)
     np.testing.assert_allclose(every["error"], 0.0, atol=1e-4)
     few = mass_and_output_error(model, {"a": indexers}, tokens, topk=80, rows=32)["a"]
-    assert np.array(few["mass"]).shape == (SMALL.n_layer, SMALL.n_head)
+    assert np.array(few["mass"]).shape == (small_model_args.n_layer, small_model_args.n_head)
     assert np.all(np.array(few["mass"]) < 1.0) and np.all(np.array(few["error"]) > 0.0)
 
 
-def test_hidden_states_drift_from_dense_only_when_the_set_leaves_keys_out():
+def test_hidden_states_drift_from_dense_only_when_the_set_leaves_keys_out(small_model_args):
     torch.manual_seed(0)
-    model = Transformer(SMALL).eval()
-    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(SMALL.n_layer))
+    model = Transformer(small_model_args).eval()
+    indexers = torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(small_model_args.n_layer))
     tokens = np.random.default_rng(0).integers(0, 256, size=201)
     every = hidden_state_drift(model, {"a": indexers}, tokens, topk=256, rows=32)
     np.testing.assert_allclose(every["a"]["drift"], 0.0, atol=1e-4)
     assert every["a"]["nll"] == pytest.approx(every["dense"]["nll"], abs=1e-3)
     few = hidden_state_drift(model, {"a": indexers}, tokens, topk=80, rows=32)
-    assert len(few["a"]["drift"]) == SMALL.n_layer and min(few["a"]["drift"]) > 1e-3
+    assert len(few["a"]["drift"]) == small_model_args.n_layer and min(few["a"]["drift"]) > 1e-3
