@@ -2,13 +2,13 @@
 
 Session 18's boundary-term checkpoint kept more attention mass than stage 6 in every layer, yet raised perplexity
 at k = 512: per-layer means did not follow the model's loss. This script asks the loss directly. On selection text
-(the indexers' training text, never the held-out text the report measures), it scores the summed NLL of the last
+(the indexers' training text, never the held-out text the report measures), it scores the mean NLL of the last
 `--scored` tokens of `--windows` windows with `--base`'s indexers, with `--other`'s, and with each single layer
 of one swapped into the other. It then writes a checkpoint that takes from `--other` the layers whose swap into
 `--base` lowers the NLL at every k given, and scores that mix too.
 
     python benchmarks/layer_mix.py --model q.gguf --base indexer_model/checkpoints/qwen2.5-coder-0.5b-instruct \
-        --other ck-w100c --data train.npy --length 16384 --windows 8 --topks 512,2048 \
+        --other ck-w100c --data train.npy --length 16384 --windows 8 --topks 512 \
         --out-checkpoint /tmp/mix --out mix.json
 """
 
