@@ -97,9 +97,10 @@ SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
 # over the whole cache: about as fast at these lengths, and exact.
 SPARSE_DECODE_FASTER = False
 # `auto` also runs the prompt's last AUTO_DENSE_TAIL positions densely: the question and the chat template's end,
-# whose attention retrieves from the whole context. On 144 NIAH haystacks (docs/dsa-quality.md; questions of 30-34
-# tokens) a sparse prefill lost 16 / 21 of the 400 questions dense answers at k = 2048 / 512, and 7 / 10 with a
-# dense tail of 32 (a tail of 128, on a third of them: no better). The tail reads 32 x (L - k) more keys: 1.4 % more
+# whose attention retrieves from the whole context. On 144 NIAH haystacks (questions of 30-34 tokens), with stage 6's
+# indexers a sparse prefill lost 16 / 21 of the 400 questions dense answers at k = 2048 / 512, and 7 / 10 with a
+# dense tail of 32 (a tail of 128, on a third of them: no better; docs/benchmarks.md, 'Session 15'); with the
+# shipped stage 7, 8 / 9 with the tail (docs/dsa-quality.md). The tail reads 32 x (L - k) more keys: 1.4 % more
 # attention than a sparse 16K prefill at k = 2048, and its queries skip the index scores.
 AUTO_DENSE_TAIL = 32
 
