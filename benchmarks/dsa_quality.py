@@ -610,13 +610,14 @@ def prepare(options: argparse.Namespace) -> None:
 
 
 def merge_results(paths: list[Path], niah_modes: list[str] | None = None) -> dict:
-    """One dict of several measure outputs: runs concatenated, the modes of a NIAH case run in several files
+    """One dict of several measure outputs: runs concatenated (each once), the modes of a NIAH case run in several files
     joined (other cases appended), other sections merged key by key (nested dicts too, later files winning); a
     CPU timing measured later replaces an earlier skip. `niah_modes`: keep only these NIAH modes."""
     merged: dict = {"runs": []}
     for path in paths:
         data = json.loads(path.read_text())
-        merged["runs"] += data.pop("runs", [])
+        # a run already listed (the report's own JSON fed back with the files it merged) is listed once
+        merged["runs"] += [run for run in data.pop("runs", []) if run not in merged["runs"]]
         if "niah" in data and "niah" in merged:
             niah = data.pop("niah")
             _merge_cases(merged["niah"]["cases"], niah["cases"])

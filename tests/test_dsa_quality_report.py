@@ -34,6 +34,8 @@ def test_modes_of_one_haystack_from_two_runs_join_and_other_haystacks_append(tmp
         {"dense": dense, "dsa-512": sparse},
         {"dense": dense},
     ]
+    # the report's own JSON fed back with the files it came from lists each run once
+    assert merge_results([first, second, first])["runs"] == [{"n": 1}, {"n": 2}]
     only_dense = merge_results([first, second], niah_modes=["dense"])
     assert only_dense["niah"]["modes"] == ["dense"]
     assert [list(case["modes"]) for case in only_dense["niah"]["cases"]] == [["dense"], ["dense"]]
