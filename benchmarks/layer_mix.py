@@ -172,26 +172,32 @@ def main() -> None:
     def nll(indexers: nn.ModuleList | None, topk: int | None) -> float:
         return round(mean_nll(model, indexers, windows, options.scored, topk), 5)
 
+    scored: dict[tuple[int, ...], dict[int, float]] = {}  # by layer sources: the descent scores base and mix
+
+    def per_k(choice: list[int]) -> dict[int, float]:
+        if tuple(choice) not in scored:
+            scored[tuple(choice)] = {k: nll(assembled(sources, choice), k) for k in topks}
+        return scored[tuple(choice)]
+
     def summed(choice: list[int]) -> float:
-        value = round(sum(nll(assembled(sources, choice), k) for k in topks), 5)
+        value = round(sum(per_k(choice).values()), 5)
         print(f"{choice}: {value}", file=sys.stderr, flush=True)
         return value
 
     result: dict = {"dense": nll(None, None), "sources": [str(path) for path in paths]}
     if options.sweeps:
         choice, result["descent"] = coordinate_descent(sources, summed, options.sweeps, deadline)
-        result["topks"] = {str(k): {"base": nll(sources[0], k)} for k in topks}
+        result["topks"] = {str(k): {"base": nll_k} for k, nll_k in per_k([0] * len(choice)).items()}
     else:
         choice, result["topks"] = single_swaps(sources[0], sources[1], nll, topks)
-    mix = assembled(sources, choice)
-    for k in topks:
-        result["topks"][str(k)]["mix"] = nll(mix, k)
+    for k, nll_k in per_k(choice).items():
+        result["topks"][str(k)]["mix"] = nll_k
     result["layer_source"] = choice
     config = configs[0]
     config["layers_from"] = {"sources": result["sources"], "layer_source": choice}
     metrics = json.loads((options.base / "metrics.json").read_text())
     metrics["layer_mix"] = result
-    save_checkpoint(options.out_checkpoint, mix, config, metrics)
+    save_checkpoint(options.out_checkpoint, assembled(sources, choice), config, metrics)
     meta = {
         **run_meta(options.device),
         "data": str(options.data),
