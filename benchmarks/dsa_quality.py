@@ -610,9 +610,9 @@ def prepare(options: argparse.Namespace) -> None:
 
 
 def merge_results(paths: list[Path], niah_modes: list[str] | None = None) -> dict:
-    """One dict of several measure outputs: runs concatenated (each once), the modes of a NIAH case run in several files
-    joined (other cases appended), other sections merged key by key (nested dicts too, later files winning); a
-    CPU timing measured later replaces an earlier skip. `niah_modes`: keep only these NIAH modes."""
+    """One dict of several measure outputs: runs concatenated (each once), the modes of a NIAH case run in
+    several files joined (other cases appended), other sections merged key by key (nested dicts too, later files
+    winning); a CPU timing measured later replaces an earlier skip. `niah_modes`: keep only these NIAH modes."""
     merged: dict = {"runs": []}
     for path in paths:
         data = json.loads(path.read_text())
