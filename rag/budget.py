@@ -17,9 +17,9 @@ TOPK_RATIOS = {
     "chain_of_thought": 0.09,  # the design gives 8–10 %: the middle
 }
 COMPLEXITIES = tuple(TOPK_RATIOS)
-# k_min: over 400 NIAH questions, `auto`'s modes lost 4.0 points at k = 256 and 2.5 at k = 512 or 1024 with stage 6's
-# indexers (docs/benchmarks.md, 'Session 15'; stage 7: 2.25 at 512), so a look-up (1 %) gets at least 512. k_max is DeepSeek's k (2048), beyond which the indexer's
-# cost stops paying for itself on a 0.5B model.
+# k_min: over 400 NIAH questions, `auto`'s modes lost 4.0 points at k = 256 and 2.5 at k = 512 or 1024 with
+# stage 6's indexers (docs/benchmarks.md, 'Session 15'; stage 7: 2.25 at 512), so a look-up (1 %) gets at least
+# 512. k_max is DeepSeek's k (2048), beyond which the indexer's cost stops paying for itself on a 0.5B model.
 TOPK_MIN = 512
 TOPK_MAX = DSAConfig().topk
 
