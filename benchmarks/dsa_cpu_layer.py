@@ -4,7 +4,7 @@ One dense prefill of held-out text runs through the model; a hook on each chosen
 and indexer projections and times, side by side on the same tensors: dense causal SDPA; the PyTorch path's index
 scores + top-k (`select_topk`) and gather attention (`sparse_attention`), for the queries that select (the first
 k queries attend to every earlier key and run dense in DSA too); and the same two steps through the compiled CPU
-kernels (`kernels/cpu_dsa.py`) where they build: on a CPU with AMX, where the model runs in bf16, their bf16
+kernels (`dsarag_kernels/cpu_dsa.py`) where they build: on a CPU with AMX, where the model runs in bf16, their bf16
 kernels, and beside them the float32 kernels on the same inputs. It also reports how many keys a block of queries
 gathers on the PyTorch path (the union of its selections) against k.
 
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dsarag_kernels import cpu_dsa  # noqa: E402
 from indexer_model.checkpoint import load_checkpoint  # noqa: E402
 from indexer_model.dsa import DSAConfig, dense_attention, sparse_attention, union_of_selections  # noqa: E402
 from indexer_model.generate import load_generator  # noqa: E402
 from indexer_model.indexer import select_topk  # noqa: E402
-from kernels import cpu_dsa  # noqa: E402
 
 
 def seconds(run) -> tuple[float, object]:

@@ -27,12 +27,12 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsarag_kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
+from dsarag_kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill  # noqa: E402
 from indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
 from indexer_model.dsa import DSAConfig  # noqa: E402
 from indexer_model.indexer import LightningIndexer  # noqa: E402
 from indexer_model.model import ModelArgs, Transformer  # noqa: E402
-from kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
-from kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, INDEX_HEADS, INDEX_DIM, TOPK = 14, 2, 64, 4, 64, 2048
 DEFAULT_MODEL = ModelArgs(  # Qwen2.5-Coder-0.5B-Instruct (DESIGN.md)
@@ -93,14 +93,16 @@ def layer_row(length: int, fp8_too: bool) -> dict:
     idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device=device, dtype=torch.bfloat16)
     idx_w = torch.randn(1, length, INDEX_HEADS, device=device, dtype=torch.bfloat16)
     idx_k = torch.randn(1, length, INDEX_DIM, device=device, dtype=torch.bfloat16)
-    chunk = max(1, min(length, (1 << 30) // length))  # as kernels.indexer.select_topk: 2 GiB of bf16 scores
+    chunk = max(
+        1, min(length, (1 << 30) // length)
+    )  # as dsarag_kernels.indexer.select_topk: 2 GiB of bf16 scores
     buffer = torch.empty(1, chunk, length, dtype=torch.bfloat16, device=device)
     indices = torch.empty(1, length, TOPK, dtype=torch.int32, device=device)
 
     quantized = (*quantize_fp8(idx_q), *quantize_fp8(idx_k))
 
     def run_indexer(fp8: bool = False, scores: bool = True, topk: bool = True):
-        """index_scores and/or topk_select over the query chunks, as kernels.indexer.select_topk runs them."""
+        """index_scores and/or topk_select over the query chunks, as dsarag_kernels.indexer.select_topk runs them."""
         for t0 in range(0, length, chunk):
             rows = slice(t0, min(t0 + chunk, length))
             out = buffer[:, : rows.stop - t0]

@@ -419,7 +419,7 @@ def cpu_timing_section(
 
     model.to(default_dtype("cpu"))  # what `dsarag ask` runs on this CPU: fp32 unless it has fast bf16
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    from kernels.cpu_dsa import native_library
+    from dsarag_kernels.cpu_dsa import native_library
 
     dsa_kernels = "native" if native_library() is not None else "torch"  # what DSAConfig's "auto" runs here
     section: dict = {
@@ -1001,7 +1001,7 @@ def _cpu_markdown(timing: dict, data: dict) -> list[str]:
         "## 4. CPU prefill time",
         "",
         f"One prefill per length, {timing['dtype']}, {timing['threads']} threads, last logits only; dense without "
-        f"indexers, DSA with k = {timing['topk']}: through the compiled CPU kernels (`kernels/cpu_dsa.cpp`: each "
+        f"indexers, DSA with k = {timing['topk']}: through the compiled CPU kernels (`dsarag_kernels/cpu_dsa.cpp`: each "
         "query scores every earlier key in one fused pass, takes its exact top-k and attends to those keys only) "
         'and, where run, through the PyTorch path (`DSAConfig(kernels="torch")`: blockwise top-k; each block of '
         "queries gathers the union of its selections once). The first k queries, which select every earlier "

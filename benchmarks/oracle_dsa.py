@@ -59,7 +59,7 @@ def oracle_dsa_attention(
     indices = oracle_topk(q, k, q_positions, cfg.topk, cfg.n_sink, cfg.window)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.is_cuda:
-        from kernels.sparse_attention import sparse_attention as sparse_attention_triton
+        from dsarag_kernels.sparse_attention import sparse_attention as sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, indices.to(torch.int32), scale)
     return sparse_attention(q, k, v, indices, scale)

@@ -2,7 +2,7 @@
 
     python benchmarks/topk_ablation.py --length 131072 --out ablation.json
 
-Times `kernels.indexer.topk_select`'s fast path on the last (longest) 8K query rows at one context length
+Times `dsarag_kernels.indexer.topk_select`'s fast path on the last (longest) 8K query rows at one context length
 (random index scores, k = 2048), then copies of its kernel that stop after each stage: the sample sort and
 threshold; the pass over the row that only counts keys above the threshold; the same pass with the prefix sum
 that gives each candidate its slot; with the candidate stores; and the whole kernel (with the radix select).
@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.indexer import _order_key, _radix_topk, index_scores, topk_select  # noqa: E402
+from dsarag_kernels.indexer import _order_key, _radix_topk, index_scores, topk_select  # noqa: E402
 
 TOPK = 2048
 

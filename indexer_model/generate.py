@@ -75,7 +75,7 @@ def decode_one_token(
 
 # Where a DSA prefill is measured faster than a dense one, per device path: (the shortest prompt, the largest k as a
 # share of the prompt); None: slower wherever measured, or not measured. "cpu": the compiled CPU kernels
-# (kernels/cpu_dsa.py) on a CPU that runs the model in fp32 (docs/dsa-quality.md section 4: k = 512 won at 8K,
+# (dsarag_kernels/cpu_dsa.py) on a CPU that runs the model in fp32 (docs/dsa-quality.md section 4: k = 512 won at 8K,
 # k = 2048 tied at 8K and won at 16K); "cpu-amx": their bf16 kernels on a CPU with AMX, where the model runs in
 # bf16 and dense attention is 3-4x faster than in fp32 (k = 3/32 of the prompt, 768 on 8K and 1536 on 16K:
 # 0.74-0.91x dense; at an eighth, 0.82-1.10x; docs/benchmarks.md, 'Session 20'; the agent's k stays below 9 % of
@@ -120,8 +120,8 @@ def _device_path(device: str) -> str:
     """The SPARSE_FASTER key of a device: on the CPU, which DSA path runs and in which dtype."""
     if device != "cpu":
         return device
+    from dsarag_kernels.cpu_dsa import amx_ready, native_library
     from indexer_model.weights import default_dtype
-    from kernels.cpu_dsa import amx_ready, native_library
 
     if native_library() is None:
         return "cpu-torch"

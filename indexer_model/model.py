@@ -67,12 +67,12 @@ class ModelArgs:
 
 class Linear(nn.Linear):
     """nn.Linear whose decode-step calls in bf16 on a CPU with AVX512-BF16 take one compiled matrix-vector product
-    (kernels/cpu_dsa.py `linear_rows`): PyTorch's bf16 path reads these weights at less than half the memory's
+    (dsarag_kernels/cpu_dsa.py `linear_rows`): PyTorch's bf16 path reads these weights at less than half the memory's
     speed there (measured on an AMX Xeon), and they are most of a decode step's time."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            from kernels import cpu_dsa
+            from dsarag_kernels import cpu_dsa
 
             if cpu_dsa.runs_linear_rows(x, self.weight, self.bias):
                 return cpu_dsa.linear_rows(x, self.weight, self.bias)

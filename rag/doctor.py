@@ -122,9 +122,9 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
     import torch
 
+    from dsarag_kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
     from indexer_model.generate import auto_sparse_range
     from indexer_model.weights import default_dtype
-    from kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
 
     if native_library() is not None:
         flavour = "bf16 on AMX" if amx_ready() else "float32"

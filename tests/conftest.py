@@ -19,7 +19,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     `@pytest.mark.needs_bf16_linear`: and their bf16 decode linear (AVX512-BF16)."""
     markers = ("needs_compiler", "needs_amx", "needs_bf16_linear")
     if any(item.get_closest_marker(marker) for marker in markers):
-        from kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
+        from dsarag_kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
 
         if native_library() is None:
             pytest.skip(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dsarag_kernels import cpu_dsa
 from evals.niah import greedy_continue
 from indexer_model import generate as generate_module
 from indexer_model import model as model_module
@@ -26,7 +27,6 @@ from indexer_model.generate import (
     prefill,
 )
 from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
-from kernels import cpu_dsa
 from rag.doctor import DoctorReport, _check_cpu_kernels
 from rag.errors import ModelError
 

@@ -1,11 +1,11 @@
-"""The compiled CPU kernels (kernels/cpu_dsa.cpp) against their PyTorch references."""
+"""The compiled CPU kernels (dsarag_kernels/cpu_dsa.cpp) against their PyTorch references."""
 
 import pytest
 import torch
 
+from dsarag_kernels import cpu_dsa
 from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
 from indexer_model.indexer import LightningIndexer, select_topk
-from kernels import cpu_dsa
 
 
 def index_inputs(n_keys: int, n_heads: int = 4, dim: int = 64, seed: int = 0):

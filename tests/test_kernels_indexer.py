@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from indexer_model.indexer import select_topk as select_topk_torch
-from kernels.indexer import (
+from dsarag_kernels.indexer import (
     index_scores,
     index_scores_reference,
     quantize_fp8,
@@ -12,6 +11,7 @@ from kernels.indexer import (
     topk_select,
     topk_select_reference,
 )
+from indexer_model.indexer import select_topk as select_topk_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from indexer_model.dsa import masked_dense_attention_reference
-from indexer_model.dsa import sparse_attention as sparse_attention_torch
-from kernels.sparse_attention import (
+from dsarag_kernels.sparse_attention import (
     dense_attention_decode,
     merge_partials,
     sparse_attention_decode,
     sparse_attention_prefill,
 )
+from indexer_model.dsa import masked_dense_attention_reference
+from indexer_model.dsa import sparse_attention as sparse_attention_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
