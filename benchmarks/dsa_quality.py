@@ -1024,7 +1024,8 @@ def _cpu_markdown(timing: dict, data: dict) -> list[str]:
 def _timing_cell(entry: dict, mode: str) -> str:
     if f"{mode}_s" in entry:
         return f"{entry[f'{mode}_s']} | {_load(entry.get(f'{mode}_load'))}"
-    return f"not run: {entry.get(f'{mode}_skipped', '-')} | "
+    reason = entry.get(f"{mode}_skipped")
+    return f"not run: {reason} | " if reason else "not run | "
 
 
 # --- command line ------------------------------------------------------------------------------------------

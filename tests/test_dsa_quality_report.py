@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.dsa_quality import check_goals, merge_results, modes_for
+from benchmarks.dsa_quality import _timing_cell, check_goals, merge_results, modes_for
 
 
 def _case(variant: int, modes: dict) -> dict:
@@ -62,3 +62,14 @@ def test_losing_exactly_two_points_of_niah_meets_the_goal():
     summary["on_dense_solved"]["dsa-2048"]["4096"] = [391, 400]
     (lost,) = check_goals({"niah_scored": {"summary": summary}})
     assert not lost["met"]
+
+
+def test_a_timing_not_run_gives_its_reason_or_none():
+    entry = {
+        "dense_s": 40.0,
+        "dense_load": [1.0, 1.2],
+        "dsa_skipped": "estimated over 600 s from 8192 tokens",
+    }
+    assert _timing_cell(entry, "dense") == "40.0 | 1.0 / 1.2"
+    assert _timing_cell(entry, "dsa") == "not run: estimated over 600 s from 8192 tokens | "
+    assert _timing_cell(entry, "dsa-torch") == "not run | "
