@@ -1,7 +1,7 @@
 // DeepSeek Sparse Attention on the CPU: fused index scores + exact top-k, gather attention, and the indexer's
 // projection of a decode step's tokens; on AVX512-BF16 CPUs also a decode step's bf16 weight products.
-// Compiled once per machine by kernels/cpu_dsa.py (g++ -O3 -march=native -fopenmp) and called through ctypes
-// on float32 buffers. PyTorch references: indexer_model.indexer.select_topk,
+// Compiled once per machine by dsarag_kernels/cpu_dsa.py (g++ -O3 -march=native -fopenmp) and called through
+// ctypes on float32 buffers. PyTorch references: indexer_model.indexer.select_topk,
 // indexer_model.dsa.masked_dense_attention_reference, LightningIndexer.project and F.linear; the test is
 // tests/test_kernels_cpu_dsa.py.
 //
