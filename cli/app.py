@@ -175,7 +175,13 @@ def ask(
         ),
     ] = "auto",
     topk: Annotated[
-        int | None, typer.Option("--topk", help="DSA top-k tokens per query (default 2048).", min=68)
+        int | None,
+        typer.Option(
+            "--topk",
+            help="DSA top-k tokens per query (default: from the task's complexity, 1-9 % of the prompt within "
+            "512-2048; at least 68, the 4 sink and 64 recent tokens every query keeps).",
+            min=68,
+        ),
     ] = None,
     strategy: Annotated[
         str | None,
@@ -184,7 +190,12 @@ def ask(
             help="Force semantic | multi-query | temporal | hybrid | none (default: the agent decides).",
         ),
     ] = None,
-    critical: Annotated[bool, typer.Option("--critical", help="Always use exact dense attention.")] = False,
+    critical: Annotated[
+        bool,
+        typer.Option(
+            "--critical", help="Always use exact dense attention (wins over --attention and --topk)."
+        ),
+    ] = False,
     show_trace: Annotated[
         bool,
         typer.Option("--trace", help="Print the path through the agent graph and every decision (stderr)."),
@@ -209,7 +220,9 @@ def ask(
 
     options = AskOptions(
         question=question,
-        store=resolve_store(store, docs),
+        store=None
+        if store is None and docs is None
+        else resolve_store(store, docs),  # None: --strategy none only
         docs=docs,
         model=model,
         top_k=top_k,

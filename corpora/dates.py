@@ -47,7 +47,6 @@ _FRONT_MATTER = re.compile(
 _RST_FIELD = re.compile(r"^:(?P<key>[^:\s][^:]*):(?:[ \t]+(?P<value>.*?))?[ \t]*$")
 _RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+.:_])\1{2,}$")
 _RST_TITLE_LINES = 2  # a title and a subtitle may come before the docinfo; a paragraph may not
-_FIELD = re.compile(r"^:(?P<key>[^:\n]+):[ \t]*(?P<value>.*?)[ \t]*\r?$", re.MULTILINE)
 _FIELD = re.compile(r"^(?P<key>[A-Za-z_][\w-]*)[ \t]*:[ \t]*(?P<value>.*?)[ \t]*\r?$", re.MULTILINE)
 
 

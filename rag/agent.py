@@ -63,7 +63,7 @@ class AgentState(TypedDict, total=False):
 @dataclass
 class AgentContext:
     options: "AskOptions"
-    retriever: Retriever
+    retriever: Retriever | None  # None when asked without a store (--strategy none)
     generator: Generator
 
 
@@ -232,9 +232,10 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     budget = topk_budget(
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
     )
-    # An explicit --attention dense|sparse wins; under auto a sparse budget still needs a trained indexer.
+    # --critical wins, then an explicit --attention dense|sparse; under auto a sparse budget still needs a
+    # trained indexer.
     attention = options.attention
-    if attention == "auto" and budget.attention == "dense":
+    if options.critical or (attention == "auto" and budget.attention == "dense"):
         attention = "dense"
     generation = generator.answer(
         messages,

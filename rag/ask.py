@@ -29,7 +29,7 @@ STRATEGY_CHOICES = (*STRATEGIES, "none")
 @dataclass
 class AskOptions:
     question: str
-    store: Path
+    store: Path | None  # None only with strategy "none": the model answers alone
     docs: Path | None = None
     model: str | None = None
     top_k: int = 6
@@ -87,19 +87,22 @@ def ask(
     from indexer_model.generate import load_generator
     from rag.agent import AgentContext, run_agent
 
+    if options.store is None and options.strategy != "none":
+        raise BadInputError("no store given — pass --store PATH or --docs DIR (or --strategy none)")
     timings: dict[str, float] = {}
-    embedder = load_embedder()
-    store = ChunkStore(options.store)
     report: IngestReport | None = None
-    if options.docs is not None:
-        report = refresh_store(options.docs, store, embedder, console)
-        if report is not None:
-            timings["ingest_s"] = report.seconds
-
-    started = time.perf_counter()
-    _ = embedder.model  # loaded here unless the ingest above needed it already
-    timings["load_embedder_s"] = time.perf_counter() - started
-    retriever = Retriever(store, embedder)
+    retriever = None
+    if options.store is not None:
+        embedder = load_embedder()
+        store = ChunkStore(options.store)
+        if options.docs is not None:
+            report = refresh_store(options.docs, store, embedder, console)
+            if report is not None:
+                timings["ingest_s"] = report.seconds
+        started = time.perf_counter()
+        _ = embedder.model  # loaded here unless the ingest above needed it already
+        timings["load_embedder_s"] = time.perf_counter() - started
+        retriever = Retriever(store, embedder)
 
     started = time.perf_counter()
     generator = load_generator(options.model)

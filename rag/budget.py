@@ -1,7 +1,7 @@
 """Task complexity → DSA top-k budget: the design's selection ratio of the packed context, clamped.
 
 Dense attention when the prompt is shorter than the DSA threshold (sparse would equal dense there) or the
-question is flagged critical; `--topk` overrides the table.
+question is flagged critical (which also wins over `--topk`); `--topk` overrides the table.
 """
 
 from dataclasses import dataclass
@@ -44,10 +44,10 @@ def topk_budget(
     k_max: int = TOPK_MAX,
 ) -> TopkBudget:
     """The attention and top-k for a prompt of `prompt_tokens` tokens and a task of `complexity`."""
+    if critical:  # before --topk: a critical question is never answered from a selection
+        return TopkBudget("dense", None, "question flagged critical: exact dense attention")
     if override is not None:
         return TopkBudget("sparse", override, f"--topk {override} overrides the complexity table")
-    if critical:
-        return TopkBudget("dense", None, "question flagged critical: exact dense attention")
     if prompt_tokens < dense_threshold:
         return TopkBudget(
             "dense",

@@ -391,8 +391,9 @@ def chunk_work_item(item: WorkItem) -> WorkResult:
         try:
             text = read_document(source.path)
             doc_date = document_date(source.path, text)
-        except DsaragError as error:
-            return WorkResult(source.key, [], [FileFailure(source.key, str(error))])
+        except DsaragError as error:  # the failure names the file already: keep only the reason
+            reason = getattr(error, "reason", None) or str(error)
+            return WorkResult(source.key, [], [FileFailure(source.key, reason)])
         rows = _chunk_rows(text, source.key, source.key, source.key, None, doc_date, item.sha256)
         stat = source.path.stat()
         record = FileRecord(item.sha256, stat.st_size, stat.st_mtime_ns, len(rows), str(doc_date))

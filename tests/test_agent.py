@@ -204,6 +204,7 @@ def test_topk_budget_is_dense_below_the_threshold_or_when_critical_and_topk_over
     override = topk_budget("multi_hop", 1500, override=512)
     assert (override.attention, override.topk) == ("sparse", 512)
     assert "--topk" in override.reason
+    assert topk_budget("multi_hop", 32_000, override=512, critical=True).attention == "dense"
 
 
 def count_words(text: str) -> int:
@@ -322,6 +323,33 @@ def test_ask_strategy_none_answers_without_retrieval(demo_store, run_cli):
     result = json.loads(out)
     assert [entry["node"] for entry in result["trace"]] == ["decide", "generate", "check"]
     assert result["sources"] == [] and result["strategy"] == "none"
+
+
+def test_strategy_none_needs_no_store_and_other_strategies_do(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("DSARAG_HOME", str(tmp_path / "home"))
+    code, out, _ = run_cli(
+        "ask", "What is 17 times 23?", "--model", "tiny", "--strategy", "none", "--max-new-tokens", "2", "--json"
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert (
+        result["strategy"] == "none"
+        and result["sources"] == []
+        and "load_embedder_s" not in result["timings"]
+    )
+    assert not (tmp_path / "home" / "stores").exists()
+    code, _, err = run_cli("ask", "What is 17 times 23?", "--model", "tiny")
+    assert code == EXIT_BAD_INPUT and "--strategy none" in err
+
+
+def test_critical_runs_dense_even_with_sparse_attention_and_a_topk(demo_store, run_cli):
+    code, out, _ = run_cli(
+        "ask", "Who is the privacy officer?", "--store", str(demo_store), "--model", "tiny", "--critical",
+        "--attention", "sparse", "--topk", "68", "--max-new-tokens", "2", "--json",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert (result["attention"], result["attention_topk"]) == ("dense", None)
 
 
 def test_bad_strategy_exits_2_with_one_line(demo_store, run_cli):

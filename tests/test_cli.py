@@ -75,6 +75,7 @@ def test_unreadable_file_is_listed_exit_6_and_the_rest_is_committed(small_docs, 
     assert code == EXIT_PARTIAL_INGEST
     report = json.loads(out)
     assert [item["path"] for item in report["failed"]] == ["broken.pdf"]
+    assert report["failed"][0]["reason"].startswith("broken PDF (")  # the path is said once, in "path"
     assert report["added"] == 2 and report["committed"]
 
 

@@ -52,10 +52,10 @@ def ingest_one_file(folder: Path, name: str, data: bytes) -> None:
         assert len(walk.skipped) == 1 and walk.skipped[0].reason
         return
     result = chunk_work_item(WorkItem(Source(name, path, corpus=False), "0" * 64))
-    if result.failures:  # a clear per-file error: one line, naming the file, saying what to do
+    if result.failures:  # a clear per-file error: one line, naming the file (its path), saying what to do
         (failure,) = result.failures
         assert not result.rows and failure.path == name
-        assert str(path) in failure.reason and "—" in failure.reason and "\n" not in failure.reason
+        assert str(path) not in failure.reason and "—" in failure.reason and "\n" not in failure.reason
         return
     text = read_document(path)
     assert isinstance(result.record.date, str) and date.fromisoformat(result.record.date)
