@@ -35,6 +35,25 @@ app.command("doctor")(doctor)
 stderr = Console(stderr=True)
 stdout = Console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"dsarag {version('dsarag')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Options before the command (the app's help text is set on `app`)."""
+
+
 StoreOption = Annotated[
     Path | None,
     typer.Option("--store", help="Store folder (default: one per docs folder under ~/.local/share/dsarag)."),

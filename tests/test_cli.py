@@ -61,6 +61,13 @@ def test_empty_folder_and_binary_only_folder_exit_3(tmp_path, run_cli):
     assert_one_line_error(err, "blob.dat")
 
 
+def test_version_prints_the_installed_version(run_cli):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli("--version")
+    assert (code, out) == (0, f"dsarag {version('dsarag')}\n")
+
+
 def test_empty_question_exits_2(small_docs, tmp_path, run_cli):
     code, _, err = run_cli("ask", "   ", "--docs", str(small_docs), "--store", str(tmp_path / "store"))
     assert code == EXIT_BAD_INPUT
