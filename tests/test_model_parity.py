@@ -1,5 +1,8 @@
 """Our Transformer against Hugging Face transformers, KV-cache decoding, generation and the chat prompt (tiny model)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -96,6 +99,16 @@ def test_cached_folder_loads_in_transformers(tiny_folder, tiny_generator):
 
 
 @torch.inference_mode()
+def test_loading_a_model_leaves_torch_dynamo_unimported(tiny_folder):
+    # The meta-device build must not run nn.Embedding's init, which imports torch._dynamo (2-3 s an ask).
+    script = (
+        "import sys; from indexer_model.weights import load_model; "
+        f"load_model({str(tiny_folder)!r}); print('torch._dynamo' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (run.returncode, run.stdout.strip()) == (0, "False"), run.stderr
+
+
 def test_kv_cache_decode_matches_full_forward(tiny_folder, tiny_generator):
     model = load_model(tiny_folder, dtype=torch.float32)
     ids = torch.tensor([tiny_generator.chat_prompt_ids(MESSAGES)[:24]])
