@@ -106,32 +106,32 @@ def report(
     if not summary["total"]["answers"]:
         stderr.print(f"no answers in the ledger yet ({ledger_dir()}): run `dsarag ask` first")
         return
-    table = Table(title="cost ledger")
-    for column in (
-        "group",
-        "answers",
-        "tokens in/out",
-        "measured s",
-        "measured $",
-        "dense $",
-        "sparse $",
-        "FLOP saving",
-    ):
-        table.add_column(column, justify="right" if column != "group" else "left")
     groups = [("total", summary["total"])]
     groups += [(f"day {day}", values) for day, values in summary["by_day"].items()]
     groups += [(f"mode {mode}", values) for mode, values in summary["by_mode"].items()]
-    for name, values in groups:
-        table.add_row(
+    rows = [
+        (
             name,
             str(values["answers"]),
-            f"{values['prompt_tokens']}/{values['new_tokens']}",
+            f"{values['prompt_tokens']:,}/{values['new_tokens']:,}",
             f"{values['measured_s']:.1f}",
-            f"{values['measured_dollars']:.6f}",
-            f"{values['dense_dollars']:.6f}",
-            f"{values['sparse_dollars']:.6f}",
+            f"{values['measured_dollars']:.1e}",
+            f"{values['dense_dollars']:.1e}",
+            f"{values['sparse_dollars']:.1e}",
             f"{values['flops_saving']:.0%}",
         )
+        for name, values in groups
+    ]
+    # One-word headers and no borders: the table fits an 80-column terminal without cutting a figure.
+    table = Table(
+        title="cost ledger: tokens in/out; seconds and $ measured; dense, sparse $ analytic",
+        box=None,
+        pad_edge=False,
+    )
+    for header in ("group", "answers", "tokens", "seconds", "$", "dense $", "sparse $", "saving"):
+        table.add_column(header, justify="left" if header == "group" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     stderr.print(table)
 
 

@@ -52,9 +52,12 @@ def list_models(as_json: JsonOption = False) -> None:
     if as_json:
         _print_json([status.to_json() for status in statuses])
         return
-    table = Table(title="models")
-    for column in ("name", "aliases", "role", "state", "size", "path"):
-        table.add_column(column)
+    from indexer_model.provision import cache_dir
+
+    # No path column: the names fit 80 columns whole; --json gives each model's path.
+    table = Table(title=f"models in {cache_dir()} (paths: --json)")
+    for column in ("name", "aliases", "role", "state", "size"):
+        table.add_column(column, no_wrap=column == "name")
     colors = {"ready": "green", "changed": "yellow", "not pulled": "red"}
     for status in statuses:
         state = f"[{colors.get(status.state, 'white')}]{status.state}[/]"
@@ -64,7 +67,6 @@ def list_models(as_json: JsonOption = False) -> None:
             status.role,
             state,
             _size(status.size_bytes),
-            str(status.path),
         )
     stdout.print(table)
 
@@ -79,8 +81,10 @@ def verify(names: NamesArgument = None, as_json: JsonOption = False) -> None:
         _print_json([result.to_json() for result in results])
     else:
         table = Table(title="verify")
-        for column in ("name", "result", "files", "path"):
-            table.add_column(column)
+        for column in ("name", "result", "files", "path"):  # a path folds onto more lines, never cut short
+            table.add_column(
+                column, no_wrap=column == "name", overflow="fold" if column == "path" else "ellipsis"
+            )
         for result in results:
             table.add_row(
                 result.name,

@@ -68,6 +68,12 @@ def test_version_prints_the_installed_version(run_cli):
     assert (code, out) == (0, f"dsarag {version('dsarag')}\n")
 
 
+def test_models_list_shows_whole_names_in_80_columns(run_cli):
+    code, out, _ = run_cli("models", "list")  # the test console is 80 columns wide
+    assert code == 0
+    assert "qwen2.5-coder-0.5b-instruct" in out and "smollm2-135m-instruct" in out and "…" not in out
+
+
 def test_empty_question_exits_2(small_docs, tmp_path, run_cli):
     code, _, err = run_cli("ask", "   ", "--docs", str(small_docs), "--store", str(tmp_path / "store"))
     assert code == EXIT_BAD_INPUT

@@ -72,3 +72,20 @@ def test_ask_reports_cost_compares_modes_and_fills_the_ledger(tmp_path, run_cli)
     assert code == 0
     report = json.loads(out)
     assert report["total"]["answers"] == 1 and set(report["by_mode"]) == {"sparse"}
+
+    code, _, err = run_cli("cost", "report")  # the table, in the test console's 80 columns
+    assert code == 0
+    header = next(line for line in err.splitlines() if line.startswith("group"))
+    assert header.split() == [
+        "group",
+        "answers",
+        "tokens",
+        "seconds",
+        "$",
+        "dense",
+        "$",
+        "sparse",
+        "$",
+        "saving",
+    ]
+    assert "…" not in err and "mode sparse" in err
