@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 stderr = Console(stderr=True)
@@ -51,12 +52,14 @@ def doctor(
 
 
 def _render(report) -> None:  # noqa: ANN001 - a DoctorReport
+    # The fix goes under its check's detail, not in a column of its own that is empty while all is well.
     table = Table(title="dsarag doctor")
-    for column in ("area", "check", "status", "detail", "fix"):
+    for column in ("area", "check", "status", "detail"):
         table.add_column(column, overflow="fold")
     for check in report.checks:
         status = f"[{_COLORS[check.status]}]{check.status}[/]"
-        table.add_row(check.area, check.name, status, check.detail, check.fix)
+        detail = escape(check.detail) + (f"\n[bold]fix:[/] {escape(check.fix)}" if check.fix else "")
+        table.add_row(check.area, check.name, status, detail)
     stderr.print(table)
     for line in report.repairs:
         stderr.print(f"[green]repaired[/] {line}", highlight=False, soft_wrap=True)

@@ -160,3 +160,11 @@ def test_repair_names_the_command_for_a_corpus_file_of_an_older_store(
     assert code == 0 and check_store(store).ok  # consistent again, without the file's chunks
     (line,) = [line for line in result["repairs"] if "corpus file" in line]
     assert f"dsarag ingest {corpus} --store {store.folder}" in line and "--text-column" in line
+
+
+def test_the_doctor_table_puts_each_fix_under_its_check(tmp_path, run_cli):
+    code, _, err = run_cli("doctor", "--store", str(tmp_path / "missing"))
+    assert code == EXIT_STORE
+    lines = err.splitlines()
+    at = next(i for i, line in enumerate(lines) if "no store here" in line)
+    assert "fix: dsarag ingest DIR" in lines[at + 1]  # the next table line, in the same cell
