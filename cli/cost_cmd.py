@@ -38,9 +38,8 @@ def render_cost(cost: dict) -> None:
     if not cost:
         return
     dense, sparse = cost["dense"], cost["sparse"]
-    table = Table(
-        title=f"cost: ran {cost['mode_ran']} (k = {cost['topk']}), {cost['prompt_tokens']} tokens in"
-    )
+    k = f"k = {cost['topk']}" if cost["mode_ran"] == "sparse" else f"sparse column at k = {cost['topk']}"
+    table = Table(title=f"cost: ran {cost['mode_ran']} ({k}), {cost['prompt_tokens']} tokens in")
     for column in ("", "dense", "sparse", "saving"):
         table.add_column(column, justify="right")
 
