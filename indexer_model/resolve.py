@@ -38,7 +38,7 @@ def resolve_model(spec: str | None) -> Path:
             return snapshot
         raise ModelError(
             f"--model {spec!r}: not in the local Hugging Face cache (dsarag never downloads at run time); "
-            f"fetch it with `huggingface-cli download {spec}` or pass {ACCEPTED_FORMS}"
+            f"fetch it with `hf download {spec}` or pass {ACCEPTED_FORMS}"
         )
     raise ModelError(f"--model {spec!r}: unknown model; pass {ACCEPTED_FORMS}")
 

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -183,8 +185,12 @@ def test_resolve_hf_id_from_the_local_hub_cache(pulled, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     assert resolve_model("acme/tiny-chat") == snapshot
-    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+    with pytest.raises(
+        ModelError, match="not in the local Hugging Face cache.*`hf download acme/absent-model`"
+    ):
         resolve_model("acme/absent-model")
+    # The command the message names is the one huggingface_hub installs (its old `huggingface-cli` is gone).
+    assert shutil.which("hf", path=str(Path(sys.executable).parent))
 
 
 def test_unknown_spec_names_the_accepted_forms(pulled):
