@@ -237,11 +237,11 @@ def ask(
     from rag.ask import ask as run_ask
     from rag.config import resolve_store
 
+    # Without --store and --docs only --strategy none can answer; rag/ask.py says so otherwise.
+    store_folder = None if store is None and docs is None else resolve_store(store, docs)
     options = AskOptions(
         question=question,
-        store=None
-        if store is None and docs is None
-        else resolve_store(store, docs),  # None: --strategy none only
+        store=store_folder,
         docs=docs,
         model=model,
         top_k=top_k,

@@ -391,7 +391,7 @@ def chunk_work_item(item: WorkItem) -> WorkResult:
         try:
             text = read_document(source.path)
             doc_date = document_date(source.path, text)
-        except DsaragError as error:  # the failure names the file already: keep only the reason
+        except DsaragError as error:  # the failure's path names the file: keep only the reason
             reason = getattr(error, "reason", None) or str(error)
             return WorkResult(source.key, [], [FileFailure(source.key, reason)])
         rows = _chunk_rows(text, source.key, source.key, source.key, None, doc_date, item.sha256)
