@@ -261,7 +261,19 @@ def ask(
             _render_trace(result.trace)
         _print_json(result.to_json())
         return
-    result = run_ask(options, console=stderr, on_text=sys.stdout.write)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def retrying(reason: str) -> None:
+        sys.stdout.write("\n")
+        stderr.print(
+            f"[dim]↻ the answer's terms are not in its sources; retrying: {reason}[/]", highlight=False
+        )
+
+    # A terminal sees the answer as it is written; a pipe gets only the final answer.
+    result = run_ask(options, console=stderr, on_text=write, stream=sys.stdout.isatty(), on_retry=retrying)
     if show_trace:
         _render_trace(result.trace)
     sys.stdout.write("\n\n")

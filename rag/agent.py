@@ -9,6 +9,7 @@ built and drawn without loading anything.
 
 import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, TypedDict
 
@@ -65,6 +66,8 @@ class AgentContext:
     options: "AskOptions"
     retriever: Retriever | None  # None when asked without a store (--strategy none)
     generator: Generator
+    on_text: Callable[[str], None] | None = None  # each attempt's answer text as it is generated
+    on_retry: Callable[[str], None] | None = None  # the check starts another attempt, for this reason
 
 
 def build_graph() -> CompiledStateGraph:
@@ -243,6 +246,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         temperature=options.temperature,
         attention=attention,
         topk=budget.topk,
+        on_text=runtime.context.on_text,
     )
     return {
         "topk": budget,
@@ -287,6 +291,8 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     retry_k = state["retrieve_k"] * 2
     retry_budget = min(state["context_budget"] * 2, _context_room(options, generator))
     entry["retry"] = f"strategy {strategy}, k {retry_k}, context budget {retry_budget} tokens"
+    if runtime.context.on_retry is not None:
+        runtime.context.on_retry(entry["retry"])
     return {
         "grounding": grounding,
         "retry": True,

@@ -68,13 +68,39 @@ class AskResult:
         return dict(vars(self))
 
 
+class AnswerStream:
+    """Each attempt's answer text as the model writes it, a notice when the check starts another attempt,
+    and at the end what the check added to the last attempt (a citation marker)."""
+
+    def __init__(self, on_text: Callable[[str], None], on_retry: Callable[[str], None] | None) -> None:
+        self.on_text, self.on_retry, self.attempt_text = on_text, on_retry, ""
+
+    def text(self, delta: str) -> None:
+        self.attempt_text += delta
+        self.on_text(delta)
+
+    def retry(self, reason: str) -> None:
+        self.attempt_text = ""
+        if self.on_retry is not None:
+            self.on_retry(reason)
+
+    def finish(self, answer: str) -> None:
+        streamed = self.attempt_text.strip()
+        self.on_text(answer[len(streamed) :] if answer.startswith(streamed) else "\n" + answer)
+
+
 def ask(
-    options: AskOptions, console: Console | None = None, on_text: Callable[[str], None] | None = None
+    options: AskOptions,
+    console: Console | None = None,
+    on_text: Callable[[str], None] | None = None,
+    stream: bool = False,
+    on_retry: Callable[[str], None] | None = None,
 ) -> AskResult:
     """Answer one question over the store (ingesting `docs` first when the store is missing or stale).
 
-    The agent may answer twice (its check retries an unsupported answer), so `on_text` gets the final
-    answer once, not a stream."""
+    `on_text` gets the final answer once; with `stream`, it gets each attempt's text as it is generated
+    instead (the agent's check may retry an unsupported answer: `on_retry` is told why before the next
+    attempt streams), then what the check added to the last one."""
     question = options.question.strip()
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
@@ -108,7 +134,11 @@ def ask(
     generator = load_generator(options.model)
     timings["load_model_s"] = time.perf_counter() - started
 
-    state = run_agent(question, AgentContext(options=options, retriever=retriever, generator=generator))
+    streaming = AnswerStream(on_text, on_retry) if stream and on_text is not None else None
+    context = AgentContext(options, retriever, generator)
+    if streaming is not None:
+        context.on_text, context.on_retry = streaming.text, streaming.retry
+    state = run_agent(question, context)
     timings |= state["timings"]
     generation, packed = state["generation"], state.get("packed")
     cost = meter_generation(generator, generation, GpuSpec(price_per_hour=options.price_per_hour))
@@ -117,7 +147,9 @@ def ask(
     if options.record_cost:
         append_row(ledger_row(question, generator.name, cost))
     answer = generation.text.strip()
-    if on_text is not None:
+    if streaming is not None:
+        streaming.finish(answer)
+    elif on_text is not None:
         on_text(answer)
     sources = [
         {

@@ -10,7 +10,7 @@ import pytest
 
 from corpora.demo_corpus import DEMO_DOCS
 from rag.agent import MAX_ATTEMPTS, AgentContext, build_graph, run_agent
-from rag.ask import AskOptions
+from rag.ask import AskOptions, ask
 from rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
 from rag.dedup import dedup_rankings, drop_superseded_versions
 from rag.errors import EXIT_BAD_INPUT
@@ -282,6 +282,28 @@ def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_b
     assert [(entry["strategy"], entry["k"]) for entry in retrieves] == [("semantic", 2), ("hybrid", 4)]
     assert [entry["node"] for entry in state["trace"]].count("generate") == MAX_ATTEMPTS
     assert state["trace"][-1]["retry"].startswith("no:")  # bounded: no third attempt
+
+
+def test_a_streamed_answer_shows_each_attempt_then_what_the_check_added(demo_store, monkeypatch):
+    verdicts = iter([Grounding(False, 0.0, "forced"), Grounding(True, 1.0, "forced")])
+    monkeypatch.setattr("rag.agent.check_grounding", lambda answer, text: next(verdicts))
+    monkeypatch.setattr("rag.agent.add_citations", lambda answer, sources: (f"{answer.rstrip()} [1]", 1))
+    events: list[tuple[str, str]] = []
+    options = AskOptions(
+        question="What is the deposit for the portable wheel truing stand?", store=demo_store, model="tiny",
+        strategy="semantic", top_k=2, context_tokens=300, max_new_tokens=4, record_cost=False,
+    )  # fmt: skip
+    result = ask(
+        options,
+        on_text=lambda text: events.append(("text", text)),
+        stream=True,
+        on_retry=lambda reason: events.append(("retry", reason)),
+    )
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("retry") == 1 and kinds.index("retry") > 0  # the first attempt streamed before it
+    second = "".join(text for kind, text in events[kinds.index("retry") + 1 :])
+    assert second.strip() == result.answer and result.answer.endswith(" [1]")
+    assert events[-1] == ("text", " [1]")  # the check's citation marker, after the streamed words
 
 
 def _decision(choice: str):  # noqa: ANN202
