@@ -93,9 +93,8 @@ def layer_row(length: int, fp8_too: bool) -> dict:
     idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device=device, dtype=torch.bfloat16)
     idx_w = torch.randn(1, length, INDEX_HEADS, device=device, dtype=torch.bfloat16)
     idx_k = torch.randn(1, length, INDEX_DIM, device=device, dtype=torch.bfloat16)
-    chunk = max(
-        1, min(length, (1 << 30) // length)
-    )  # as dsarag_kernels.indexer.select_topk: 2 GiB of bf16 scores
+    # as dsarag_kernels.indexer.select_topk: 2 GiB of bf16 scores
+    chunk = max(1, min(length, (1 << 30) // length))
     buffer = torch.empty(1, chunk, length, dtype=torch.bfloat16, device=device)
     indices = torch.empty(1, length, TOPK, dtype=torch.int32, device=device)
 

@@ -57,10 +57,8 @@ def test_oracle_selection_switches_the_model_and_restores_it(small_model_args):
             LightningIndexer(small_model_args.dim, small_model_args.rope_base) for _ in range(2)
         )
     )
-    prompt, dsa = (
-        torch.randint(0, small_model_args.vocab_size, (1, 200)),
-        DSAConfig(topk=80, dense_threshold=0),
-    )
+    prompt = torch.randint(0, small_model_args.vocab_size, (1, 200))
+    dsa = DSAConfig(topk=80, dense_threshold=0)
 
     def logits():
         model.setup_caches(1, 200)
