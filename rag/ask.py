@@ -110,11 +110,11 @@ def ask(
         raise BadInputError(
             'empty question — pass the question as the first argument, e.g. dsarag ask "What …?"'
         )
+    if options.store is None and options.strategy != "none":
+        raise BadInputError("no store given — pass --store PATH or --docs DIR (or --strategy none)")
     from indexer_model.generate import load_generator
     from rag.agent import AgentContext, run_agent
 
-    if options.store is None and options.strategy != "none":
-        raise BadInputError("no store given — pass --store PATH or --docs DIR (or --strategy none)")
     timings: dict[str, float] = {}
     report: IngestReport | None = None
     retriever = None
