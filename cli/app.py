@@ -190,7 +190,7 @@ def ask(
         typer.Option(
             "--attention",
             help="dense | sparse (DSA even on short contexts) | auto (DSA where it is measured faster than "
-            "dense on this device: on an fp32 CPU from 8K tokens with k up to 1/8 of them, docs/dsa-quality.md).",
+            "dense on this device; `dsarag doctor` says from how many tokens and up to which k).",
         ),
     ] = "auto",
     topk: Annotated[

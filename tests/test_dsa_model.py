@@ -311,8 +311,10 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
     assert choose_attention("auto", 20_000, None, True, "cuda") is None  # slower at every length measured
     monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # a bf16 CPU
-    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the float32 kernels, slower
-    assert choose_attention("auto", 16_384, None, True) is None
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the float32 kernels, from 4K
+    assert choose_attention("auto", 16_384, None, True).topk == 2048  # an eighth
+    assert choose_attention("auto", 4_096, 512, True).topk == 512  # the agent's smallest k
+    assert choose_attention("auto", 4_000, 512, True) is None
     monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)  # with AMX: the bf16 kernels, k up to 3/32
     assert choose_attention("auto", 16_384, None, True) is None  # k = 2048: an eighth, no faster
     assert choose_attention("auto", 16_384, 1536, True).topk == 1536
@@ -344,6 +346,11 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
         "(bf16 on AMX, and bf16 decode steps' weight products); --attention auto runs DSA from 8,192 tokens with k"
         " up to 9.4%" in kernels_detail(torch.bfloat16, True)
     )
+    assert (
+        "(float32, and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
+        " 12.5%" in kernels_detail(torch.bfloat16, False)
+    )
+    monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu-bf16", None)  # a path where DSA never paid
     assert "auto stays dense" in kernels_detail(torch.bfloat16, False)
 
 
