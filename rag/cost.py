@@ -3,9 +3,10 @@
 Analytic model (../shared/DESIGN.md, per layer; H query heads of dim d, H_kv kv heads, H_I index heads of
 dim d_I; the query at context position t sees t + 1 keys, itself included):
     dense attention FLOPs   = 4·H·d · Σ_t (t + 1)
-    sparse attention FLOPs  = 4·H·d · Σ_t min(t + 1, k)  +  2·H_I·d_I · Σ_t (t + 1)    (indexer scores)
-    linear FLOPs            = 2 · (weights touched per token) · tokens, the same in both modes
-    decode bytes per token  = weights + KV bytes/token · keys read + index-key bytes/token · (t + 1) (sparse)
+    sparse attention FLOPs  = 4·H·d · Σ_t min(t + 1, k)  +  2·H_I·d_I · Σ_{t ≥ k} (t + 1)    (indexer scores;
+                              a query that sees at most k keys attends to all of them and scores none)
+    linear FLOPs            = 2 · (weights touched per token) · tokens, plus the indexer's projections (sparse)
+    decode bytes per token  = weights + KV bytes/token · keys read + index-key bytes/token · (t + 1) (sparse, t ≥ k)
 Time comes from a roofline of the GPU (max of FLOPs / peak and bytes / bandwidth) when nothing was measured,
 and dollars from the GPU price per hour (default $2, as DeepSeek's published curve).
 """
@@ -103,6 +104,15 @@ def keys_seen(start: int, n_tokens: int, topk: int | None) -> int:
     return below + (n_tokens - full) * topk
 
 
+def keys_scored(start: int, n_tokens: int, topk: int) -> int:
+    """Σ of the keys the indexer scores over positions start … start + n_tokens - 1: DESIGN.md's formula scores
+    every query, but one that sees at most k keys attends to all of them without index scores
+    (indexer_model/dsa.py dsa_attention), so below k a sparse run costs only the index keys' projection."""
+    first = max(start, topk)
+    end = start + n_tokens
+    return keys_seen(first, end - first, None) if end > first else 0
+
+
 @dataclass(frozen=True)
 class PhaseCost:
     flops: float
@@ -124,15 +134,13 @@ def phase_cost(
     """
     sparse = topk is not None
     per_layer_attention = 4 * shape.n_head * shape.head_dim * keys_seen(start, n_tokens, topk)
-    per_layer_indexer = (
-        2 * shape.index_heads * shape.index_dim * keys_seen(start, n_tokens, None) if sparse else 0
-    )
+    scored = keys_scored(start, n_tokens, topk) if sparse else 0
+    per_layer_indexer = 2 * shape.index_heads * shape.index_dim * scored
     linear_weights = shape.layer_weights + (shape.indexer_weights if sparse else 0)
     linear = 2 * shape.n_layer * linear_weights * n_tokens + 2 * shape.dim * shape.vocab_size * logits_tokens
     weight_bytes = (shape.n_layer * linear_weights + shape.dim * shape.vocab_size) * shape.bytes_per_value
     cache_bytes = shape.kv_bytes_per_token * keys_seen(start, n_tokens, topk)
-    if sparse:
-        cache_bytes += shape.index_key_bytes_per_token * keys_seen(start, n_tokens, None)
+    cache_bytes += shape.index_key_bytes_per_token * scored
     return PhaseCost(
         flops=float(shape.n_layer * (per_layer_attention + per_layer_indexer) + linear),
         bytes_moved=float(weight_bytes + shape.n_layer * cache_bytes),

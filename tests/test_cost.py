@@ -9,6 +9,7 @@ from rag.cost import (
     ModelShape,
     decode_cost,
     dollars_per_million_tokens,
+    keys_scored,
     keys_seen,
     meter_answer,
     phase_cost,
@@ -42,7 +43,8 @@ def test_attention_flops_by_hand_for_a_tiny_model():
                        index_heads=1, index_dim=2)  # fmt: skip
     cost = phase_cost(shape, 0, 3, topk=2, logits_tokens=0)
     assert cost.attention_flops == 4 * 2 * 4 * (1 + 2 + 2)
-    assert cost.indexer_flops == 2 * 1 * 2 * (1 + 2 + 3)
+    assert cost.indexer_flops == 2 * 1 * 2 * 3  # only position 2 sees more than k keys and scores them
+    assert keys_scored(0, 3, 2) == 3 and keys_scored(0, 3, 8) == 0 and keys_scored(4, 2, 2) == 5 + 6
     linear = 2 * (8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 16 + 8 * (1 * 2 + 2 + 1)) * 3
     assert cost.flops == cost.attention_flops + cost.indexer_flops + linear
 
@@ -50,9 +52,9 @@ def test_attention_flops_by_hand_for_a_tiny_model():
 def test_a_dense_tail_costs_its_queries_every_key_and_no_index_scores():
     shape = ModelShape(n_layer=1, n_head=2, n_kv_head=1, head_dim=4, dim=8, intermediate_size=16, vocab_size=10,
                        index_heads=1, index_dim=2)  # fmt: skip
-    tailed = prefill_cost(shape, 5, topk=2, dense_tail=2)  # positions 0-2 select, 3-4 read every key
+    tailed = prefill_cost(shape, 5, topk=2, dense_tail=2)  # position 2 selects, 0-1 and 3-4 read every key
     assert tailed.attention_flops == 4 * 2 * 4 * ((1 + 2 + 2) + (4 + 5))
-    assert tailed.indexer_flops == 2 * 1 * 2 * (1 + 2 + 3)
+    assert tailed.indexer_flops == 2 * 1 * 2 * 3
     dense = prefill_cost(shape, 5, None)
     projections = 2 * shape.indexer_weights * 5  # every position, the tail's too, writes its index key
     extra = tailed.attention_flops - dense.attention_flops + tailed.indexer_flops + projections
@@ -75,7 +77,9 @@ def test_costs_grow_with_context(topk):
 def test_sparse_attention_equals_dense_when_k_covers_the_context():
     dense = prefill_cost(QWEN_05B, 1500, None)
     sparse = prefill_cost(QWEN_05B, 1500, 2048)
-    assert sparse.attention_flops == dense.attention_flops  # only the indexer's own work differs
+    assert sparse.attention_flops == dense.attention_flops and not sparse.indexer_flops  # no query selects
+    projections = 2 * QWEN_05B.n_layer * QWEN_05B.indexer_weights * 1500  # the index keys are still written
+    assert sparse.flops == dense.flops + projections
 
 
 def test_per_million_token_curves_favour_sparse_only_at_long_context():
