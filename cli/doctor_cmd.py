@@ -52,8 +52,9 @@ def doctor(
 
 
 def _render(report) -> None:  # noqa: ANN001 - a DoctorReport
-    # The fix goes under its check's detail, not in a column of its own that is empty while all is well.
-    table = Table(title="dsarag doctor")
+    # The fix goes under its check's detail, not in a column of its own that is empty while all is well; no
+    # borders, so the detail keeps more of an 80-column terminal.
+    table = Table(title="dsarag doctor", box=None, pad_edge=False)
     for column in ("area", "check", "status", "detail"):
         table.add_column(column, overflow="fold")
     for check in report.checks:
