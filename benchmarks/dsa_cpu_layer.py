@@ -4,9 +4,9 @@ One dense prefill of held-out text runs through the model; a hook on each chosen
 and indexer projections and times, side by side on the same tensors: dense causal SDPA; the PyTorch path's index
 scores + top-k (`select_topk`) and gather attention (`sparse_attention`), for the queries that select (the first
 k queries attend to every earlier key and run dense in DSA too); and the same two steps through the compiled CPU
-kernels (`dsarag_kernels/cpu_dsa.py`) where they build: on a CPU with AMX, where the model runs in bf16, their bf16
-kernels, and beside them the float32 kernels on the same inputs. It also reports how many keys a block of queries
-gathers on the PyTorch path (the union of its selections) against k.
+kernels (`dsarag_kernels/cpu_dsa.py`) where they build: on a CPU with AVX512-BF16, where the model runs in bf16,
+their bf16 kernels (on AMX where the CPU has it), and beside them the float32 kernels on the same inputs. It also
+reports how many keys a block of queries gathers on the PyTorch path (the union of its selections) against k.
 
     .venv/bin/python benchmarks/dsa_cpu_layer.py --heldout heldout.npy --lengths 8192 16384 --layers 0 9 16 23
 """
@@ -76,15 +76,16 @@ def time_layer(attention, x, rope, positions, cfg: DSAConfig, block: int) -> dic
             lambda: cpu_dsa.sparse_attention(q[:, :, rows], k, v, native_indices, scale)
         )
         native_s = prefix_s + native_topk_s + native_sparse_s
-        amx = cpu_dsa.amx_ready() and q.dtype == torch.bfloat16
+        bf16 = cpu_dsa.avx512_bf16_ready() and q.dtype == torch.bfloat16
+        kind = ("bf16 (AMX)" if cpu_dsa.amx_ready() else "bf16 (AVX512-BF16)") if bf16 else "float32"
         native = {
             "native_select_topk_s": round(native_topk_s, 3),
             "native_sparse_attention_s": round(native_sparse_s, 3),
             "native_dsa_s": round(native_s, 3),
             "native_over_dense": round(native_s / dense_s, 2),
-            "native_kernels": "bf16 (AMX)" if amx else "float32",
+            "native_kernels": kind,
         }
-        if amx:  # beside them, the float32 kernels on the same inputs
+        if bf16:  # beside them, the float32 kernels on the same inputs
             f32 = [x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
             f32_topk_s, _ = seconds(lambda: cpu_dsa.select_topk(*f32, cfg.n_sink, cfg.window))
             q32, k32, v32 = q[:, :, rows].float(), k.float(), v.float()

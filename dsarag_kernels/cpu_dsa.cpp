@@ -1,14 +1,15 @@
 // DeepSeek Sparse Attention on the CPU: fused index scores + exact top-k, gather attention, and the indexer's
 // projection of a decode step's tokens; on AVX512-BF16 CPUs also a decode step's bf16 weight products.
 // Compiled once per machine by dsarag_kernels/cpu_dsa.py (g++ -O3 -march=native -fopenmp) and called through
-// ctypes on float32 buffers. PyTorch references: indexer_model.indexer.select_topk,
+// ctypes on float32 or bf16 buffers. PyTorch references: indexer_model.indexer.select_topk,
 // indexer_model.dsa.masked_dense_attention_reference, LightningIndexer.project and F.linear; the test is
 // tests/test_kernels_cpu_dsa.py.
 //
 // Why C++: in PyTorch operations the index scores pass over a (queries x keys) tile once per index head and
 // the union of a block's selections covers most of the prefix, so DSA did about dense's work at 8K. Here each
-// query scores its keys in one fused pass and attends to exactly its own k keys. On CPUs with AMX and
-// AVX512-BF16, bf16 kernels at the end of this file score the keys and attend with AMX tile products.
+// query scores its keys in one fused pass and attends to exactly its own k keys. On CPUs with AVX512-BF16, bf16
+// kernels after the float32 ones read the model's bf16 tensors as they are, on AMX tile products where the CPU has
+// AMX too.
 
 #include <algorithm>
 #include <cmath>
@@ -458,16 +459,13 @@ void dsa_index_project_bf16(const uint16_t* x, const int64_t* positions, int64_t
 }  // extern "C"
 
 // ---------------------------------------------------------------------------------------------------------------
-// bf16 kernels for CPUs with AMX and AVX512-BF16 (built where -march=native enables both; elsewhere
-// dsa_amx_ready() answers 0 and cpu_dsa.py keeps the float32 kernels above). On such CPUs the model runs in bf16
-// and dense attention runs on AMX, 3-4x faster than in float32: DSA has to use the same units to keep up.
-// Products of bf16 values are exact in float32 and sums accumulate in float32, so the index scores equal the
-// float32 kernel's up to the order of the sums. The prefill's union blocks round the attention's probabilities to
-// bf16 before they weigh the values, as bf16 SDPA does; a decode step keeps them in float32.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// bf16 kernels for CPUs with AVX512-BF16 (built where -march=native enables it; elsewhere the symbols are absent and
+// cpu_dsa.py keeps the float32 kernels above). On such CPUs the model runs in bf16: these kernels read its bf16
+// tensors as they are, with no float32 copy, and one AVX512-BF16 instruction takes 32 products where a float32 FMA
+// takes 16. Products of bf16 values are exact in float32 and sums accumulate in float32, so the index scores equal
+// the float32 kernel's up to the order of the sums. Also here: a decode step's bf16 weight products.
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 namespace {
 
@@ -482,18 +480,6 @@ inline v16 load16(const float* p) {
   return r;
 }
 inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
-
-// Every tile 16 rows x 64 bytes; tile configuration is per thread.
-void configure_tiles() {
-  struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } config{};
-  config.palette = 1;
-  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kTileRows;
-  _tile_loadconfig(&config);
-}
 
 // Interleave two rows of 32 bf16 values a, b as (a0, b0, a1, b1, ...): the first and the second 16 pairs.
 const __m512i kLowPairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
@@ -638,6 +624,238 @@ int64_t best_positions_wide(const float* scores, int64_t first, int64_t last, in
 inline void prefetch_bf16_row(const uint16_t* row) {  // 64 bf16 values: two 64-byte lines
   __builtin_prefetch(row);
   __builtin_prefetch(row + 32);
+}
+
+// sum_h w[h] * relu(q[h] . key) for the 16 keys of one packed tile (pack_key_tile: dim / 2 rows of 16 dim pairs),
+// n_heads a multiple of kHeadGroup. Two sums per index head, over the first and the second half of the dim pairs:
+// 8 independent chains of dot products hide each one's latency, and each tile row read serves 4 of them.
+inline __m512 score_tile_bf16(const uint16_t* q, const float* w, const uint32_t* tile, int n_heads, int dim) {
+  const int half = dim / 4;  // dim pairs per half
+  __m512 total = _mm512_setzero_ps();
+  for (int h0 = 0; h0 < n_heads; h0 += kHeadGroup) {
+    __m512 sums[2][kHeadGroup] = {};
+    for (int i = 0; i < half; ++i) {
+      const __m512bh first = (__m512bh)_mm512_loadu_si512(tile + i * kTileRows);
+      const __m512bh second = (__m512bh)_mm512_loadu_si512(tile + (i + half) * kTileRows);
+      for (int h = 0; h < kHeadGroup; ++h) {
+        int32_t a, b;
+        std::memcpy(&a, q + (h0 + h) * dim + 2 * i, sizeof a);
+        std::memcpy(&b, q + (h0 + h) * dim + 2 * (i + half), sizeof b);
+        sums[0][h] = _mm512_dpbf16_ps(sums[0][h], (__m512bh)_mm512_set1_epi32(a), first);
+        sums[1][h] = _mm512_dpbf16_ps(sums[1][h], (__m512bh)_mm512_set1_epi32(b), second);
+      }
+    }
+    for (int h = 0; h < kHeadGroup; ++h) {
+      const __m512 dot = _mm512_add_ps(sums[0][h], sums[1][h]);
+      total = _mm512_fmadd_ps(_mm512_set1_ps(w[h0 + h]), _mm512_max_ps(dot, _mm512_setzero_ps()), total);
+    }
+  }
+  return total;
+}
+
+// The gather attention of one query and one kv head (see dsa_sparse_attention_rows_bf16): the group's query heads
+// ride in the 16 lanes of a register, so a selected key or value row is read once for all of them and no score
+// needs a horizontal sum. q_pairs[i]: lane g holds dims 2i and 2i + 1 of query head g.
+void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, const uint16_t* v_head,
+                 const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
+  constexpr int kKeys = 8;  // keys scored together: independent sums hide the dot products' latency
+  constexpr int kAhead = 16;  // rows come from all over the cache: ask for them this many keys early
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  for (int j0 = 0; j0 < n; j0 += kKeys) {
+    const uint16_t* rows[kKeys];
+    for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kHeadDim;
+    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row(k_head + keys[j0 + kAhead + u] * kHeadDim);
+    __m512 sums[kKeys] = {};
+    for (int i = 0; i < kHeadDim / 2; ++i) {
+      for (int u = 0; u < kKeys; ++u) {
+        int32_t pair;
+        std::memcpy(&pair, rows[u] + 2 * i, sizeof pair);
+        sums[u] = _mm512_dpbf16_ps(sums[u], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)q_pairs[i]);
+      }
+    }
+    for (int u = 0; u < kKeys && j0 + u < n; ++u) {
+      const __m512 score = _mm512_mul_ps(sums[u], _mm512_set1_ps(scale));
+      _mm512_storeu_ps(probs + (j0 + u) * kTileRows, score);
+      best = _mm512_max_ps(best, score);
+    }
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    const __m512 p = exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + j * kTileRows), best));
+    _mm512_storeu_ps(probs + j * kTileRows, p);
+    total = _mm512_add_ps(total, p);
+  }
+  alignas(64) float inverse[kTileRows];
+  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+  constexpr int kHeads = 4;  // query heads weighed per pass over the values: 16 sums in registers
+  for (int g0 = 0; g0 < group; g0 += kHeads) {
+    __m512 sums[kHeads][4] = {};
+    for (int j = 0; j < n; ++j) {
+      const uint16_t* row = v_head + keys[j] * kHeadDim;
+      if (j + kAhead < n) prefetch_bf16_row(v_head + keys[j + kAhead] * kHeadDim);
+      __m512 value[4];
+      for (int c = 0; c < 4; ++c) {
+        value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
+      }
+      for (int g = 0; g < kHeads; ++g) {
+        const __m512 weight = _mm512_set1_ps(probs[j * kTileRows + g0 + g]);
+        for (int c = 0; c < 4; ++c) sums[g][c] = _mm512_fmadd_ps(weight, value[c], sums[g][c]);
+      }
+    }
+    for (int g = 0; g < kHeads && g0 + g < group; ++g) {
+      for (int c = 0; c < 4; ++c) {
+        _mm512_storeu_ps(out[g0 + g] + 16 * c, _mm512_mul_ps(sums[g][c], _mm512_set1_ps(inverse[g0 + g])));
+      }
+    }
+  }
+}
+
+// sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
+// AVX512-BF16 dot product per 32 values and row, the rows prefetched kLinearAhead values ahead.
+constexpr int kLinearRows = 4;
+constexpr int kLinearAhead = 1024;  // 2 KB: nearer (256) or none read the weights at 12-14 GB/s, this at 14-16
+inline void linear_block(const uint16_t* x, const uint16_t* w, int k, int rows, float* sums) {
+  __m512 acc[kLinearRows];
+  for (int r = 0; r < kLinearRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    for (int r = 0; r < kLinearRows; ++r) {
+      if (r < rows) {
+        const uint16_t* p = w + int64_t(r) * k + i;
+        _mm_prefetch(reinterpret_cast<const char*>(p + kLinearAhead), _MM_HINT_T0);
+        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p));
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+}  // namespace
+
+extern "C" {
+
+// dsa_select_topk on bf16 inputs. q (T, n_heads, dim) bf16, n_heads a multiple of kHeadGroup (zero-weight
+// padding); w (T, n_heads) float32; keys (n_keys, dim) bf16 rows, dim a multiple of 32. The keys are packed once
+// into tiles of 16 (pack_key_tile), one register per dim pair; a thread scores kQueryBlock queries tile by tile, so
+// each tile is read from memory once for all of them, and finds each query's exact top-k with AVX-512.
+void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* keys, int64_t n_keys,
+                          const int64_t* positions, int64_t n_queries, int n_heads, int dim, int topk, int n_sink,
+                          int window, int64_t* out, int n_threads) {
+  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows, row = n_tiles * kTileRows;
+  const int64_t tile_size = int64_t{dim} / 2 * kTileRows;  // 32-bit dim pairs per packed tile
+  std::vector<uint32_t> packed(n_tiles * tile_size);
+#pragma omp parallel num_threads(n_threads)
+  {
+#pragma omp for
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      const uint16_t* rows[kTileRows];
+      for (int n = 0; n < kTileRows; ++n) {
+        const int64_t s = tile * kTileRows + n;
+        rows[n] = s < n_keys ? keys + s * dim : nullptr;
+      }
+      pack_key_tile(rows, dim, packed.data() + tile * tile_size);
+    }  // the loop's barrier: every tile is packed before any is read
+    std::vector<float> scores(kQueryBlock * row);
+    TopkScratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t0 = 0; t0 < n_queries; t0 += kQueryBlock) {
+      const int64_t t1 = std::min<int64_t>(n_queries, t0 + kQueryBlock);
+      const int64_t last = *std::max_element(positions + t0, positions + t1);
+      for (int64_t tile = 0; tile * kTileRows <= last; ++tile) {
+        for (int64_t t = t0; t < t1; ++t) {
+          if (positions[t] + 1 > topk && tile * kTileRows <= positions[t]) {
+            const __m512 total = score_tile_bf16(q + t * n_heads * dim, w + t * n_heads,
+                                                 packed.data() + tile * tile_size, n_heads, dim);
+            _mm512_storeu_ps(scores.data() + (t - t0) * row + tile * kTileRows, total);
+          }
+        }
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        select_row<best_positions_wide>(scores.data() + (t - t0) * row, positions[t], topk, n_sink, window, scratch,
+                                        out + t * topk);
+      }
+    }
+  }
+}
+
+// dsa_sparse_attention on bf16 caches, float32 out, head size 64, at most 16 query heads per kv head: per query and
+// kv head, attend_rows reads exactly the selected rows. A prefill's queries on CPUs without AMX, and a decode step's
+// on every AVX512-BF16 CPU (the union blocks of dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on
+// one query).
+void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kv_head_stride,
+                                    const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
+                                    int n_sets, int topk, float scale, float* out, int n_threads) {
+  const int group = n_q_heads / n_kv_heads, kv_per_set = n_kv_heads / n_sets;
+#pragma omp parallel num_threads(n_threads)
+  {
+    std::vector<float> probs(topk * kTileRows);  // (key, query head)
+    std::vector<int64_t> keys(topk);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_queries; ++t) {
+      for (int h = 0; h < n_kv_heads; ++h) {
+        const int64_t* chosen = indices + ((h / kv_per_set) * n_queries + t) * topk;
+        int n = 0;
+        for (int j = 0; j < topk; ++j) {
+          if (chosen[j] >= 0) keys[n++] = chosen[j];
+        }
+        alignas(64) uint32_t pairs[kHeadDim / 2][kTileRows] = {};
+        float* rows_out[kTileRows];
+        for (int g = 0; g < group; ++g) {
+          const int64_t head_row = (h * group + g) * n_queries + t;
+          for (int i = 0; i < kHeadDim / 2; ++i) std::memcpy(&pairs[i][g], q + head_row * kHeadDim + 2 * i, 4);
+          rows_out[g] = out + head_row * kHeadDim;
+        }
+        __m512i q_pairs[kHeadDim / 2];
+        for (int i = 0; i < kHeadDim / 2; ++i) q_pairs[i] = _mm512_load_si512(pairs[i]);
+        attend_rows(q_pairs, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale, group, rows_out,
+                    probs.data());
+      }
+    }
+  }
+}
+
+// F.linear for the few rows of a decode step: x (n_rows, k) . w (n, k)^T + bias (n,) or none -> out (n_rows, n), all
+// bf16, sums in float32; k a multiple of 32. PyTorch's bf16 path reads the weights of such a product at 6-7 GB/s
+// on this kind of CPU, where float32 weights stream at 15-18: a decode step is mostly these reads. The threads split
+// the weight rows; a block of kLinearRows rows is read from memory once for every row of x (it stays in L1).
+void dsa_linear_rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t n_rows, int64_t n, int k,
+                          uint16_t* out, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t j0 = 0; j0 < n; j0 += kLinearRows) {
+    const int rows = int(std::min<int64_t>(kLinearRows, n - j0));
+    float sums[kLinearRows];
+    for (int64_t t = 0; t < n_rows; ++t) {
+      linear_block(x + t * k, w + j0 * k, k, rows, sums);
+      for (int r = 0; r < rows; ++r) {
+        out[t * n + j0 + r] = narrow<uint16_t>(sums[r] + (bias ? widen(bias[j0 + r]) : 0.0f));
+      }
+    }
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------------
+// bf16 kernels for CPUs with AMX as well (built where -march=native enables it; elsewhere dsa_amx_ready() answers
+// 0). There dense attention runs on AMX, 3-4x faster than in float32: DSA has to use the same units to keep up. The
+// prefill's union blocks round the attention's probabilities to bf16 before they weigh the values, as bf16 SDPA
+// does; a decode step keeps them in float32.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+// Every tile 16 rows x 64 bytes; tile configuration is per thread.
+void configure_tiles() {
+  struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kTileRows;
+  _tile_loadconfig(&config);
 }
 
 // One thread's gather attention over a block of up to 16 consecutive queries, head size 64 (see
@@ -864,63 +1082,6 @@ class UnionBlock {
   alignas(64) float weighted_[kMaxGroup][4 * kTile];  // per query head: (query, dim) as 4 tiles of 16 dims
 };
 
-// A decode step's gather attention for one query and one kv head (see dsa_sparse_attention_rows_bf16): the
-// group's query heads ride in the 16 lanes of a register, so a selected key or value row is read once for all of
-// them and no score needs a horizontal sum. q_pairs[i]: lane g holds dims 2i and 2i + 1 of query head g.
-void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, const uint16_t* v_head,
-                 const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
-  constexpr int kKeys = 4;  // keys scored together: independent sums hide the dot products' latency
-  constexpr int kAhead = 16;  // rows come from all over the cache: ask for them this many keys early
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  for (int j0 = 0; j0 < n; j0 += kKeys) {
-    const uint16_t* rows[kKeys];
-    for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kHeadDim;
-    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row(k_head + keys[j0 + kAhead + u] * kHeadDim);
-    __m512 sums[kKeys] = {};
-    for (int i = 0; i < kHeadDim / 2; ++i) {
-      for (int u = 0; u < kKeys; ++u) {
-        int32_t pair;
-        std::memcpy(&pair, rows[u] + 2 * i, sizeof pair);
-        sums[u] = _mm512_dpbf16_ps(sums[u], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)q_pairs[i]);
-      }
-    }
-    for (int u = 0; u < kKeys && j0 + u < n; ++u) {
-      const __m512 score = _mm512_mul_ps(sums[u], _mm512_set1_ps(scale));
-      _mm512_storeu_ps(probs + (j0 + u) * kTileRows, score);
-      best = _mm512_max_ps(best, score);
-    }
-  }
-  __m512 total = _mm512_setzero_ps();
-  for (int j = 0; j < n; ++j) {
-    const __m512 p = exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + j * kTileRows), best));
-    _mm512_storeu_ps(probs + j * kTileRows, p);
-    total = _mm512_add_ps(total, p);
-  }
-  alignas(64) float inverse[kTileRows];
-  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
-  constexpr int kHeads = 4;  // query heads weighed per pass over the values: 16 sums in registers
-  for (int g0 = 0; g0 < group; g0 += kHeads) {
-    __m512 sums[kHeads][4] = {};
-    for (int j = 0; j < n; ++j) {
-      const uint16_t* row = v_head + keys[j] * kHeadDim;
-      if (j + kAhead < n) prefetch_bf16_row(v_head + keys[j + kAhead] * kHeadDim);
-      __m512 value[4];
-      for (int c = 0; c < 4; ++c) {
-        value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
-      }
-      for (int g = 0; g < kHeads; ++g) {
-        const __m512 weight = _mm512_set1_ps(probs[j * kTileRows + g0 + g]);
-        for (int c = 0; c < 4; ++c) sums[g][c] = _mm512_fmadd_ps(weight, value[c], sums[g][c]);
-      }
-    }
-    for (int g = 0; g < kHeads && g0 + g < group; ++g) {
-      for (int c = 0; c < 4; ++c) {
-        _mm512_storeu_ps(out[g0 + g] + 16 * c, _mm512_mul_ps(sums[g][c], _mm512_set1_ps(inverse[g0 + g])));
-      }
-    }
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -1089,96 +1250,10 @@ void dsa_select_topk_amx_rows(const uint16_t* q, const float* w, const uint16_t*
   }
 }
 
-// dsa_sparse_attention for a few queries (a decode step) on bf16 caches, float32 out, head size 64, at most 16
-// query heads per kv head: per query and kv head, attend_rows reads exactly the selected rows. Needs
-// AVX512-BF16 only; the union blocks of dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on one query.
-void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kv_head_stride,
-                                    const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
-                                    int n_sets, int topk, float scale, float* out, int n_threads) {
-  const int group = n_q_heads / n_kv_heads, kv_per_set = n_kv_heads / n_sets;
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<float> probs(topk * kTileRows);  // (key, query head)
-    std::vector<int64_t> keys(topk);
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t t = 0; t < n_queries; ++t) {
-      for (int h = 0; h < n_kv_heads; ++h) {
-        const int64_t* chosen = indices + ((h / kv_per_set) * n_queries + t) * topk;
-        int n = 0;
-        for (int j = 0; j < topk; ++j) {
-          if (chosen[j] >= 0) keys[n++] = chosen[j];
-        }
-        alignas(64) uint32_t pairs[kHeadDim / 2][kTileRows] = {};
-        float* rows_out[kTileRows];
-        for (int g = 0; g < group; ++g) {
-          const int64_t head_row = (h * group + g) * n_queries + t;
-          for (int i = 0; i < kHeadDim / 2; ++i) std::memcpy(&pairs[i][g], q + head_row * kHeadDim + 2 * i, 4);
-          rows_out[g] = out + head_row * kHeadDim;
-        }
-        __m512i q_pairs[kHeadDim / 2];
-        for (int i = 0; i < kHeadDim / 2; ++i) q_pairs[i] = _mm512_load_si512(pairs[i]);
-        attend_rows(q_pairs, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale, group, rows_out,
-                    probs.data());
-      }
-    }
-  }
-}
-
 }  // extern "C"
 #else
 extern "C" int dsa_amx_ready() { return 0; }
-#endif
-
-// ---------------------------------------------------------------------------------------------------------------
-// A decode step's bf16 weight products, on CPUs with AVX512-BF16 (with or without AMX; elsewhere the symbol is absent
-// and cpu_dsa.py keeps PyTorch's product).
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-
-namespace {
-
-// sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
-// AVX512-BF16 dot product per 32 values and row, the rows prefetched kLinearAhead values ahead.
-constexpr int kLinearRows = 4;
-constexpr int kLinearAhead = 1024;  // 2 KB: nearer (256) or none read the weights at 12-14 GB/s, this at 14-16
-inline void linear_block(const uint16_t* x, const uint16_t* w, int k, int rows, float* sums) {
-  __m512 acc[kLinearRows];
-  for (int r = 0; r < kLinearRows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int i = 0; i < k; i += 32) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-    for (int r = 0; r < kLinearRows; ++r) {
-      if (r < rows) {
-        const uint16_t* p = w + int64_t(r) * k + i;
-        _mm_prefetch(reinterpret_cast<const char*>(p + kLinearAhead), _MM_HINT_T0);
-        acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(p));
-      }
-    }
-  }
-  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-}  // namespace
-
-extern "C" {
-
-// F.linear for the few rows of a decode step: x (n_rows, k) . w (n, k)^T + bias (n,) or none -> out (n_rows, n), all
-// bf16, sums in float32; k a multiple of 32. PyTorch's bf16 path reads the weights of such a product at 6-7 GB/s
-// on this kind of CPU, where float32 weights stream at 15-18: a decode step is mostly these reads. The threads split
-// the weight rows; a block of kLinearRows rows is read from memory once for every row of x (it stays in L1).
-void dsa_linear_rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, int64_t n_rows, int64_t n, int k,
-                          uint16_t* out, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t j0 = 0; j0 < n; j0 += kLinearRows) {
-    const int rows = int(std::min<int64_t>(kLinearRows, n - j0));
-    float sums[kLinearRows];
-    for (int64_t t = 0; t < n_rows; ++t) {
-      linear_block(x + t * k, w + j0 * k, k, rows, sums);
-      for (int r = 0; r < rows; ++r) {
-        out[t * n + j0 + r] = narrow<uint16_t>(sums[r] + (bias ? widen(bias[j0 + r]) : 0.0f));
-      }
-    }
-  }
-}
-
-}  // extern "C"
-#endif
+#endif  // AMX
+#else
+extern "C" int dsa_amx_ready() { return 0; }
+#endif  // AVX512-BF16

@@ -5,8 +5,9 @@ The source is compiled once per machine with the system C++ compiler (g++ -O3 -m
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
 compiling fails, `native_library()` returns None and the model keeps the PyTorch path (indexer.select_topk and
 dsa.sparse_attention), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call,
-except on CPUs with AMX and AVX512-BF16 (where the model runs in bf16), which take bf16 kernels built on AMX tile
-products (`amx_ready()`). Same signatures as the PyTorch path, so `dsa_attention` swaps one for the other.
+except on CPUs with AVX512-BF16 (where the model runs in bf16), which take bf16 kernels (`avx512_bf16_ready()`), on
+AMX tile products where the CPU has AMX too (`amx_ready()`). Same signatures as the PyTorch path, so
+`dsa_attention` swaps one for the other.
 """
 
 import ctypes
@@ -47,6 +48,7 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_sparse_attention": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
     "dsa_index_project": _INDEX_PROJECT,
     "dsa_index_project_bf16": _INDEX_PROJECT,
+    "dsa_select_topk_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
@@ -101,12 +103,12 @@ def native_library() -> ctypes.CDLL | None:
             return None
     library = ctypes.CDLL(str(target))
     for name, argtypes in _SIGNATURES.items():
-        if hasattr(library, name):  # the AMX kernels exist only where the CPU has AMX
+        if hasattr(library, name):  # the bf16 kernels exist only where the CPU has AVX512-BF16
             getattr(library, name).argtypes = argtypes
             getattr(library, name).restype = None
     library.dsa_amx_ready.restype = _int
     library.amx = bool(library.dsa_amx_ready())
-    library.bf16_linear = hasattr(library, "dsa_linear_rows_bf16")  # built where the CPU has AVX512-BF16
+    library.avx512_bf16 = hasattr(library, "dsa_select_topk_bf16")  # built where the CPU has AVX512-BF16
     return library
 
 
@@ -116,15 +118,15 @@ def amx_ready() -> bool:
     return library is not None and library.amx
 
 
-def bf16_linear_ready() -> bool:
-    """Whether a decode step's bf16 weight products run compiled here (`linear_rows`: a CPU with AVX512-BF16)."""
+def avx512_bf16_ready() -> bool:
+    """Whether the bf16 kernels without AMX run here (a CPU with AVX512-BF16): the prefill's selection, the gather
+    attention of every query on CPUs without AMX, and a decode step's weight products (`linear_rows`)."""
     library = native_library()
-    return library is not None and library.bf16_linear
+    return library is not None and library.avx512_bf16
 
 
-def _runs_amx(*tensors: Tensor) -> bool:
-    """bf16 inputs on an AMX CPU take the bf16 kernels: no float32 copy, and AMX tile products."""
-    return all(x.dtype == torch.bfloat16 for x in tensors) and amx_ready()
+def _all_bf16(*tensors: Tensor) -> bool:
+    return all(x.dtype == torch.bfloat16 for x in tensors)
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -189,7 +191,7 @@ def index_projection(
 
 def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether `linear_rows` serves F.linear(x, weight, bias): a decode step's few rows in bf16 on a CPU with
-    AVX512-BF16 (`bf16_linear_ready`), the inner size a multiple of 32, no gradient wanted."""
+    AVX512-BF16 (`avx512_bf16_ready`), the inner size a multiple of 32, no gradient wanted."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         x.device.type == "cpu"
@@ -198,7 +200,7 @@ def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and all(t.dtype == torch.bfloat16 for t in tensors)
         and weight.is_contiguous()
         and not _wants_gradient(*tensors)
-        and bf16_linear_ready()
+        and avx512_bf16_ready()
     )
 
 
@@ -235,7 +237,9 @@ def select_topk(
     positions = q_positions.to(torch.int64).contiguous()
     out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
     few = n_queries < FEW_QUERIES
-    amx = _runs_amx(q, k) and dim % AMX_DEPTH == 0 and (not few or n_heads <= AMX_ROWS)
+    bf16 = _all_bf16(q, k) and dim % AMX_DEPTH == 0  # the bf16 tensors as they are, no float32 copy
+    amx = bf16 and amx_ready() and (not few or n_heads <= AMX_ROWS)
+    bf16 = bf16 and not amx and not few and avx512_bf16_ready()  # decode steps: the float32 rows kernel
     for b in range(batch):
         if amx:  # decode steps: the cache's rows are the tiles; prefill: whole blocks of 16 queries
             blocks = n_queries if few else -(-n_queries // AMX_ROWS) * AMX_ROWS
@@ -248,8 +252,16 @@ def select_topk(
                 n_queries, n_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
             continue
-        q_b = _f32(torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)))
+        q_b = torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)).contiguous()
         w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
+        if bf16:  # AVX512-BF16 dot products over key tiles packed in the kernel
+            keys = k[b, :n_keys].contiguous()
+            library.dsa_select_topk_bf16(
+                q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(), n_queries,
+                n_heads + pad_heads, dim, topk, n_sink, window, out[b].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            continue
+        q_b = _f32(q_b)
         if few:  # decode: score the cache's rows as they are
             keys = _f32(k[b, :n_keys])
             library.dsa_select_topk_rows(
@@ -276,9 +288,11 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     n_kv_heads = k_cache.shape[1]
     sets = indices if indices.dim() == 4 else indices[:, None]
     out = torch.empty(batch, n_q_heads, n_queries, dim, dtype=torch.float32)
-    amx = _runs_amx(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and n_q_heads // n_kv_heads <= AMX_MAX_GROUP
+    bf16 = _all_bf16(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and n_q_heads // n_kv_heads <= AMX_MAX_GROUP
+    amx = bf16 and amx_ready()
+    bf16 = bf16 and avx512_bf16_ready()
     for b in range(batch):
-        if amx:  # bf16 as they are
+        if bf16:  # bf16 as they are
             q_b, k_b, v_b = q[b].contiguous(), _rows(k_cache[b]), _rows(v_cache[b])
         else:
             q_b, k_b, v_b = _f32(q[b]), _f32_rows(k_cache[b]), _f32_rows(v_cache[b])
@@ -286,7 +300,7 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
         if k_b.stride(0) != v_b.stride(0):  # one head stride serves both caches
             k_b, v_b = k_b.contiguous(), v_b.contiguous()
         caches = (q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0))
-        if amx and n_queries < FEW_QUERIES:  # a decode step: exactly the selected rows, heads in lanes
+        if bf16 and (not amx or n_queries < FEW_QUERIES):  # per query exactly its rows, heads in lanes
             library.dsa_sparse_attention_rows_bf16(
                 *caches, sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0], sets_b.shape[-1],
                 scale, out[b].data_ptr(), torch.get_num_threads(),

@@ -122,13 +122,14 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
     import torch
 
-    from dsarag_kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
+    from dsarag_kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
     from indexer_model.generate import auto_sparse_range
     from indexer_model.weights import default_dtype
 
     if native_library() is not None:
-        flavour = "bf16 on AMX" if amx_ready() else "float32"
-        if bf16_linear_ready() and default_dtype("cpu") == torch.bfloat16:
+        bf16 = avx512_bf16_ready() and default_dtype("cpu") == torch.bfloat16
+        flavour = "bf16 on AMX" if amx_ready() else "bf16 (AVX512-BF16)" if bf16 else "float32"
+        if bf16:
             flavour += ", and bf16 decode steps' weight products"
         where = auto_sparse_range("cpu")
         auto = (

@@ -15,20 +15,20 @@ if not torch.cuda.is_available():
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """`@pytest.mark.needs_compiler`: the compiled CPU kernels must build here (a C++ compiler);
-    `@pytest.mark.needs_amx`: and this CPU runs their bf16 kernels (AMX and AVX512-BF16);
-    `@pytest.mark.needs_bf16_linear`: and their bf16 decode linear (AVX512-BF16)."""
-    markers = ("needs_compiler", "needs_amx", "needs_bf16_linear")
+    `@pytest.mark.needs_amx`: and this CPU runs their AMX kernels (AMX and AVX512-BF16);
+    `@pytest.mark.needs_avx512_bf16`: and their bf16 kernels without AMX (AVX512-BF16)."""
+    markers = ("needs_compiler", "needs_amx", "needs_avx512_bf16")
     if any(item.get_closest_marker(marker) for marker in markers):
-        from dsarag_kernels.cpu_dsa import amx_ready, bf16_linear_ready, native_library
+        from dsarag_kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
 
         if native_library() is None:
             pytest.skip(
                 "the compiled CPU kernels cannot be built here (no C++ compiler, or its build failed)"
             )
         if item.get_closest_marker("needs_amx") and not amx_ready():
-            pytest.skip("this CPU has no AMX / AVX512-BF16: the bf16 CPU kernels are not built here")
-        if item.get_closest_marker("needs_bf16_linear") and not bf16_linear_ready():
-            pytest.skip("this CPU has no AVX512-BF16: the bf16 decode linear is not built here")
+            pytest.skip("this CPU has no AMX: the AMX kernels are not built here")
+        if item.get_closest_marker("needs_avx512_bf16") and not avx512_bf16_ready():
+            pytest.skip("this CPU has no AVX512-BF16: the bf16 CPU kernels are not built here")
 
 
 @pytest.fixture

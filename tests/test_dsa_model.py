@@ -207,7 +207,7 @@ def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long
     assert counts == {"compiled": (0, len(tiny.model.layers)), "pytorch": (0, 0)}
 
 
-@pytest.mark.needs_bf16_linear
+@pytest.mark.needs_avx512_bf16
 def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
     assert tiny.model.output.weight.dtype == torch.bfloat16  # an AVX512-BF16 CPU runs the model in bf16
     compiled = cpu_dsa.linear_rows
@@ -311,7 +311,7 @@ def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
     assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
     assert choose_attention("auto", 20_000, None, True, "cuda") is None  # slower at every length measured
     monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # a bf16 CPU
-    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the float32 kernels, from 4K
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the AVX512-BF16 kernels, from 4K
     assert choose_attention("auto", 16_384, None, True).topk == 2048  # an eighth
     assert choose_attention("auto", 4_096, 512, True).topk == 512  # the agent's smallest k
     assert choose_attention("auto", 4_000, 512, True) is None
@@ -333,7 +333,7 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
     def kernels_detail(dtype: torch.dtype, amx: bool) -> str:
         monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())
         monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: amx)
-        monkeypatch.setattr(cpu_dsa, "bf16_linear_ready", lambda: dtype == torch.bfloat16)
+        monkeypatch.setattr(cpu_dsa, "avx512_bf16_ready", lambda: dtype == torch.bfloat16)
         monkeypatch.setattr(weights, "default_dtype", lambda device: dtype)
         report = DoctorReport()
         _check_cpu_kernels(report)
@@ -347,7 +347,7 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
         " up to 9.4%" in kernels_detail(torch.bfloat16, True)
     )
     assert (
-        "(float32, and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
+        "(bf16 (AVX512-BF16), and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
         " 12.5%" in kernels_detail(torch.bfloat16, False)
     )
     monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu-bf16", None)  # a path where DSA never paid

@@ -1,5 +1,8 @@
 """The compiled CPU kernels (dsarag_kernels/cpu_dsa.cpp) against their PyTorch references."""
 
+from collections import Counter
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -182,20 +185,49 @@ def small_integer_inputs(n_keys: int, n_heads: int, seed: int = 3):
     return q, w, k
 
 
-@pytest.mark.needs_amx
-@pytest.mark.parametrize("n_heads, topk", [(4, 96), (6, 96), (4, 300), (4, 68)])
-def test_amx_selection_equals_float32_kernel(n_heads, topk):
-    """The AMX scores and the AVX-512 threshold search pick exactly the float32 kernel's keys, ties included;
-    45 queries after 40 cached tokens: a last, partial block of 16. k = 68: sinks and window only."""
+class Bf16Kernels(NamedTuple):
+    selection: str  # the prefill's selection kernel
+    attention: str  # the prefill's gather attention kernel
+    calls: Counter  # compiled calls by name
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("amx", marks=pytest.mark.needs_amx),
+        pytest.param("avx512-bf16", marks=pytest.mark.needs_avx512_bf16),
+    ]
+)
+def bf16_kernels(request, monkeypatch) -> Bf16Kernels:
+    """Runs a test once per family of bf16 kernels this CPU has (an AMX CPU runs both: the second hides its AMX),
+    counting the compiled calls, so that a test also shows which kernels ran."""
+    if request.param == "avx512-bf16":
+        monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)
+    library, calls = cpu_dsa.native_library(), Counter()
+    for name in cpu_dsa._SIGNATURES:
+        if hasattr(library, name):
+            kernel = getattr(library, name)
+            monkeypatch.setattr(
+                library, name, lambda *a, kernel=kernel, name=name: calls.update([name]) or kernel(*a)
+            )
+    if request.param == "amx":
+        return Bf16Kernels("dsa_select_topk_amx", "dsa_sparse_attention_amx", calls)
+    return Bf16Kernels("dsa_select_topk_bf16", "dsa_sparse_attention_rows_bf16", calls)
+
+
+@pytest.mark.parametrize("n_heads, topk", [(4, 96), (6, 96), (4, 300), (16, 300), (4, 68)])
+def test_bf16_selection_equals_float32_kernel(bf16_kernels, n_heads, topk):
+    """The bf16 scores and the AVX-512 threshold search pick exactly the float32 kernel's keys, ties included;
+    45 queries after 40 cached tokens: a last, partial block. k = 68: sinks and window only."""
     n_keys = 340
     q, w, k = small_integer_inputs(n_keys, n_heads)
     positions = torch.arange(n_keys - 45, n_keys)
     rows = slice(n_keys - 45, None)
-    amx = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    bf16 = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    assert bf16_kernels.calls[bf16_kernels.selection] == 1
     fp32 = cpu_dsa.select_topk(
         q[:, rows].float(), w[:, rows].float(), k.float(), positions, n_keys, topk, 4, 64
     )
-    assert torch.equal(amx, fp32)
+    assert torch.equal(bf16, fp32)
 
 
 @pytest.mark.needs_amx
@@ -213,15 +245,14 @@ def test_amx_decode_selection_equals_float32_kernel(n_heads, n_queries, topk):
     assert torch.equal(amx, fp32)
 
 
-@pytest.mark.needs_amx
-def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
+def test_bf16_selection_of_equal_scores_takes_the_earliest_keys(bf16_kernels):
     n_keys, topk = 200, 80
     q, w, k = small_integer_inputs(n_keys, 4)
     chosen = cpu_dsa.select_topk(q, torch.zeros_like(w), k, torch.arange(n_keys), n_keys, topk, 4, 16)
+    assert bf16_kernels.calls[bf16_kernels.selection] == 1
     assert chosen[0, -1].tolist() == [*range(4), *range(4, 64), *range(n_keys - 16, n_keys)]
 
 
-@pytest.mark.needs_amx
 @pytest.mark.parametrize(
     "n_heads, n_kv_heads, sets, n_queries, n_keys, topk",
     [
@@ -233,7 +264,9 @@ def test_amx_selection_of_equal_scores_takes_the_earliest_keys():
         (32, 2, 2, 3, 300, 96),  # a few queries, 16 query heads per kv head, one selection per kv head
     ],
 )
-def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_queries, n_keys, topk):
+def test_bf16_gather_attention_equals_masked_dense(
+    bf16_kernels, n_heads, n_kv_heads, sets, n_queries, n_keys, topk
+):
     gen = torch.Generator().manual_seed(4)
     dim = 64
     q = torch.randn(1, n_heads, n_queries, dim, generator=gen).to(torch.bfloat16)
@@ -244,6 +277,8 @@ def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_q
     indices[..., -5:] = -1
     indices[..., -1, 1:] = -1  # a query with a single key
     out = cpu_dsa.sparse_attention(q, k_cache, v_cache, indices, dim**-0.5)
+    few = n_queries < cpu_dsa.FEW_QUERIES  # a decode step reads its rows in place with or without AMX
+    assert bf16_kernels.calls["dsa_sparse_attention_rows_bf16" if few else bf16_kernels.attention] == 1
     reference = masked_dense_attention_reference(q, k_cache, v_cache, indices, dim**-0.5)
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
     exact = masked_dense_attention_reference(q.float(), k_cache.float(), v_cache.float(), indices, dim**-0.5)
@@ -251,8 +286,7 @@ def test_amx_gather_attention_equals_masked_dense(n_heads, n_kv_heads, sets, n_q
     assert relative < 5e-3  # bf16 probabilities: about 2e-3
 
 
-@pytest.mark.needs_amx
-def test_dsa_layer_in_bf16_runs_the_amx_kernels_like_the_torch_path():
+def test_dsa_layer_in_bf16_runs_the_bf16_kernels_like_the_torch_path(bf16_kernels):
     gen = torch.Generator().manual_seed(5)
     n_keys = 256
     q = torch.randn(1, 14, n_keys, 64, generator=gen).bfloat16()
@@ -265,11 +299,12 @@ def test_dsa_layer_in_bf16_runs_the_amx_kernels_like_the_torch_path():
     cfg = dict(topk=96, n_sink=4, window=16, dense_threshold=0)
     args = (q, k_cache, v_cache, idx_q, idx_w, idx_k, torch.arange(n_keys), n_keys)
     native = dsa_attention(*args, DSAConfig(**cfg, kernels="native"))
+    assert bf16_kernels.calls[bf16_kernels.selection] == bf16_kernels.calls[bf16_kernels.attention] == 1
     torch_path = dsa_attention(*args, DSAConfig(**cfg, kernels="torch"))
     torch.testing.assert_close(native.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.needs_bf16_linear
+@pytest.mark.needs_avx512_bf16
 @pytest.mark.parametrize("n_rows, bias", [(1, False), (3, True)])
 def test_decode_linear_equals_pytorch(n_rows, bias):
     """The decode step's bf16 matrix-vector product against F.linear: 103 output rows (a partial last block of
