@@ -737,7 +737,9 @@ extern "C" {
 // dsa_select_topk on bf16 inputs. q (T, n_heads, dim) bf16, n_heads a multiple of kHeadGroup (zero-weight
 // padding); w (T, n_heads) float32; keys (n_keys, dim) bf16 rows, dim a multiple of 32. The keys are packed once
 // into tiles of 16 (pack_key_tile), one register per dim pair; a thread scores kQueryBlock queries tile by tile, so
-// each tile is read from memory once for all of them, and finds each query's exact top-k with AVX-512.
+// each tile is read from memory once for all of them, and finds each query's exact top-k with AVX-512. A decode
+// step's query too: packing its cache is one pass over the bf16 rows (with the float32 rows kernel and its float32
+// copy of the cache, selection and gather took 0.90 ms a layer at 8K, now 0.22; benchmarks/dsa_cpu_decode.py).
 void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* keys, int64_t n_keys,
                           const int64_t* positions, int64_t n_queries, int n_heads, int dim, int topk, int n_sink,
                           int window, int64_t* out, int n_threads) {

@@ -30,8 +30,9 @@ SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KEY_TILE = 24  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
 HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
-# Fewer queries score the index key cache row by row: laying it out in tiles each decode step copied the whole
-# cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
+# Fewer queries (a decode step) score a float32 index key cache row by row: laying it out in tiles in PyTorch each
+# step copied the whole cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
+# The bf16 kernels without AMX pack their tiles themselves, in one pass over the bf16 cache.
 FEW_QUERIES = 8
 AMX_ROWS, AMX_DEPTH = 16, 32  # an AMX tile: 16 rows of 32 bf16 values
 AMX_MAX_GROUP, AMX_HEAD_DIM = 16, 64  # the bf16 gather attention: query heads per kv head, head size
@@ -239,7 +240,7 @@ def select_topk(
     few = n_queries < FEW_QUERIES
     bf16 = _all_bf16(q, k) and dim % AMX_DEPTH == 0  # the bf16 tensors as they are, no float32 copy
     amx = bf16 and amx_ready() and (not few or n_heads <= AMX_ROWS)
-    bf16 = bf16 and not amx and not few and avx512_bf16_ready()  # decode steps: the float32 rows kernel
+    bf16 = bf16 and not amx and avx512_bf16_ready()
     for b in range(batch):
         if amx:  # decode steps: the cache's rows are the tiles; prefill: whole blocks of 16 queries
             blocks = n_queries if few else -(-n_queries // AMX_ROWS) * AMX_ROWS
@@ -254,7 +255,7 @@ def select_topk(
             continue
         q_b = torch.nn.functional.pad(q[b], (0, 0, 0, pad_heads)).contiguous()
         w_b = _f32(torch.nn.functional.pad(w[b], (0, pad_heads)))
-        if bf16:  # AVX512-BF16 dot products over key tiles packed in the kernel
+        if bf16:  # AVX512-BF16 dot products over key tiles packed in the kernel, a decode step's too
             keys = k[b, :n_keys].contiguous()
             library.dsa_select_topk_bf16(
                 q_b.data_ptr(), w_b.data_ptr(), keys.data_ptr(), n_keys, positions.data_ptr(), n_queries,

@@ -188,6 +188,7 @@ def small_integer_inputs(n_keys: int, n_heads: int, seed: int = 3):
 class Bf16Kernels(NamedTuple):
     selection: str  # the prefill's selection kernel
     attention: str  # the prefill's gather attention kernel
+    decode_selection: str  # a decode step's (a few queries)
     calls: Counter  # compiled calls by name
 
 
@@ -210,39 +211,36 @@ def bf16_kernels(request, monkeypatch) -> Bf16Kernels:
                 library, name, lambda *a, kernel=kernel, name=name: calls.update([name]) or kernel(*a)
             )
     if request.param == "amx":
-        return Bf16Kernels("dsa_select_topk_amx", "dsa_sparse_attention_amx", calls)
-    return Bf16Kernels("dsa_select_topk_bf16", "dsa_sparse_attention_rows_bf16", calls)
-
-
-@pytest.mark.parametrize("n_heads, topk", [(4, 96), (6, 96), (4, 300), (16, 300), (4, 68)])
-def test_bf16_selection_equals_float32_kernel(bf16_kernels, n_heads, topk):
-    """The bf16 scores and the AVX-512 threshold search pick exactly the float32 kernel's keys, ties included;
-    45 queries after 40 cached tokens: a last, partial block. k = 68: sinks and window only."""
-    n_keys = 340
-    q, w, k = small_integer_inputs(n_keys, n_heads)
-    positions = torch.arange(n_keys - 45, n_keys)
-    rows = slice(n_keys - 45, None)
-    bf16 = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
-    assert bf16_kernels.calls[bf16_kernels.selection] == 1
-    fp32 = cpu_dsa.select_topk(
-        q[:, rows].float(), w[:, rows].float(), k.float(), positions, n_keys, topk, 4, 64
+        return Bf16Kernels(
+            "dsa_select_topk_amx", "dsa_sparse_attention_amx", "dsa_select_topk_amx_rows", calls
+        )
+    return Bf16Kernels(
+        "dsa_select_topk_bf16", "dsa_sparse_attention_rows_bf16", "dsa_select_topk_bf16", calls
     )
-    assert torch.equal(bf16, fp32)
 
 
-@pytest.mark.needs_amx
-@pytest.mark.parametrize("n_heads, n_queries, topk", [(4, 1, 96), (4, 5, 300), (16, 1, 96), (6, 3, 68)])
-def test_amx_decode_selection_equals_float32_kernel(n_heads, n_queries, topk):
-    """Decode steps score the cache's rows in place (keys as tile rows, the last tile of 340 keys partial)."""
+@pytest.mark.parametrize(
+    "n_heads, n_queries, topk",
+    [
+        *[(n_heads, 45, topk) for n_heads, topk in [(4, 96), (6, 96), (4, 300), (16, 300), (4, 68)]],
+        *[(4, 1, 96), (4, 5, 300), (16, 1, 96), (6, 3, 68)],  # decode steps: a few queries
+    ],
+)
+def test_bf16_selection_equals_float32_kernel(bf16_kernels, n_heads, n_queries, topk):
+    """The bf16 scores and the AVX-512 threshold search pick exactly the float32 kernel's keys, ties included:
+    a prefill of 45 queries after 295 cached keys (a last, partial block), or a decode step's few queries (the last
+    tile of 340 keys partial). k = 68: sinks and window only."""
     n_keys = 340
     q, w, k = small_integer_inputs(n_keys, n_heads)
     positions = torch.arange(n_keys - n_queries, n_keys)
     rows = slice(n_keys - n_queries, None)
-    amx = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    bf16 = cpu_dsa.select_topk(q[:, rows], w[:, rows], k, positions, n_keys, topk, 4, 64)
+    few = n_queries < cpu_dsa.FEW_QUERIES
+    assert bf16_kernels.calls[bf16_kernels.decode_selection if few else bf16_kernels.selection] == 1
     fp32 = cpu_dsa.select_topk(
         q[:, rows].float(), w[:, rows].float(), k.float(), positions, n_keys, topk, 4, 64
     )
-    assert torch.equal(amx, fp32)
+    assert torch.equal(bf16, fp32)
 
 
 def test_bf16_selection_of_equal_scores_takes_the_earliest_keys(bf16_kernels):
