@@ -120,8 +120,8 @@ def amx_ready() -> bool:
 
 
 def avx512_bf16_ready() -> bool:
-    """Whether the bf16 kernels without AMX run here (a CPU with AVX512-BF16): the prefill's selection, the gather
-    attention of every query on CPUs without AMX, and a decode step's weight products (`linear_rows`)."""
+    """Whether the AVX512-BF16 kernels run here: selection and gather attention on bf16 inputs where the CPU has no
+    AMX (a decode step's gather attention where it has), and a decode step's weight products (`linear_rows`)."""
     library = native_library()
     return library is not None and library.avx512_bf16
 

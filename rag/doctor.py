@@ -128,7 +128,7 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
 
     if native_library() is not None:
         bf16 = avx512_bf16_ready() and default_dtype("cpu") == torch.bfloat16
-        flavour = "bf16 on AMX" if amx_ready() else "bf16 (AVX512-BF16)" if bf16 else "float32"
+        flavour = "bf16 on AMX" if amx_ready() else "bf16 on AVX512-BF16" if bf16 else "float32"
         if bf16:
             flavour += ", and bf16 decode steps' weight products"
         where = auto_sparse_range("cpu")

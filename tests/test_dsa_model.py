@@ -347,7 +347,7 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
         " up to 9.4%" in kernels_detail(torch.bfloat16, True)
     )
     assert (
-        "(bf16 (AVX512-BF16), and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
+        "(bf16 on AVX512-BF16, and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
         " 12.5%" in kernels_detail(torch.bfloat16, False)
     )
     monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu-bf16", None)  # a path where DSA never paid
