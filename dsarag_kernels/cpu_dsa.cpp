@@ -190,6 +190,33 @@ void select_row(const float* scores, int64_t position, int topk, int n_sink, int
   std::fill(out + filled, out + topk, int64_t{-1});
 }
 
+// A prefill's selection, run by every thread of a parallel region: the threads take kQueryBlock queries at a time
+// and score them tile by tile (score(t, tile, scores): query t's scores of the tile_keys keys of `tile`), so each
+// tile is read from memory once for all of them, then keep each query's top-k (select_row).
+template <int64_t (*best)(const float*, int64_t, int64_t, int64_t, TopkScratch&, int64_t*) = best_positions,
+          typename Score>
+void select_blocks(const int64_t* positions, int64_t n_queries, int64_t n_tiles, int tile_keys, int topk, int n_sink,
+                   int window, int64_t* out, Score score) {
+  const int64_t row = n_tiles * tile_keys;
+  std::vector<float> scores(kQueryBlock * row);
+  TopkScratch scratch;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t t0 = 0; t0 < n_queries; t0 += kQueryBlock) {
+    const int64_t t1 = std::min<int64_t>(n_queries, t0 + kQueryBlock);
+    const int64_t last = *std::max_element(positions + t0, positions + t1);
+    for (int64_t tile = 0; tile * tile_keys <= last; ++tile) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (positions[t] + 1 > topk && tile * tile_keys <= positions[t]) {
+          score(t, tile, scores.data() + (t - t0) * row + tile * tile_keys);
+        }
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      select_row<best>(scores.data() + (t - t0) * row, positions[t], topk, n_sink, window, scratch, out + t * topk);
+    }
+  }
+}
+
 // The indexer's projection of a few new tokens, in float32 or bf16 (uint16_t, the upper half of a float32).
 inline float widen(float x) { return x; }
 inline float widen(uint16_t x) {
@@ -307,29 +334,11 @@ extern "C" {
 void dsa_select_topk(const float* q, const float* w, const float* tiles, int64_t n_tiles, const int64_t* positions,
                      int64_t n_queries, int n_heads, int dim, int topk, int n_sink, int window, int64_t* out,
                      int n_threads) {
-  const int64_t row = n_tiles * kKeyTile;
+  auto score = [=](int64_t t, int64_t tile, float* scores) {
+    score_tile(q + t * n_heads * dim, w + t * n_heads, tiles + tile * dim * kKeyTile, n_heads, dim, scores);
+  };
 #pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<float> scores(kQueryBlock * row);
-    TopkScratch scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t0 = 0; t0 < n_queries; t0 += kQueryBlock) {
-      const int64_t t1 = std::min<int64_t>(n_queries, t0 + kQueryBlock);
-      const int64_t last = *std::max_element(positions + t0, positions + t1);
-      for (int64_t tile = 0; tile * kKeyTile <= last; ++tile) {
-        const float* keys = tiles + tile * dim * kKeyTile;
-        for (int64_t t = t0; t < t1; ++t) {
-          if (positions[t] + 1 > topk && tile * kKeyTile <= positions[t]) {
-            score_tile(q + t * n_heads * dim, w + t * n_heads, keys, n_heads, dim,
-                       scores.data() + (t - t0) * row + tile * kKeyTile);
-          }
-        }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        select_row(scores.data() + (t - t0) * row, positions[t], topk, n_sink, window, scratch, out + t * topk);
-      }
-    }
-  }
+  select_blocks(positions, n_queries, n_tiles, kKeyTile, topk, n_sink, window, out, score);
 }
 
 // Top-k selection for a few queries (decode): keys (n_keys, dim) as the index key cache holds them.
@@ -523,6 +532,22 @@ inline void pack_key_tile(const uint16_t* const rows[kTileRows], int dim, uint32
     }
     transpose16(pairs);
     for (int r = 0; r < kTileRows; ++r) _mm512_storeu_si512(tiles + (c * kTileRows + r) * kTileRows, pairs[r]);
+  }
+}
+
+// All n_keys rows as tiles of 16 keys (pack_key_tile), (n_tiles, dim / 2, 16) dim pairs, zero past the last key.
+// Called by every thread of a parallel region: they split the tiles, and the loop's barrier lets none read the
+// tiles before all are packed.
+void pack_keys(const uint16_t* keys, int64_t n_keys, int dim, uint32_t* packed) {
+  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows;
+#pragma omp for
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const uint16_t* rows[kTileRows];
+    for (int n = 0; n < kTileRows; ++n) {
+      const int64_t s = tile * kTileRows + n;
+      rows[n] = s < n_keys ? keys + s * dim : nullptr;
+    }
+    pack_key_tile(rows, dim, packed + tile * (dim / 2) * kTileRows);
   }
 }
 
@@ -743,40 +768,18 @@ extern "C" {
 void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* keys, int64_t n_keys,
                           const int64_t* positions, int64_t n_queries, int n_heads, int dim, int topk, int n_sink,
                           int window, int64_t* out, int n_threads) {
-  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows, row = n_tiles * kTileRows;
+  const int64_t n_tiles = (n_keys + kTileRows - 1) / kTileRows;
   const int64_t tile_size = int64_t{dim} / 2 * kTileRows;  // 32-bit dim pairs per packed tile
   std::vector<uint32_t> packed(n_tiles * tile_size);
+  const uint32_t* tiles = packed.data();
+  auto score = [=](int64_t t, int64_t tile, float* scores) {
+    const uint32_t* packed_tile = tiles + tile * tile_size;
+    _mm512_storeu_ps(scores, score_tile_bf16(q + t * n_heads * dim, w + t * n_heads, packed_tile, n_heads, dim));
+  };
 #pragma omp parallel num_threads(n_threads)
   {
-#pragma omp for
-    for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      const uint16_t* rows[kTileRows];
-      for (int n = 0; n < kTileRows; ++n) {
-        const int64_t s = tile * kTileRows + n;
-        rows[n] = s < n_keys ? keys + s * dim : nullptr;
-      }
-      pack_key_tile(rows, dim, packed.data() + tile * tile_size);
-    }  // the loop's barrier: every tile is packed before any is read
-    std::vector<float> scores(kQueryBlock * row);
-    TopkScratch scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t0 = 0; t0 < n_queries; t0 += kQueryBlock) {
-      const int64_t t1 = std::min<int64_t>(n_queries, t0 + kQueryBlock);
-      const int64_t last = *std::max_element(positions + t0, positions + t1);
-      for (int64_t tile = 0; tile * kTileRows <= last; ++tile) {
-        for (int64_t t = t0; t < t1; ++t) {
-          if (positions[t] + 1 > topk && tile * kTileRows <= positions[t]) {
-            const __m512 total = score_tile_bf16(q + t * n_heads * dim, w + t * n_heads,
-                                                 packed.data() + tile * tile_size, n_heads, dim);
-            _mm512_storeu_ps(scores.data() + (t - t0) * row + tile * kTileRows, total);
-          }
-        }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        select_row<best_positions_wide>(scores.data() + (t - t0) * row, positions[t], topk, n_sink, window, scratch,
-                                        out + t * topk);
-      }
-    }
+    pack_keys(keys, n_keys, dim, packed.data());
+    select_blocks<best_positions_wide>(positions, n_queries, n_tiles, kTileRows, topk, n_sink, window, out, score);
   }
 }
 
@@ -1105,15 +1108,7 @@ void dsa_select_topk_amx(const uint16_t* q, const float* w, const uint16_t* keys
   std::vector<uint32_t> packed(n_tiles * (dim / 2) * kTileRows);
 #pragma omp parallel num_threads(n_threads)
   {
-#pragma omp for
-    for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      const uint16_t* rows[kTileRows];
-      for (int n = 0; n < kTileRows; ++n) {
-        const int64_t s = tile * kTileRows + n;
-        rows[n] = s < n_keys ? keys + s * dim : nullptr;
-      }
-      pack_key_tile(rows, dim, packed.data() + tile * (dim / 2) * kTileRows);
-    }  // the loop's barrier: every tile is packed before any is read
+    pack_keys(keys, n_keys, dim, packed.data());
     configure_tiles();
     std::vector<float> scores(kTileRows * row);
     alignas(64) float dots[kTileRows * kTileRows];
