@@ -198,7 +198,7 @@ template <int64_t (*best)(const float*, int64_t, int64_t, int64_t, TopkScratch&,
 void select_blocks(const int64_t* positions, int64_t n_queries, int64_t n_tiles, int tile_keys, int topk, int n_sink,
                    int window, int64_t* out, Score score) {
   const int64_t row = n_tiles * tile_keys;
-  std::vector<float> scores(kQueryBlock * row);
+  std::vector<float> scores(std::min<int64_t>(kQueryBlock, n_queries) * row);  // a decode step: one query's row
   TopkScratch scratch;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t t0 = 0; t0 < n_queries; t0 += kQueryBlock) {

@@ -198,7 +198,7 @@ def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         x.device.type == "cpu"
         and x.numel() < FEW_QUERIES * x.shape[-1]
         and x.shape[-1] % AMX_DEPTH == 0
-        and all(t.dtype == torch.bfloat16 for t in tensors)
+        and _all_bf16(*tensors)
         and weight.is_contiguous()
         and not _wants_gradient(*tensors)
         and avx512_bf16_ready()
@@ -238,9 +238,9 @@ def select_topk(
     positions = q_positions.to(torch.int64).contiguous()
     out = torch.empty(batch, n_queries, topk, dtype=torch.int64)
     few = n_queries < FEW_QUERIES
-    bf16 = _all_bf16(q, k) and dim % AMX_DEPTH == 0  # the bf16 tensors as they are, no float32 copy
-    amx = bf16 and amx_ready() and (not few or n_heads <= AMX_ROWS)
-    bf16 = bf16 and not amx and avx512_bf16_ready()
+    bf16_inputs = _all_bf16(q, k) and dim % AMX_DEPTH == 0  # read as they are, no float32 copy
+    amx = bf16_inputs and amx_ready() and (not few or n_heads <= AMX_ROWS)
+    bf16 = bf16_inputs and not amx and avx512_bf16_ready()
     for b in range(batch):
         if amx:  # decode steps: the cache's rows are the tiles; prefill: whole blocks of 16 queries
             blocks = n_queries if few else -(-n_queries // AMX_ROWS) * AMX_ROWS
@@ -289,9 +289,10 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     n_kv_heads = k_cache.shape[1]
     sets = indices if indices.dim() == 4 else indices[:, None]
     out = torch.empty(batch, n_q_heads, n_queries, dim, dtype=torch.float32)
-    bf16 = _all_bf16(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and n_q_heads // n_kv_heads <= AMX_MAX_GROUP
-    amx = bf16 and amx_ready()
-    bf16 = bf16 and avx512_bf16_ready()
+    group = n_q_heads // n_kv_heads
+    bf16_inputs = _all_bf16(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and group <= AMX_MAX_GROUP
+    amx = bf16_inputs and amx_ready()
+    bf16 = bf16_inputs and avx512_bf16_ready()
     for b in range(batch):
         if bf16:  # bf16 as they are
             q_b, k_b, v_b = q[b].contiguous(), _rows(k_cache[b]), _rows(v_cache[b])

@@ -80,11 +80,10 @@ def decode_one_token(
 # bf16 and dense attention is 3-4x faster than in fp32 (k = 3/32 of the prompt, 768 on 8K and 1536 on 16K:
 # 0.74-0.91x dense; at an eighth, 0.82-1.10x; docs/benchmarks.md, 'Session 20'; the agent's k stays below 9 % of
 # the prompt from 8K on, so `auto` runs DSA there for every task); "cpu-bf16": their AVX512-BF16 kernels where the
-# model runs in bf16 without AMX (a Zen 4 EPYC, whose bf16 dense attention has no AMX to run on; with the float32
-# kernels 0.72-0.86x dense at an eighth of the prompt from 4K to 16K, 0.66-0.75x at 3/32, docs/benchmarks.md,
-# 'Session 26'; the bf16 kernels take off more, 'Session 27'); "cpu-torch": the
-# PyTorch path, where no C++ compiler builds the kernels (slower up to 16K); "cuda": the Triton kernels (H100 /
-# H200, up to 128K, end to end; docs/benchmarks.md).
+# model runs in bf16 without AMX (a Zen 4 EPYC, whose bf16 dense attention has no AMX to run on: 0.76-0.79x dense
+# at 4K and 0.50-0.65x from 8K with k up to an eighth of the prompt; docs/benchmarks.md, 'Session 27'; with the
+# float32 kernels it already won, 'Session 26'); "cpu-torch": the PyTorch path, where no C++ compiler builds the
+# kernels (slower up to 16K); "cuda": the Triton kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md).
 SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
     "cpu": (8192, 1 / 8),
     "cpu-amx": (8192, 3 / 32),
