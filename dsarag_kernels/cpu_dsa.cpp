@@ -678,10 +678,44 @@ inline __m512 score_tile_bf16(const uint16_t* q, const float* w, const uint32_t*
   return total;
 }
 
+// attend_rows lays a group of query heads out in the 16 lanes of a register, kLanes lanes per head: each lane takes
+// its own dim pair of the head, and a key's kLanes consecutive dim pairs are broadcast to every head's lanes. With 7
+// heads per kv head (the default model), one lane per head left 9 of 16 idle; two per head use 14.
+template <int kLanes>
+inline __m512i broadcast_pairs(const uint16_t* pairs) {
+  if constexpr (kLanes == 1) {
+    int32_t x;
+    std::memcpy(&x, pairs, sizeof x);
+    return _mm512_set1_epi32(x);
+  } else if constexpr (kLanes == 2) {
+    int64_t x;
+    std::memcpy(&x, pairs, sizeof x);
+    return _mm512_set1_epi64(x);
+  } else if constexpr (kLanes == 4) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
+  } else if constexpr (kLanes == 8) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)));
+  } else {
+    return _mm512_loadu_si512(pairs);
+  }
+}
+
+// Each group of kLanes neighbouring lanes summed, the sum in all of them (lanes l and l ^ step add alike).
+template <int kLanes>
+inline __m512 sum_lane_groups(__m512 x) {
+  if constexpr (kLanes >= 2) x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  if constexpr (kLanes >= 4) x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
+  if constexpr (kLanes >= 8) x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  if constexpr (kLanes >= 16) x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  return x;
+}
+
 // The gather attention of one query and one kv head (see dsa_sparse_attention_rows_bf16): the group's query heads
-// ride in the 16 lanes of a register, so a selected key or value row is read once for all of them and no score
-// needs a horizontal sum. q_pairs[i]: lane g holds dims 2i and 2i + 1 of query head g.
-void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, const uint16_t* v_head,
+// ride in the lanes of a register, so a selected key or value row is read once for all of them. q_lanes[i]: lane
+// g * kLanes + o holds dim pair i * kLanes + o of query head g. The probabilities are rounded to bf16, as bf16 SDPA
+// rounds them, so that the values are weighed two keys per AVX512-BF16 product. probs: (n rounded up to even, 16).
+template <int kLanes>
+void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k_head, const uint16_t* v_head,
                  const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
   constexpr int kKeys = 8;  // keys scored together: independent sums hide the dot products' latency
   constexpr int kAhead = 16;  // rows come from all over the cache: ask for them this many keys early
@@ -691,48 +725,73 @@ void attend_rows(const __m512i q_pairs[kHeadDim / 2], const uint16_t* k_head, co
     for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kHeadDim;
     for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row(k_head + keys[j0 + kAhead + u] * kHeadDim);
     __m512 sums[kKeys] = {};
-    for (int i = 0; i < kHeadDim / 2; ++i) {
+    for (int i = 0; i < kHeadDim / 2 / kLanes; ++i) {
       for (int u = 0; u < kKeys; ++u) {
-        int32_t pair;
-        std::memcpy(&pair, rows[u] + 2 * i, sizeof pair);
-        sums[u] = _mm512_dpbf16_ps(sums[u], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)q_pairs[i]);
+        const __m512bh key = (__m512bh)broadcast_pairs<kLanes>(rows[u] + 2 * kLanes * i);
+        sums[u] = _mm512_dpbf16_ps(sums[u], key, (__m512bh)q_lanes[i]);
       }
     }
     for (int u = 0; u < kKeys && j0 + u < n; ++u) {
-      const __m512 score = _mm512_mul_ps(sums[u], _mm512_set1_ps(scale));
+      const __m512 score = _mm512_mul_ps(sum_lane_groups<kLanes>(sums[u]), _mm512_set1_ps(scale));
       _mm512_storeu_ps(probs + (j0 + u) * kTileRows, score);
       best = _mm512_max_ps(best, score);
     }
   }
+  // Keys j and j + 1 as one bf16 pair per lane, written over the scores of key j / 2 (already read).
+  uint32_t* prob_pairs = reinterpret_cast<uint32_t*>(probs);
   __m512 total = _mm512_setzero_ps();
-  for (int j = 0; j < n; ++j) {
-    const __m512 p = exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + j * kTileRows), best));
-    _mm512_storeu_ps(probs + j * kTileRows, p);
-    total = _mm512_add_ps(total, p);
+  for (int j = 0; j < n; j += 2) {
+    const __m512 first = exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + j * kTileRows), best));
+    const __m512 second = j + 1 < n ? exp_bf16(_mm512_sub_ps(_mm512_loadu_ps(probs + (j + 1) * kTileRows), best))
+                                    : _mm512_setzero_ps();
+    total = _mm512_add_ps(total, _mm512_add_ps(first, second));
+    const __m512i a = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(first));
+    const __m512i b = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(second));
+    _mm512_storeu_si512(prob_pairs + j / 2 * kTileRows, _mm512_permutex2var_epi16(a, kLowPairs, b));
   }
   alignas(64) float inverse[kTileRows];
   _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
-  constexpr int kHeads = 4;  // query heads weighed per pass over the values: 16 sums in registers
-  for (int g0 = 0; g0 < group; g0 += kHeads) {
-    __m512 sums[kHeads][4] = {};
-    for (int j = 0; j < n; ++j) {
-      const uint16_t* row = v_head + keys[j] * kHeadDim;
-      if (j + kAhead < n) prefetch_bf16_row(v_head + keys[j + kAhead] * kHeadDim);
-      __m512 value[4];
-      for (int c = 0; c < 4; ++c) {
-        value[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(row + 16 * c)));
+  // Each pass weighs one 64-byte half of the value rows for up to 8 query heads: 16 sums in registers.
+  constexpr int kPassHeads = std::min(8, kTileRows / kLanes);
+  for (int g0 = 0; g0 < group; g0 += kPassHeads) {
+    for (int half = 0; half < kHeadDim; half += 32) {
+      __m512 sums[kPassHeads][2] = {};
+      for (int j = 0; j < n; j += 2) {
+        const __m512i a = _mm512_loadu_si512(v_head + keys[j] * kHeadDim + half);
+        const __m512i b = _mm512_loadu_si512(v_head + keys[std::min(j + 1, n - 1)] * kHeadDim + half);
+        for (int u = 0; u < 2 && j + kAhead + u < n; ++u) __builtin_prefetch(v_head + keys[j + kAhead + u] * kHeadDim + half);
+        const __m512bh low = (__m512bh)_mm512_permutex2var_epi16(a, kLowPairs, b);
+        const __m512bh high = (__m512bh)_mm512_permutex2var_epi16(a, kHighPairs, b);
+        for (int g = 0; g < kPassHeads; ++g) {
+          const __m512bh weight = (__m512bh)_mm512_set1_epi32(prob_pairs[j / 2 * kTileRows + (g0 + g) * kLanes]);
+          sums[g][0] = _mm512_dpbf16_ps(sums[g][0], low, weight);
+          sums[g][1] = _mm512_dpbf16_ps(sums[g][1], high, weight);
+        }
       }
-      for (int g = 0; g < kHeads; ++g) {
-        const __m512 weight = _mm512_set1_ps(probs[j * kTileRows + g0 + g]);
-        for (int c = 0; c < 4; ++c) sums[g][c] = _mm512_fmadd_ps(weight, value[c], sums[g][c]);
-      }
-    }
-    for (int g = 0; g < kHeads && g0 + g < group; ++g) {
-      for (int c = 0; c < 4; ++c) {
-        _mm512_storeu_ps(out[g0 + g] + 16 * c, _mm512_mul_ps(sums[g][c], _mm512_set1_ps(inverse[g0 + g])));
+      for (int g = 0; g < kPassHeads && g0 + g < group; ++g) {
+        const __m512 inverse_g = _mm512_set1_ps(inverse[(g0 + g) * kLanes]);
+        _mm512_storeu_ps(out[g0 + g] + half, _mm512_mul_ps(sums[g][0], inverse_g));
+        _mm512_storeu_ps(out[g0 + g] + half + 16, _mm512_mul_ps(sums[g][1], inverse_g));
       }
     }
   }
+}
+
+// attend_rows for the `group` query heads whose rows start at q_row, q_head_stride values apart: lays them out in
+// the lanes of kHeadDim / 2 / kLanes registers first.
+template <int kLanes>
+void attend_query(const uint16_t* q_row, int64_t q_head_stride, const uint16_t* k_head, const uint16_t* v_head,
+                  const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
+  constexpr int kVectors = kHeadDim / 2 / kLanes;
+  alignas(64) uint32_t lanes[kVectors][kTileRows] = {};
+  for (int g = 0; g < group; ++g) {
+    for (int i = 0; i < kHeadDim / 2; ++i) {
+      std::memcpy(&lanes[i / kLanes][g * kLanes + i % kLanes], q_row + g * q_head_stride + 2 * i, 4);
+    }
+  }
+  __m512i q_lanes[kVectors];
+  for (int i = 0; i < kVectors; ++i) q_lanes[i] = _mm512_load_si512(lanes[i]);
+  attend_rows<kLanes>(q_lanes, k_head, v_head, keys, n, scale, group, out, probs);
 }
 
 // sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
@@ -791,9 +850,15 @@ void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const 
                                     const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
                                     int n_sets, int topk, float scale, float* out, int n_threads) {
   const int group = n_q_heads / n_kv_heads, kv_per_set = n_kv_heads / n_sets;
+  // Each query head takes the lanes 16 / group leaves it (a power of two): that many dim pairs of a key per product.
+  const auto attend = group == 1   ? attend_query<16>
+                      : group == 2 ? attend_query<8>
+                      : group <= 4 ? attend_query<4>
+                      : group <= 8 ? attend_query<2>
+                                   : attend_query<1>;
 #pragma omp parallel num_threads(n_threads)
   {
-    std::vector<float> probs(topk * kTileRows);  // (key, query head)
+    std::vector<float> probs(topk * kTileRows);  // (key, lane): the scores, then the probabilities in bf16 pairs
     std::vector<int64_t> keys(topk);
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t t = 0; t < n_queries; ++t) {
@@ -803,17 +868,11 @@ void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const 
         for (int j = 0; j < topk; ++j) {
           if (chosen[j] >= 0) keys[n++] = chosen[j];
         }
-        alignas(64) uint32_t pairs[kHeadDim / 2][kTileRows] = {};
         float* rows_out[kTileRows];
-        for (int g = 0; g < group; ++g) {
-          const int64_t head_row = (h * group + g) * n_queries + t;
-          for (int i = 0; i < kHeadDim / 2; ++i) std::memcpy(&pairs[i][g], q + head_row * kHeadDim + 2 * i, 4);
-          rows_out[g] = out + head_row * kHeadDim;
-        }
-        __m512i q_pairs[kHeadDim / 2];
-        for (int i = 0; i < kHeadDim / 2; ++i) q_pairs[i] = _mm512_load_si512(pairs[i]);
-        attend_rows(q_pairs, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale, group, rows_out,
-                    probs.data());
+        for (int g = 0; g < group; ++g) rows_out[g] = out + ((h * group + g) * n_queries + t) * kHeadDim;
+        const uint16_t* q_row = q + (h * group * n_queries + t) * kHeadDim;  // the group's first query head
+        attend(q_row, n_queries * kHeadDim, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale,
+               group, rows_out, probs.data());
       }
     }
   }
@@ -844,7 +903,7 @@ void dsa_linear_rows_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* 
 // bf16 kernels for CPUs with AMX as well (built where -march=native enables it; elsewhere dsa_amx_ready() answers
 // 0). There dense attention runs on AMX, 3-4x faster than in float32: DSA has to use the same units to keep up. The
 // prefill's union blocks round the attention's probabilities to bf16 before they weigh the values, as bf16 SDPA
-// does; a decode step keeps them in float32.
+// does (and attend_rows, which a decode step runs).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>

@@ -256,9 +256,12 @@ def test_bf16_selection_of_equal_scores_takes_the_earliest_keys(bf16_kernels):
     [
         (14, 2, 1, 40, 160, 24),  # the default model's grouping; a partial last block
         (9, 3, 1, 16, 160, 24),  # 3 query heads per kv head
+        (4, 2, 1, 40, 160, 24),  # 2 query heads per kv head: 8 lanes per head without AMX
+        (3, 3, 1, 33, 160, 24),  # 1 query head per kv head: a head's 16 lanes take 16 dim pairs of a key
         (18, 2, 2, 33, 160, 24),  # one selection per kv head
         (32, 2, 1, 20, 700, 200),  # 16 query heads per kv head; unions of up to 16 x 200 keys
         (14, 2, 1, 1, 300, 96),  # one query: a decode step of --attention sparse (heads in lanes)
+        (8, 2, 1, 1, 300, 95),  # 4 query heads per kv head, an odd number of keys
         (32, 2, 2, 3, 300, 96),  # a few queries, 16 query heads per kv head, one selection per kv head
     ],
 )
