@@ -713,7 +713,7 @@ inline __m512 sum_lane_groups(__m512 x) {
 // The gather attention of one query and one kv head (see dsa_sparse_attention_rows_bf16): the group's query heads
 // ride in the lanes of a register, so a selected key or value row is read once for all of them. q_lanes[i]: lane
 // g * kLanes + o holds dim pair i * kLanes + o of query head g. The probabilities are rounded to bf16, as bf16 SDPA
-// rounds them, so that the values are weighed two keys per AVX512-BF16 product. probs: (n rounded up to even, 16).
+// rounds them, so that the values are weighed two keys per AVX512-BF16 product. probs: room for (n, 16) floats.
 template <int kLanes>
 void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k_head, const uint16_t* v_head,
                  const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
@@ -759,7 +759,9 @@ void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k
       for (int j = 0; j < n; j += 2) {
         const __m512i a = _mm512_loadu_si512(v_head + keys[j] * kHeadDim + half);
         const __m512i b = _mm512_loadu_si512(v_head + keys[std::min(j + 1, n - 1)] * kHeadDim + half);
-        for (int u = 0; u < 2 && j + kAhead + u < n; ++u) __builtin_prefetch(v_head + keys[j + kAhead + u] * kHeadDim + half);
+        for (int u = 0; u < 2 && j + kAhead + u < n; ++u) {
+          __builtin_prefetch(v_head + keys[j + kAhead + u] * kHeadDim + half);
+        }
         const __m512bh low = (__m512bh)_mm512_permutex2var_epi16(a, kLowPairs, b);
         const __m512bh high = (__m512bh)_mm512_permutex2var_epi16(a, kHighPairs, b);
         for (int g = 0; g < kPassHeads; ++g) {

@@ -91,11 +91,12 @@ SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
     "cpu-torch": None,
     "cuda": None,
 }
-# A DSA decode step was measured at most about a tenth faster than a dense one: 1.13x at 8K and 1.00x at 16K on an
-# fp32 CPU, 1.00x at 8K and 0.89x at 16K on an AMX CPU (benchmarks/dsa_cpu_decode.py; a step projects the indexer
-# and scores every cached key, where dense attention reads 2 kv heads; the weights' products take most of a step),
-# 1.4-1.7x on the H200 with CUDA graphs (docs/benchmarks.md). So `auto` runs a sparse prefill and decodes densely
-# over the whole cache: about as fast at these lengths, and exact.
+# A DSA decode step was measured at most about a fifth faster than a dense one: 1.13x at 8K and 1.00x at 16K on an
+# fp32 CPU, 1.00x at 8K and 0.89x at 16K on an AMX CPU, 0.97x at 8K and 0.78x at 16K on a Zen 4 CPU with the bf16
+# kernels (benchmarks/dsa_cpu_decode.py; a step projects the indexer and scores every cached key, where dense
+# attention reads 2 kv heads; the weights' products take most of a step), 1.4-1.7x on the H200 with CUDA graphs
+# (docs/benchmarks.md, 'Session 28'). So `auto` runs a sparse prefill and decodes densely over the whole cache: about
+# as fast at these lengths, exact, and what its NIAH figures were measured with.
 SPARSE_DECODE_FASTER = False
 # `auto` also runs the prompt's last AUTO_DENSE_TAIL positions densely: the question and the chat template's end,
 # whose attention retrieves from the whole context. On 144 NIAH haystacks (questions of 30-34 tokens), with stage 6's
