@@ -646,9 +646,9 @@ int64_t best_positions_wide(const float* scores, int64_t first, int64_t last, in
   return filled;
 }
 
-inline void prefetch_bf16_row(const uint16_t* row) {  // 64 bf16 values: two 64-byte lines
-  __builtin_prefetch(row);
-  __builtin_prefetch(row + 32);
+template <int kDim = kHeadDim>
+inline void prefetch_bf16_row(const uint16_t* row) {  // kDim bf16 values: one 64-byte line per 32
+  for (int line = 0; line < kDim; line += 32) __builtin_prefetch(row + line);
 }
 
 // sum_h w[h] * relu(q[h] . key) for the 16 keys of one packed tile (pack_key_tile: dim / 2 rows of 16 dim pairs),
@@ -714,18 +714,18 @@ inline __m512 sum_lane_groups(__m512 x) {
 // ride in the lanes of a register, so a selected key or value row is read once for all of them. q_lanes[i]: lane
 // g * kLanes + o holds dim pair i * kLanes + o of query head g. The probabilities are rounded to bf16, as bf16 SDPA
 // rounds them, so that the values are weighed two keys per AVX512-BF16 product. probs: room for (n, 16) floats.
-template <int kLanes>
-void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k_head, const uint16_t* v_head,
+template <int kDim, int kLanes>
+void attend_rows(const __m512i q_lanes[kDim / 2 / kLanes], const uint16_t* k_head, const uint16_t* v_head,
                  const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
   constexpr int kKeys = 8;  // keys scored together: independent sums hide the dot products' latency
   constexpr int kAhead = 16;  // rows come from all over the cache: ask for them this many keys early
   __m512 best = _mm512_set1_ps(-INFINITY);
   for (int j0 = 0; j0 < n; j0 += kKeys) {
     const uint16_t* rows[kKeys];
-    for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kHeadDim;
-    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row(k_head + keys[j0 + kAhead + u] * kHeadDim);
+    for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kDim;
+    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row<kDim>(k_head + keys[j0 + kAhead + u] * kDim);
     __m512 sums[kKeys] = {};
-    for (int i = 0; i < kHeadDim / 2 / kLanes; ++i) {
+    for (int i = 0; i < kDim / 2 / kLanes; ++i) {
       for (int u = 0; u < kKeys; ++u) {
         const __m512bh key = (__m512bh)broadcast_pairs<kLanes>(rows[u] + 2 * kLanes * i);
         sums[u] = _mm512_dpbf16_ps(sums[u], key, (__m512bh)q_lanes[i]);
@@ -751,16 +751,16 @@ void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k
   }
   alignas(64) float inverse[kTileRows];
   _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
-  // Each pass weighs one 64-byte half of the value rows for up to 8 query heads: 16 sums in registers.
+  // Each pass weighs 32 dims of the value rows (a 64-byte line) for up to 8 query heads: 16 sums in registers.
   constexpr int kPassHeads = std::min(8, kTileRows / kLanes);
   for (int g0 = 0; g0 < group; g0 += kPassHeads) {
-    for (int half = 0; half < kHeadDim; half += 32) {
+    for (int chunk = 0; chunk < kDim; chunk += 32) {
       __m512 sums[kPassHeads][2] = {};
       for (int j = 0; j < n; j += 2) {
-        const __m512i a = _mm512_loadu_si512(v_head + keys[j] * kHeadDim + half);
-        const __m512i b = _mm512_loadu_si512(v_head + keys[std::min(j + 1, n - 1)] * kHeadDim + half);
+        const __m512i a = _mm512_loadu_si512(v_head + keys[j] * kDim + chunk);
+        const __m512i b = _mm512_loadu_si512(v_head + keys[std::min(j + 1, n - 1)] * kDim + chunk);
         for (int u = 0; u < 2 && j + kAhead + u < n; ++u) {
-          __builtin_prefetch(v_head + keys[j + kAhead + u] * kHeadDim + half);
+          __builtin_prefetch(v_head + keys[j + kAhead + u] * kDim + chunk);
         }
         const __m512bh low = (__m512bh)_mm512_permutex2var_epi16(a, kLowPairs, b);
         const __m512bh high = (__m512bh)_mm512_permutex2var_epi16(a, kHighPairs, b);
@@ -772,28 +772,39 @@ void attend_rows(const __m512i q_lanes[kHeadDim / 2 / kLanes], const uint16_t* k
       }
       for (int g = 0; g < kPassHeads && g0 + g < group; ++g) {
         const __m512 inverse_g = _mm512_set1_ps(inverse[(g0 + g) * kLanes]);
-        _mm512_storeu_ps(out[g0 + g] + half, _mm512_mul_ps(sums[g][0], inverse_g));
-        _mm512_storeu_ps(out[g0 + g] + half + 16, _mm512_mul_ps(sums[g][1], inverse_g));
+        _mm512_storeu_ps(out[g0 + g] + chunk, _mm512_mul_ps(sums[g][0], inverse_g));
+        _mm512_storeu_ps(out[g0 + g] + chunk + 16, _mm512_mul_ps(sums[g][1], inverse_g));
       }
     }
   }
 }
 
 // attend_rows for the `group` query heads whose rows start at q_row, q_head_stride values apart: lays them out in
-// the lanes of kHeadDim / 2 / kLanes registers first.
-template <int kLanes>
+// the lanes of kDim / 2 / kLanes registers first.
+template <int kDim, int kLanes>
 void attend_query(const uint16_t* q_row, int64_t q_head_stride, const uint16_t* k_head, const uint16_t* v_head,
                   const int64_t* keys, int n, float scale, int group, float* const out[kTileRows], float* probs) {
-  constexpr int kVectors = kHeadDim / 2 / kLanes;
+  constexpr int kVectors = kDim / 2 / kLanes;
   alignas(64) uint32_t lanes[kVectors][kTileRows] = {};
   for (int g = 0; g < group; ++g) {
-    for (int i = 0; i < kHeadDim / 2; ++i) {
+    for (int i = 0; i < kDim / 2; ++i) {
       std::memcpy(&lanes[i / kLanes][g * kLanes + i % kLanes], q_row + g * q_head_stride + 2 * i, 4);
     }
   }
   __m512i q_lanes[kVectors];
   for (int i = 0; i < kVectors; ++i) q_lanes[i] = _mm512_load_si512(lanes[i]);
-  attend_rows<kLanes>(q_lanes, k_head, v_head, keys, n, scale, group, out, probs);
+  attend_rows<kDim, kLanes>(q_lanes, k_head, v_head, keys, n, scale, group, out, probs);
+}
+
+// attend_query for `group` query heads per kv head: each takes the lanes 16 / group leaves it, rounded down to a
+// power of two, and one product takes that many dim pairs of a key.
+template <int kDim>
+auto attend_kernel(int group) {
+  return group == 1   ? attend_query<kDim, 16>
+         : group == 2 ? attend_query<kDim, 8>
+         : group <= 4 ? attend_query<kDim, 4>
+         : group <= 8 ? attend_query<kDim, 2>
+                      : attend_query<kDim, 1>;
 }
 
 // sums[r] = x . w[r] for `rows` (at most kLinearRows) consecutive weight rows of length k, a multiple of 32: one
@@ -844,20 +855,15 @@ void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* key
   }
 }
 
-// dsa_sparse_attention on bf16 caches, float32 out, head size 64, at most 16 query heads per kv head: per query and
-// kv head, attend_rows reads exactly the selected rows. A prefill's queries on CPUs without AMX, and a decode step's
+// dsa_sparse_attention on bf16 caches, float32 out, head size 64 or 128, at most 16 query heads per kv head: per
+// query and kv head, attend_rows reads exactly the selected rows. A prefill's queries on CPUs without AMX, and a decode step's
 // on every AVX512-BF16 CPU (the union blocks of dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on
 // one query).
 void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kv_head_stride,
                                     const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
-                                    int n_sets, int topk, float scale, float* out, int n_threads) {
+                                    int n_sets, int dim, int topk, float scale, float* out, int n_threads) {
   const int group = n_q_heads / n_kv_heads, kv_per_set = n_kv_heads / n_sets;
-  // Each query head takes the lanes 16 / group leaves it (a power of two): that many dim pairs of a key per product.
-  const auto attend = group == 1   ? attend_query<16>
-                      : group == 2 ? attend_query<8>
-                      : group <= 4 ? attend_query<4>
-                      : group <= 8 ? attend_query<2>
-                                   : attend_query<1>;
+  const auto attend = dim == 128 ? attend_kernel<128>(group) : attend_kernel<64>(group);
 #pragma omp parallel num_threads(n_threads)
   {
     std::vector<float> probs(topk * kTileRows);  // (key, lane): the scores, then the probabilities in bf16 pairs
@@ -871,9 +877,9 @@ void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const 
           if (chosen[j] >= 0) keys[n++] = chosen[j];
         }
         float* rows_out[kTileRows];
-        for (int g = 0; g < group; ++g) rows_out[g] = out + ((h * group + g) * n_queries + t) * kHeadDim;
-        const uint16_t* q_row = q + (h * group * n_queries + t) * kHeadDim;  // the group's first query head
-        attend(q_row, n_queries * kHeadDim, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale,
+        for (int g = 0; g < group; ++g) rows_out[g] = out + ((h * group + g) * n_queries + t) * dim;
+        const uint16_t* q_row = q + (h * group * n_queries + t) * dim;  // the group's first query head
+        attend(q_row, n_queries * dim, k + h * kv_head_stride, v + h * kv_head_stride, keys.data(), n, scale,
                group, rows_out, probs.data());
       }
     }

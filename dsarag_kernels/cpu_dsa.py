@@ -35,7 +35,8 @@ HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple o
 # The bf16 kernels without AMX pack their tiles themselves, in one pass over the bf16 cache.
 FEW_QUERIES = 8
 AMX_ROWS, AMX_DEPTH = 16, 32  # an AMX tile: 16 rows of 32 bf16 values
-AMX_MAX_GROUP, AMX_HEAD_DIM = 16, 64  # the bf16 gather attention: query heads per kv head, head size
+# The bf16 gather attention: query heads per kv head (one register's lanes), head sizes (AMX: 64 only).
+BF16_MAX_GROUP, BF16_HEAD_DIMS, AMX_HEAD_DIM = 16, (64, 128), 64
 log = logging.getLogger(__name__)
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -53,7 +54,7 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk_amx": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_amx": [_ptr] * 3 + [_i64, _i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
-    "dsa_sparse_attention_rows_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 4 + [_float, _ptr, _int],
+    "dsa_sparse_attention_rows_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
     "dsa_linear_rows_bf16": [_ptr] * 3 + [_i64, _i64, _int, _ptr, _int],
 }
 
@@ -290,8 +291,8 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
     sets = indices if indices.dim() == 4 else indices[:, None]
     out = torch.empty(batch, n_q_heads, n_queries, dim, dtype=torch.float32)
     group = n_q_heads // n_kv_heads
-    bf16_inputs = _all_bf16(q, k_cache, v_cache) and dim == AMX_HEAD_DIM and group <= AMX_MAX_GROUP
-    amx = bf16_inputs and amx_ready()
+    bf16_inputs = _all_bf16(q, k_cache, v_cache) and dim in BF16_HEAD_DIMS and group <= BF16_MAX_GROUP
+    amx = bf16_inputs and dim == AMX_HEAD_DIM and amx_ready()
     bf16 = bf16_inputs and avx512_bf16_ready()
     for b in range(batch):
         if bf16:  # bf16 as they are
@@ -304,8 +305,8 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tenso
         caches = (q_b.data_ptr(), k_b.data_ptr(), v_b.data_ptr(), k_b.stride(0))
         if bf16 and (not amx or n_queries < FEW_QUERIES):  # per query exactly its rows, heads in lanes
             library.dsa_sparse_attention_rows_bf16(
-                *caches, sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0], sets_b.shape[-1],
-                scale, out[b].data_ptr(), torch.get_num_threads(),
+                *caches, sets_b.data_ptr(), n_queries, n_q_heads, n_kv_heads, sets_b.shape[0], dim,
+                sets_b.shape[-1], scale, out[b].data_ptr(), torch.get_num_threads(),
             )  # fmt: skip
         elif amx:
             library.dsa_sparse_attention_amx(

@@ -252,24 +252,25 @@ def test_bf16_selection_of_equal_scores_takes_the_earliest_keys(bf16_kernels):
 
 
 @pytest.mark.parametrize(
-    "n_heads, n_kv_heads, sets, n_queries, n_keys, topk",
+    "n_heads, n_kv_heads, sets, n_queries, n_keys, topk, dim",
     [
-        (14, 2, 1, 40, 160, 24),  # the default model's grouping; a partial last block
-        (9, 3, 1, 16, 160, 24),  # 3 query heads per kv head
-        (4, 2, 1, 40, 160, 24),  # 2 query heads per kv head: 8 lanes per head without AMX
-        (3, 3, 1, 33, 160, 24),  # 1 query head per kv head: a head's 16 lanes take 16 dim pairs of a key
-        (18, 2, 2, 33, 160, 24),  # one selection per kv head
-        (32, 2, 1, 20, 700, 200),  # 16 query heads per kv head; unions of up to 16 x 200 keys
-        (14, 2, 1, 1, 300, 96),  # one query: a decode step of --attention sparse (heads in lanes)
-        (8, 2, 1, 1, 300, 95),  # 4 query heads per kv head, an odd number of keys
-        (32, 2, 2, 3, 300, 96),  # a few queries, 16 query heads per kv head, one selection per kv head
+        (14, 2, 1, 40, 160, 24, 64),  # the default model's grouping; a partial last block
+        (9, 3, 1, 16, 160, 24, 64),  # 3 query heads per kv head
+        (4, 2, 1, 40, 160, 24, 64),  # 2 query heads per kv head: 8 lanes per head without AMX
+        (3, 3, 1, 33, 160, 24, 64),  # 1 query head per kv head: a head's 16 lanes take 16 dim pairs of a key
+        (18, 2, 2, 33, 160, 24, 64),  # one selection per kv head
+        (32, 2, 1, 20, 700, 200, 64),  # 16 query heads per kv head; unions of up to 16 x 200 keys
+        (14, 2, 1, 1, 300, 96, 64),  # one query: a decode step of --attention sparse (heads in lanes)
+        (8, 2, 1, 1, 300, 95, 64),  # 4 query heads per kv head, an odd number of keys
+        (32, 2, 2, 3, 300, 96, 64),  # a few queries, 16 query heads per kv head, one selection per kv head
+        (12, 2, 1, 40, 160, 24, 128),  # head size 128 (Qwen2.5-1.5B): per query, with or without AMX
+        (16, 8, 1, 1, 300, 95, 128),  # a decode step, 2 query heads per kv head (Qwen3-0.6B's shape)
     ],
 )
 def test_bf16_gather_attention_equals_masked_dense(
-    bf16_kernels, n_heads, n_kv_heads, sets, n_queries, n_keys, topk
+    bf16_kernels, n_heads, n_kv_heads, sets, n_queries, n_keys, topk, dim
 ):
     gen = torch.Generator().manual_seed(4)
-    dim = 64
     q = torch.randn(1, n_heads, n_queries, dim, generator=gen).to(torch.bfloat16)
     cache = torch.randn(2, 1, n_kv_heads, n_keys + 32, dim, generator=gen).to(torch.bfloat16)
     k_cache, v_cache = cache[0, :, :, :n_keys], cache[1, :, :, :n_keys]
@@ -278,8 +279,9 @@ def test_bf16_gather_attention_equals_masked_dense(
     indices[..., -5:] = -1
     indices[..., -1, 1:] = -1  # a query with a single key
     out = cpu_dsa.sparse_attention(q, k_cache, v_cache, indices, dim**-0.5)
-    few = n_queries < cpu_dsa.FEW_QUERIES  # a decode step reads its rows in place with or without AMX
-    assert bf16_kernels.calls["dsa_sparse_attention_rows_bf16" if few else bf16_kernels.attention] == 1
+    # A decode step reads its rows in place with or without AMX, and so does every query with 128-dim heads.
+    rows = n_queries < cpu_dsa.FEW_QUERIES or dim != cpu_dsa.AMX_HEAD_DIM
+    assert bf16_kernels.calls["dsa_sparse_attention_rows_bf16" if rows else bf16_kernels.attention] == 1
     reference = masked_dense_attention_reference(q, k_cache, v_cache, indices, dim**-0.5)
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
     exact = masked_dense_attention_reference(q.float(), k_cache.float(), v_cache.float(), indices, dim**-0.5)
