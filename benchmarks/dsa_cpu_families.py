@@ -56,13 +56,11 @@ def capture(heldout: np.ndarray, length: int, layer: int, topk: int, out: Path) 
             "n_sink": cfg.n_sink,
             "window": cfg.window,
         }
-        torch.save(
-            {
-                name: x.bfloat16() if torch.is_tensor(x) and x.is_floating_point() else x
-                for name, x in inputs.items()
-            },
-            out,
-        )
+        bf16 = {
+            name: value.bfloat16() if torch.is_tensor(value) and value.is_floating_point() else value
+            for name, value in inputs.items()
+        }
+        torch.save(bf16, out)
         raise Captured
 
     model.layers[layer].attention.register_forward_pre_hook(save)
