@@ -481,7 +481,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kTileRows = 16;  // an AMX tile: 16 rows of 64 bytes (32 bf16 or 16 float32)
 constexpr int kTileDims = 32;  // bf16 values per tile row: the depth of one tile product
-constexpr int kHeadDim = 64;  // the gather attention's head size
+constexpr int kHeadDim = 64;  // the AMX gather attention's head size (attend_rows takes 64 or 128)
 
 inline v16 load16(const float* p) {
   v16 r;
@@ -723,7 +723,9 @@ void attend_rows(const __m512i q_lanes[kDim / 2 / kLanes], const uint16_t* k_hea
   for (int j0 = 0; j0 < n; j0 += kKeys) {
     const uint16_t* rows[kKeys];
     for (int u = 0; u < kKeys; ++u) rows[u] = k_head + keys[std::min(j0 + u, n - 1)] * kDim;
-    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) prefetch_bf16_row<kDim>(k_head + keys[j0 + kAhead + u] * kDim);
+    for (int u = 0; u < kKeys && j0 + kAhead + u < n; ++u) {
+      prefetch_bf16_row<kDim>(k_head + keys[j0 + kAhead + u] * kDim);
+    }
     __m512 sums[kKeys] = {};
     for (int i = 0; i < kDim / 2 / kLanes; ++i) {
       for (int u = 0; u < kKeys; ++u) {
@@ -856,9 +858,9 @@ void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* key
 }
 
 // dsa_sparse_attention on bf16 caches, float32 out, head size 64 or 128, at most 16 query heads per kv head: per
-// query and kv head, attend_rows reads exactly the selected rows. A prefill's queries on CPUs without AMX, and a decode step's
-// on every AVX512-BF16 CPU (the union blocks of dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on
-// one query).
+// query and kv head, attend_rows reads exactly the selected rows. A prefill's queries on CPUs without AMX (and on AMX
+// CPUs with 128-dim heads), and a decode step's on every AVX512-BF16 CPU (the union blocks of
+// dsa_sparse_attention_amx would waste 15 of a tile's 16 rows on one query).
 void dsa_sparse_attention_rows_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kv_head_stride,
                                     const int64_t* indices, int64_t n_queries, int n_q_heads, int n_kv_heads,
                                     int n_sets, int dim, int topk, float scale, float* out, int n_threads) {
