@@ -6,7 +6,7 @@
 For the last `--queries` queries of a held-out window: the layer's dense attention (head-summed, L1-normalized,
 as the indexer is trained on) split into distance buckets; per bucket the mass each checkpoint's top-k keeps
 and how many of its k keys it spends there, beside the oracle (top-k of the true attention). This is how the
-stage-4 indexers' 32K breakdown was traced to layer 0's far-looking heads (docs/benchmarks.md).
+stage-4 indexers' 32K breakdown was traced to layer 0's far-looking heads (docs/history.md).
 """
 
 import argparse

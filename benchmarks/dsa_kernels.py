@@ -35,7 +35,7 @@ from indexer_model.indexer import LightningIndexer  # noqa: E402
 from indexer_model.model import ModelArgs, Transformer  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, INDEX_HEADS, INDEX_DIM, TOPK = 14, 2, 64, 4, 64, 2048
-DEFAULT_MODEL = ModelArgs(  # Qwen2.5-Coder-0.5B-Instruct (DESIGN.md)
+DEFAULT_MODEL = ModelArgs(  # Qwen2.5-Coder-0.5B-Instruct (docs/design.md)
     model_type="qwen2",
     vocab_size=151936,
     dim=896,

@@ -3,19 +3,20 @@
 Four steps; the GPU machine has no tokenizer, so NIAH prompts are tokenized here and answers decoded here:
 
     # 1. here: tokenize the NIAH cases (haystacks from held-out text, questions in the chat template)
-    .venv/bin/python benchmarks/dsa_quality.py prepare --model default --variants 6 \\
-        --heldout .devcarry/dd/default-heldout.npy --out .devcarry/q/niah-default.json
+    .venv/bin/python benchmarks/dsa_quality.py prepare --model default --variants 12 \\
+        --heldout heldout.npy --out niah.json
     # 2. on the GPU (with the `gguf` wheel on PYTHONPATH): recall, perplexity, NIAH answers as token ids
-    PYTHONPATH=. python3 benchmarks/dsa_quality.py measure --model /tmp/qwen.gguf \\
-        --heldout .devcarry/dd/default-heldout.npy --niah .devcarry/q/niah-default.json --out $OUT/gpu.json
-    # 3. here: CPU prefill time, dense vs DSA (PyTorch reference path), bf16
+    PYTHONPATH=. python3 benchmarks/dsa_quality.py measure --model qwen.gguf \\
+        --heldout heldout.npy --niah niah.json --out gpu.json
+    # 3. here: CPU prefill time, dense vs DSA
     .venv/bin/python benchmarks/dsa_quality.py measure --cpu-timing --model default \\
-        --heldout .devcarry/dd/default-heldout.npy --out cpu.json
+        --heldout heldout.npy --out cpu.json
     # 4. here: decode and score the answers, write the Markdown and the merged JSON beside it
-    .venv/bin/python benchmarks/dsa_quality.py report --from-json gpu.json cpu.json --md docs/dsa-quality.md
+    .venv/bin/python benchmarks/dsa_quality.py report --from-json gpu.json cpu.json --md report.md
 
-`report --from-json docs/dsa-quality.json` rewrites the Markdown from the merged JSON alone. Held-out text:
-token ids of the Python 3.11 docs' `whatsnew/` folder (the indexers were trained on the other parts).
+`report --from-json report.json` rewrites the Markdown from the merged JSON alone; docs/dsa-quality.md keeps the
+tables of the shipped checkpoint. Held-out text: token ids of the Python 3.11 docs' `whatsnew/` folder (the
+indexers were trained on the other parts; docs/benchmarks.md, "Indexer training").
 """
 
 import argparse

@@ -5,7 +5,7 @@
 Vectors: 384-d, unit length, drawn around real MiniLM embeddings of synthetic corpus chunks (corpora/
 synthetic.py): `--anchors` chunks are embedded for real and every vector is an anchor plus Gaussian noise,
 renormalized, so the set has the clustered structure of real text embeddings. Embedding 200K chunks for real
-takes hours on a 2-core CPU; uniform random vectors would be a worst case that says little (DESIGN.md).
+takes hours on a 2-core CPU; uniform random vectors would be a worst case that says little.
 `--anchors-npy FILE` keeps the anchor embeddings in FILE (read if it exists, else computed and written), so a
 machine without the embedder can run the index part.
 

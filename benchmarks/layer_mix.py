@@ -1,22 +1,20 @@
 """Which layers of one indexer checkpoint to take into another, judged by the model's own loss.
 
-Session 18's boundary-term checkpoint kept more attention mass than stage 6 in every layer, yet raised perplexity
-at k = 512: per-layer means did not follow the model's loss. This script asks the loss directly. On selection text
-(the indexers' training text, never the held-out text the report measures), it scores the mean NLL of the last
-`--scored` tokens of `--windows` windows with `--base`'s indexers, with `--other`'s, and with each single layer
-of one swapped into the other. It then writes a checkpoint that takes from `--other` the layers whose swap into
-`--base` lowers the NLL at every k given, and scores that mix too.
+Attention mass per layer need not follow the model's loss (a checkpoint with more mass in every layer can raise
+perplexity), so this script asks the loss directly. On selection text (the indexers' training text, never the
+held-out text the report measures), it scores the mean NLL of the last `--scored` tokens of `--windows` windows
+with `--base`'s indexers, with `--other`'s, and with each single layer of one swapped into the other. It then
+writes a checkpoint that takes from `--other` the layers whose swap into `--base` lowers the NLL at every k given,
+and scores that mix too.
 
     python benchmarks/layer_mix.py --model q.gguf --base indexer_model/checkpoints/qwen2.5-coder-0.5b-instruct \
-        --other ck-w100c --data train.npy --length 16384 --windows 8 --topks 512 \
-        --out-checkpoint /tmp/mix --out mix.json
+        --other OTHER --data train.npy --length 16384 --windows 8 --topks 512 \
+        --out-checkpoint mix --out mix.json
 
-Single swaps add up only in part (session 22: the twelve chosen summed to twice what the mix gained). With
-`--sweeps N` the script instead descends layer by layer from `--base`, over any number of `--other` checkpoints:
-each layer in turn takes the checkpoint whose layer gives the lowest NLL (summed over the ks) with every other layer
-as chosen so far; a sweep that changes nothing ends it. Mind the selection text: in session 23 a descent on 8
-windows took 35 % off the k = 512 gap to dense there, 13 % on fresh training windows and 7-8 % on held-out text
-(docs/benchmarks.md, 'Session 23').
+Single swaps add up only in part. With `--sweeps N` the script instead descends layer by layer from `--base`,
+over any number of `--other` checkpoints: each layer in turn takes the checkpoint whose layer gives the lowest NLL
+(summed over the ks) with every other layer as chosen so far; a sweep that changes nothing ends it. Mind the
+selection text: a descent fits its own windows far better than other text (docs/history.md).
 """
 
 import argparse

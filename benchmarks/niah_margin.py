@@ -5,7 +5,7 @@
 The case comes from a file written by `benchmarks/dsa_quality.py prepare`; the haystack and the question are
 prefilled as the NIAH run does, and the probabilities of the next token after the answer's lead-in are printed
 for each mode. A question dense answers with its right and a wrong needle's value nearly tied is one any small
-perturbation flips (docs/benchmarks.md traces the two DSA-2048 losses of docs/dsa-quality.md this way).
+perturbation flips (docs/dsa-quality.md, Notes).
 """
 
 import argparse

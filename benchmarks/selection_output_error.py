@@ -3,10 +3,10 @@
 For the last `--rows` queries of each held-out window, one dense forward gives every layer's q, k, v (each layer
 fed the dense hidden states). Each checkpoint selects `--topk` keys per query (sinks and window included), and for
 every head this reports the share of its own attention mass the set keeps and the relative error of its sparse
-attention output (the kept probabilities renormalized, times v) against the dense output. Session 18 used it to
-ask why a checkpoint with more mass gave a worse perplexity (docs/benchmarks.md). With `--drift`, it also runs
-the whole model on the first window, dense and then with each checkpoint's DSA, and reports each layer's relative
-drift of the hidden states from dense over the last `--drift-rows` positions, and the mean NLL there.
+attention output (the kept probabilities renormalized, times v) against the dense output: why a checkpoint with
+more mass can give a worse perplexity (docs/history.md). With `--drift`, it also runs the whole model on the first
+window, dense and then with each checkpoint's DSA, and reports each layer's relative drift of the hidden states
+from dense over the last `--drift-rows` positions, and the mean NLL there.
 
     .venv/bin/python benchmarks/selection_output_error.py --heldout heldout.npy --checkpoints \
         indexer_model/checkpoints/qwen2.5-coder-0.5b-instruct CANDIDATE --length 16384 --topk 512

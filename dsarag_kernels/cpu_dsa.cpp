@@ -67,8 +67,8 @@ constexpr int kValueBlock = 64;  // keys whose value rows are weighted together 
 constexpr int kValuePrefetch = 32;  // value rows asked for this many keys ahead (8 / 16: 1.3x slower, random keys)
 
 // scores[s] = sum_h w[h] * relu(q[h] . k[s]) for the kKeyTile keys of one tile, (dim, kKeyTile) contiguous.
-// 12 independent sums (4 heads x 3 key registers) keep both FMA pipes busy; with 16-key tiles (8 sums) this loop
-// ran at about half of a float32 matmul's rate, now at three quarters (docs/benchmarks.md, "DSA on the CPU").
+// 12 independent sums (4 heads x 3 key registers) keep both FMA pipes busy: with 16-key tiles (8 sums) this loop ran
+// at about half of a float32 matmul's rate, with 24 at three quarters.
 void score_tile(const float* q, const float* w, const float* keys, int n_heads, int dim, float* scores) {
   v8 total0{}, total1{}, total2{};
   const v8 zero{};
@@ -837,8 +837,7 @@ extern "C" {
 // padding); w (T, n_heads) float32; keys (n_keys, dim) bf16 rows, dim a multiple of 32. The keys are packed once
 // into tiles of 16 (pack_key_tile), one register per dim pair; a thread scores kQueryBlock queries tile by tile, so
 // each tile is read from memory once for all of them, and finds each query's exact top-k with AVX-512. A decode
-// step's query too: packing its cache is one pass over the bf16 rows (with the float32 rows kernel and its float32
-// copy of the cache, selection and gather took 0.90 ms a layer at 8K, now 0.22; benchmarks/dsa_cpu_decode.py).
+// step's query too: packing its cache is one pass over the bf16 rows, cheaper than a float32 copy of the cache.
 void dsa_select_topk_bf16(const uint16_t* q, const float* w, const uint16_t* keys, int64_t n_keys,
                           const int64_t* positions, int64_t n_queries, int n_heads, int dim, int topk, int n_sink,
                           int window, int64_t* out, int n_threads) {

@@ -30,9 +30,8 @@ SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KEY_TILE = 24  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
 HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
-# Fewer queries (a decode step) score a float32 index key cache row by row: laying it out in tiles in PyTorch each
-# step copied the whole cache per layer and made a DSA token 1.35x a dense one at 8K (benchmarks/dsa_cpu_decode.py).
-# The bf16 kernels without AMX pack their tiles themselves, in one pass over the bf16 cache.
+# Fewer queries (a decode step) score a float32 index key cache row by row: tiling it in PyTorch would copy the whole
+# cache per layer at every step. The bf16 kernels without AMX pack their tiles themselves, in one pass.
 FEW_QUERIES = 8
 AMX_ROWS, AMX_DEPTH = 16, 32  # an AMX tile: 16 rows of 32 bf16 values
 # The bf16 gather attention: query heads per kv head (one register's lanes), head sizes (AMX: 64 only).

@@ -188,7 +188,7 @@ def dense_attention_decode(
     """Dense attention of one new token per sequence over cache keys 0 ... position, a one-element device
     tensor: q (B, Hq, 1, d) -> (B, Hq, 1, d). Split across the keys like the sparse decode (flash-decoding), so
     a captured decode step serves every position of a preallocated cache. Masked SDPA over the whole cache
-    ran 1.5x slower than the eager unmasked call at 128K (docs/benchmarks.md)."""
+    ran 1.5x slower than the eager unmasked call at 128K."""
     return _decode(q, k_cache, v_cache, None, position, scale, slots_per_split)
 
 

@@ -79,8 +79,7 @@ def sparse_attention(
     products: per-query gathers of k rows ran 25x slower than dense SDPA at 8K. Everything runs in the
     cache's dtype, as HF's eager attention does (bf16 products are 4x faster than fp32 on CPUs with
     AVX512-BF16; the softmax accumulates in fp32 either way). Every query needs at least one valid index.
-    Blocks of 64 queries: whole 8K / 16K prefills of the default model spent 1.64 / 1.22 / 0.95 s a layer here
-    with blocks of 16 / 32 / 64 at 8K, and 2.99 s with 64 at 16K (DSA prefill 188 -> 169 s; docs/benchmarks.md).
+    Blocks of 64 queries: a wider union costs less than the per-block work smaller blocks repeat.
     """
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv_heads, n_keys = k_cache.shape[1], k_cache.shape[2]

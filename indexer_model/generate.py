@@ -73,37 +73,20 @@ def decode_one_token(
     return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
 
 
-# Where a DSA prefill is measured faster than a dense one, per device path: (the shortest prompt, the largest k as a
-# share of the prompt); None: slower wherever measured, or not measured. "cpu": the compiled CPU kernels
-# (dsarag_kernels/cpu_dsa.py) on a CPU that runs the model in fp32 (docs/dsa-quality.md section 4: k = 512 won at 8K,
-# k = 2048 tied at 8K and won at 16K); "cpu-amx": their bf16 kernels on a CPU with AMX, where the model runs in
-# bf16 and dense attention is 3-4x faster than in fp32 (k = 3/32 of the prompt, 768 on 8K and 1536 on 16K:
-# 0.74-0.91x dense; at an eighth, 0.82-1.10x; docs/benchmarks.md, 'Session 20'; the agent's k stays below 9 % of
-# the prompt from 8K on, so `auto` runs DSA there for every task); "cpu-bf16": their AVX512-BF16 kernels where the
-# model runs in bf16 without AMX (a Zen 4 EPYC, whose bf16 dense attention has no AMX to run on: 0.76-0.79x dense
-# at 4K and 0.50-0.65x from 8K with k up to an eighth of the prompt; docs/benchmarks.md, 'Session 27'; with the
-# float32 kernels it already won, 'Session 26'); "cpu-torch": the PyTorch path, where no C++ compiler builds the
-# kernels (slower up to 16K); "cuda": the Triton kernels (H100 / H200, up to 128K, end to end; docs/benchmarks.md).
+# Per device path, where a DSA prefill was measured faster than a dense one: (the shortest prompt, the largest k as a
+# share of it), None where it never was; the rows are in docs/benchmarks.md, "`--attention auto` on each device".
 SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
-    "cpu": (8192, 1 / 8),
-    "cpu-amx": (8192, 3 / 32),
-    "cpu-bf16": (4096, 1 / 8),
-    "cpu-torch": None,
-    "cuda": None,
+    "cpu": (8192, 1 / 8),  # the model in fp32, float32 kernels
+    "cpu-amx": (8192, 3 / 32),  # the model in bf16, AMX kernels
+    "cpu-bf16": (4096, 1 / 8),  # the model in bf16, AVX512-BF16 kernels (no AMX)
+    "cpu-torch": None,  # no C++ compiler: the PyTorch path
+    "cuda": None,  # the Triton kernels
 }
-# A DSA decode step was measured at most about a fifth faster than a dense one: 1.13x at 8K and 1.00x at 16K on an
-# fp32 CPU, 1.00x at 8K and 0.89x at 16K on an AMX CPU, 0.97x at 8K and 0.78x at 16K on a Zen 4 CPU with the bf16
-# kernels (benchmarks/dsa_cpu_decode.py; a step projects the indexer and scores every cached key, where dense
-# attention reads 2 kv heads; the weights' products take most of a step), 1.4-1.7x on the H200 with CUDA graphs
-# (docs/benchmarks.md, 'Session 28'). So `auto` runs a sparse prefill and decodes densely over the whole cache: about
-# as fast at these lengths, exact, and what its NIAH figures were measured with.
+# A DSA decode step is at best about a fifth faster than a dense one (docs/benchmarks.md, "CPU decode steps"), and
+# auto's NIAH figures were measured with dense steps.
 SPARSE_DECODE_FASTER = False
-# `auto` also runs the prompt's last AUTO_DENSE_TAIL positions densely: the question and the chat template's end,
-# whose attention retrieves from the whole context. On 144 NIAH haystacks (questions of 30-34 tokens), with stage 6's
-# indexers a sparse prefill lost 16 / 21 of the 400 questions dense answers at k = 2048 / 512, and 7 / 10 with a
-# dense tail of 32 (a tail of 128, on a third of them: no better; docs/benchmarks.md, 'Session 15'); with the
-# shipped stage 7, 8 / 9 with the tail (docs/dsa-quality.md). The tail reads 32 x (L - k) more keys: 1.4 % more
-# attention than a sparse 16K prefill at k = 2048, and its queries skip the index scores.
+# The question and the template's end attend densely: their attention retrieves from the whole context; 128 kept no
+# more NIAH answers than 32 (docs/dsa-quality.md, "k for look-ups, and the dense tail").
 AUTO_DENSE_TAIL = 32
 
 

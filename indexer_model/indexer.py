@@ -119,7 +119,7 @@ class LightningIndexer(nn.Module):
 
     @property
     def weight_scale(self) -> float:
-        """H_I^-1/2 * d_I^-1/2, the scale of the head weights w (DESIGN.md)."""
+        """H_I^-1/2 * d_I^-1/2, the scale of the head weights w (docs/design.md)."""
         return (self.n_heads * self.head_dim) ** -0.5
 
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,8 +167,8 @@ def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positio
 @torch.no_grad()
 def _selection_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
     """`index_scores` for ranking only: weighted and summed in place in the inputs' dtype (bf16 in the model,
-    as the GPU kernel's scores). On the AVX512-BF16 dev CPU this made select_topk 12-30 % faster at 8K-16K
-    than fp32 sums, and kept 99.4-99.6 % of the same keys (the rest tie within bf16 rounding; docs/benchmarks.md)."""
+    as the GPU kernel's scores): 12-30 % faster than fp32 sums on an AVX512-BF16 CPU, and 99.4-99.6 % of the
+    same keys (the rest tie within bf16 rounding)."""
     w, k_t = w.to(q.dtype), k.to(q.dtype).transpose(1, 2)
     scores = torch.relu_(q[:, :, 0] @ k_t).mul_(w[:, :, 0, None])
     for head in range(1, q.shape[2]):

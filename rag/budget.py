@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from indexer_model.dsa import DSAConfig
 
-# Selection ratio of the packed context per task complexity (../shared/DESIGN.md, "Top-k budget").
+# Selection ratio of the packed context per task complexity (docs/design.md, "Top-k budget from the task").
 TOPK_RATIOS = {
     "keyword_lookup": 0.01,
     "document_qa": 0.03,
@@ -17,9 +17,8 @@ TOPK_RATIOS = {
     "chain_of_thought": 0.09,  # the design gives 8–10 %: the middle
 }
 COMPLEXITIES = tuple(TOPK_RATIOS)
-# k_min: over 400 NIAH questions, `auto`'s modes lost 4.0 points at k = 256 and 2.5 at k = 512 or 1024 with
-# stage 6's indexers (docs/benchmarks.md, 'Session 15'; stage 7: 2.25 at 512), so a look-up (1 %) gets at least
-# 512. k_max is DeepSeek's k (2048), beyond which the indexer's cost stops paying for itself on a 0.5B model.
+# k_min: NIAH as `auto` runs it loses clearly more below 512 (docs/dsa-quality.md, "k for look-ups, and the dense
+# tail"). k_max is DeepSeek's k, beyond which the indexer's cost stops paying for itself on a 0.5B model.
 TOPK_MIN = 512
 TOPK_MAX = DSAConfig().topk
 

@@ -1,6 +1,6 @@
 """The cost meter: what an answer costs with DeepSeek Sparse Attention against dense attention.
 
-Analytic model (../shared/DESIGN.md, per layer; H query heads of dim d, H_kv kv heads, H_I index heads of
+Analytic model (docs/design.md, "Cost model"; per layer, H query heads of dim d, H_kv kv heads, H_I index heads of
 dim d_I; the query at context position t sees t + 1 keys, itself included):
     dense attention FLOPs   = 4·H·d · Σ_t (t + 1)
     sparse attention FLOPs  = 4·H·d · Σ_t min(t + 1, k)  +  2·H_I·d_I · Σ_{t ≥ k} (t + 1)    (indexer scores;
@@ -105,8 +105,8 @@ def keys_seen(start: int, n_tokens: int, topk: int | None) -> int:
 
 
 def keys_scored(start: int, n_tokens: int, topk: int) -> int:
-    """Σ of the keys the indexer scores over positions start … start + n_tokens - 1: DESIGN.md's formula scores
-    every query, but one that sees at most k keys attends to all of them without index scores
+    """Σ of the keys the indexer scores over positions start … start + n_tokens - 1: only queries that see more
+    than k keys score them; one that sees at most k attends to all of them without index scores
     (indexer_model/dsa.py dsa_attention), so below k a sparse run costs only the index keys' projection."""
     first = max(start, topk)
     end = start + n_tokens

@@ -30,7 +30,7 @@ def test_keys_seen_counts_causal_and_clamped_keys_by_hand():
 
 
 def test_design_worked_example_32k_prefill_per_layer():
-    """DESIGN.md: 0.5B model, 32K prefill, k = 2048 -> about 2.9 vs 1.5 TFLOP per layer (linear layers included)."""
+    """docs/design.md: 0.5B model, 32K prefill, k = 2048 -> about 2.9 vs 1.5 TFLOP per layer (linear layers included)."""
     dense = prefill_cost(QWEN_05B, 32768, None)
     sparse = prefill_cost(QWEN_05B, 32768, 2048)
     logits = 2 * QWEN_05B.dim * QWEN_05B.vocab_size
