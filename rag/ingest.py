@@ -45,6 +45,7 @@ from corpora.walk import MAX_FILE_BYTES, walk_folder
 from rag.embed import Embedder
 from rag.errors import DsaragError, MissingInputError, StoreError
 from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
+from rag.parent_death import exit_with_parent
 from rag.store import ChunkStore, FileRecord, Manifest, chunk_schema, file_sha256, stable_chunk_id
 from rag.store_index import update_index
 
@@ -384,6 +385,12 @@ def init_worker(tokenizer_json: Path, embedding_model: str) -> None:
     _worker_state["model"] = embedding_model
 
 
+def init_pool_worker(parent_pid: int, tokenizer_json: Path, embedding_model: str) -> None:
+    # a killed ingest must not leave its workers (and through them the resource tracker) running
+    exit_with_parent(parent_pid)
+    init_worker(tokenizer_json, embedding_model)
+
+
 def chunk_work_item(item: WorkItem) -> WorkResult:
     """Read (documents) and chunk one work item into store rows (without embeddings)."""
     source = item.source
@@ -467,11 +474,12 @@ def _run_pool(
             yield item if isinstance(item, SourceEnd) else chunk_work_item(item)
         return
     # spawn, not fork: the parent may already run torch threads, which do not survive a fork
+    # workers start (on submit) and stop (leaving the with) in this thread, as exit_with_parent needs
     with ProcessPoolExecutor(
         workers,
         get_context("spawn"),
-        initializer=init_worker,
-        initargs=(embedder.tokenizer_json, embedder.name),
+        initializer=init_pool_worker,
+        initargs=(os.getpid(), embedder.tokenizer_json, embedder.name),
     ) as pool:
         in_flight: deque[Future | SourceEnd] = deque()
         for item in work:
