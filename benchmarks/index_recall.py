@@ -1,4 +1,4 @@
-"""Index build time, recall@10 against exact search and ms/query (one thread) for Flat, HNSW32 and IVF+OPQ.
+"""Index build time, size, recall@10 against exact search and ms/query (one thread) for Flat, HNSW32 and IVF+OPQ.
 
     .venv/bin/python benchmarks/index_recall.py --sizes 100000 200000 [--queries 500]
 
@@ -11,18 +11,24 @@ machine without the embedder can run the index part.
 
 Builds use `--build-threads` (default: every core); searches run with one thread, all queries in one call.
 HNSW is searched at every `--ef-search`, IVF at every `--nprobe`, each passed to `rag.index.search`.
+A refined factory (`...,Refine(SQ8)`) is also searched at every `--k-factor`, and two variants of its trained
+base are measured beside it, without another build: the base alone (un-refined, serialized and read back)
+and the base's candidates re-scored exactly with the float32 vectors held in memory (what `RFlat`, or
+re-ranking with the embeddings the store keeps in its Parquet shards, would return).
+Timings are the best of `--repeats` passes over all queries.
 """
 
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from corpora.synthetic import synthetic_records
-from rag.index import build_index, search
+from rag.index import build_index, search, split_refine
 
 
 def clustered_vectors(anchors: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
@@ -30,6 +36,38 @@ def clustered_vectors(anchors: np.ndarray, n: int, noise: float, seed: int) -> n
     vectors = anchors[rng.integers(len(anchors), size=n)]
     vectors = vectors + rng.standard_normal(vectors.shape).astype(np.float32) * noise
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def rescored_exactly(
+    index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int, nprobe: int, k_factor: int
+) -> np.ndarray:
+    """The ids of the k best of `index`'s k·k_factor candidates by exact inner product (ids = row numbers)."""
+    _, candidates = search(index, queries, k * k_factor, nprobe=nprobe)
+    scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    for row, query in enumerate(queries):
+        found = candidates[row] >= 0
+        scores[row, found] = vectors[candidates[row, found]] @ query
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, best, axis=1)
+
+
+def top10_ids(
+    index: faiss.Index, queries: np.ndarray, setting: dict, rescore: np.ndarray | None
+) -> np.ndarray:
+    """The top-10 ids per query: `rag.index.search`, or its candidates re-scored exactly with `rescore`."""
+    if rescore is not None:
+        return rescored_exactly(index, rescore, queries, 10, **setting)
+    return search(index, queries, 10, **setting)[1]
+
+
+def best_time_ms(run, n_queries: int, repeats: int):
+    """(result, ms per query) of the fastest of `repeats` calls of `run`."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        times.append((time.perf_counter() - started) * 1000 / n_queries)
+    return result, min(times)
 
 
 def anchor_embeddings(n_anchors: int, cache: Path | None) -> np.ndarray:
@@ -63,9 +101,13 @@ def main() -> None:
         "--anchors-npy", type=Path, default=None, help="read/write the anchor embeddings here"
     )
     parser.add_argument("--noise", type=float, default=0.035, help="per-dimension noise (norm ≈ noise·√384)")
-    parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32", "OPQ48_192,IVF{nlist},PQ48"])
+    parser.add_argument(
+        "--factories", nargs="+", default=["Flat", "HNSW32", "OPQ48_192,IVF{nlist},PQ48,Refine(SQ8)"]
+    )
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--build-threads", type=int, default=faiss.omp_get_max_threads())
     options = parser.parse_args()
 
@@ -83,31 +125,40 @@ def main() -> None:
             started = time.perf_counter()
             index, used = build_index(base, ids, factory)
             build_s = time.perf_counter() - started
-            index_mb = faiss.serialize_index(index).nbytes / 1e6
             faiss.omp_set_num_threads(1)
-            if "HNSW" in used:
-                settings = [("efSearch", ef) for ef in options.ef_search]
-            elif "IVF" in used:
-                settings = [("nprobe", p) for p in options.nprobe]
-            else:
-                settings = [("search", "exact")]
-            for name, value in settings:
-                kwargs = {"ef_search": value} if name == "efSearch" else {}
-                kwargs |= {"nprobe": value} if name == "nprobe" else {}
-                search(index, queries[:20], 10, **kwargs)  # warm-up
-                started = time.perf_counter()
-                _, found = search(index, queries, 10, **kwargs)
-                ms = (time.perf_counter() - started) * 1000 / len(queries)
-                recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
-                row = {
-                    "n": n,
-                    "factory": used,
-                    "build_s": round(build_s, 1),
-                    "build_threads": options.build_threads,
-                }
-                row |= {"index_mb": round(index_mb, 1), name: value, "recall@10": round(float(recall), 4)}
-                row |= {"ms_per_query": round(ms, 3)}
-                print(json.dumps(row), flush=True)
+            variants = [(used, index, None)]  # (name, index, float32 vectors to re-score its candidates with)
+            if isinstance(index, faiss.IndexRefine):
+                unrefined = split_refine(used)[0]
+                alone = faiss.deserialize_index(faiss.serialize_index(faiss.downcast_index(index.base_index)))
+                variants = [
+                    (unrefined, alone, None),
+                    *variants,
+                    (f"{unrefined} + float32 re-score", alone, base),
+                ]
+            for name, variant, rescore in variants:
+                index_bytes = faiss.serialize_index(variant).nbytes
+                if "HNSW" in name:
+                    settings = [{"ef_search": ef} for ef in options.ef_search]
+                elif "IVF" in name and (isinstance(variant, faiss.IndexRefine) or rescore is not None):
+                    settings = [
+                        {"nprobe": p, "k_factor": f} for p in options.nprobe for f in options.k_factor
+                    ]
+                elif "IVF" in name:
+                    settings = [{"nprobe": p} for p in options.nprobe]
+                else:
+                    settings = [{}]
+                for setting in settings:
+                    top10_ids(variant, queries[:20], setting, rescore)  # warm-up
+                    run = partial(top10_ids, variant, queries, setting, rescore)
+                    found, ms = best_time_ms(run, len(queries), options.repeats)
+                    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+                    row = {"n": n, "factory": name, "build_s": round(build_s, 1)}
+                    row |= {"build_threads": options.build_threads, "index_bytes": index_bytes}
+                    row |= {"index_mb": round(index_bytes / 1e6, 1)}
+                    row |= {"float_bytes": rescore.nbytes} if rescore is not None else {}
+                    row |= setting or {"search": "exact"}
+                    row |= {"recall@10": round(float(recall), 4), "ms_per_query": round(ms, 3)}
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

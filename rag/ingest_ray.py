@@ -18,6 +18,7 @@ import numpy as np
 
 from rag.embed import Embedder
 from rag.errors import BadInputError
+from rag.index import merge_into
 from rag.ingest import (
     IngestOptions,
     Source,
@@ -132,6 +133,6 @@ def fill_on_ray(store: ChunkStore, index: faiss.Index, shard_names: list[str]) -
     for part in parts:  # in shard order, so the lists come out as a local build orders them
         shard_index = faiss.deserialize_index(ray.get(part))
         faiss.extract_index_ivf(shard_index).set_direct_map_type(faiss.DirectMap.NoMap)
-        index.merge_from(shard_index, 0)
+        merge_into(index, shard_index)
     faiss.extract_index_ivf(index).set_direct_map_type(map_type)
     return index

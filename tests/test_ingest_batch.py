@@ -22,7 +22,7 @@ from rag.index import remove_ids, search
 from rag.ingest import IngestOptions, default_workers, ingest
 from rag.retrieve import Retriever
 from rag.store import ChunkStore
-from rag.store_index import update_index
+from rag.store_index import index_info, update_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,17 +232,22 @@ def test_hnsw_deletions_are_tombstones_filtered_from_search_until_rebuild(tmp_pa
     assert info["index_params"]["efSearch"] >= 64 and info["index_factory"] == "IDMap2,HNSW32"
 
 
-def test_ivf_deletions_are_removed_from_the_index(tmp_path, embedder):
+@pytest.mark.parametrize("factory", ["IVF1,Flat", "IVF1,PQ4x4,Refine(SQ8)"])
+def test_ivf_deletions_are_removed_from_the_index(tmp_path, embedder, factory):
     corpus = write_jsonl(tmp_path / "a.jsonl", records(40))
     store = ChunkStore(tmp_path / "store")
-    ingest([corpus], store, embedder, options(index_factory="IVF1,Flat"))
+    ingest([corpus], store, embedder, options(index_factory=factory))
     write_jsonl(corpus, records(40)[:30])
-    ingest([corpus], store, embedder, options(index_factory="IVF1,Flat"))
+    ingest([corpus], store, embedder, options(index_factory=factory))
     manifest = store.read_manifest()
-    assert manifest.index_factory == "IVF1,Flat" and manifest.tombstones == []
+    assert manifest.index_factory == factory and manifest.tombstones == []
     index = store.read_index(manifest)
     assert index.ntotal == manifest.n_chunks == 30
     assert faiss.extract_index_ivf(index).direct_map.type == faiss.DirectMap.Hashtable
+    _, found = search(index, embedder.encode([row["body"] for row in records(40)[30:]]), 30)
+    live = set(store.read_chunks(manifest, ["chunk_id"]).column("chunk_id").to_pylist())
+    assert set(found.ravel().tolist()) == live  # no deleted chunk comes back, from either stage if refined
+    assert ("k_factor" in index_info(store, manifest)["index_params"]) == ("Refine" in factory)
 
 
 def test_index_is_memory_mapped_and_catches_up_with_unindexed_shards(tmp_path, embedder):
@@ -302,13 +307,14 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == 1
 
 
-def test_ray_engine_adds_ivf_shards_on_the_cluster_and_merges_them(tmp_path, embedder):
+@pytest.mark.parametrize("factory", ["IVF2,Flat", "IVF2,PQ4x4,Refine(SQ8)"])
+def test_ray_engine_adds_ivf_shards_on_the_cluster_and_merges_them(tmp_path, embedder, factory):
     ray = pytest.importorskip("ray", reason="Ray Data is the optional `ray` extra: pip install 'dsarag[ray]'")
     from rag.ingest_ray import fill_on_ray
     from rag.store_index import add_shards
 
     corpus = write_jsonl(tmp_path / "a.jsonl", records(64))  # IVF2 trains on >= 60 vectors
-    ivf = {"index_factory": "IVF2,Flat", "batch_chunks": 16}
+    ivf = {"index_factory": factory, "batch_chunks": 16}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         ray_store = ChunkStore(tmp_path / "ray-store")
