@@ -1,10 +1,10 @@
-# Two commands set up a fresh machine: `make demo` and `make test`.
+# Two commands set up a fresh machine: `make demo` and `make test`; `make test-fast` is the edit loop.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format models clean
+.PHONY: demo test test-fast lint format models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Everything (CI): the 0.5B model end to end, crash trials, fuzzing, Ray, the Triton interpreter.
 test: models lint
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# The tests not marked slow: under 3 minutes on 2 cores.
+test-fast: models lint
+	$(BIN)/python -m pytest -q -x -m "not slow" --durations=5
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evals.niah import NiahCase, answer_case, build_case, is_correct
 from indexer_model.dsa import DSAConfig
 from indexer_model.layer_budget import budget_recall
 from indexer_model.model import ModelArgs, Transformer
+from indexer_model.oracle import oracle_selection
+from indexer_model.quality import window_nll
 from indexer_model.train import (
     RECALL_KS,
     TrainConfig,
@@ -47,10 +48,6 @@ from indexer_model.train import (
     make_indexers,
     window_starts,
 )
-
-# Run as a script, benchmarks/ itself is not on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.oracle_dsa import oracle_selection  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = (0.1, 0.5, 0.9)
@@ -67,7 +64,7 @@ GOALS = {
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """One attention setting: dense (topk None), or DSA at `topk` with the trained or an untrained indexer, or
-    with the oracle's selection (benchmarks/oracle_dsa.py: the top-k of the layer's own dense attention)."""
+    with the oracle's selection (indexer_model/oracle.py: the top-k of the layer's own dense attention)."""
 
     name: str
     topk: int | None
@@ -187,11 +184,6 @@ def _cpuinfo() -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # --- loading ---------------------------------------------------------------------------------------------
 
 
@@ -287,27 +279,6 @@ def _mean_per_layer(runs: list[dict[str, list[float]]]) -> dict[str, list[float]
 
 
 # --- 2. perplexity -----------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def window_nll(
-    model: Transformer, ids: np.ndarray, scored: int, dsa: DSAConfig | None
-) -> tuple[float, float]:
-    """(summed NLL of the last `scored` next-token predictions in `ids`, seconds): a prefill of all but the
-    scored positions (last logits only), then the scored positions with every logit, attention as `dsa`."""
-    device = str(model.output.weight.device)
-    inputs = torch.from_numpy(ids[:-1].astype(np.int64)).to(device)[None]
-    targets = torch.from_numpy(ids[-scored:].astype(np.int64)).to(device)
-    positions = torch.arange(inputs.shape[1], device=device)
-    split = inputs.shape[1] - scored
-    model.setup_caches(1, inputs.shape[1])
-    synchronize(device)
-    started = time.perf_counter()
-    model(inputs[:, :split], positions[:split], last_logits_only=True, dsa=dsa)
-    logits = model(inputs[:, split:], positions[split:], last_logits_only=False, dsa=dsa)
-    nll = F.cross_entropy(logits[0].float(), targets, reduction="sum")
-    synchronize(device)
-    return float(nll), time.perf_counter() - started
 
 
 def perplexity_section(

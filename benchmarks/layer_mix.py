@@ -21,110 +21,17 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.dsa_quality import Deadline, load_base_model, run_meta, window_nll  # noqa: E402
+from benchmarks.dsa_quality import Deadline, load_base_model, run_meta  # noqa: E402
 from indexer_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from indexer_model.dsa import DSAConfig  # noqa: E402
-from indexer_model.model import Transformer  # noqa: E402
+from indexer_model.layer_mix import assembled, coordinate_descent, mean_nll, single_swaps  # noqa: E402
 from indexer_model.train import window_starts  # noqa: E402
-
-
-def mixed(base: nn.ModuleList, other: nn.ModuleList, from_other: set[int]) -> nn.ModuleList:
-    return nn.ModuleList(other[i] if i in from_other else layer for i, layer in enumerate(base))
-
-
-def assembled(sources: list[nn.ModuleList], choice: list[int]) -> nn.ModuleList:
-    """Layer i from checkpoint `choice[i]`."""
-    return nn.ModuleList(sources[source][i] for i, source in enumerate(choice))
-
-
-def same_layer(a: nn.Module, b: nn.Module) -> bool:
-    first, second = a.state_dict(), b.state_dict()
-    return first.keys() == second.keys() and all(
-        first[name].shape == second[name].shape and torch.equal(first[name], second[name]) for name in first
-    )
-
-
-def coordinate_descent(
-    sources: list[nn.ModuleList],
-    score: Callable[[list[int]], float],
-    sweeps: int,
-    deadline: Deadline,
-) -> tuple[list[int], list[dict]]:
-    """(the checkpoint each layer comes from, every score taken): from all-`sources[0]`, layer by layer, keep the
-    source that lowers `score` most given the other layers' current choice. A layer whose tensors equal those of a
-    source already tried is not scored again (a mix shares most of its layers with its parents)."""
-    n_layer = len(sources[0])
-    distinct = [
-        [
-            s
-            for s in range(len(sources))
-            if not any(same_layer(sources[s][i], sources[t][i]) for t in range(s))
-        ]
-        for i in range(n_layer)
-    ]
-    choice = [0] * n_layer
-    best = score(choice)
-    history = [{"sweep": 0, "layer": None, "source": None, "score": best, "kept": True}]
-    for sweep in range(1, sweeps + 1):
-        moved = False
-        for i in range(n_layer):
-            for source in distinct[i]:
-                if source == choice[i] or deadline.passed():
-                    continue
-                trial = choice[:i] + [source] + choice[i + 1 :]
-                value = score(trial)
-                kept = value < best
-                history.append({"sweep": sweep, "layer": i, "source": source, "score": value, "kept": kept})
-                if kept:
-                    choice, best, moved = trial, value, True
-        if not moved or deadline.passed():
-            break
-    return choice, history
-
-
-def mean_nll(
-    model: Transformer,
-    indexers: nn.ModuleList | None,
-    windows: list[np.ndarray],
-    scored: int,
-    topk: int | None,
-) -> float:
-    """Mean NLL per scored token over the windows: dense when `indexers` is None, else DSA at `topk`."""
-    dsa = None
-    if indexers is not None:
-        model.attach_indexers(indexers)
-        dsa = DSAConfig(topk=topk, dense_threshold=0)
-    return sum(window_nll(model, ids, scored, dsa)[0] for ids in windows) / (scored * len(windows))
-
-
-def single_swaps(
-    base: nn.ModuleList, other: nn.ModuleList, nll: Callable[[nn.ModuleList, int], float], topks: list[int]
-) -> tuple[list[int], dict]:
-    """Session 22's rule: (the layers of `other` whose swap into `base` lowers the NLL at every k, the scores)."""
-    result: dict = {}
-    for k in topks:
-        row = {"base": nll(base, k), "other": nll(other, k)}
-        row["other_layer_into_base"] = [
-            round(nll(mixed(base, other, {i}), k) - row["base"], 5) for i in range(len(base))
-        ]
-        row["base_layer_into_other"] = [
-            round(nll(mixed(other, base, {i}), k) - row["other"], 5) for i in range(len(base))
-        ]
-        result[str(k)] = row
-        print(f"k = {k}: {json.dumps(row)}", file=sys.stderr, flush=True)
-    taken = sorted(
-        i for i in range(len(base)) if all(result[str(k)]["other_layer_into_base"][i] < 0 for k in topks)
-    )
-    return [1 if i in taken else 0 for i in range(len(base))], result
 
 
 def main() -> None:
@@ -179,15 +86,18 @@ def main() -> None:
 
     def summed(choice: list[int]) -> float:
         value = round(sum(per_k(choice).values()), 5)
-        print(f"{choice}: {value}", file=sys.stderr, flush=True)
+        log(f"{choice}: {value}")
         return value
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
 
     result: dict = {"dense": nll(None, None), "sources": [str(path) for path in paths]}
     if options.sweeps:
-        choice, result["descent"] = coordinate_descent(sources, summed, options.sweeps, deadline)
+        choice, result["descent"] = coordinate_descent(sources, summed, options.sweeps, deadline.passed)
         result["topks"] = {str(k): {"base": nll_k} for k, nll_k in per_k([0] * len(choice)).items()}
     else:
-        choice, result["topks"] = single_swaps(sources[0], sources[1], nll, topks)
+        choice, result["topks"] = single_swaps(sources[0], sources[1], nll, topks, log)
     for k, nll_k in per_k(choice).items():
         result["topks"][str(k)]["mix"] = nll_k
     result["layer_source"] = choice

@@ -4,6 +4,8 @@ the store unchanged, no traceback."""
 import json
 from pathlib import Path
 
+import pytest
+
 from rag.errors import EXIT_BAD_INPUT, EXIT_MISSING_INPUT, EXIT_PARTIAL_INGEST, EXIT_STORE
 from rag.store import ChunkStore
 
@@ -122,6 +124,7 @@ def test_store_of_another_embedder_exits_4(small_docs, tmp_path, run_cli):
     assert snapshot(store) == before
 
 
+@pytest.mark.slow
 def test_ask_json_with_the_tiny_model_cites_sources_and_reports_timings(small_docs, tmp_path, run_cli):
     code, out, _ = run_cli(
         "ask", "When does the kitchen serve lunch?", "--docs", str(small_docs), "--store", str(tmp_path / "store"),

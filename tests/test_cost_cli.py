@@ -5,6 +5,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow
 def test_bench_sweeps_dense_and_sparse_and_writes_json_and_plots(tmp_path, run_cli):
     out = tmp_path / "bench"
     code, stdout, stderr = run_cli(
@@ -46,6 +47,7 @@ def test_cost_report_on_an_empty_ledger(run_cli):
     assert json.loads(stdout)["total"]["answers"] == 0
 
 
+@pytest.mark.slow
 def test_ask_reports_cost_compares_modes_and_fills_the_ledger(tmp_path, run_cli):
     docs = tmp_path / "docs"
     docs.mkdir()

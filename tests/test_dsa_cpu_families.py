@@ -1,12 +1,12 @@
 """One layer's DSA inputs saved from the default model, then timed on each compiled kernel family this CPU runs
-(benchmarks/dsa_cpu_families.py)."""
+(dsarag_kernels/cpu_families.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.dsa_cpu_families import capture, time_families
 from dsarag_kernels import cpu_dsa
+from dsarag_kernels.cpu_families import capture, time_families
 
 
 @pytest.mark.needs_compiler

@@ -121,6 +121,7 @@ def test_each_set_distils_from_the_heads_of_its_group():
     assert indexer.weights_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_indexer_train_cli_with_one_set_per_kv_group_on_the_tiny_model(tmp_path, run_cli):
     """A CPU smoke run of `dsarag indexer train`; the checkpoint loads with its sets, each set's recall is
     measured against its own group's attention."""

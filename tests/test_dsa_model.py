@@ -64,6 +64,7 @@ def test_the_shipped_indexer_of_the_tiny_model_is_found_by_its_weights(tiny):
     assert tiny.model.has_indexers
 
 
+@pytest.mark.slow
 def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny, long_prompt):
     dense = generate(tiny.model, long_prompt, 8, tiny.tokenizer.decode, set())
     sparse = generate(
@@ -73,6 +74,7 @@ def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny
     assert sparse.token_ids == dense.token_ids
 
 
+@pytest.mark.slow
 def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prompt, monkeypatch):
     projected = count_projections(monkeypatch, tiny.model.layers[0].attention.indexer)
     prompt = long_prompt[:300]
@@ -100,6 +102,7 @@ def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prom
     assert projected == [300]
 
 
+@pytest.mark.slow
 def test_a_dense_tail_attends_to_every_key_and_keeps_the_index_keys_for_sparse_decode(tiny, long_prompt):
     model, n, tail = tiny.model, 300, 16
     prompt, positions = torch.tensor([long_prompt[:n]]), torch.arange(n)
@@ -154,6 +157,7 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
     assert torch.isfinite(step).all()
 
 
+@pytest.mark.slow
 def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(tiny, long_prompt, monkeypatch):
     model, sparse = tiny.model, DSAConfig(topk=128, dense_threshold=0)
     calls = count_projections(monkeypatch, model.layers[0].attention.indexer)
@@ -196,6 +200,7 @@ def compiled_and_pytorch_step(
     return steps, counts
 
 
+@pytest.mark.slow
 @pytest.mark.needs_compiler
 def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
     dsa = DSAConfig(topk=128, dense_threshold=0, kernels="native")
@@ -207,6 +212,7 @@ def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long
     assert counts == {"compiled": (0, len(tiny.model.layers)), "pytorch": (0, 0)}
 
 
+@pytest.mark.slow
 @pytest.mark.needs_avx512_bf16
 def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
     assert tiny.model.output.weight.dtype == torch.bfloat16  # an AVX512-BF16 CPU runs the model in bf16
@@ -228,6 +234,7 @@ def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt
     assert steps["compiled"].topk(5).indices.equal(steps["pytorch"].topk(5).indices)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])
 def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa):
     """The step a CUDA graph captures (whole cache masked by a device position, no host sync) computes what
@@ -249,6 +256,7 @@ def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa
     torch.testing.assert_close(whole, eager, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dense_layers_run_dense_and_the_others_stay_sparse(tiny, long_prompt):
     model = tiny.model
     prompt = torch.tensor([long_prompt])
@@ -266,6 +274,7 @@ def test_dense_layers_run_dense_and_the_others_stay_sparse(tiny, long_prompt):
     assert not torch.equal(edges, logits(None)) and not torch.equal(edges, logits(sparse))
 
 
+@pytest.mark.slow
 def test_trained_indexer_keeps_more_attention_mass_than_a_random_one(tiny, long_prompt):
     dtype = tiny.model.output.weight.dtype
     model = tiny.model.float()
@@ -354,6 +363,7 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
     assert "auto stays dense" in kernels_detail(torch.bfloat16, False)
 
 
+@pytest.mark.slow
 def test_ask_with_sparse_attention_reports_the_mode_and_k(tmp_path, run_cli):
     docs = tmp_path / "docs"
     docs.mkdir()

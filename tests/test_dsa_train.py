@@ -129,6 +129,7 @@ def test_grown_heads_keep_the_scores_then_learn_and_a_checkpoint_keeps_per_layer
     )
 
 
+@pytest.mark.slow
 def test_widened_index_dims_keep_scores_and_logits_then_learn_and_a_checkpoint_keeps_per_layer_dims(tmp_path):
     model = load_frozen_model("tiny", "cpu")
     trained = load_checkpoint(find_checkpoint(weights_fingerprint(model)), model.args.dim, model.args.n_layer)
@@ -197,6 +198,7 @@ def test_bad_training_options_are_refused_before_anything_is_written(tmp_path, r
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_indexer_eval_of_some_layers_matches_the_full_recall_and_refuses_bad_lengths(tmp_path, run_cli):
     tokens = np.random.default_rng(1).integers(100, 20000, size=1500)
     np.save(tmp_path / "heldout.npy", tokens)

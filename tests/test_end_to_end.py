@@ -5,6 +5,8 @@ import pytest
 from corpora.demo_corpus import DEMO_DOCS, load_demo_qa
 from rag.ask import AskOptions, ask
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):

@@ -212,6 +212,7 @@ def tiny_options(tmp_path: Path, suite: str, **fields) -> EvalOptions:
     return EvalOptions(suite=suite, out=tmp_path / "out", model="tiny", thresholds=["none"], **fields)
 
 
+@pytest.mark.slow
 def test_niah_small_grid_resumes_without_recomputing(tmp_path, monkeypatch, console):
     options = tiny_options(tmp_path, "niah", lengths=[384], depths=[0.25, 0.75], topks=[128])
     summary = run_suite(options, console)
@@ -230,6 +231,7 @@ def test_niah_small_grid_resumes_without_recomputing(tmp_path, monkeypatch, cons
     assert run_suite(options, console)["metrics"] == metrics
 
 
+@pytest.mark.slow
 def test_topk_sweep_small(tmp_path, console):
     options = tiny_options(tmp_path, "topk-sweep", lengths=[384], depths=[0.5], topks=[96, 256], limit=1)
     metrics = run_suite(options, console)["metrics"]
@@ -238,6 +240,7 @@ def test_topk_sweep_small(tmp_path, console):
     assert (tmp_path / "out" / "topk-sweep" / "accuracy_cost_vs_k.png").exists()
 
 
+@pytest.mark.slow
 def test_docqa_on_squad_contexts_scores_and_cites(tmp_path, console):
     options = tiny_options(
         tmp_path, "docqa", data=write_squad(tmp_path / "dev.json"), context_tokens=256, limit=1
@@ -249,6 +252,7 @@ def test_docqa_on_squad_contexts_scores_and_cites(tmp_path, console):
     assert (tmp_path / "out" / "docqa" / "contexts.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_routing_and_temporal_small(tmp_path, console):
     routing = run_suite(tiny_options(tmp_path, "routing", limit=3), console)
     assert routing["metrics"]["accuracy"] >= 2 / 3  # the three "no retrieval" questions come first
@@ -257,6 +261,7 @@ def test_routing_and_temporal_small(tmp_path, console):
     assert "newest_fact_accuracy" in temporal["metrics"]
 
 
+@pytest.mark.slow
 def test_latency_small_dense_and_sparse(tmp_path, console):
     summary = run_suite(tiny_options(tmp_path, "latency", limit=1, context_tokens=160, topks=[96]), console)
     metrics = summary["metrics"]

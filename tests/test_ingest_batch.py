@@ -165,6 +165,7 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 60) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_ingest_killed_at_any_moment_resumes_without_duplicates_or_losses(tmp_path, embedder):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", records(60))
     store_path = tmp_path / "store"
@@ -271,6 +272,7 @@ def test_index_is_memory_mapped_and_catches_up_with_unindexed_shards(tmp_path, e
     assert not manifest.pending_shards and store.read_index(manifest).ntotal == 10
 
 
+@pytest.mark.slow
 def test_ray_engine_gives_the_same_store_as_the_local_engine(tmp_path, embedder):
     ray = pytest.importorskip("ray", reason="Ray Data is the optional `ray` extra: pip install 'dsarag[ray]'")
     corpus = write_jsonl(tmp_path / "a.jsonl", records(10))
@@ -307,6 +309,7 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", ["IVF2,Flat", "IVF2,PQ4x4,Refine(SQ8)"])
 def test_ray_engine_adds_ivf_shards_on_the_cluster_and_merges_them(tmp_path, embedder, factory):
     ray = pytest.importorskip("ray", reason="Ray Data is the optional `ray` extra: pip install 'dsarag[ray]'")

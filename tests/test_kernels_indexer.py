@@ -40,6 +40,7 @@ def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start,
     assert (got[:, 0, q_start + 1 : q_start + 2] == float("-inf")).all()  # the future within a written tile
 
 
+@pytest.mark.slow
 def test_topk_select_keeps_the_largest_scores_and_pads_short_rows():
     generator = torch.Generator().manual_seed(1)
     scores = torch.randn(2, 40, 300, generator=generator).to(DEVICE, torch.bfloat16)

@@ -95,7 +95,8 @@ def test_merge_partials_equals_softmax_over_the_union():
 
 
 @pytest.mark.parametrize("index_sets", [1, 2])
-@pytest.mark.parametrize("n_new", [48, 1])
+# 48 new positions: a prefill, seconds in the Triton interpreter
+@pytest.mark.parametrize("n_new", [pytest.param(48, marks=pytest.mark.slow), 1])
 def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
     """The model's one switch: DSAConfig(kernels=...) picks Triton or PyTorch; prefill chunk and decode agree."""
     from indexer_model.dsa import DSAConfig, dsa_attention

@@ -30,6 +30,7 @@ def test_keys_move_to_the_layers_that_gain_most_and_the_total_stays():
         allocate_topk_scales({256: [0.5], 512: [0.6]}, 512)
 
 
+@pytest.mark.slow
 def test_the_model_gives_each_layer_its_share_of_k_unless_told_not_to(monkeypatch):
     tiny = load_generator("tiny")
     model = tiny.model
@@ -63,6 +64,7 @@ def test_the_model_gives_each_layer_its_share_of_k_unless_told_not_to(monkeypatc
         model.clear_caches()
 
 
+@pytest.mark.slow
 def test_indexer_budget_records_scales_that_a_loaded_checkpoint_applies(tmp_path, run_cli):
     tiny = load_generator("tiny")
     shipped = find_checkpoint(weights_fingerprint(tiny.model))

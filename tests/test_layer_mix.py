@@ -1,11 +1,10 @@
-"""Layer-by-layer mixes of two indexer checkpoints, scored by the model's loss (benchmarks/layer_mix.py)."""
+"""Layer-by-layer mixes of two indexer checkpoints, scored by the model's loss (indexer_model/layer_mix.py)."""
 
 import numpy as np
 import torch
 
-from benchmarks.dsa_quality import Deadline
-from benchmarks.layer_mix import coordinate_descent, mean_nll, mixed
 from indexer_model.indexer import LightningIndexer
+from indexer_model.layer_mix import coordinate_descent, mean_nll, mixed
 from indexer_model.model import Transformer
 
 
@@ -42,16 +41,16 @@ def test_descent_takes_each_layers_best_source_and_skips_layers_it_has_already_s
         scored.append(choice)
         return sum(cost[layer][source] for layer, source in enumerate(choice))
 
-    choice, history = coordinate_descent(sources, score, sweeps=3, deadline=Deadline(0))
+    choice, history = coordinate_descent(sources, score, sweeps=3, out_of_time=lambda: False)
     assert choice == [1, 0, 2]
     assert history[-1]["sweep"] == 2 and not any(step["kept"] for step in history if step["sweep"] == 2)
     assert all(trial[1] != 2 for trial in scored)  # layer 1 of source 2 is source 0's: never scored
     assert len(scored) == 1 + 2 * (2 + 1 + 2)  # the start, then two sweeps of the distinct alternatives
 
 
-def test_descent_stops_at_its_deadline():
+def test_descent_stops_once_out_of_time():
     sources = [torch.nn.ModuleList(LightningIndexer(64, 1e4, 2, 16) for _ in range(2)) for _ in range(2)]
     choice, history = coordinate_descent(
-        sources, lambda choice: -sum(choice), sweeps=5, deadline=Deadline(1e-9)
+        sources, lambda choice: -sum(choice), sweeps=5, out_of_time=lambda: True
     )
     assert choice == [0, 0] and len(history) == 1

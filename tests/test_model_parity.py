@@ -45,6 +45,7 @@ def tiny_generator(tiny_folder):
     return load_generator("tiny")
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_logits_match_transformers_gguf_loader(tiny_gguf, gguf_float32, tiny_generator):
     """Same GGUF, both in float32, a 40-token chat prompt: max |Δlogit| ≤ 1e-3 · max |logit| and the same
@@ -109,6 +110,7 @@ def test_loading_a_model_leaves_torch_dynamo_unimported(tiny_folder):
     assert (run.returncode, run.stdout.strip()) == (0, "False"), run.stderr
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_matches_full_forward(tiny_folder, tiny_generator):
     model = load_model(tiny_folder, dtype=torch.float32)
     ids = torch.tensor([tiny_generator.chat_prompt_ids(MESSAGES)[:24]])
@@ -122,6 +124,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_folder, tiny_generator):
     assert (incremental - full).abs().max() <= 1e-4 * full.abs().max()
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic(tiny_generator):
     first = tiny_generator.answer(MESSAGES, max_new_tokens=12, temperature=0.0)
     second = tiny_generator.answer(MESSAGES, max_new_tokens=12, temperature=0.0)
@@ -130,6 +133,7 @@ def test_greedy_generation_is_deterministic(tiny_generator):
     assert first.prefill_s > 0 and first.decode_s > 0
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_final_text(tiny_generator):
     deltas: list[str] = []
     result = tiny_generator.answer(MESSAGES, max_new_tokens=12, on_text=deltas.append)
@@ -150,6 +154,7 @@ def test_stream_holds_back_split_multibyte_characters(tiny_generator):
     assert "".join(deltas) == text
 
 
+@pytest.mark.slow
 def test_generation_stops_on_a_stop_token(tiny_generator):
     ids = tiny_generator.chat_prompt_ids(MESSAGES)
     first = tiny_generator.answer(MESSAGES, max_new_tokens=4).token_ids[0]

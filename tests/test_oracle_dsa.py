@@ -1,13 +1,13 @@
-"""The oracle selection that bounds what a perfect indexer could keep (benchmarks/oracle_dsa.py)."""
+"""The oracle selection that bounds what a perfect indexer could keep (indexer_model/oracle.py)."""
 
 import pytest
 import torch
 
 import indexer_model.model as model_module
-from benchmarks.oracle_dsa import oracle_dsa_attention, oracle_selection, oracle_topk
 from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, masked_dense_attention_reference
 from indexer_model.indexer import LightningIndexer
 from indexer_model.model import Transformer
+from indexer_model.oracle import oracle_dsa_attention, oracle_selection, oracle_topk
 
 
 def naive_oracle(q, k, t, topk, n_sink, window):

@@ -198,6 +198,7 @@ def test_unknown_spec_names_the_accepted_forms(pulled):
         resolve_model("no such model!")
 
 
+@pytest.mark.slow
 def test_a_gguf_file_is_converted_once_keyed_by_sha256(real_cache, empty_cache, tmp_path, monkeypatch):
     gguf = tmp_path / "my-model.gguf"
     gguf.symlink_to(real_cache / "models" / TINY / "source" / f"{TINY}.gguf")

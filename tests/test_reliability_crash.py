@@ -2,9 +2,13 @@
 store after every kill, and the rerun ends with exactly the chunks of a clean run (rag/crash_harness.py;
 benchmarks/crash_trials.py runs the recorded ≥ 20 trials)."""
 
+import pytest
+
 from rag.crash_harness import reference_run, run_trial, write_corpus
 from rag.store import ChunkStore
 from rag.store_check import check_store
+
+pytestmark = pytest.mark.slow
 
 CI_TRIALS = 3
 

@@ -21,6 +21,8 @@ from corpora.readers import read_document
 from corpora.walk import walk_folder
 from rag.ingest import Source, WorkItem, chunk_work_item, init_worker
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("DSARAG_FUZZ_EXAMPLES", "25"))
 fuzz = settings(
     max_examples=EXAMPLES,

@@ -61,6 +61,7 @@ def no_network_no_processes(monkeypatch):
     return attempts
 
 
+@pytest.mark.slow
 def test_ingest_and_ask_run_offline_and_document_text_triggers_nothing(
     hostile_docs, tmp_path, run_cli, no_network_no_processes, monkeypatch
 ):

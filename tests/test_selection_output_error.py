@@ -1,12 +1,12 @@
-"""Mass and attention-output error of indexer selections, per layer and head (benchmarks/selection_output_error.py)."""
+"""Mass and attention-output error of indexer selections, per layer and head (indexer_model/quality.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.selection_output_error import hidden_state_drift, mass_and_output_error
 from indexer_model.indexer import LightningIndexer
 from indexer_model.model import Transformer
+from indexer_model.quality import hidden_state_drift, mass_and_output_error
 
 
 def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some(small_model_args):
