@@ -45,6 +45,49 @@ def list_suites(json_out: Annotated[bool, typer.Option("--json", help="Print one
     stderr.print(table)
 
 
+@eval_app.command("prepare")
+def prepare(
+    dataset: Annotated[
+        str, typer.Argument(help="squad (SQuAD 2.0 JSON) | hotpot (HotpotQA distractor JSON)")
+    ],
+    source: Annotated[
+        Path, typer.Argument(help="The dataset file (use a train split, e.g. train-v2.0.json).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for docs/, qa.jsonl and source.json.")],
+    split: Annotated[
+        str, typer.Option("--split", help="fit | report: two disjoint halves of the questions.")
+    ] = "fit",
+    articles: Annotated[
+        int | None, typer.Option("--articles", help="squad: the first N articles (default all).", min=1)
+    ] = None,
+    per_article: Annotated[
+        int, typer.Option("--per-article", help="squad: answerable questions per article.", min=1)
+    ] = 4,
+    unanswerable: Annotated[
+        int, typer.Option("--unanswerable", help="squad: unanswerable questions in all.", min=0)
+    ] = 20,
+    questions: Annotated[int, typer.Option("--questions", help="hotpot: questions drawn.", min=1)] = 24,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draw.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
+) -> None:
+    """Build a development set from public QA data: a folder of documents and qa.jsonl for `eval run docqa`."""
+    from evals.devsets import prepare_hotpot, prepare_squad
+
+    if dataset == "squad":
+        devset = prepare_squad(source, out, articles, per_article, unanswerable, seed=seed, split=split)
+    elif dataset == "hotpot":
+        devset = prepare_hotpot(source, out, questions, seed=seed, split=split)
+    else:
+        raise BadInputError(f"dataset {dataset!r}: use squad or hotpot")
+    if json_out:
+        sys.stdout.write(json.dumps(devset.to_json(), indent=2) + "\n")
+    stderr.print(
+        f"{devset.counts} → {devset.folder}; run: dsarag eval run docqa --data {devset.questions} "
+        f"--corpus {devset.docs}",
+        highlight=False,
+    )
+
+
 @eval_app.command("run")
 def run(
     suite: Annotated[

@@ -85,7 +85,7 @@ def _qa_row(path: Path, number: int, line: str) -> QAItem:
 
 
 def load_squad(path: Path) -> list[QAItem]:
-    """SQuAD v1/v2 JSON: data → paragraphs → qas; unanswerable (v2) questions are left out."""
+    """SQuAD v1/v2 JSON: data → paragraphs → qas; v2's unanswerable questions come with no answers."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         articles = data["data"]
@@ -95,12 +95,12 @@ def load_squad(path: Path) -> list[QAItem]:
                 question=qa["question"].strip(),
                 answers=list(dict.fromkeys(answer["text"] for answer in qa["answers"])),
                 context=paragraph["context"],
-                meta={"title": article.get("title", "")},
+                meta={"title": article.get("title", "")} | _squad_kind(qa),
             )
             for article in articles
             for paragraph in article["paragraphs"]
             for qa in paragraph["qas"]
-            if qa.get("answers") and not qa.get("is_impossible", False)
+            if qa.get("answers") or qa.get("is_impossible", False)
         ]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise BadInputError(
@@ -109,8 +109,12 @@ def load_squad(path: Path) -> list[QAItem]:
             path,
         ) from None
     if not items:
-        raise BadInputError(f"{path}: no answerable questions in this SQuAD file", path)
+        raise BadInputError(f"{path}: no questions in this SQuAD file", path)
     return items
+
+
+def _squad_kind(qa: dict) -> dict:
+    return {"kind": "unanswerable", "answerable": False} if qa.get("is_impossible", False) else {}
 
 
 def context_id(context: str) -> str:

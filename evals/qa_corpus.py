@@ -77,9 +77,12 @@ def agent_answer(run: SuiteRun, retriever: Retriever, question: str, **ask: obje
     )
     started = time.perf_counter()
     state = run_agent(question, AgentContext(options, retriever, run.generator()))
-    generation = state["generation"]
-    return {
+    generation, reading = state["generation"], state.get("reading")
+    citations = state.get("citations", [])
+    reply = {
         "answer": generation.text.strip(),
+        "citations_added": sum(citation["by"] == "tool" for citation in citations),
+        "sub_questions": state.get("queries", [question])[1:],
         "strategy": state["strategy"],
         "sources": state["packed"].sources if state.get("packed") else [],
         "attention": generation.attention,
@@ -89,3 +92,10 @@ def agent_answer(run: SuiteRun, retriever: Retriever, question: str, **ask: obje
         "seconds": round(time.perf_counter() - started, 3),
         "trace": state["trace"],
     }
+    if reading is not None:
+        reply |= {
+            "declined": not reading.answerable,
+            "short_answer": reading.answer,
+            "answerability": reading.score,
+        }
+    return reply

@@ -50,6 +50,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")

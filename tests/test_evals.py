@@ -90,10 +90,12 @@ def write_squad(path: Path) -> Path:
     return path
 
 
-def test_squad_json_keeps_answerable_questions_with_their_contexts(tmp_path):
+def test_squad_json_keeps_questions_with_their_contexts_and_marks_the_unanswerable(tmp_path):
     items = load_qa(write_squad(tmp_path / "dev.json"))
-    assert [item.id for item in items] == ["q1", "q3"]  # the unanswerable v2 question is left out
+    assert [item.id for item in items] == ["q1", "q2", "q3"]
     assert items[0].answers == ["London"] and items[0].context.startswith("Ada Lovelace")
+    assert items[1].answers == [] and items[1].meta["answerable"] is False
+    assert items[1].meta["kind"] == "unanswerable" and "answerable" not in items[0].meta
     (tmp_path / "bad.json").write_text('{"data": [{"no": "paragraphs"}]}')
     with pytest.raises(BadInputError, match="not SQuAD JSON"):
         load_qa(tmp_path / "bad.json")
@@ -278,3 +280,78 @@ def console():
     from rich.console import Console
 
     return Console(stderr=True, quiet=True)
+
+
+def test_niah_table_says_not_run_for_a_variant_without_cases():
+    from evals.suites.niah import variant_accuracy
+
+    group = [{"variant": "single", "correct": [True]}, {"variant": "single", "correct": [False]}]
+    assert variant_accuracy(group, "single") == 0.5
+    assert variant_accuracy(group, "multi") == "not run"
+
+
+def _docqa_row(kind, answerable, declined, right=False, packed=True, cited_ok=(), added=0):
+    row = {"kind": kind, "answerable": answerable, "declined": declined, "strategy": "semantic", "seconds": 2.0,
+           "cited": ["a"] * len(cited_ok), "citations_added": added, "gold_packed": packed, "citation_ok": bool(cited_ok),
+           "source_ok": packed, "gold_cited": bool(cited_ok)}  # fmt: skip
+    if answerable:
+        row |= {"answer_in_reply": float(right), "exact_match": float(right), "f1": float(right), "right": right,
+                "cited_verified": list(cited_ok)}  # fmt: skip
+    return row
+
+
+def test_docqa_separates_reading_from_retrieval_and_scores_abstention():
+    from evals.suites.docqa import docqa_result
+
+    rows = [
+        _docqa_row("factoid", True, False, right=True, cited_ok=[True]),
+        _docqa_row("factoid", True, False, right=False, packed=False, cited_ok=[False], added=1),
+        _docqa_row("factoid", True, True),  # wrongly declined
+        _docqa_row("unanswerable", False, True),
+        _docqa_row("unanswerable", False, False),
+    ]
+    result = docqa_result(rows, "test")
+    metrics = result.metrics
+    assert metrics["right"] == pytest.approx(1 / 3) and metrics["gold_packed"] == pytest.approx(4 / 5)
+    assert metrics["right_when_packed"] == 0.5  # of the two answerable questions whose gold was packed
+    assert metrics["declined_unanswerable"] == 0.5 and metrics["declined_answerable"] == pytest.approx(1 / 3)
+    assert metrics["decline_precision"] == 0.5
+    assert metrics["citations_verified"] == 0.5 and metrics["citations_added"] == 0.5
+    kinds = {row["kind"]: row for row in result.table}
+    assert set(kinds) == {"factoid", "unanswerable", "all"} and kinds["unanswerable"]["right"] is None
+    assert result.details["routing"] == {"factoid": {"semantic": 3}, "unanswerable": {"semantic": 2}}
+
+
+def test_devsets_from_squad_and_hotpot_keep_the_splits_apart(tmp_path):
+    from evals.devsets import prepare_hotpot, prepare_squad
+
+    paragraphs = [
+        {"context": f"Paragraph {n} says the answer is A{n}.", "qas": [
+            {"id": f"a{n}", "question": f"What is answer {n}?", "answers": [{"text": f"A{n}", "answer_start": 24}]},
+            {"id": f"u{n}", "question": f"What is not said {n}?", "answers": [], "is_impossible": True},
+        ]}
+        for n in range(8)
+    ]  # fmt: skip
+    squad = tmp_path / "train-v2.0.json"
+    squad.write_text(
+        json.dumps({"version": "v2.0", "data": [{"title": "Topic (2020 film)", "paragraphs": paragraphs}]})
+    )
+    fit = prepare_squad(squad, tmp_path / "fit", per_article=3, unanswerable=2, split="fit")
+    report = prepare_squad(squad, tmp_path / "report", per_article=3, unanswerable=2, split="report")
+    fit_rows, report_rows = (load_qa(devset.questions) for devset in (fit, report))
+    assert fit.counts == {"documents": 1, "questions": 5, "factoid": 3, "unanswerable": 2}
+    assert not {row.id for row in fit_rows} & {row.id for row in report_rows}  # disjoint questions
+    assert (tmp_path / "fit" / "docs" / "Topic_2020_film.txt").read_text().count("Paragraph") == 8
+    unanswerable = [row for row in fit_rows if row.meta["kind"] == "unanswerable"]
+    assert all(row.answers == [] and row.meta["answerable"] is False for row in unanswerable)
+    hotpot = tmp_path / "hotpot.json"
+    hotpot.write_text(json.dumps([
+        {"_id": f"h{n}", "question": f"Q{n}?", "answer": "yes", "type": "comparison", "level": "easy",
+         "supporting_facts": [[f"P{n}", 0], [f"R{n}", 0]],
+         "context": [[f"P{n}", ["P says."]], [f"R{n}", ["R says."]], [f"D{n}", ["Distractor."]]]}
+        for n in range(4)
+    ]))  # fmt: skip
+    devset = prepare_hotpot(hotpot, tmp_path / "hotpot", questions=2, split="fit")
+    rows = load_qa(devset.questions)
+    assert devset.counts["documents"] == 6 and len(rows) == 2
+    assert all(len(row.doc_ids) == 2 and (devset.docs / row.doc_ids[0]).is_file() for row in rows)

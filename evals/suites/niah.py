@@ -173,8 +173,7 @@ def run(run: SuiteRun) -> SuiteResult:
                 table.append({
                     "length": length,
                     "mode": mode,
-                    "single": accuracy([r for r in group if r["variant"] == "single"]),
-                    "multi": accuracy([r for r in group if r["variant"] == "multi"]),
+                    **{variant: variant_accuracy(group, variant) for variant in ("single", "multi")},
                     "prefill_s": float(np.mean([r["prefill_s"] for r in group])),
                 })  # fmt: skip
     grids = {mode: depth_grid(rows, mode, lengths, depths) for mode in modes}
@@ -182,6 +181,12 @@ def run(run: SuiteRun) -> SuiteResult:
         run.folder / "niah_heatmap.png", grids, lengths, depths, f"NIAH accuracy · {run.generator().name}"
     )
     return SuiteResult(metrics, table, [plot], {"model": run.generator().name})
+
+
+def variant_accuracy(group: list[dict], variant: str) -> float | str:
+    """Accuracy over the group's cases of one variant; "not run" where it has none (a --limit cut them)."""
+    cases = [row for row in group if row["variant"] == variant]
+    return accuracy(cases) if cases else "not run"
 
 
 def depth_grid(rows: list[dict], mode: str, lengths: list[int], depths: list[float]) -> np.ndarray:
