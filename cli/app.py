@@ -183,6 +183,14 @@ def ask(
     context_tokens: Annotated[
         int, typer.Option("--context-tokens", help="Token budget for sources.", min=64)
     ] = 3072,
+    reader: Annotated[
+        str,
+        typer.Option(
+            "--reader",
+            help="auto: factoid and yes/no questions get a short answer copied from a source (or 'not in the "
+            "documents'), others a free answer; free: always a free answer.",
+        ),
+    ] = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     attention: Annotated[
@@ -247,6 +255,7 @@ def ask(
         top_k=top_k,
         context_tokens=context_tokens,
         max_new_tokens=max_new_tokens,
+        reader=reader,
         temperature=temperature,
         attention=attention,
         attention_topk=topk,

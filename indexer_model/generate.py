@@ -200,10 +200,13 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     seed: int | None = None,
     dsa: DSAConfig | None = None,
+    constrain: Callable[[list[int], Tensor], Tensor] | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas.
     With `dsa`, the prefill uses DeepSeek Sparse Attention, and so does every decode step unless
-    `dsa.sparse_decode` is False. On a GPU the decode steps replay a CUDA graph (`GraphedDecoder`)."""
+    `dsa.sparse_decode` is False. On a GPU the decode steps replay a CUDA graph (`GraphedDecoder`).
+    `constrain(ids so far, logits (V,))` returns the logits to sample from (e.g. -inf outside the tokens
+    a copy of the sources allows)."""
     device = model.output.weight.device
     prompt_len = len(prompt_ids)
     total = prompt_len + max_new_tokens
@@ -221,6 +224,8 @@ def generate(
     started = time.perf_counter()
     prompt = torch.tensor([prompt_ids], device=device)
     logits = prefill(model, prompt, torch.arange(prompt_len, device=device), dsa)
+    if constrain is not None:
+        logits = constrain(stream.ids, logits[0])[None]
     token = sample(logits, temperature, top_p, generator)
     prefill_s = time.perf_counter() - started
 
@@ -242,6 +247,8 @@ def generate(
             logits = decode_one_token(
                 model, token.view(1, 1), torch.tensor([position], device=device), step_dsa
             )
+        if constrain is not None:
+            logits = constrain(stream.ids, logits[0])[None]
         token = sample(logits, temperature, top_p, generator)
         decode_steps += 1
     text = stream.flush()
@@ -331,9 +338,12 @@ class Generator:
         seed: int | None = 0,
         attention: str = "auto",
         topk: int | None = None,
+        reply_start: str = "",
+        constrain: Callable[[list[int], Tensor], Tensor] | None = None,
     ) -> GenerationResult:
-        """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention)."""
-        prompt_ids = self.chat_prompt_ids(messages)
+        """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention).
+        `reply_start` is text the reply begins with (not returned); `constrain` as in `generate`."""
+        prompt_ids = self.chat_prompt_ids(messages) + (self.tokenizer.encode(reply_start) if reply_start else [])
         device = self.model.tok_embeddings.weight.device.type
         dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers, device)
         return generate(
@@ -347,6 +357,7 @@ class Generator:
             on_text=on_text,
             seed=seed,
             dsa=dsa,
+            constrain=constrain,
         )
 
 

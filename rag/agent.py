@@ -20,9 +20,10 @@ from langgraph.runtime import Runtime
 from indexer_model.generate import GenerationResult, Generator
 from rag.budget import TopkBudget, topk_budget
 from rag.dedup import dedup_rankings, drop_superseded_versions
-from rag.grounding import Grounding, add_citations, check_grounding
+from rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
 from rag.pack import PackedContext, build_messages, pack_sources
 from rag.query_features import QueryFeatures, query_features
+from rag.reader import Reading, read, reading_mode
 from rag.rerank import RecencyBlend
 from rag.retrieve import Hit, Retriever
 from rag.route import choose_complexity, choose_strategy, decide_retrieval
@@ -54,6 +55,10 @@ class AgentState(TypedDict, total=False):
     packed: PackedContext | None
     topk: TopkBudget
     generation: GenerationResult
+    reading: Reading | None  # the constrained reader's answer (factoid and yes/no questions), else None
+    citations: list[
+        dict
+    ]  # each [n] of the final answer: who wrote it and whether its source holds the answer
     grounding: Grounding
     attempt: int
     retry: bool
@@ -153,7 +158,7 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     complexity = choose_complexity(question, features, generator)
     queries = [question]
     if strategy == "multi-query":
-        queries += write_sub_questions(question, generator)
+        queries += list(features.compared) or write_sub_questions(question, generator)
     trace = [
         {"node": "plan", "decision": "strategy", "choice": strategy, "reason": strategy_reason},
         {"node": "plan", "decision": "complexity", "choice": complexity.choice, "reason": complexity.reason},
@@ -228,9 +233,16 @@ def pack(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
 
 def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Answer with the top-k budget of the task's complexity (dense below the DSA threshold)."""
+    """Answer with the top-k budget of the task's complexity (dense below the DSA threshold): factoid and
+    yes/no questions by the constrained reader (a span copied from a source, or a refusal), others freely."""
     options, generator = runtime.context.options, runtime.context.generator
-    messages = build_messages(state["question"], state.get("packed"))
+    question, packed = state["question"], state.get("packed")
+    mode = (
+        reading_mode(question)
+        if packed is not None and packed.sources and options.reader == "auto"
+        else "free"
+    )
+    messages = build_messages(question, packed)
     prompt_tokens = len(generator.chat_prompt_ids(messages))
     budget = topk_budget(
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
@@ -240,52 +252,82 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     attention = options.attention
     if options.critical or (attention == "auto" and budget.attention == "dense"):
         attention = "dense"
-    generation = generator.answer(
-        messages,
-        max_new_tokens=options.max_new_tokens,
-        temperature=options.temperature,
-        attention=attention,
-        topk=budget.topk,
-        on_text=runtime.context.on_text,
-    )
+    reading = None
+    if mode == "free":
+        generation = generator.answer(
+            messages,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            attention=attention,
+            topk=budget.topk,
+            on_text=runtime.context.on_text,
+        )
+    else:
+        reading = read(mode, generator, question, packed, attention, budget.topk)
+        generation = replace(reading.generation, text=reading.reply(packed))
+    entry = {
+        "node": "generate",
+        "reader": mode,
+        "topk_budget": budget.to_json(),
+        "attention": generation.attention,
+        "topk": generation.topk,
+        "prompt_tokens": generation.prompt_tokens,
+        "new_tokens": generation.new_tokens,
+    }
+    if reading is not None:
+        entry["reading"] = reading.to_json()
     return {
         "topk": budget,
         "generation": generation,
+        "reading": reading,
         "timings": {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
-        "trace": [
-            {
-                "node": "generate",
-                "topk_budget": budget.to_json(),
-                "attention": generation.attention,
-                "topk": generation.topk,
-                "prompt_tokens": generation.prompt_tokens,
-                "new_tokens": generation.new_tokens,
-            }
-        ],
+        "trace": [entry],
     }
 
 
 def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Is the answer supported by the packed sources? If not, retry once with another strategy (unless
-    forced) and twice the chunks and context budget."""
-    packed = state.get("packed")
+    """Is the answer supported by the packed sources? A constrained answer is (it was copied from one) unless
+    the reader declined; a free answer's terms must be found there, and each [n] it cites must hold them.
+    A declined or unsupported answer is retried once with another strategy (unless forced) and twice the
+    chunks and context budget."""
+    packed, reading = state.get("packed"), state.get("reading")
     if packed is None or not packed.sources:
         return {
             "retry": False,
+            "citations": [],
             "trace": [{"node": "check", "supported": None, "reason": "no sources: not retrieved"}],
         }
-    grounding = check_grounding(state["generation"].text, packed.text)
+    generation = state["generation"]
+    if reading is not None:
+        supported = reading.answerable
+        reason = f"copied from [{reading.source}]" if reading.source else f"{reading.mode}: {reading.answer}"
+        grounding = Grounding(
+            supported, 1.0 if supported else 0.0, reason if supported else "the reader declined"
+        )
+        citations = [{"source": reading.source, "by": "reader", "verified": True}] if reading.source else []
+    else:
+        grounding = check_grounding(generation.text, packed.text)
+        citations = cited_by_model(generation.text, [hit.text for hit in packed.sources])
     entry = {"node": "check", **grounding.to_json(), "attempt": state["attempt"]}
     if grounding.supported or state["attempt"] >= MAX_ATTEMPTS:
         if not grounding.supported:
             entry["retry"] = f"no: {MAX_ATTEMPTS} attempts made"
-            return {"grounding": grounding, "retry": False, "trace": [entry]}
-        text, cited = add_citations(state["generation"].text, [hit.text for hit in packed.sources])
+            return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}
+        if reading is not None or citations:
+            return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}
+        text, cited, support = add_citations(generation.text, [hit.text for hit in packed.sources])
         if cited is None:
-            return {"grounding": grounding, "retry": False, "trace": [entry]}
-        entry["cited"] = f"[{cited}] added: the answer named no source, [{cited}] holds most of its terms"
-        generation = replace(state["generation"], text=text)
-        return {"grounding": grounding, "retry": False, "generation": generation, "trace": [entry]}
+            return {"grounding": grounding, "retry": False, "citations": [], "trace": [entry]}
+        entry["cited"] = (
+            f"[{cited}] added: the answer named no source, [{cited}] holds {support:.0%} of its terms"
+        )
+        return {
+            "grounding": grounding,
+            "retry": False,
+            "generation": replace(generation, text=text),
+            "citations": [{"source": cited, "by": "tool", "verified": True}],
+            "trace": [entry],
+        }
     options, generator = runtime.context.options, runtime.context.generator
     strategy = state["strategy"] if options.strategy is not None else RETRY_STRATEGY[state["strategy"]]
     retry_k = state["retrieve_k"] * 2

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
 STRATEGY_CHOICES = (*STRATEGIES, "none")
+READERS = ("auto", "free")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class AskOptions:
     attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (rag/budget.py)
     strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
     critical: bool = False  # always dense attention
+    reader: str = (
+        "auto"  # auto: copy-constrained answers to factoid and yes/no questions (rag/reader.py); free
+    )
     compare_dense: bool = False  # also answer in the other attention mode and compare (rag/cost.py)
     price_per_hour: float = 2.0  # GPU $/hour of the cost meter
     record_cost: bool = True  # append the cost meter's row to the ledger (rag/cost_ledger.py)
@@ -61,6 +65,10 @@ class AskResult:
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
+    answerable: bool | None = None  # False: the reader found no answer in the sources and declined
+    answerability: float | None = None  # the reader's log-odds of answering against declining
+    short_answer: str | None = None  # the constrained reader's answer alone (a span of a source, yes, no)
+    citations: list[dict] = field(default_factory=list)  # each [n]: by model | reader | tool, and verified
     trace: list[dict] = field(default_factory=list)  # every node's decision and reason, in order
     cost: dict = field(default_factory=dict)  # the cost meter: sparse vs dense, measured and analytic
 
@@ -104,6 +112,8 @@ def ask(
     question = options.question.strip()
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
+    if options.reader not in READERS:
+        raise BadInputError(f"--reader {options.reader!r}: use one of {', '.join(READERS)}")
     if options.strategy is not None and options.strategy not in STRATEGY_CHOICES:
         raise BadInputError(f"--strategy {options.strategy!r}: use one of {', '.join(STRATEGY_CHOICES)}")
     if not question:
@@ -140,7 +150,7 @@ def ask(
         context.on_text, context.on_retry = streaming.text, streaming.retry
     state = run_agent(question, context)
     timings |= state["timings"]
-    generation, packed = state["generation"], state.get("packed")
+    generation, packed, reading = state["generation"], state.get("packed"), state.get("reading")
     cost = meter_generation(generator, generation, GpuSpec(price_per_hour=options.price_per_hour))
     if options.compare_dense:
         cost["compare"] = compare_modes(generator, build_messages(question, packed), generation, options)
@@ -182,6 +192,10 @@ def ask(
         },
         ingest=report.to_json() if report else None,
         strategy=state["strategy"],
+        answerable=reading.answerable if reading else None,
+        answerability=round(reading.score, 3) if reading and reading.score is not None else None,
+        short_answer=(reading.answer or None) if reading else None,
+        citations=state.get("citations", []),
         trace=state["trace"],
         cost=cost,
     )

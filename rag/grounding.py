@@ -33,6 +33,11 @@ class Grounding:
         return {"supported": self.supported, "support": round(self.support, 3), "reason": self.reason}
 
 
+def says_not_known(answer: str) -> bool:
+    """The answer declines: it says the sources do not hold what was asked."""
+    return bool(_NOT_KNOWN.search(answer))
+
+
 def answer_terms(answer: str) -> list[str]:
     text = _CITATION.sub(" ", answer)
     terms = [term.lower().rstrip(".,:") for term in _TERM.findall(text)]
@@ -42,7 +47,7 @@ def answer_terms(answer: str) -> list[str]:
 def check_grounding(answer: str, sources_text: str, threshold: float = SUPPORT_THRESHOLD) -> Grounding:
     if not answer.strip():
         return Grounding(False, 0.0, "empty answer")
-    if _NOT_KNOWN.search(answer):
+    if says_not_known(answer):
         return Grounding(False, 0.0, "the answer says the sources do not contain it")
     terms = answer_terms(answer)
     if not terms:
@@ -59,15 +64,39 @@ def check_grounding(answer: str, sources_text: str, threshold: float = SUPPORT_T
 
 def add_citations(
     answer: str, source_texts: list[str], threshold: float = SUPPORT_THRESHOLD
-) -> tuple[str, int | None]:
+) -> tuple[str, int | None, float]:
     """A small model often answers without the [n] it was asked for: cite the source that alone holds the
     most of the answer's content terms (the best-ranked one on a tie), when it holds at least `threshold`
-    of them. Answers that cite already, or say the sources lack the answer, stay as they are."""
+    of them, and say in the text that the tool added it. Answers that cite already, or say the sources lack
+    the answer, stay as they are. Returns the text, the added [n] (or None) and its share of the terms."""
     terms = answer_terms(answer)
-    if not terms or not source_texts or _CITATION.search(answer) or _NOT_KNOWN.search(answer):
-        return answer, None
-    supports = [sum(term.lstrip("$") in text.lower() for term in terms) / len(terms) for text in source_texts]
+    if not terms or not source_texts or _CITATION.search(answer) or says_not_known(answer):
+        return answer, None, 0.0
+    supports = [source_support(terms, text) for text in source_texts]
     best = max(range(len(supports)), key=lambda i: (supports[i], -i))
     if supports[best] < threshold:
-        return answer, None
-    return f"{answer.rstrip()} [{best + 1}]", best + 1
+        return answer, None, supports[best]
+    number = best + 1
+    note = f"[{number}] cited by dsarag: it holds {supports[best]:.0%} of the answer's terms"
+    return f"{answer.rstrip()} [{number}]\n\n({note})", number, supports[best]
+
+
+def source_support(terms: list[str], source_text: str) -> float:
+    """Share of the answer's content terms found in one source."""
+    text = source_text.lower()
+    return sum(term.lstrip("$") in text for term in terms) / len(terms) if terms else 0.0
+
+
+def cited_by_model(answer: str, source_texts: list[str], threshold: float = SUPPORT_THRESHOLD) -> list[dict]:
+    """Each [n] the answer cites, checked: does source n alone hold `threshold` of the answer's terms?"""
+    terms = answer_terms(answer)
+    numbers = dict.fromkeys(int(n) for n in re.findall(r"\[(\d+)\]", answer))
+    return [
+        {
+            "source": number,
+            "by": "model",
+            "verified": 1 <= number <= len(source_texts)
+            and source_support(terms, source_texts[number - 1]) >= threshold,
+        }
+        for number in numbers
+    ]

@@ -36,6 +36,16 @@ _COMPARISON = re.compile(
     r"rose|fell|increase[sd]?|decrease[sd]?|than|higher|lower|both|between .+ and)\b",
     re.I,
 )
+# The sides of a comparison, named in the question: "between A and B", "Are A and B …?", "…, A or B?".
+_NAME = r"[A-Z0-9\"'“][^,?]*?"
+_COMPARED = [
+    re.compile(rf"\b(?i:between) (?P<a>{_NAME}) and (?P<b>{_NAME})(?=[,?]|$)"),
+    re.compile(
+        rf"^(?:are|were|is|was|do|did|does|have|has|had)\s+(?:both\s+)?(?P<a>{_NAME}) and (?P<b>{_NAME})\s+(?=(?:both|the same|of the same|in the same|from the same|each|members|located|situated|from|considered|known|still|[a-z]+ed|[a-z]+s)\b)",
+        re.I,
+    ),
+    re.compile(rf",\s*(?P<a>{_NAME}) or (?P<b>{_NAME})\s*\?\s*$"),
+]
 _SUMMARY = re.compile(r"\b(summari[sz]e|summary|overview|outline|main points|key points|tl;?dr)\b", re.I)
 _REASONING = re.compile(r"\b(why|explain|step by step|reason|how would|what if|should)\b", re.I)
 _WORD = re.compile(r"\w+")
@@ -62,6 +72,7 @@ class QueryFeatures:
     recency: bool  # asks for the newest state ("latest", "current", "as of …")
     identifiers: tuple[str, ...]
     comparison: bool
+    compared: tuple[str, ...]  # the named sides of a comparison ("Marian Gold", "Jung Eun-ji"), else ()
     summary: bool
     reasoning: bool
     n_words: int
@@ -72,6 +83,7 @@ class QueryFeatures:
             "recency": self.recency,
             "identifiers": list(self.identifiers),
             "comparison": self.comparison,
+            "compared": list(self.compared),
             "summary": self.summary,
             "reasoning": self.reasoning,
             "words": self.n_words,
@@ -82,15 +94,28 @@ def query_features(question: str) -> QueryFeatures:
     window = time_window(question)
     identifiers = [match.group(0) for match in _IDENTIFIER.finditer(question)]
     identifiers += [match.group(1) for match in _QUOTED.finditer(question)]
+    compared = compared_sides(question)
     return QueryFeatures(
         window=window,
         recency=bool(_RECENCY_WORDS.search(question)) or (window is not None and window.start is None),
         identifiers=tuple(dict.fromkeys(identifiers)),
-        comparison=bool(_COMPARISON.search(question)),
+        comparison=bool(_COMPARISON.search(question)) or bool(compared),
+        compared=compared,
         summary=bool(_SUMMARY.search(question)),
         reasoning=bool(_REASONING.search(question)),
         n_words=len(_WORD.findall(question)),
     )
+
+
+def compared_sides(question: str) -> tuple[str, ...]:
+    """The two things a comparison question names, each searched on its own by multi-query retrieval."""
+    for pattern in _COMPARED:
+        match = pattern.search(question.strip())
+        if match:
+            sides = tuple(side.strip(" \"'“”‘’") for side in (match["a"], match["b"]))
+            if all(len(side) >= 2 for side in sides):
+                return sides
+    return ()
 
 
 def time_window(question: str) -> TimeWindow | None:
@@ -104,7 +129,9 @@ def time_window(question: str) -> TimeWindow | None:
         end_year = year + 1 if last < first else year
         end = _month_end(end_year, last)
         return TimeWindow(None if _bounded_above(question, season.start()) else start, end, season.group(0))
-    phrases: list[DatePhrase] = find_date_phrases(question)
+    phrases: list[DatePhrase] = [
+        phrase for phrase in find_date_phrases(question) if not _in_a_name(question, phrase)
+    ]
     if phrases:
         phrase = phrases[-1]  # "compared with 2023 … in 2025": the period asked about comes last
         text = question[phrase.span[0] : phrase.span[1]]
@@ -114,6 +141,22 @@ def time_window(question: str) -> TimeWindow | None:
     if recency:
         return TimeWindow(None, None, recency.group(0))
     return None
+
+
+def _in_a_name(question: str, phrase: DatePhrase) -> bool:
+    """A bare year that is part of a name or title is not a period asked about: "the 2007 FIFA U-20 Golden
+    Shoe", "Kiss and Tell (1945 film)", "the album 'Live 1975'", "Which 1988 Telugu comedy …"."""
+    if phrase.precision != "year":
+        return False
+    start, end = phrase.span
+    before, after = question[:start], question[end:]
+    if re.match(r"\s*[A-Z]", after) or re.match(r"\s+[a-z]+\s+[a-z]+\b", after) and re.search(r"\b(the|a|an|which|what|whose)\s*$", before, re.I):  # fmt: skip
+        return True
+    if re.search(r"\b(the|a|an|which|what|whose)\s+$", before, re.I) and re.match(r"\s+[a-z]", after):
+        return True
+    inside_quotes = before.count('"') % 2 == 1 or before.count("“") > before.count("”")
+    inside_parentheses = before.count("(") > before.count(")")
+    return inside_quotes or inside_parentheses or bool(re.search(r"[A-Z][\w'-]*\s+$", before))
 
 
 def _bounded_above(question: str, phrase_start: int) -> bool:

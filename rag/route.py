@@ -59,6 +59,7 @@ FEATURE_WEIGHT = 3.0
 # (routing 81 %, margins 2–2.4 nats).
 ABSENT_FEATURE_PENALTY = 2.5
 COMPARISON_WEIGHT = 4.0  # "in 2023 compared with 2025" names dates, but both periods must be fetched
+NAMED_SIDES_WEIGHT = 4.0  # "Are A and B …?" names both sides: each must be found, so multi-query wins
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def choose_strategy(question: str, features: QueryFeatures, generator: Generator
     evidence = {
         "lookup": 0.0,
         "latest": _evidence(features.window is not None or features.recency, FEATURE_WEIGHT),
-        "compare": _evidence(features.comparison, COMPARISON_WEIGHT),
+        "compare": _evidence(features.comparison, COMPARISON_WEIGHT)
+        + NAMED_SIDES_WEIGHT * bool(features.compared),
         "exact": _evidence(bool(features.identifiers), FEATURE_WEIGHT),
     }
     totals = {label: llm[label] + evidence[label] for label in STRATEGY_CHOICE.labels}

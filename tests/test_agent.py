@@ -248,9 +248,11 @@ def test_an_answer_without_markers_cites_the_source_holding_its_terms():
         "Treasurer until June 2024: Marisol Venkatesan.",
         "Treasurer from July 2024: Tobias Achterberg.",
     ]
-    assert add_citations("Tobias Achterberg.", sources) == ("Tobias Achterberg. [2]", 2)
-    assert add_citations("It is Tobias Achterberg [2].", sources) == ("It is Tobias Achterberg [2].", None)
-    assert add_citations("Greta Novak.", sources) == ("Greta Novak.", None)  # in no source: no citation
+    text, number, support = add_citations("Tobias Achterberg.", sources)
+    assert number == 2 and support == 1.0 and text.startswith("Tobias Achterberg. [2]")
+    assert "[2] cited by dsarag" in text  # the reply says the tool added it
+    assert add_citations("It is Tobias Achterberg [2].", sources)[:2] == ("It is Tobias Achterberg [2].", None)
+    assert add_citations("Greta Novak.", sources)[:2] == ("Greta Novak.", None)  # in no source: no citation
     assert add_citations("The sources do not contain it.", sources)[1] is None
     both = ["Treasurer: Tobias Achterberg (2024).", "Tobias Achterberg, treasurer."]
     assert add_citations("Tobias Achterberg", both)[1] == 1  # a tie goes to the better-ranked source
@@ -274,7 +276,7 @@ def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_b
     monkeypatch.setattr("rag.agent.choose_strategy", lambda *args: _decision("semantic"))
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store,
-        top_k=2, context_tokens=300, max_new_tokens=4,
+        top_k=2, context_tokens=300, max_new_tokens=4, reader="free",
     )  # fmt: skip
     state = run_agent(options.question, AgentContext(options, retriever, tiny))
     retrieves = [entry for entry in state["trace"] if entry["node"] == "retrieve"]
@@ -287,11 +289,11 @@ def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_b
 def test_a_streamed_answer_shows_each_attempt_then_what_the_check_added(demo_store, monkeypatch):
     verdicts = iter([Grounding(False, 0.0, "forced"), Grounding(True, 1.0, "forced")])
     monkeypatch.setattr("rag.agent.check_grounding", lambda answer, text: next(verdicts))
-    monkeypatch.setattr("rag.agent.add_citations", lambda answer, sources: (f"{answer.rstrip()} [1]", 1))
+    monkeypatch.setattr("rag.agent.add_citations", lambda answer, sources: (f"{answer.rstrip()} [1]", 1, 1.0))
     events: list[tuple[str, str]] = []
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store, model="tiny",
-        strategy="semantic", top_k=2, context_tokens=300, max_new_tokens=4, record_cost=False,
+        strategy="semantic", top_k=2, context_tokens=300, max_new_tokens=4, record_cost=False, reader="free",
     )  # fmt: skip
     result = ask(
         options,

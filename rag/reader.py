@@ -1,0 +1,259 @@
+"""Reading the packed sources: a short answer copied from them with the sentence that states it, or a refusal.
+
+Factoid questions are read by copy-constrained decoding: every token of the answer must continue a span of
+one source's tokens (spans do not cross lines), so the answer is a quote of a source by construction, that
+source is cited, and the sentence holding the span is shown as evidence. Yes/no questions choose between
+" yes" and " no" in one constrained step. Open questions (why, how, explain, summarize, list) are answered
+freely, as before, and checked by rag/grounding.py. Both constrained modes may also choose " none" (the
+sources do not say, SQuAD 2.0's no-answer option); `answerability` is the first step's log-odds of the best
+answer token against it, and answers below `DECLINE_MARGIN` are declined.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from indexer_model.generate import GenerationResult, Generator
+from rag.pack import PackedContext
+
+SPAN_PROMPT = (
+    "Answer the question from the numbered sources. Reply with the exact words from the sources that answer "
+    "it, as short as possible: a name, number, date or short phrase. If the sources do not state the "
+    "answer, reply: none"
+)
+YES_NO_PROMPT = (
+    "Answer the question from the numbered sources with yes or no. If the sources do not say, reply: none"
+)
+REPLY_START = "Answer:"
+NULL_ANSWER = " none"
+SPAN_MAX_TOKENS = 24
+# Decline when log P(" none") - log P(best allowed first token) at the answer's first step exceeds this
+# margin (fitted on the development sets: docs/evals.md, "Abstention").
+DECLINE_MARGIN = 0.0
+
+_YES_NO_START = re.compile(
+    r"^\s*(is|are|was|were|do|does|did|can|could|has|have|had|will|would|should|shall)\b", re.I
+)
+_OPEN_QUESTION = re.compile(
+    r"^\s*(why|how (do|does|did|can|could|should|would|is|are|was|were)\b|explain|describe|summari[sz]e|"
+    r"list|compare|what (are|were) the (main|key|differences|steps|reasons))|\b(step by step|in detail)\b",
+    re.I,
+)
+_ALTERNATIVES = re.compile(r",?\s+or\s+[^,?]+\?\s*$", re.I)  # "…, A or B?" names its answers
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])|\n")
+
+
+@dataclass
+class Reading:
+    """What the reader made of the sources: the reply, and how it was reached."""
+
+    mode: str  # "span" | "yes-no" | "free"
+    answer: str  # the short answer ("" when declined); for "free" the whole reply
+    answerable: bool
+    score: float | None  # log P(best answer's first token) - log P(" none"): > -DECLINE_MARGIN answers
+    source: int | None = None  # the [n] the span was copied from
+    quote: str = ""  # the sentence of that source holding the span
+    generation: GenerationResult | None = None
+    features: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode,
+            "answer": self.answer,
+            "answerable": self.answerable,
+            "score": None if self.score is None else round(self.score, 3),
+            "source": self.source,
+            "quote": self.quote,
+        }
+
+    def reply(self, packed: PackedContext) -> str:
+        """The text shown: the short answer and its source, then the sentence stating it; or the refusal
+        with the closest sources."""
+        if not self.answerable:
+            closest = "; ".join(f"[{n}] {hit.citation}" for n, hit in enumerate(packed.sources[:3], start=1))
+            return f"The documents do not contain the answer. Closest sources: {closest}."
+        if self.source is None:
+            return f"{self.answer.capitalize()}."
+        answer = f"{self.answer} [{self.source}]"
+        return f'{answer}\n\n[{self.source}] "{self.quote}"' if self.quote else answer
+
+
+def reading_mode(question: str) -> str:
+    """span for factoid questions, yes-no for polar ones, free for explanations, lists and summaries."""
+    if _OPEN_QUESTION.search(question):
+        return "free"
+    if _YES_NO_START.search(question) and not _ALTERNATIVES.search(question):
+        return "yes-no"
+    return "span"
+
+
+class CopyConstraint:
+    """Logits filter for `generate`: the reply continues some span of the allowed token sequences.
+
+    The sequences are laid end to end in one array with -1 between them; `state` holds every position where
+    the reply so far ends inside a sequence, so the next token may be any token found there. The filter also
+    records the unconstrained log-probabilities it needs for scoring (first step, chosen tokens)."""
+
+    def __init__(self, sequences: list[list[int]], stop_ids: set[int], max_tokens: int) -> None:
+        flat: list[int] = []
+        self.owner: list[int] = []  # the sequence each position belongs to
+        for number, sequence in enumerate(sequences):
+            flat += [*sequence, -1]
+            self.owner += [number] * (len(sequence) + 1)
+        self.tokens = np.array(flat, dtype=np.int64)
+        self.stop_ids = sorted(stop_ids)
+        self.max_tokens = max_tokens
+        self.state = np.flatnonzero(self.tokens >= 0)
+        self.first_logprobs: Tensor | None = None
+        self.token_logprobs: list[float] = []
+        self._last_logprobs: Tensor | None = None
+
+    def __call__(self, ids: list[int], logits: Tensor) -> Tensor:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if ids:
+            self.token_logprobs.append(float(self._last_logprobs[ids[-1]]))
+            self.state = self.state[self.tokens[self.state] == ids[-1]] + 1
+        else:
+            self.first_logprobs = logprobs
+        self._last_logprobs = logprobs
+        allowed = [] if len(ids) >= self.max_tokens else self.tokens[self.state]
+        allowed = np.unique(allowed[allowed >= 0]) if len(allowed) else np.array([], dtype=np.int64)
+        if ids:
+            allowed = np.concatenate([allowed, self.stop_ids])
+        masked = torch.full_like(logits, float("-inf"))
+        index = torch.from_numpy(allowed).to(logits.device)
+        masked[index] = logits[index]
+        return masked
+
+    def finish(self, ids: list[int]) -> None:
+        """Record the last token's log-probability (generation may stop before calling the filter again)."""
+        if len(self.token_logprobs) < len(ids) and self._last_logprobs is not None:
+            self.token_logprobs.append(float(self._last_logprobs[ids[-1]]))
+            self.state = self.state[self.tokens[self.state] == ids[-1]] + 1
+
+    def matched_sequences(self, n_tokens: int) -> list[int]:
+        """The sequences (in order) holding the whole reply of `n_tokens` tokens."""
+        return sorted({self.owner[position - 1] for position in self.state if position >= n_tokens})
+
+
+def _source_segments(text: str, generator: Generator) -> list[list[int]]:
+    """A source's token ids cut at every token that holds a line break (an answer stays on one line)."""
+    segments: list[list[int]] = [[]]
+    for token_id in generator.tokenizer.encode(" " + text.strip()):
+        if "\n" in generator.tokenizer.decode([token_id]):
+            segments.append([])
+        else:
+            segments[-1].append(token_id)
+    return [segment for segment in segments if segment]
+
+
+def sentence_with(text: str, answer: str) -> str:
+    """The sentence of `text` that holds `answer` (the first one), else ""."""
+    start = text.find(answer)
+    if start < 0:
+        start = text.lower().find(answer.lower())
+    if start < 0:
+        return ""
+    bounds = [0, *(match.end() for match in _SENTENCE_END.finditer(text)), len(text)]
+    begin = max(bound for bound in bounds if bound <= start)
+    end = min((bound for bound in bounds if bound >= start + len(answer)), default=len(text))
+    return " ".join(text[begin:end].split())
+
+
+def _messages(system: str, question: str, blocks: list[tuple[int, str]]) -> list[dict]:
+    sources = "\n\n".join(f"[{number}] {text}" for number, text in blocks)
+    user = f"Sources:\n\n{sources}\n\nQuestion: {question}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def read_span(
+    generator: Generator, question: str, blocks: list[tuple[int, str]], attention: str, topk: int | None
+) -> Reading:
+    """A span of one source block (source [n], text), or a refusal, with the sentence holding the span."""
+    tokenizer = generator.tokenizer
+    segments, segment_source = [], []
+    for number, text in blocks:
+        for segment in _source_segments(text, generator):
+            segments.append(segment)
+            segment_source.append(number)
+    null = tokenizer.encode(NULL_ANSWER)
+    constraint = CopyConstraint([*segments, null], generator.stop_ids, SPAN_MAX_TOKENS)
+    generation = generator.answer(
+        _messages(SPAN_PROMPT, question, blocks),
+        max_new_tokens=SPAN_MAX_TOKENS,
+        attention=attention,
+        topk=topk,
+        reply_start=REPLY_START,
+        constrain=constraint,
+    )
+    constraint.finish(generation.token_ids)
+    matched = constraint.matched_sequences(len(generation.token_ids))
+    spans = [segment_source[index] for index in matched if index < len(segments)]
+    score = _answer_score(constraint, null[0])
+    features = {
+        "score": score,
+        "mean_logprob": float(np.mean(constraint.token_logprobs)) if constraint.token_logprobs else 0.0,
+        "tokens": len(generation.token_ids),
+    }
+    answer = generation.text.strip()
+    if not spans or score < -DECLINE_MARGIN:
+        return Reading("span", "", False, score, generation=generation, features=features)
+    source = spans[0]
+    missing = missing_numbers(question, dict(blocks)[source])
+    if missing:
+        features["missing_numbers"] = missing
+        return Reading("span", "", False, score, generation=generation, features=features)
+    quote = sentence_with(dict(blocks)[source], answer)
+    return Reading("span", answer, True, score, source, quote, generation, features)
+
+
+def read_yes_no(
+    generator: Generator, question: str, blocks: list[tuple[int, str]], attention: str, topk: int | None
+) -> Reading:
+    """yes or no (or a refusal), read off one constrained step after the prompt."""
+    tokenizer = generator.tokenizer
+    options = [tokenizer.encode(word) for word in (" yes", " no", NULL_ANSWER)]
+    constraint = CopyConstraint(options, generator.stop_ids, 1)
+    generation = generator.answer(
+        _messages(YES_NO_PROMPT, question, blocks),
+        max_new_tokens=1,
+        attention=attention,
+        topk=topk,
+        reply_start=REPLY_START,
+        constrain=constraint,
+    )
+    score = _answer_score(constraint, options[2][0])
+    answer = generation.text.strip().lower()
+    answerable = answer in ("yes", "no") and score >= -DECLINE_MARGIN
+    return Reading("yes-no", answer if answerable else "", answerable, score, generation=generation)
+
+
+def read(
+    mode: str, generator: Generator, question: str, packed: PackedContext, attention: str, topk: int | None
+) -> Reading:
+    """The constrained reading of `question` over the packed sources (mode "span" or "yes-no")."""
+    blocks = [(number, hit.text) for number, hit in enumerate(packed.sources, start=1)]
+    if mode == "yes-no":
+        return read_yes_no(generator, question, blocks, attention, topk)
+    return read_span(generator, question, blocks, attention, topk)
+
+
+def missing_numbers(question: str, source_text: str) -> list[str]:
+    """Numbers and years the question names that its answer's source does not hold: the source answers
+    another question ("hacked in November 2004" against a source that says 2014)."""
+    held = set(_NUMBER.findall(source_text.replace(",", "")))
+    return [number for number in _NUMBER.findall(question.replace(",", "")) if number not in held]
+
+
+def _answer_score(constraint: CopyConstraint, null_id: int) -> float:
+    """First step: the best non-null allowed token's log-probability minus the null answer's."""
+    first = constraint.first_logprobs
+    allowed = np.unique(constraint.tokens[constraint.tokens >= 0])
+    allowed = torch.from_numpy(allowed[allowed != null_id])
+    if first is None or not len(allowed):
+        return float("-inf")
+    return float(first[allowed].max() - first[null_id])

@@ -1,0 +1,168 @@
+"""The reader: question modes, the copy constraint, answers copied from a source with a verified citation,
+declining what the sources do not state, verified vs unverifiable citations, and the routing of comparison
+questions and of years inside names."""
+
+from datetime import date
+
+import pytest
+import torch
+
+from rag.agent import AgentContext, run_agent
+from rag.ask import AskOptions
+from rag.grounding import cited_by_model
+from rag.pack import pack_sources
+from rag.query_features import query_features
+from rag.reader import CopyConstraint, missing_numbers, read, reading_mode, sentence_with
+from rag.retrieve import Hit
+from rag.route import choose_strategy
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from indexer_model.generate import load_generator
+
+    return load_generator("tiny")
+
+
+def hit(text: str, path: str = "a.md", chunk_id: int = 1) -> Hit:
+    return Hit(chunk_id, path, text, 0, len(text), 1, 2, date(2024, 1, 1), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("question", "mode"),
+    [
+        ("Who is the privacy officer?", "span"),
+        ("How many yellow cabs operate in New York?", "span"),
+        ("Which magazine was started first, Arthur's or First for Women?", "span"),
+        ("Are Marian Gold and Jung Eun-ji members of the same band?", "yes-no"),
+        ("Is the deposit refundable?", "yes-no"),
+        ("Is the cap $600 or $900?", "span"),  # its alternatives are the answers
+        ("Why did the board change the cap?", "free"),
+        ("Summarize the remote work policy.", "free"),
+        ("How does the ingest pipeline work?", "free"),
+    ],
+)
+def test_reading_mode_follows_the_question_form(question, mode):
+    assert reading_mode(question) == mode
+
+
+def test_copy_constraint_allows_only_continuations_of_a_source_span():
+    sequences = [[5, 6, 7], [6, 9]]
+    constraint = CopyConstraint(sequences, stop_ids={0}, max_tokens=3)
+    logits = torch.zeros(10)
+    first = constraint([], logits)
+    assert sorted(torch.isfinite(first).nonzero().flatten().tolist()) == [
+        5,
+        6,
+        7,
+        9,
+    ]  # no stop before a token
+    after_six = constraint([6], logits)
+    assert sorted(torch.isfinite(after_six).nonzero().flatten().tolist()) == [0, 7, 9]  # 6→7, 6→9, or stop
+    constraint([6, 9], logits)
+    assert constraint.matched_sequences(2) == [1]  # "6 9" is a span of the second sequence only
+    assert len(constraint.token_logprobs) == 2 and constraint.first_logprobs is not None
+
+
+def test_the_quote_is_the_sentence_holding_the_answer():
+    text = "The fund opened in 2019. Its chair is Ines Marchetti, elected in May. Meetings are monthly."
+    assert sentence_with(text, "Ines Marchetti") == "Its chair is Ines Marchetti, elected in May."
+    assert sentence_with(text, "Greta Novak") == ""
+
+
+def test_a_number_the_source_does_not_hold_means_the_source_answers_another_question():
+    source = "In November 2014, Sony Pictures Entertainment was targeted by hackers."
+    assert missing_numbers("Which company was targeted by hackers in November 2004?", source) == ["2004"]
+    assert missing_numbers("Which company was targeted by hackers in November 2014?", source) == []
+    assert missing_numbers("How many cabs are there?", "about 12,000 cabs") == []
+
+
+def test_a_factoid_answer_is_a_span_of_the_source_it_cites(tiny):
+    sources = [
+        hit("The privacy officer of the cooperative is Hanne Quist-Molina, the board secretary.", "team.md"),
+        hit("The bakery opens at seven and closes at noon on Sundays.", "bakery.md", 2),
+    ]
+    packed = pack_sources(sources, tiny.count_tokens, 400)
+    reading = read("span", tiny, "Who is the privacy officer of the cooperative?", packed, "dense", None)
+    if reading.answerable:
+        source_text = packed.sources[reading.source - 1].text
+        assert reading.answer and reading.answer in source_text  # copied, whatever the model chose
+        assert reading.quote and reading.answer in reading.quote
+        assert reading.reply(packed).startswith(f"{reading.answer} [{reading.source}]")
+    else:
+        assert reading.reply(packed).startswith("The documents do not contain the answer")
+
+
+def test_a_question_the_documents_cannot_answer_is_declined_with_the_closest_sources(tiny):
+    sources = [hit("In November 2014, Sony Pictures Entertainment was targeted by hackers.", "sony.md")]
+    packed = pack_sources(sources, tiny.count_tokens, 400)
+    reading = read(
+        "span", tiny, "Which company was targeted by hackers in November 2004?", packed, "dense", None
+    )
+    assert not reading.answerable and reading.answer == ""
+    assert (
+        reading.reply(packed) == "The documents do not contain the answer. Closest sources: [1] sony.md:1-2."
+    )
+
+
+def test_the_agent_declines_and_says_so_in_its_state(embedder, tmp_path, tiny):
+    from rag.ingest import ingest_folder
+    from rag.retrieve import Retriever
+    from rag.store import ChunkStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "sony.md").write_text("In November 2014, Sony Pictures Entertainment was targeted by hackers.\n")
+    ingest_folder(docs, ChunkStore(tmp_path / "store"), embedder)
+    retriever = Retriever(ChunkStore(tmp_path / "store"), embedder)
+    question = "Which company was targeted by hackers in November 2004?"
+    options = AskOptions(question=question, store=tmp_path / "store", strategy="semantic", top_k=2)
+    state = run_agent(question, AgentContext(options, retriever, tiny))
+    assert state["reading"] is not None and not state["reading"].answerable
+    assert state["generation"].text.startswith("The documents do not contain the answer")
+    checks = [entry for entry in state["trace"] if entry["node"] == "check"]
+    assert len(checks) == 2 and checks[-1]["retry"].startswith("no:")  # retried once, then declined
+
+
+def test_a_citation_is_verified_only_where_its_source_holds_the_answer():
+    sources = ["Treasurer from July 2024: Tobias Achterberg.", "The bakery opens at seven."]
+    assert cited_by_model("Tobias Achterberg [1].", sources) == [
+        {"source": 1, "by": "model", "verified": True}
+    ]
+    assert cited_by_model("Tobias Achterberg [2].", sources) == [
+        {"source": 2, "by": "model", "verified": False}
+    ]
+    assert cited_by_model("Tobias Achterberg [7].", sources)[0]["verified"] is False  # no such source
+
+
+def test_a_comparison_names_both_sides_and_goes_to_multi_query(tiny):
+    features = query_features("Were Scott Derrickson and Ed Wood of the same nationality?")
+    assert features.compared == ("Scott Derrickson", "Ed Wood") and features.comparison
+    assert query_features("Between Iain Banks and Irwin Shaw, which writer wrote more?").compared == (
+        "Iain Banks",
+        "Irwin Shaw",
+    )
+    assert query_features("Which magazine started first, Arthur's Magazine or First for Women?").compared == (
+        "Arthur's Magazine",
+        "First for Women",
+    )
+    question = "Are Marian Gold and Jung Eun-ji members of the same band?"
+    assert choose_strategy(question, query_features(question), tiny).choice == "multi-query"
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What position did the receiver of the 2007 FIFA U-20 Golden Shoe play?",
+        "Which 1988 Telugu comedy had music composed by Chakravarthy?",
+        "Who starred in Kiss and Tell (1945 film)?",
+        'What songs are on the album "Live 1975"?',
+    ],
+)
+def test_a_year_inside_a_name_or_title_opens_no_time_window(question):
+    assert query_features(question).window is None
+
+
+def test_a_year_asked_about_still_opens_a_time_window():
+    assert query_features("Who was the treasurer of the cooperative in 2023?").window is not None
+    assert query_features("Who leads the project as of 2025?").window is not None
