@@ -1,8 +1,9 @@
-"""The DSA quality report joins runs of the same NIAH haystacks under different modes (benchmarks/dsa_quality.py)."""
+"""The DSA quality report joins runs of the same NIAH haystacks under different modes (evals/dsa_quality_report.py,
+the report of benchmarks/dsa_quality.py)."""
 
 import json
 
-from benchmarks.dsa_quality import _timing_cell, check_goals, merge_results, modes_for
+from evals.dsa_quality_report import _timing_cell, check_goals, merge_results, modes_for
 
 
 def _case(variant: int, modes: dict) -> dict:

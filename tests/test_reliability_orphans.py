@@ -1,6 +1,6 @@
 """No orphans: a killed `dsarag ingest` leaves none of its processes behind — neither its read/chunk workers nor
-the multiprocessing resource tracker — and the next run resumes (rag/parent_death.py; benchmarks/orphan_trials.py
-runs the recorded 20 trials)."""
+the multiprocessing resource tracker — and the next run resumes (rag/parent_death.py; the trial helpers are
+rag/orphan_harness.py, benchmarks/orphan_trials.py runs the recorded 20 trials)."""
 
 import json
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.orphan_trials import (
+from rag.orphan_harness import (
     GONE_WITHIN_S,
     ingest_command,
     ingest_env,
@@ -30,6 +30,7 @@ WORKERS = 2
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 
 
+@pytest.mark.slow  # 9-15 s on 2 cores: 800 notes embedded, killed after the first commit, resumed
 def test_a_sigkilled_ingest_leaves_no_process_and_resumes(tmp_path):
     docs, store = write_documents(tmp_path / "docs", N_DOCUMENTS), tmp_path / "store"
     command = ingest_command(docs, store, WORKERS, BATCH_CHUNKS)
