@@ -179,7 +179,11 @@ def ask(
             "--model", help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf"
         ),
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Chunks to retrieve.", min=1)] = 6,
+    chunks: Annotated[int, typer.Option("--chunks", help="Chunks to retrieve.", min=1)] = 6,
+    old_chunks: Annotated[
+        int | None,
+        typer.Option("--top-k", hidden=True, min=1, help="Old name of --chunks, kept for a release."),
+    ] = None,
     context_tokens: Annotated[
         int, typer.Option("--context-tokens", help="Token budget for sources.", min=64)
     ] = 3072,
@@ -187,8 +191,9 @@ def ask(
         str,
         typer.Option(
             "--reader",
-            help="auto: factoid and yes/no questions get a short answer copied from a source (or 'not in the "
-            "documents'), others a free answer; free: always a free answer.",
+            help="auto: yes/no questions get yes or no, others a free answer; span: factoid questions get a "
+            "short answer copied from a source, with its sentence; free: every question a free answer. Each "
+            "declines a question naming a number the sources lack.",
         ),
     ] = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
@@ -206,8 +211,7 @@ def ask(
         typer.Option(
             "--topk",
             help="DSA top-k tokens per query (default: from the task's complexity, 1-9 % of the prompt within "
-            "512-2048; at least 68, the 4 sink and 64 recent tokens every query keeps).",
-            min=68,
+            "512-2048; at least the sink and recent-window tokens every query keeps: 4 + 64).",
         ),
     ] = None,
     strategy: Annotated[
@@ -252,7 +256,7 @@ def ask(
         store=store_folder,
         docs=docs,
         model=model,
-        top_k=top_k,
+        chunks=old_chunks or chunks,
         context_tokens=context_tokens,
         max_new_tokens=max_new_tokens,
         reader=reader,

@@ -139,6 +139,9 @@ def run(
             help="docqa: dense | sparse | auto; niah: which DSA modes run beside dense (auto: both kinds).",
         ),
     ] = "auto",
+    reader: Annotated[
+        str, typer.Option("--reader", help="docqa: auto | span | free, as `dsarag ask --reader`.")
+    ] = "auto",
     context_tokens: Annotated[
         int,
         typer.Option("--context-tokens", help="docqa/temporal/latency: token budget of the packed sources."),
@@ -174,6 +177,7 @@ def run(
         topks=_numbers(topks, "--topks", int),
         indexes=indexes or None,
         attention=attention,
+        reader=reader,
         context_tokens=context_tokens,
         repeats=repeats,
         device=device,

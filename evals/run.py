@@ -42,6 +42,7 @@ class EvalOptions:
     topks: list[int] | None = None  # DSA top-k values (sparse modes)
     indexes: list[str] | None = None  # retrieval: index settings such as "HNSW32:efSearch=64"
     attention: str = "auto"  # docqa: dense | sparse | auto
+    reader: str = "auto"  # docqa: auto | span | free, as `ask --reader`
     context_tokens: int = 3072  # agent suites: token budget of the packed sources, as `ask --context-tokens`
     repeats: int = 1  # latency: asks per question and mode
     device: str = "cpu"
@@ -51,7 +52,17 @@ class EvalOptions:
     def fingerprint(self) -> dict:
         """The options that change an item's result: a resumed run must share them. (Grid options — lengths,
         depths, top-k, index settings, repeats, limit — only add or drop items, whose keys name them.)"""
-        shared = ("suite", "model", "data", "corpus", "seed", "attention", "context_tokens", "device")
+        shared = (
+            "suite",
+            "model",
+            "data",
+            "corpus",
+            "seed",
+            "attention",
+            "reader",
+            "context_tokens",
+            "device",
+        )
         return {key: str(getattr(self, key)) for key in shared}
 
     def described(self) -> dict:

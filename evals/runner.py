@@ -8,6 +8,7 @@ from rich.console import Console
 from evals.report import write_reports
 from evals.run import EvalOptions, ItemLog, SuiteRun, Threshold, check_thresholds, parse_threshold, summarize
 from evals.suites import SUITES
+from rag.ask import READERS
 from rag.errors import BadInputError
 
 ATTENTION_MODES = ("dense", "sparse", "auto")
@@ -36,6 +37,8 @@ def check_options(options: EvalOptions) -> None:
         )
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
+    if options.reader not in READERS:
+        raise BadInputError(f"--reader {options.reader!r}: use one of {', '.join(READERS)}")
     if any(length < 64 for length in options.lengths or []):
         raise BadInputError(f"--lengths {options.lengths}: context lengths start at 64 tokens")
     if any(not 0 <= depth <= 1 for depth in options.depths or []):

@@ -23,7 +23,7 @@ from rag.dedup import dedup_rankings, drop_superseded_versions
 from rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
 from rag.pack import PackedContext, build_messages, pack_sources
 from rag.query_features import QueryFeatures, query_features
-from rag.reader import Reading, read, reading_mode
+from rag.reader import Reading, declined_for_numbers, read, reading_mode
 from rag.rerank import RecencyBlend
 from rag.retrieve import Hit, Retriever
 from rag.route import choose_complexity, choose_strategy, decide_retrieval
@@ -172,7 +172,7 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         "strategy": strategy,
         "complexity": complexity.choice,
         "queries": queries,
-        "retrieve_k": options.top_k,
+        "retrieve_k": options.chunks,
         "context_budget": min(options.context_tokens, _context_room(options, generator)),
         "timings": {"plan_s": time.perf_counter() - started},
         "trace": trace,
@@ -233,15 +233,13 @@ def pack(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
 
 def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
-    """Answer with the top-k budget of the task's complexity (dense below the DSA threshold): factoid and
-    yes/no questions by the constrained reader (a span copied from a source, or a refusal), others freely."""
+    """Answer with the top-k budget of the task's complexity (dense below the DSA threshold). A question naming
+    a number no source holds is declined; yes/no questions (and factoid ones under --reader span) go to the
+    constrained reader (yes, no, or a span copied from a source; or a refusal); others are answered freely."""
     options, generator = runtime.context.options, runtime.context.generator
     question, packed = state["question"], state.get("packed")
-    mode = (
-        reading_mode(question)
-        if packed is not None and packed.sources and options.reader == "auto"
-        else "free"
-    )
+    retrieved = packed is not None and bool(packed.sources)
+    mode = reading_mode(question, options.reader) if retrieved else "free"
     messages = build_messages(question, packed)
     prompt_tokens = len(generator.chat_prompt_ids(messages))
     budget = topk_budget(
@@ -252,8 +250,10 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     attention = options.attention
     if options.critical or (attention == "auto" and budget.attention == "dense"):
         attention = "dense"
-    reading = None
-    if mode == "free":
+    reading = declined_for_numbers(question, packed) if retrieved else None
+    if reading is not None:
+        generation = GenerationResult(reading.reply(packed), [], prompt_tokens, 0, 0.0, 0.0, 0, "declined")
+    elif mode == "free":
         generation = generator.answer(
             messages,
             max_new_tokens=options.max_new_tokens,
@@ -275,7 +275,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         "new_tokens": generation.new_tokens,
     }
     if reading is not None:
-        entry["reading"] = reading.to_json()
+        entry["reading"] = reading.to_json() | {"features": reading.features}
     return {
         "topk": budget,
         "generation": generation,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
 STRATEGY_CHOICES = (*STRATEGIES, "none")
-READERS = ("auto", "free")
+READERS = ("auto", "span", "free")  # how the sources are read: rag/reader.py reading_mode
 
 
 @dataclass
@@ -33,7 +33,7 @@ class AskOptions:
     store: Path | None  # None only with strategy "none": the model answers alone
     docs: Path | None = None
     model: str | None = None
-    top_k: int = 6
+    chunks: int = 6  # chunks to retrieve (--chunks)
     context_tokens: int = 3072
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -112,6 +112,11 @@ def ask(
     question = options.question.strip()
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
+    if options.attention_topk is not None and options.attention_topk < min_attention_topk():
+        raise BadInputError(
+            f"--topk {options.attention_topk}: below {min_attention_topk()}, the sink and recent-window tokens "
+            "every query keeps — pass a larger k, or --attention dense"
+        )
     if options.reader not in READERS:
         raise BadInputError(f"--reader {options.reader!r}: use one of {', '.join(READERS)}")
     if options.strategy is not None and options.strategy not in STRATEGY_CHOICES:
@@ -199,6 +204,13 @@ def ask(
         trace=state["trace"],
         cost=cost,
     )
+
+
+def min_attention_topk() -> int:
+    """The smallest DSA k: every query keeps its sink tokens and its recent window."""
+    from indexer_model.dsa import DSAConfig
+
+    return DSAConfig.n_sink + DSAConfig.window
 
 
 def refresh_store(

@@ -82,13 +82,22 @@ class Reading:
         return f'{answer}\n\n[{self.source}] "{self.quote}"' if self.quote else answer
 
 
-def reading_mode(question: str) -> str:
-    """span for factoid questions, yes-no for polar ones, free for explanations, lists and summaries."""
-    if _OPEN_QUESTION.search(question):
+def reading_mode(question: str, reader: str = "span") -> str:
+    """How `question` is read under `reader`: yes-no for polar questions (auto and span), span for factoid
+    questions (span only), free for the rest (explanations, lists, summaries; every question under free)."""
+    if reader == "free" or _OPEN_QUESTION.search(question):
         return "free"
     if _YES_NO_START.search(question) and not _ALTERNATIVES.search(question):
         return "yes-no"
-    return "span"
+    return "span" if reader == "span" else "free"
+
+
+def declined_for_numbers(question: str, packed: PackedContext) -> Reading | None:
+    """A refusal when the question names a number or year that none of the packed sources holds."""
+    missing = missing_numbers(question, packed.text)
+    if not missing:
+        return None
+    return Reading("numbers", "", False, None, features={"missing_numbers": missing})
 
 
 class CopyConstraint:

@@ -43,7 +43,9 @@ def hit(text: str, path: str = "a.md", chunk_id: int = 1) -> Hit:
     ],
 )
 def test_reading_mode_follows_the_question_form(question, mode):
-    assert reading_mode(question) == mode
+    assert reading_mode(question, "span") == mode
+    assert reading_mode(question, "auto") == ("yes-no" if mode == "yes-no" else "free")
+    assert reading_mode(question, "free") == "free"
 
 
 def test_copy_constraint_allows_only_continuations_of_a_source_span():
@@ -116,12 +118,15 @@ def test_the_agent_declines_and_says_so_in_its_state(embedder, tmp_path, tiny):
     ingest_folder(docs, ChunkStore(tmp_path / "store"), embedder)
     retriever = Retriever(ChunkStore(tmp_path / "store"), embedder)
     question = "Which company was targeted by hackers in November 2004?"
-    options = AskOptions(question=question, store=tmp_path / "store", strategy="semantic", top_k=2)
+    options = AskOptions(question=question, store=tmp_path / "store", strategy="semantic", chunks=2)
     state = run_agent(question, AgentContext(options, retriever, tiny))
     assert state["reading"] is not None and not state["reading"].answerable
     assert state["generation"].text.startswith("The documents do not contain the answer")
     checks = [entry for entry in state["trace"] if entry["node"] == "check"]
     assert len(checks) == 2 and checks[-1]["retry"].startswith("no:")  # retried once, then declined
+    generate = next(entry for entry in state["trace"] if entry["node"] == "generate")
+    assert generate["reading"]["features"] == {"missing_numbers": ["2004"]}
+    assert state["generation"].new_tokens == 0  # declined before generating
 
 
 def test_a_citation_is_verified_only_where_its_source_holds_the_answer():

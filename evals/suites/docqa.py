@@ -80,7 +80,7 @@ def score(item: QAItem, reply: dict) -> dict:
 def run(run: SuiteRun) -> SuiteResult:
     items = run.limited(load_qa(run.options.data or DEMO_QA))
     retriever = qa_retriever(run, items)
-    ask = {"attention": run.options.attention}
+    ask = {"attention": run.options.attention, "reader": run.options.reader}
     rows = []
     for number, item in enumerate(items, start=1):
         run.progress(number, len(items), item.question[:70])
