@@ -251,7 +251,10 @@ def test_an_answer_without_markers_cites_the_source_holding_its_terms():
     text, number, support = add_citations("Tobias Achterberg.", sources)
     assert number == 2 and support == 1.0 and text.startswith("Tobias Achterberg. [2]")
     assert "[2] cited by dsarag" in text  # the reply says the tool added it
-    assert add_citations("It is Tobias Achterberg [2].", sources)[:2] == ("It is Tobias Achterberg [2].", None)
+    assert add_citations("It is Tobias Achterberg [2].", sources)[:2] == (
+        "It is Tobias Achterberg [2].",
+        None,
+    )
     assert add_citations("Greta Novak.", sources)[:2] == ("Greta Novak.", None)  # in no source: no citation
     assert add_citations("The sources do not contain it.", sources)[1] is None
     both = ["Treasurer: Tobias Achterberg (2024).", "Tobias Achterberg, treasurer."]
@@ -276,7 +279,7 @@ def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_b
     monkeypatch.setattr("rag.agent.choose_strategy", lambda *args: _decision("semantic"))
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store,
-        top_k=2, context_tokens=300, max_new_tokens=4, reader="free",
+        chunks=2, context_tokens=300, max_new_tokens=4, reader="free",
     )  # fmt: skip
     state = run_agent(options.question, AgentContext(options, retriever, tiny))
     retrieves = [entry for entry in state["trace"] if entry["node"] == "retrieve"]
@@ -293,7 +296,7 @@ def test_a_streamed_answer_shows_each_attempt_then_what_the_check_added(demo_sto
     events: list[tuple[str, str]] = []
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store, model="tiny",
-        strategy="semantic", top_k=2, context_tokens=300, max_new_tokens=4, record_cost=False, reader="free",
+        strategy="semantic", chunks=2, context_tokens=300, max_new_tokens=4, record_cost=False, reader="free",
     )  # fmt: skip
     result = ask(
         options,
@@ -406,3 +409,18 @@ def test_routing_sample_with_the_tiny_model(retriever, tiny):
     assert accuracy >= 0.75, [
         (item.question, item.expected, item.predicted) for item in routed if not item.correct
     ]
+
+
+def test_chunks_and_attention_topk_have_one_name_each(demo_store, run_cli):
+    from indexer_model.dsa import DSAConfig
+
+    smallest = DSAConfig.n_sink + DSAConfig.window
+    code, _, err = run_cli("ask", "Who?", "--store", str(demo_store), "--topk", str(smallest - 1))
+    assert code == EXIT_BAD_INPUT and f"--topk {smallest - 1}: below {smallest}" in err
+    code, out, _ = run_cli(
+        "ask", "Who is the privacy officer?", "--store", str(demo_store), "--model", "tiny", "--top-k", "1",
+        "--strategy", "semantic", "--max-new-tokens", "2", "--json",
+    )  # fmt: skip
+    assert code == 0 and len(json.loads(out)["sources"]) == 1  # the old name of --chunks still works
+    code, _, err = run_cli("ask", "--help")
+    assert "--chunks" in err + _ and "--top-k" not in err + _
