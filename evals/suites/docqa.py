@@ -35,13 +35,18 @@ def answer_scores(reply: str, answers: list[str]) -> dict:
     }
 
 
+def answer_part(reply: str) -> str:
+    """The answer itself: the reply's first paragraph, without the evidence quote or citation note after it."""
+    return reply.strip().split("\n\n", 1)[0]
+
+
 def holds_answer(source_text: str, answers: list[str]) -> bool:
     return bool(contains_answer(source_text, answers))
 
 
 def score(item: QAItem, reply: dict) -> dict:
     answerable = bool(item.meta.get("answerable", True)) and bool(item.answers)
-    short = reply.get("short_answer") or reply["answer"]
+    short = reply.get("short_answer") or answer_part(reply["answer"])
     declined = reply["declined"] if "declined" in reply else says_not_known(reply["answer"])
     sources = reply["sources"]
     cited_hits = cited_sources(reply["answer"], sources)
