@@ -55,10 +55,9 @@ class AgentState(TypedDict, total=False):
     packed: PackedContext | None
     topk: TopkBudget
     generation: GenerationResult
-    reading: Reading | None  # the constrained reader's answer (factoid and yes/no questions), else None
-    citations: list[
-        dict
-    ]  # each [n] of the final answer: who wrote it and whether its source holds the answer
+    reading: Reading | None  # the constrained reader's answer or refusal; None for a free answer
+    # Each [n] of the final answer: who wrote it and whether its source holds the answer.
+    citations: list[dict]
     grounding: Grounding
     attempt: int
     retry: bool

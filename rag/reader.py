@@ -1,12 +1,12 @@
-"""Reading the packed sources: a short answer copied from them with the sentence that states it, or a refusal.
+"""Reading the packed sources: yes or no, a short answer copied from one source, or a refusal.
 
-Factoid questions are read by copy-constrained decoding: every token of the answer must continue a span of
-one source's tokens (spans do not cross lines), so the answer is a quote of a source by construction, that
-source is cited, and the sentence holding the span is shown as evidence. Yes/no questions choose between
-" yes" and " no" in one constrained step. Open questions (why, how, explain, summarize, list) are answered
-freely, as before, and checked by rag/grounding.py. Both constrained modes may also choose " none" (the
-sources do not say, SQuAD 2.0's no-answer option); `answerability` is the first step's log-odds of the best
-answer token against it, and answers below `DECLINE_MARGIN` are declined.
+Constrained reading restricts each generated token. Yes/no questions choose between " yes" and " no" in one
+step. Under `--reader span`, factoid questions are read by copy-constrained decoding: every token must continue
+a span of one source's tokens (spans do not cross lines), so the answer is a quote of a source by construction,
+that source is cited, and the sentence holding the span is shown as evidence. Both may choose " none" instead
+(the sources do not say, SQuAD 2.0's no-answer option); the first step's log-odds of the best answer token
+against it is the answerability score. Any reader declines a question naming a number no packed source holds.
+Other questions are answered freely by the agent and checked by rag/grounding.py.
 """
 
 import re
@@ -30,8 +30,8 @@ YES_NO_PROMPT = (
 REPLY_START = "Answer:"
 NULL_ANSWER = " none"
 SPAN_MAX_TOKENS = 24
-# Decline when log P(" none") - log P(best allowed first token) at the answer's first step exceeds this
-# margin (fitted on the development sets: docs/evals.md, "Abstention").
+# Decline where " none" is the likelier first token; no other margin separated answerable from unanswerable
+# questions on the development set (docs/evals.md, "Answer quality on questions nobody here wrote").
 DECLINE_MARGIN = 0.0
 
 _YES_NO_START = re.compile(
