@@ -343,7 +343,9 @@ class Generator:
     ) -> GenerationResult:
         """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention).
         `reply_start` is text the reply begins with (not returned); `constrain` as in `generate`."""
-        prompt_ids = self.chat_prompt_ids(messages) + (self.tokenizer.encode(reply_start) if reply_start else [])
+        prompt_ids = self.chat_prompt_ids(messages) + (
+            self.tokenizer.encode(reply_start) if reply_start else []
+        )
         device = self.model.tok_embeddings.weight.device.type
         dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers, device)
         return generate(
