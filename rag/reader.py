@@ -51,8 +51,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])|\n")
 class Reading:
     """What the reader made of the sources: the reply, and how it was reached."""
 
-    mode: str  # "span" | "yes-no" | "free"
-    answer: str  # the short answer ("" when declined); for "free" the whole reply
+    mode: str  # "span" | "yes-no" | "numbers" (declined before reading: a number no source holds)
+    answer: str  # the short answer: a span of a source, "yes" or "no"; "" when declined
     answerable: bool
     score: float | None  # log P(best answer's first token) - log P(" none"): > -DECLINE_MARGIN answers
     source: int | None = None  # the [n] the span was copied from
@@ -129,8 +129,8 @@ class CopyConstraint:
         else:
             self.first_logprobs = logprobs
         self._last_logprobs = logprobs
-        allowed = [] if len(ids) >= self.max_tokens else self.tokens[self.state]
-        allowed = np.unique(allowed[allowed >= 0]) if len(allowed) else np.array([], dtype=np.int64)
+        allowed = self.tokens[self.state] if len(ids) < self.max_tokens else self.tokens[:0]
+        allowed = np.unique(allowed[allowed >= 0])
         if ids:
             allowed = np.concatenate([allowed, self.stop_ids])
         masked = torch.full_like(logits, float("-inf"))

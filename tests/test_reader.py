@@ -64,6 +64,9 @@ def test_copy_constraint_allows_only_continuations_of_a_source_span():
     constraint([6, 9], logits)
     assert constraint.matched_sequences(2) == [1]  # "6 9" is a span of the second sequence only
     assert len(constraint.token_logprobs) == 2 and constraint.first_logprobs is not None
+    capped = CopyConstraint(sequences, stop_ids={0}, max_tokens=1)
+    capped([], logits)
+    assert torch.isfinite(capped([5], logits)).nonzero().flatten().tolist() == [0]  # at the cap: only stop
 
 
 def test_the_quote_is_the_sentence_holding_the_answer():
