@@ -1,6 +1,6 @@
 """Retrieval strategies: each turns a question into one or more ranked hit lists (fused later by dedup).
 
-semantic: FAISS over embeddings, plus a second hop seeded by the best hits. temporal: a wider semantic pool, re-ranked by recency afterwards.
+semantic: FAISS over embeddings. temporal: a wider semantic pool, re-ranked by recency afterwards.
 hybrid: BM25 and FAISS side by side (fused by reciprocal rank). multi-query: the question plus LLM-written
 sub-questions, each searched densely.
 """
@@ -13,8 +13,6 @@ from rag.retrieve import Hit, Retriever
 TEMPORAL_POOL_FACTOR = 4  # recency can only promote what relevance found: fetch a wider pool first
 HYBRID_POOL_FACTOR = 2
 MAX_SUB_QUESTIONS = 3
-SECOND_HOP_HITS = 2  # searches seeded by the best hits (HotpotQA fit half: both pages packed 16 → 18 of 24)
-SECOND_HOP_CHARS = 300
 _SUB_QUESTION_MAX_CHARS = 200
 SUB_QUESTION_PROMPT = (
     "Split the user's question into at most three short, self-contained search questions, one per line, "
@@ -28,7 +26,7 @@ def retrieve_rankings(strategy: str, queries: list[str], retriever: Retriever, k
     """Ranked hit lists for `queries` (the question first, then any sub-questions) under `strategy`."""
     question = queries[0]
     if strategy == "semantic":
-        return second_hop(question, retriever.semantic(question, k), retriever, k)
+        return [retriever.semantic(question, k)]
     if strategy == "temporal":
         return [retriever.semantic(question, k * TEMPORAL_POOL_FACTOR)]
     if strategy == "hybrid":
@@ -37,13 +35,6 @@ def retrieve_rankings(strategy: str, queries: list[str], retriever: Retriever, k
     if strategy == "multi-query":
         return retriever.semantic_many(queries, k)
     raise ValueError(f"unknown retrieval strategy {strategy!r}")
-
-
-def second_hop(question: str, first: list[Hit], retriever: Retriever, k: int) -> list[list[Hit]]:
-    """The first ranking plus one search per top hit with the question and that hit's opening: a page
-    that names the bridge entity ("the film shot in Leland") leads to the page about it (its director)."""
-    queries = [f"{question} {hit.text[:SECOND_HOP_CHARS]}" for hit in first[:SECOND_HOP_HITS]]
-    return [first, *retriever.semantic_many(queries, k)] if queries else [first]
 
 
 def write_sub_questions(question: str, generator: Generator) -> list[str]:

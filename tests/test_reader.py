@@ -174,23 +174,3 @@ def test_a_year_inside_a_name_or_title_opens_no_time_window(question):
 def test_a_year_asked_about_still_opens_a_time_window():
     assert query_features("Who was the treasurer of the cooperative in 2023?").window is not None
     assert query_features("Who leads the project as of 2025?").window is not None
-
-
-def test_the_semantic_strategy_adds_a_second_hop_seeded_by_the_best_hits():
-    from rag.strategies import SECOND_HOP_HITS, retrieve_rankings
-
-    class Recorder:
-        def __init__(self):
-            self.queries = []
-
-        def semantic(self, question, k):
-            return self.semantic_many([question], k)[0]
-
-        def semantic_many(self, questions, k):
-            self.queries += questions
-            return [[hit(f"{question} page", f"p{n}.md", n) for n in range(k)] for question in questions]
-
-    recorder = Recorder()
-    rankings = retrieve_rankings("semantic", ["Who directed the film shot in Leland?"], recorder, 3)
-    assert len(rankings) == 1 + SECOND_HOP_HITS
-    assert recorder.queries[1].startswith("Who directed the film shot in Leland? Who directed")  # + hit text
