@@ -262,7 +262,8 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
             on_text=runtime.context.on_text,
         )
     else:
-        reading = read(mode, generator, question, packed, attention, budget.topk)
+        compared = state["features"].compared if "features" in state else ()
+        reading = read(mode, generator, question, packed, attention, budget.topk, compared)
         generation = replace(reading.generation, text=reading.reply(packed))
     entry = {
         "node": "generate",
@@ -299,11 +300,11 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     generation = state["generation"]
     if reading is not None:
         supported = reading.answerable
-        reason = f"copied from [{reading.source}]" if reading.source else f"{reading.mode}: {reading.answer}"
+        reason = f"{reading.mode}: {reading.answer}, cited {list(reading.sources)}"
         grounding = Grounding(
             supported, 1.0 if supported else 0.0, reason if supported else "the reader declined"
         )
-        citations = [{"source": reading.source, "by": "reader", "verified": True}] if reading.source else []
+        citations = [{"source": number, "by": "reader", "verified": True} for number in reading.sources]
     else:
         grounding = check_grounding(generation.text, packed.text)
         citations = cited_by_model(generation.text, [hit.text for hit in packed.sources])

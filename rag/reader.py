@@ -55,8 +55,8 @@ class Reading:
     answer: str  # the short answer: a span of a source, "yes" or "no"; "" when declined
     answerable: bool
     score: float | None  # log P(best answer's first token) - log P(" none"): > -DECLINE_MARGIN answers
-    source: int | None = None  # the [n] the span was copied from
-    quote: str = ""  # the sentence of that source holding the span
+    sources: tuple[int, ...] = ()  # the [n] cited: the span's source, or for yes/no each compared side's
+    quote: str = ""  # the sentence of the span's source holding the span
     generation: GenerationResult | None = None
     features: dict = field(default_factory=dict)
 
@@ -66,7 +66,7 @@ class Reading:
             "answer": self.answer,
             "answerable": self.answerable,
             "score": None if self.score is None else round(self.score, 3),
-            "source": self.source,
+            "sources": list(self.sources),
             "quote": self.quote,
         }
 
@@ -76,10 +76,11 @@ class Reading:
         if not self.answerable:
             closest = "; ".join(f"[{n}] {hit.citation}" for n, hit in enumerate(packed.sources[:3], start=1))
             return f"The documents do not contain the answer. Closest sources: {closest}."
-        if self.source is None:
-            return f"{self.answer.capitalize()}."
-        answer = f"{self.answer} [{self.source}]"
-        return f'{answer}\n\n[{self.source}] "{self.quote}"' if self.quote else answer
+        markers = "".join(f" [{number}]" for number in self.sources)
+        if self.mode == "yes-no":
+            return f"{self.answer.capitalize()}.{markers}"
+        answer = f"{self.answer}{markers}"
+        return f'{answer}\n\n[{self.sources[0]}] "{self.quote}"' if self.quote else answer
 
 
 def reading_mode(question: str, reader: str = "span") -> str:
@@ -217,13 +218,19 @@ def read_span(
         features["missing_numbers"] = missing
         return Reading("span", "", False, score, generation=generation, features=features)
     quote = sentence_with(dict(blocks)[source], answer)
-    return Reading("span", answer, True, score, source, quote, generation, features)
+    return Reading("span", answer, True, score, (source,), quote, generation, features)
 
 
 def read_yes_no(
-    generator: Generator, question: str, blocks: list[tuple[int, str]], attention: str, topk: int | None
+    generator: Generator,
+    question: str,
+    blocks: list[tuple[int, str]],
+    attention: str,
+    topk: int | None,
+    compared: tuple[str, ...] = (),
 ) -> Reading:
-    """yes or no (or a refusal), read off one constrained step after the prompt."""
+    """yes or no (or a refusal), read off one constrained step after the prompt; cited: for each side the
+    question compares, the best-ranked source that names it."""
     tokenizer = generator.tokenizer
     options = [tokenizer.encode(word) for word in (" yes", " no", NULL_ANSWER)]
     constraint = CopyConstraint(options, generator.stop_ids, 1)
@@ -238,16 +245,31 @@ def read_yes_no(
     score = _answer_score(constraint, options[2][0])
     answer = generation.text.strip().lower()
     answerable = answer in ("yes", "no") and score >= -DECLINE_MARGIN
-    return Reading("yes-no", answer if answerable else "", answerable, score, generation=generation)
+    if not answerable:
+        return Reading("yes-no", "", False, score, generation=generation)
+    return Reading("yes-no", answer, True, score, sources_naming(compared, blocks), generation=generation)
+
+
+def sources_naming(names: tuple[str, ...], blocks: list[tuple[int, str]]) -> tuple[int, ...]:
+    """For each name, the first (best-ranked) source whose text holds it, once each, in source order."""
+    found = {next((n for n, text in blocks if name.lower() in text.lower()), None) for name in names}
+    return tuple(sorted(number for number in found if number is not None))
 
 
 def read(
-    mode: str, generator: Generator, question: str, packed: PackedContext, attention: str, topk: int | None
+    mode: str,
+    generator: Generator,
+    question: str,
+    packed: PackedContext,
+    attention: str,
+    topk: int | None,
+    compared: tuple[str, ...] = (),
 ) -> Reading:
-    """The constrained reading of `question` over the packed sources (mode "span" or "yes-no")."""
+    """The constrained reading of `question` over the packed sources (mode "span" or "yes-no"); `compared`:
+    the sides a comparison names (rag/query_features.py), which a yes or no cites."""
     blocks = [(number, hit.text) for number, hit in enumerate(packed.sources, start=1)]
     if mode == "yes-no":
-        return read_yes_no(generator, question, blocks, attention, topk)
+        return read_yes_no(generator, question, blocks, attention, topk, compared)
     return read_span(generator, question, blocks, attention, topk)
 
 

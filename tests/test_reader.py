@@ -90,10 +90,11 @@ def test_a_factoid_answer_is_a_span_of_the_source_it_cites(tiny):
     packed = pack_sources(sources, tiny.count_tokens, 400)
     reading = read("span", tiny, "Who is the privacy officer of the cooperative?", packed, "dense", None)
     if reading.answerable:
-        source_text = packed.sources[reading.source - 1].text
+        (source,) = reading.sources
+        source_text = packed.sources[source - 1].text
         assert reading.answer and reading.answer in source_text  # copied, whatever the model chose
         assert reading.quote and reading.answer in reading.quote
-        assert reading.reply(packed).startswith(f"{reading.answer} [{reading.source}]")
+        assert reading.reply(packed).startswith(f"{reading.answer} [{source}]")
     else:
         assert reading.reply(packed).startswith("The documents do not contain the answer")
 
@@ -174,3 +175,29 @@ def test_a_year_inside_a_name_or_title_opens_no_time_window(question):
 def test_a_year_asked_about_still_opens_a_time_window():
     assert query_features("Who was the treasurer of the cooperative in 2023?").window is not None
     assert query_features("Who leads the project as of 2025?").window is not None
+
+
+def test_a_yes_or_no_cites_the_source_naming_each_compared_side(tiny):
+    sources = [
+        hit("The bakery opens at seven.", "bakery.md", 1),
+        hit("Scott Derrickson is an American director.", "derrickson.md", 2),
+        hit("Ed Wood was an American filmmaker.", "wood.md", 3),
+    ]
+    packed = pack_sources(sources, tiny.count_tokens, 400)
+    question = "Were Scott Derrickson and Ed Wood of the same nationality?"
+    compared = query_features(question).compared
+    reading = read("yes-no", tiny, question, packed, "dense", None, compared)
+    if reading.answerable:
+        numbers = {n for n, hit_ in enumerate(packed.sources, start=1) if "bakery" not in hit_.path}
+        assert set(reading.sources) == numbers  # each side's page, not the unrelated one
+        assert reading.reply(packed) == f"{reading.answer.capitalize()}. " + " ".join(
+            f"[{n}]" for n in reading.sources
+        )
+
+
+def test_sources_naming_picks_the_best_ranked_source_of_each_side():
+    from rag.reader import sources_naming
+
+    blocks = [(1, "Ed Wood directed films."), (2, "Scott Derrickson, director."), (3, "Ed Wood again.")]
+    assert sources_naming(("Scott Derrickson", "Ed Wood"), blocks) == (1, 2)
+    assert sources_naming(("Nobody",), blocks) == ()
