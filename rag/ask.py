@@ -41,9 +41,7 @@ class AskOptions:
     attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (rag/budget.py)
     strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
     critical: bool = False  # always dense attention
-    reader: str = (
-        "auto"  # auto: copy-constrained answers to factoid and yes/no questions (rag/reader.py); free
-    )
+    reader: str = "auto"  # one of READERS: how the sources are read (rag/reader.py reading_mode)
     compare_dense: bool = False  # also answer in the other attention mode and compare (rag/cost.py)
     price_per_hour: float = 2.0  # GPU $/hour of the cost meter
     record_cost: bool = True  # append the cost meter's row to the ledger (rag/cost_ledger.py)

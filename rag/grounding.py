@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 SUPPORT_THRESHOLD = 0.6
 _TERM = re.compile(r"\$?\d[\d,.:]*\d|\$?\d|[A-Za-z][\w'-]{3,}")
-_CITATION = re.compile(r"\[\d+\]")
+_CITATION = re.compile(r"\[(\d+)\]")
 _NOT_KNOWN = re.compile(
     r"\b(do(es)? not know|don't know|cannot (be )?(find|answer|determine)|no information|not (contain|mention|"
     r"provide|say)|not enough information|unable to)\b",
@@ -90,7 +90,7 @@ def source_support(terms: list[str], source_text: str) -> float:
 def cited_by_model(answer: str, source_texts: list[str], threshold: float = SUPPORT_THRESHOLD) -> list[dict]:
     """Each [n] the answer cites, checked: does source n alone hold `threshold` of the answer's terms?"""
     terms = answer_terms(answer)
-    numbers = dict.fromkeys(int(n) for n in re.findall(r"\[(\d+)\]", answer))
+    numbers = dict.fromkeys(int(n) for n in _CITATION.findall(answer))
     return [
         {
             "source": number,

@@ -143,6 +143,9 @@ def time_window(question: str) -> TimeWindow | None:
     return None
 
 
+_DETERMINER_BEFORE = re.compile(r"\b(the|a|an|which|what|whose)\s*$", re.I)  # "the 2007 …", "Which 1988 …"
+
+
 def _in_a_name(question: str, phrase: DatePhrase) -> bool:
     """A bare year that is part of a name or title is not a period asked about: "the 2007 FIFA U-20 Golden
     Shoe", "Kiss and Tell (1945 film)", "the album 'Live 1975'", "Which 1988 Telugu comedy …"."""
@@ -150,9 +153,7 @@ def _in_a_name(question: str, phrase: DatePhrase) -> bool:
         return False
     start, end = phrase.span
     before, after = question[:start], question[end:]
-    if re.match(r"\s*[A-Z]", after) or re.match(r"\s+[a-z]+\s+[a-z]+\b", after) and re.search(r"\b(the|a|an|which|what|whose)\s*$", before, re.I):  # fmt: skip
-        return True
-    if re.search(r"\b(the|a|an|which|what|whose)\s+$", before, re.I) and re.match(r"\s+[a-z]", after):
+    if re.match(r"\s*[A-Z]", after) or (_DETERMINER_BEFORE.search(before) and re.match(r"\s+[a-z]", after)):
         return True
     inside_quotes = before.count('"') % 2 == 1 or before.count("“") > before.count("”")
     inside_parentheses = before.count("(") > before.count(")")
