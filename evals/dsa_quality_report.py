@@ -272,6 +272,17 @@ def _goal(name: str, value: float, target: float) -> dict:
     return {"goal": name, "value": round(value, 4), "target": f">= {target}", "met": value >= target}
 
 
+def _by_length_table(counts: dict, modes: list[str], lengths: list[str]) -> list[str]:
+    """Markdown rows: one per mode, its correct / asked at each length and in all."""
+    rows = ["| mode | " + " | ".join(lengths) + " | all |", "|---" * (2 + len(lengths)) + "|"]
+    for mode in modes:
+        cells = counts.get(mode, {})
+        rows.append(
+            f"| {mode} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + f" | {_cell(_total(cells))} |"
+        )
+    return rows
+
+
 def render_markdown(data: dict) -> str:
     lines = ["# DSA quality: trained lightning indexers vs dense attention", ""]
     lines += _runs_markdown(data["runs"])
@@ -434,21 +445,12 @@ def _niah_markdown(scored: dict, data: dict) -> list[str]:
         "",
         "Accuracy (correct / asked):",
         "",
-        "| mode | " + " | ".join(lengths) + " | all |",
-        "|---" * (2 + len(lengths)) + "|",
+        *_by_length_table(summary["by_length"], modes, lengths),
+        "",
+        "On the questions dense answered correctly:",
+        "",
+        *_by_length_table(summary["on_dense_solved"], modes, lengths),
     ]
-    for mode in modes:
-        cells = summary["by_length"].get(mode, {})
-        lines.append(
-            f"| {mode} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + f" | {_cell(_total(cells))} |"
-        )
-    lines += ["", "On the questions dense answered correctly:", ""]
-    lines += ["| mode | " + " | ".join(lengths) + " | all |", "|---" * (2 + len(lengths)) + "|"]
-    for mode in modes:
-        cells = summary["on_dense_solved"].get(mode, {})
-        lines.append(
-            f"| {mode} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + f" | {_cell(_total(cells))} |"
-        )
     depth_keys = sorted(
         {key for by_depth in summary["by_depth"].values() for key in by_depth}, key=_depth_order
     )
