@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rag.crash_harness import reference_run, run_trial
-from rag.embed import load_embedder
+from dsarag.rag.crash_harness import reference_run, run_trial
+from dsarag.rag.embed import load_embedder
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsarag_kernels import cpu_dsa  # noqa: E402
-from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index  # noqa: E402
-from indexer_model.generate import decode_one_token, load_generator, prefill  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index  # noqa: E402
+from dsarag.indexer_model.generate import decode_one_token, load_generator, prefill  # noqa: E402
+from dsarag.kernels import cpu_dsa  # noqa: E402
 
 
 def median_ms(run, calls: int = 20) -> float:

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import indexer_model.dsa as dsa_module  # noqa: E402
-import indexer_model.indexer as indexer_module  # noqa: E402
-from indexer_model.dsa import DSAConfig  # noqa: E402
-from indexer_model.generate import load_generator  # noqa: E402
+import dsarag.indexer_model.dsa as dsa_module  # noqa: E402
+import dsarag.indexer_model.indexer as indexer_module  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
+from dsarag.indexer_model.generate import load_generator  # noqa: E402
 
 TOPK = 2048
 

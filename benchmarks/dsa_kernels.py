@@ -31,16 +31,16 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsarag_kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
-from dsarag_kernels.sparse_attention import (  # noqa: E402
+from dsarag.indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
+from dsarag.indexer_model.indexer import LightningIndexer  # noqa: E402
+from dsarag.indexer_model.model import ModelArgs, Transformer  # noqa: E402
+from dsarag.kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
+from dsarag.kernels.sparse_attention import (  # noqa: E402
     dense_attention_decode,
     sparse_attention_decode,
     sparse_attention_prefill,
 )
-from indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
-from indexer_model.dsa import DSAConfig  # noqa: E402
-from indexer_model.indexer import LightningIndexer  # noqa: E402
-from indexer_model.model import ModelArgs, Transformer  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, INDEX_HEADS, INDEX_DIM, TOPK = 14, 2, 64, 4, 64, 2048
 DEFAULT_MODEL = ModelArgs(  # Qwen2.5-Coder-0.5B-Instruct (docs/design.md)

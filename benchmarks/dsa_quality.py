@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evals.dsa_quality_report import (
+from dsarag.evals.dsa_quality_report import (
     DEPTHS,
     Mode,
     check_goals,
@@ -47,12 +47,12 @@ from evals.dsa_quality_report import (
     render_markdown,
     score_niah,
 )
-from evals.niah import NiahCase, answer_case, build_case
-from indexer_model.dsa import DSAConfig
-from indexer_model.model import ModelArgs, Transformer
-from indexer_model.oracle import oracle_selection
-from indexer_model.quality import window_nll
-from indexer_model.train import (
+from dsarag.evals.niah import NiahCase, answer_case, build_case
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.model import ModelArgs, Transformer
+from dsarag.indexer_model.oracle import oracle_selection
+from dsarag.indexer_model.quality import window_nll
+from dsarag.indexer_model.train import (
     RECALL_KS,
     TrainConfig,
     attention_mass_recall,
@@ -113,8 +113,8 @@ def _cpuinfo() -> list[str]:
 
 def load_base_model(spec: str, device: str, state_cache: Path | None) -> Transformer:
     """The frozen bf16 model; with `state_cache`, a .gguf is dequantized once and later runs load the cache."""
-    from indexer_model.train import load_frozen_model
-    from indexer_model.weights import build_model
+    from dsarag.indexer_model.train import load_frozen_model
+    from dsarag.indexer_model.weights import build_model
 
     if state_cache is not None and state_cache.is_file():
         saved = torch.load(state_cache, weights_only=True)
@@ -128,7 +128,7 @@ def load_base_model(spec: str, device: str, state_cache: Path | None) -> Transfo
 
 def load_trained_indexers(model: Transformer, checkpoint: Path | None) -> tuple[nn.ModuleList, Path]:
     """The trained indexers (fp32) of `checkpoint`, or of the checkpoint made for these exact weights."""
-    from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+    from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
 
     folder = checkpoint or find_checkpoint(weights_fingerprint(model))
     if folder is None:
@@ -311,11 +311,11 @@ def cpu_timing_section(
     (the compiled CPU kernels where they build) and, among `modes`, DSA on the PyTorch path; one measurement each.
     A length is skipped when even a linear extrapolation of the previous one exceeds `limit_s` (attention and
     the indexer grow quadratically, so the real time would be longer still)."""
-    from indexer_model.weights import default_dtype
+    from dsarag.indexer_model.weights import default_dtype
 
     model.to(default_dtype("cpu"))  # what `dsarag ask` runs on this CPU: fp32 unless it has fast bf16
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    from dsarag_kernels.cpu_dsa import native_library
+    from dsarag.kernels.cpu_dsa import native_library
 
     dsa_kernels = "native" if native_library() is not None else "torch"  # what DSAConfig's "auto" runs here
     section: dict = {
@@ -470,10 +470,10 @@ def deadline_elapsed(deadline: Deadline) -> float:
 
 
 def prepare(options: argparse.Namespace) -> None:
-    from indexer_model.generate import stop_token_ids
-    from indexer_model.resolve import resolve_model
-    from indexer_model.tokenizer import ChatTokenizer
-    from indexer_model.weights import load_config
+    from dsarag.indexer_model.generate import stop_token_ids
+    from dsarag.indexer_model.resolve import resolve_model
+    from dsarag.indexer_model.tokenizer import ChatTokenizer
+    from dsarag.indexer_model.weights import load_config
 
     folder = resolve_model(options.model)
     tokenizer = ChatTokenizer(folder)
@@ -508,8 +508,8 @@ def prepare(options: argparse.Namespace) -> None:
 def report(options: argparse.Namespace) -> None:
     data = merge_results(options.from_json, options.niah_modes)
     if "niah" in data:
-        from indexer_model.resolve import resolve_model
-        from indexer_model.tokenizer import ChatTokenizer
+        from dsarag.indexer_model.resolve import resolve_model
+        from dsarag.indexer_model.tokenizer import ChatTokenizer
 
         tokenizer = ChatTokenizer(resolve_model(data.get("niah_spec", {}).get("model", "default")))
         rows = score_niah(data["niah"], tokenizer.decode)

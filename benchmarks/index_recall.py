@@ -27,8 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from corpora.synthetic import synthetic_records
-from rag.index import build_index, search, split_refine
+from dsarag.corpora.synthetic import synthetic_records
+from dsarag.rag.index import build_index, search, split_refine
 
 
 def clustered_vectors(anchors: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def anchor_embeddings(n_anchors: int, cache: Path | None) -> np.ndarray:
         anchors = np.load(cache)
         print(json.dumps({"anchors": len(anchors), "from": str(cache)}), flush=True)
         return anchors[:n_anchors]
-    from rag.embed import load_embedder
+    from dsarag.rag.embed import load_embedder
 
     embedder = load_embedder()
     texts = [

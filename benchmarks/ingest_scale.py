@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from corpora.synthetic import write_synthetic_jsonl
-from rag.embed import load_embedder
-from rag.store import ChunkStore
+from dsarag.corpora.synthetic import write_synthetic_jsonl
+from dsarag.rag.embed import load_embedder
+from dsarag.rag.store import ChunkStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def _setting() -> dict:
 
 def run_ingest(corpus: Path, store: Path, batch_chunks: int, workers: str) -> tuple[dict, int]:
     """`dsarag ingest --json` in a fresh process: its report and its peak RSS in MB."""
-    command = [sys.executable, "-m", "cli.app", "ingest", str(corpus), "--store", str(store), "--json"]
+    command = [sys.executable, "-m", "dsarag.cli.app", "ingest", str(corpus), "--store", str(store), "--json"]
     command += ["--id-column", "id", "--title-column", "title", "--date-column", "date"]
     command += ["--batch-chunks", str(batch_chunks)]
     if workers != "default":

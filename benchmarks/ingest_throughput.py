@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rag.embed import load_embedder
-from rag.ingest import ingest_folder
-from rag.store import ChunkStore
+from dsarag.rag.embed import load_embedder
+from dsarag.rag.ingest import ingest_folder
+from dsarag.rag.store import ChunkStore
 
 
 def main() -> None:

@@ -29,9 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.dsa_quality import Deadline, load_base_model, run_meta  # noqa: E402
-from indexer_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from indexer_model.layer_mix import assembled, coordinate_descent, mean_nll, single_swaps  # noqa: E402
-from indexer_model.train import window_starts  # noqa: E402
+from dsarag.indexer_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dsarag.indexer_model.layer_mix import assembled, coordinate_descent, mean_nll, single_swaps  # noqa: E402
+from dsarag.indexer_model.train import window_starts  # noqa: E402
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.dsa_quality import load_base_model, load_trained_indexers  # noqa: E402
-from evals.niah import NiahCase  # noqa: E402
-from indexer_model.dsa import DSAConfig  # noqa: E402
-from indexer_model.resolve import resolve_model  # noqa: E402
-from indexer_model.tokenizer import ChatTokenizer  # noqa: E402
+from dsarag.evals.niah import NiahCase  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
+from dsarag.indexer_model.resolve import resolve_model  # noqa: E402
+from dsarag.indexer_model.tokenizer import ChatTokenizer  # noqa: E402
 
 
 def main() -> None:

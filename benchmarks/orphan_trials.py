@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rag.orphan_harness import (
+from dsarag.rag.orphan_harness import (
     GONE_WITHIN_S,
     ingest_command,
     kill_while_working,

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from indexer_model.indexer import apply_partial_rope, rope_cos_sin  # noqa: E402
-from indexer_model.model import Transformer  # noqa: E402
-from indexer_model.train import frozen_attention_inputs, load_frozen_model  # noqa: E402
+from dsarag.indexer_model.indexer import apply_partial_rope, rope_cos_sin  # noqa: E402
+from dsarag.indexer_model.model import Transformer  # noqa: E402
+from dsarag.indexer_model.train import frozen_attention_inputs, load_frozen_model  # noqa: E402
 
 BANDS = ((0, 1024), (1024, 8192), (8192, 16384), (16384, 32768))
 

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from indexer_model.checkpoint import load_checkpoint  # noqa: E402
-from indexer_model.quality import hidden_state_drift, mass_and_output_error  # noqa: E402
-from indexer_model.train import load_frozen_model, window_starts  # noqa: E402
+from dsarag.indexer_model.checkpoint import load_checkpoint  # noqa: E402
+from dsarag.indexer_model.quality import hidden_state_drift, mass_and_output_error  # noqa: E402
+from dsarag.indexer_model.train import load_frozen_model, window_starts  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsarag_kernels.indexer import _order_key, _radix_topk, index_scores, topk_select  # noqa: E402
+from dsarag.kernels.indexer import _order_key, _radix_topk, index_scores, topk_select  # noqa: E402
 
 TOPK = 2048
 

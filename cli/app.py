@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
-from cli.doctor_cmd import doctor
-from cli.eval_cmd import eval_app
-from cli.indexer_cmd import indexer_app
-from cli.models_cmd import models_app
-from rag.errors import DsaragError
+from dsarag.base.errors import DsaragError
+from dsarag.cli.cost_cmd import PRICE_ENV, bench, cost_app, gpu_price, render_cost
+from dsarag.cli.doctor_cmd import doctor
+from dsarag.cli.eval_cmd import eval_app
+from dsarag.cli.indexer_cmd import indexer_app
+from dsarag.cli.models_cmd import models_app
 
 app = typer.Typer(
     name="dsarag",
@@ -113,13 +113,13 @@ def ingest(
     """Read, chunk, embed and index documents and corpus files incrementally and resumably.
 
     Unchanged sources are skipped; a run that was killed continues where its last batch commit ended."""
-    from corpora.corpus_files import CorpusColumns
-    from rag.config import resolve_store
-    from rag.embed import load_embedder
-    from rag.errors import EXIT_PARTIAL_INGEST, BadInputError
-    from rag.ingest import IngestOptions
-    from rag.ingest import ingest as run_ingest
-    from rag.store import ChunkStore
+    from dsarag.base.errors import EXIT_PARTIAL_INGEST, BadInputError
+    from dsarag.corpora.corpus_files import CorpusColumns
+    from dsarag.rag.config import resolve_store
+    from dsarag.rag.embed import load_embedder
+    from dsarag.rag.ingest import IngestOptions
+    from dsarag.rag.ingest import ingest as run_ingest
+    from dsarag.rag.store import ChunkStore
 
     if engine not in ("local", "ray"):
         raise BadInputError(f"--engine {engine}: unknown engine — use local or ray")
@@ -245,9 +245,9 @@ def ask(
 ) -> None:
     """Answer QUESTION from your documents, with numbered citations (the agent decides whether and how to
     retrieve; see `dsarag graph`)."""
-    from rag.ask import AskOptions
-    from rag.ask import ask as run_ask
-    from rag.config import resolve_store
+    from dsarag.rag.ask import AskOptions
+    from dsarag.rag.ask import ask as run_ask
+    from dsarag.rag.config import resolve_store
 
     # Without --store and --docs only --strategy none can answer; rag/ask.py says so otherwise.
     store_folder = None if store is None and docs is None else resolve_store(store, docs)
@@ -320,7 +320,7 @@ def _render_trace(trace: list[dict]) -> None:
 @app.command()
 def graph() -> None:
     """Print the agent graph (decide → plan → retrieve → … → check) as a mermaid diagram."""
-    from rag.agent import graph_mermaid
+    from dsarag.rag.agent import graph_mermaid
 
     sys.stdout.write(graph_mermaid() + "\n")
 
@@ -332,9 +332,9 @@ def index_info(
     as_json: JsonOption = False,
 ) -> None:
     """Show what a store holds: chunks, vectors, tombstones, index type and parameters, shards, file sizes."""
-    from rag.config import resolve_store
-    from rag.store import ChunkStore
-    from rag.store_index import index_info as store_index_info
+    from dsarag.rag.config import resolve_store
+    from dsarag.rag.store import ChunkStore
+    from dsarag.rag.store_index import index_info as store_index_info
 
     chunk_store = ChunkStore(resolve_store(store, docs))
     info = store_index_info(chunk_store, chunk_store.read_manifest())
@@ -382,9 +382,9 @@ def index_rebuild(
 def _update_index(
     store: Path | None, docs: Path | None, factory: str | None, rebuild: bool, lock_timeout: float
 ) -> None:
-    from rag.config import resolve_store
-    from rag.store import ChunkStore
-    from rag.store_index import update_store_index
+    from dsarag.rag.config import resolve_store
+    from dsarag.rag.store import ChunkStore
+    from dsarag.rag.store_index import update_store_index
 
     chunk_store = ChunkStore(resolve_store(store, docs))
     chunk_store.read_manifest(check_index=False)  # a missing or damaged store fails before any lock

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
 
 cost_app = typer.Typer(help="The cost ledger of answered questions.", no_args_is_help=True)
 stderr = Console(stderr=True)
@@ -96,7 +96,7 @@ def report(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Sum the ledger: answers, tokens, measured time and $, and the analytic saving — per day, per mode."""
-    from rag.cost_ledger import cost_report, ledger_dir, read_ledger
+    from dsarag.rag.cost_ledger import cost_report, ledger_dir, read_ledger
 
     summary = cost_report(read_ledger())
     if json_out:
@@ -155,10 +155,10 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
 ) -> None:
     """Sweep context length and top-k: dense vs sparse latency, accuracy, analytic cost; JSON + PNG plots."""
-    from evals.bench import bench as run_bench
-    from evals.bench import write_report
-    from indexer_model.generate import load_generator
-    from rag.cost import GpuSpec
+    from dsarag.evals.bench import bench as run_bench
+    from dsarag.evals.bench import write_report
+    from dsarag.indexer_model.generate import load_generator
+    from dsarag.rag.cost import GpuSpec
 
     length_list, topk_list = _int_list(lengths, "--lengths"), _int_list(topk, "--topk")
     gpu = GpuSpec(price_per_hour=gpu_price(price_per_hour))

@@ -38,8 +38,8 @@ def doctor(
 ) -> None:
     """Check models, caches, free disk and a store; exit 0 when healthy, else the code of the first failing area
     (5 models, 4 store, 9 disk or caches). --repair fixes the store from its embeddings and its documents."""
-    from rag.config import resolve_store
-    from rag.doctor import run_doctor
+    from dsarag.rag.config import resolve_store
+    from dsarag.rag.doctor import run_doctor
 
     store_path = resolve_store(store, docs) if store is not None or docs is not None else None
     report = run_doctor(store_path, docs, full, repair, min_free_mb, lock_timeout, console=stderr)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
 
 eval_app = typer.Typer(help="Eval suites: NIAH, doc QA, retrieval, routing, temporal, top-k sweep, latency.", no_args_is_help=True)  # fmt: skip
 stderr = Console(stderr=True)
@@ -28,7 +28,7 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @eval_app.command("list")
 def list_suites(json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False) -> None:  # fmt: skip
     """The suites, with what each measures and its default thresholds."""
-    from evals.suites import SUITES
+    from dsarag.evals.suites import SUITES
 
     rows = {
         name: {"description": suite.DESCRIPTION, "thresholds": suite.THRESHOLDS}
@@ -71,7 +71,7 @@ def prepare(
     json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
 ) -> None:
     """Build a development set from public QA data: a folder of documents and qa.jsonl for `eval run docqa`."""
-    from evals.devsets import prepare_hotpot, prepare_squad
+    from dsarag.evals.devsets import prepare_hotpot, prepare_squad
 
     if dataset == "squad":
         devset = prepare_squad(source, out, articles, per_article, unanswerable, seed=seed, split=split)
@@ -161,8 +161,8 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary JSON on stdout.")] = False,
 ) -> None:
     """Run a suite; exit 7 when a metric misses its threshold (the reports are written either way)."""
-    from evals.run import EXIT_THRESHOLD, EvalOptions
-    from evals.runner import run_suites
+    from dsarag.evals.run import EXIT_THRESHOLD, EvalOptions
+    from dsarag.evals.runner import run_suites
 
     options = EvalOptions(
         suite=suite,

@@ -115,7 +115,7 @@ def train(
     ] = None,
 ) -> None:
     """Distil one lightning indexer per layer from the frozen model's dense attention (KL warm-up)."""
-    from indexer_model.train import TrainConfig, run_training
+    from dsarag.indexer_model.train import TrainConfig, run_training
 
     config = TrainConfig(
         seq_lens=_int_list(seq_len, "--seq-len"),
@@ -167,7 +167,7 @@ def evaluate(
     """Attention-mass recall of a checkpoint's indexers on held-out text: per layer and k, with the oracle."""
     import json
 
-    from indexer_model.train import evaluate_checkpoint
+    from dsarag.indexer_model.train import evaluate_checkpoint
 
     results = evaluate_checkpoint(
         model,
@@ -213,9 +213,9 @@ def budget(
     multipliers (1/2, 1 or 2, same keys in all) that keep the most attention mass, record them in the checkpoint."""
     import json
 
-    from indexer_model.checkpoint import write_topk_scales
-    from indexer_model.layer_budget import allocate_topk_scales, budget_recall
-    from indexer_model.train import evaluate_checkpoint
+    from dsarag.indexer_model.checkpoint import write_topk_scales
+    from dsarag.indexer_model.layer_budget import allocate_topk_scales, budget_recall
+    from dsarag.indexer_model.train import evaluate_checkpoint
 
     ks = (topk // 2, topk, topk * 2)
     results = evaluate_checkpoint(
@@ -255,7 +255,7 @@ def tokenize(
     """Save a text folder's token ids for `train --data` / `--eval-data` on a machine with only the GGUF."""
     import json
 
-    from indexer_model.token_ids import write_token_ids
+    from dsarag.indexer_model.token_ids import write_token_ids
 
     summary = write_token_ids(model, folder, out)
     if as_json:

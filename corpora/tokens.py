@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from pathlib import Path
 
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
 
 SLICE_CHARS = 100_000  # long texts are encoded a slice at a time, so memory stays bounded
 SLICES_PER_BATCH = 8  # slices encoded together, in parallel threads by the tokenizers library

@@ -11,8 +11,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpora.readers import UTF16_BOMS, kind_of
-from rag.errors import MissingInputError
+from dsarag.base.errors import MissingInputError
+from dsarag.corpora.readers import UTF16_BOMS, kind_of
 
 # Folders that hold tooling, not documents (hidden ones like .git and .venv are skipped by their dot).
 SKIPPED_FOLDER_NAMES = frozenset({"node_modules", "__pycache__", "site-packages", "bower_components"})

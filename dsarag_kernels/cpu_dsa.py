@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from indexer_model.indexer import LightningIndexer, check_topk_holds_forced
+from dsarag.indexer_model.indexer import LightningIndexer, check_topk_holds_forced
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -83,7 +83,7 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None where they cannot be built (the PyTorch path runs)."""
-    from indexer_model.provision import cache_dir
+    from dsarag.base.paths import cache_dir
 
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsarag_kernels import cpu_dsa
-from indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.kernels import cpu_dsa
 
 
 class Captured(Exception):
@@ -23,7 +23,7 @@ class Captured(Exception):
 def capture(heldout: np.ndarray, length: int, layer: int, topk: int, out: Path) -> None:
     """Prefill the default model on `heldout[:length]` up to `layer` and save that layer's DSA inputs to `out`:
     the attention's q, k, v and the indexer's q, w, k in bf16, the queries from the k-th on."""
-    from indexer_model.generate import load_generator
+    from dsarag.indexer_model.generate import load_generator
 
     model = load_generator().model
     model.setup_caches(1, length)

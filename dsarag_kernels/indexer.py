@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsarag_kernels.common import INTERPRETED, dot
-from indexer_model.indexer import check_topk_holds_forced
-from indexer_model.indexer import index_scores as index_scores_torch
+from dsarag.indexer_model.indexer import check_topk_holds_forced
+from dsarag.indexer_model.indexer import index_scores as index_scores_torch
+from dsarag.kernels.common import INTERPRETED, dot
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

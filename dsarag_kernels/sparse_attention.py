@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsarag_kernels.common import INTERPRETED, dot
+from dsarag.kernels.common import INTERPRETED, dot
 
 
 @triton.jit

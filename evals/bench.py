@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from corpora.demo_corpus import DEMO_DOCS
-from indexer_model.dsa import DSAConfig
-from indexer_model.generate import Generator
-from rag.cost import GpuSpec, ModelShape, dollars_per_million_tokens, peak_memory_mb, prefill_cost
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
+from dsarag.corpora.demo_corpus import DEMO_DOCS
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.generate import Generator
+from dsarag.rag.cost import GpuSpec, ModelShape, dollars_per_million_tokens, peak_memory_mb, prefill_cost
 
 
 def context_ids(generator: Generator, length: int) -> torch.Tensor:

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpora.demo_corpus import DEMO_DOCS
-from corpora.readers import UnreadableDocumentError, read_document
-from corpora.synthetic import synthetic_records
-from corpora.walk import walk_folder
-from rag.atomic import atomic_write
-from rag.errors import BadInputError, MissingInputError
+from dsarag.base.atomic import atomic_write
+from dsarag.base.errors import BadInputError, MissingInputError
+from dsarag.corpora.demo_corpus import DEMO_DOCS
+from dsarag.corpora.readers import UnreadableDocumentError, read_document
+from dsarag.corpora.synthetic import synthetic_records
+from dsarag.corpora.walk import walk_folder
 
 DEMO_QA = DEMO_DOCS.parent / "qa.jsonl"
 ROUTING_SET = Path(__file__).parent / "data" / "routing.jsonl"

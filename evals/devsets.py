@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rag.atomic import atomic_write
-from rag.errors import BadInputError, MissingInputError
+from dsarag.base.atomic import atomic_write
+from dsarag.base.errors import BadInputError, MissingInputError
 
 SPLITS = ("fit", "report")
 

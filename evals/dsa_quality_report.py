@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.niah import is_correct
-from indexer_model.dsa import DSAConfig
-from indexer_model.layer_budget import budget_recall
+from dsarag.evals.niah import is_correct
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.layer_budget import budget_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = (0.1, 0.5, 0.9)

@@ -15,9 +15,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from indexer_model.dsa import DSAConfig
-from indexer_model.generate import decode_one_token, prefill, sample
-from indexer_model.model import Transformer
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.generate import decode_one_token, prefill, sample
+from dsarag.indexer_model.model import Transformer
 
 FIRST_NAMES = tuple(
     "Alice Bruno Chiara Dmitri Elena Farid Greta Hiroshi Ines Jonas Kwame Lucia Mateo Nadia Oskar Priya".split()

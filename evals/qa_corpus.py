@@ -9,15 +9,15 @@ import re
 import time
 from pathlib import Path
 
-from corpora.corpus_files import CorpusColumns, available_columns, corpus_kind
-from corpora.demo_corpus import DEMO_DOCS
-from evals.datasets import QAItem, contexts_corpus
-from evals.run import SuiteRun
-from rag.ask import AskOptions
-from rag.errors import BadInputError
-from rag.ingest import IngestOptions, ingest
-from rag.retrieve import Hit, Retriever
-from rag.store import ChunkStore
+from dsarag.base.errors import BadInputError
+from dsarag.corpora.corpus_files import CorpusColumns, available_columns, corpus_kind
+from dsarag.corpora.demo_corpus import DEMO_DOCS
+from dsarag.evals.datasets import QAItem, contexts_corpus
+from dsarag.evals.run import SuiteRun
+from dsarag.rag.ask import AskOptions
+from dsarag.rag.ingest import IngestOptions, ingest
+from dsarag.rag.retrieve import Hit, Retriever
+from dsarag.rag.store import ChunkStore
 
 
 def qa_retriever(run: SuiteRun, items: list[QAItem]) -> Retriever:
@@ -65,7 +65,7 @@ def cited_sources(answer: str, sources: list[Hit]) -> list[Hit]:
 
 def agent_answer(run: SuiteRun, retriever: Retriever, question: str, **ask: object) -> dict:
     """One pass of the ask agent: answer, strategy, sources (as hits), the agent's timings, wall seconds."""
-    from rag.agent import AgentContext, run_agent
+    from dsarag.rag.agent import AgentContext, run_agent
 
     options = AskOptions(
         question=question,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.atomic import atomic_write, atomic_write_json
+from dsarag.base.atomic import atomic_write, atomic_write_json
 
 
 def write_reports(folder: Path, summary: dict) -> list[Path]:

@@ -8,11 +8,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.datasets import ROUTING_SET
-from indexer_model.generate import Generator
-from rag.query_features import query_features
-from rag.retrieve import Retriever
-from rag.route import choose_strategy, decide_retrieval
+from dsarag.evals.datasets import ROUTING_SET
+from dsarag.indexer_model.generate import Generator
+from dsarag.rag.query_features import query_features
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.route import choose_strategy, decide_retrieval
 
 
 def load_routing_set(path: Path = ROUTING_SET) -> list[dict]:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from rag.atomic import atomic_write_json
-from rag.errors import BadInputError
+from dsarag.base.atomic import atomic_write_json
+from dsarag.base.errors import BadInputError
 
 if TYPE_CHECKING:
-    from indexer_model.generate import Generator
-    from rag.embed import Embedder
+    from dsarag.indexer_model.generate import Generator
+    from dsarag.rag.embed import Embedder
 
 EXIT_THRESHOLD = 7  # documented in the README: an eval finished but missed one of its thresholds
 
@@ -177,7 +177,7 @@ class SuiteRun:
 
     def generator(self) -> "Generator":
         if self._generator is None:
-            from indexer_model.generate import load_generator
+            from dsarag.indexer_model.generate import load_generator
 
             self.console.log(f"loading generator {self.options.model or 'default'}")
             self._generator = load_generator(self.options.model, device=self.options.device)
@@ -185,7 +185,7 @@ class SuiteRun:
 
     def embedder(self) -> "Embedder":
         if self._embedder is None:
-            from rag.embed import load_embedder
+            from dsarag.rag.embed import load_embedder
 
             self._embedder = load_embedder()
         return self._embedder

@@ -5,11 +5,19 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from evals.report import write_reports
-from evals.run import EvalOptions, ItemLog, SuiteRun, Threshold, check_thresholds, parse_threshold, summarize
-from evals.suites import SUITES
-from rag.ask import READERS
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
+from dsarag.evals.report import write_reports
+from dsarag.evals.run import (
+    EvalOptions,
+    ItemLog,
+    SuiteRun,
+    Threshold,
+    check_thresholds,
+    parse_threshold,
+    summarize,
+)
+from dsarag.evals.suites import SUITES
+from dsarag.rag.ask import READERS
 
 ATTENTION_MODES = ("dense", "sparse", "auto")
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from indexer_model.indexer import LightningIndexer
-from rag.atomic import atomic_write, atomic_write_json
-from rag.errors import ModelError
+from dsarag.base.atomic import atomic_write, atomic_write_json
+from dsarag.base.errors import ModelError
+from dsarag.indexer_model.indexer import LightningIndexer
 
 BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 FINGERPRINT_SAMPLE = 4096  # values per tensor: enough to tell fine-tunes apart, cheap to compute
@@ -40,7 +40,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def user_checkpoints() -> Path:
-    from indexer_model.provision import cache_dir
+    from dsarag.base.paths import cache_dir
 
     return cache_dir() / "indexers"
 

@@ -9,8 +9,8 @@ held in a device tensor (`Transformer.forward(whole_cache=True)`), and the DSA k
 import torch
 from torch import Tensor
 
-from indexer_model.dsa import DSAConfig
-from indexer_model.model import Transformer
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.model import Transformer
 
 
 class GraphedDecoder:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from indexer_model.indexer import index_scores, stack_sets
+from dsarag.indexer_model.indexer import index_scores, stack_sets
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from indexer_model.indexer import LightningIndexer, select_topk, select_topk_sets, stack_sets
+from dsarag.indexer_model.indexer import LightningIndexer, select_topk, select_topk_sets, stack_sets
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ def _triton_dsa(
     scale: float,
 ) -> Tensor:
     """The GPU path (dsarag_kernels/): fused index scores + top-k, then gather attention."""
-    from dsarag_kernels.indexer import select_topk as select_topk_triton
-    from dsarag_kernels.sparse_attention import sparse_attention as sparse_attention_triton
+    from dsarag.kernels.indexer import select_topk as select_topk_triton
+    from dsarag.kernels.sparse_attention import sparse_attention as sparse_attention_triton
 
     indices = stack_sets(idx_w, lambda w_set: select_topk_triton(
         idx_q, w_set, idx_k_cache, q_start, n_keys, cfg.topk, cfg.n_sink, cfg.window, fp8=cfg.fp8_indexer,
@@ -155,7 +155,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, whole_ca
         # One query sees every cached key: fold each kv group's heads into the query axis (25x faster on CPU
         # than enable_gqa, which takes the slow path for a single query).
         if whole_cache and q.is_cuda:  # split across the keys: SDPA with a mask ran 1.5x slower at 128K
-            from dsarag_kernels.sparse_attention import dense_attention_decode
+            from dsarag.kernels.sparse_attention import dense_attention_decode
 
             return dense_attention_decode(q, k, v, input_pos, head_dim**-0.5)
         grouped = q.view(batch, n_kv_head, n_head // n_kv_head, head_dim)
@@ -171,7 +171,7 @@ def _native_cpu(cfg: DSAConfig) -> bool:
     """Whether the CPU path runs the compiled kernels: under "auto" where they build, always under "native"."""
     if cfg.kernels not in ("auto", "native"):
         return False
-    from dsarag_kernels.cpu_dsa import native_library
+    from dsarag.kernels.cpu_dsa import native_library
 
     if native_library() is None:
         if cfg.kernels == "native":
@@ -185,7 +185,7 @@ def project_index(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The indexer's q, w, k for the new tokens; on the CPU, a decode step's come from one compiled call."""
     if not x.is_cuda and _native_cpu(cfg):
-        from dsarag_kernels import cpu_dsa
+        from dsarag.kernels import cpu_dsa
 
         if cpu_dsa.projects_natively(indexer, x):
             return cpu_dsa.index_projection(indexer, x, positions)
@@ -231,7 +231,7 @@ def dsa_attention(
     rows = slice(n_dense, None)
     select, attend = select_topk, sparse_attention
     if _native_cpu(cfg):
-        from dsarag_kernels import cpu_dsa
+        from dsarag.kernels import cpu_dsa
 
         select, attend = cpu_dsa.select_topk, cpu_dsa.sparse_attention
     indices = select_topk_sets(

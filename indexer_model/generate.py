@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from indexer_model.cuda_graph import GraphedDecoder
-from indexer_model.dsa import DSAConfig
-from indexer_model.gguf_convert import END_OF_TURN_TOKENS
-from indexer_model.model import Transformer
-from indexer_model.tokenizer import ChatTokenizer
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
+from dsarag.indexer_model.cuda_graph import GraphedDecoder
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.gguf_convert import END_OF_TURN_TOKENS
+from dsarag.indexer_model.model import Transformer
+from dsarag.indexer_model.tokenizer import ChatTokenizer
 
 
 @dataclass
@@ -105,8 +105,8 @@ def _device_path(device: str) -> str:
     """The SPARSE_FASTER key of a device: on the CPU, which DSA path runs and in which dtype."""
     if device != "cpu":
         return device
-    from dsarag_kernels.cpu_dsa import amx_ready, native_library
-    from indexer_model.weights import default_dtype
+    from dsarag.indexer_model.weights import default_dtype
+    from dsarag.kernels.cpu_dsa import amx_ready, native_library
 
     if native_library() is None:
         return "cpu-torch"
@@ -312,7 +312,7 @@ class Generator:
 
     def attach_trained_indexers(self) -> Path | None:
         """Attach the trained indexer checkpoint made for these exact weights, if there is one."""
-        from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+        from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
 
         folder = find_checkpoint(weights_fingerprint(self.model))
         if folder is not None:
@@ -367,9 +367,9 @@ def load_generator(
     spec: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu"
 ) -> Generator:
     """Resolve `spec` (see resolve_model) and load model + tokenizer (dtype None: weights.default_dtype)."""
-    from indexer_model.provision import DEFAULT_GENERATOR, registry_model
-    from indexer_model.resolve import resolve_model
-    from indexer_model.weights import load_model
+    from dsarag.indexer_model.provision import DEFAULT_GENERATOR, registry_model
+    from dsarag.indexer_model.resolve import resolve_model
+    from dsarag.indexer_model.weights import load_model
 
     started = time.perf_counter()
     folder = resolve_model(spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 # Chat end markers of common templates: generation stops on any of them that the vocabulary holds.

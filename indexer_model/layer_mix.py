@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from indexer_model.dsa import DSAConfig
-from indexer_model.model import Transformer
-from indexer_model.quality import window_nll
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.model import Transformer
+from dsarag.indexer_model.quality import window_nll
 
 
 def mixed(base: nn.ModuleList, other: nn.ModuleList, from_other: set[int]) -> nn.ModuleList:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index
-from indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index
+from dsarag.indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -72,7 +72,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            from dsarag_kernels import cpu_dsa
+            from dsarag.kernels import cpu_dsa
 
             if cpu_dsa.runs_linear_rows(x, self.weight, self.bias):
                 return cpu_dsa.linear_rows(x, self.weight, self.bias)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-import indexer_model.model as model_module
-from indexer_model.distill import dense_attention_target
-from indexer_model.dsa import DSAConfig, dsa_attention, sparse_attention
+import dsarag.indexer_model.model as model_module
+from dsarag.indexer_model.distill import dense_attention_target
+from dsarag.indexer_model.dsa import DSAConfig, dsa_attention, sparse_attention
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def oracle_dsa_attention(
     indices = oracle_topk(q, k, q_positions, cfg.topk, cfg.n_sink, cfg.window)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.is_cuda:
-        from dsarag_kernels.sparse_attention import sparse_attention as sparse_attention_triton
+        from dsarag.kernels.sparse_attention import sparse_attention as sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, indices.to(torch.int32), scale)
     return sparse_attention(q, k, v, indices, scale)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rag.atomic import atomic_write_json
-from rag.errors import ModelError
+from dsarag.base.atomic import atomic_write_json
+from dsarag.base.errors import ModelError
+from dsarag.base.paths import cache_dir
 
 MANIFEST = "manifest.json"
 DEFAULT_GENERATOR = "qwen2.5-coder-0.5b-instruct"
@@ -155,15 +156,6 @@ class VerifyResult:
 
     def to_json(self) -> dict:
         return asdict(self) | {"path": str(self.path)}
-
-
-def cache_dir() -> Path:
-    """`$DSARAG_CACHE`, else `$XDG_CACHE_HOME/dsarag`, else `~/.cache/dsarag`."""
-    if os.environ.get("DSARAG_CACHE"):
-        return Path(os.environ["DSARAG_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "dsarag"
-    return Path.home() / ".cache" / "dsarag"
 
 
 def registry_model(name: str) -> RegistryModel | None:
@@ -387,7 +379,7 @@ def _pull_one(model: RegistryModel, console: Console) -> PullResult:
 
 
 def _convert_into(gguf: Path, hf_folder: Path) -> None:
-    from indexer_model.gguf_convert import convert_gguf
+    from dsarag.indexer_model.gguf_convert import convert_gguf
 
     hf_folder.mkdir(parents=True)
     convert_gguf(gguf, hf_folder)

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from indexer_model.dsa import DSAConfig
-from indexer_model.indexer import select_topk_sets
-from indexer_model.model import Transformer, rope_cos_sin
-from indexer_model.train import N_SINK, WINDOW
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.indexer import select_topk_sets
+from dsarag.indexer_model.model import Transformer, rope_cos_sin
+from dsarag.indexer_model.train import N_SINK, WINDOW
 
 
 def _synchronize(device: str) -> None:

@@ -3,8 +3,13 @@
 import re
 from pathlib import Path
 
-from indexer_model.provision import DEFAULT_GENERATOR, convert_local_gguf, generator_path, registry_model
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
+from dsarag.indexer_model.provision import (
+    DEFAULT_GENERATOR,
+    convert_local_gguf,
+    generator_path,
+    registry_model,
+)
 
 ACCEPTED_FORMS = (
     "`default`, `tiny`, a registry name (see `dsarag models list`), a local Hugging Face model folder "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.atomic import atomic_write
-from rag.errors import BadInputError, MissingInputError
+from dsarag.base.atomic import atomic_write
+from dsarag.base.errors import BadInputError, MissingInputError
 
 TEXT_SUFFIXES = {".txt", ".rst", ".md"}
 
@@ -47,8 +47,8 @@ def tokenizer_encode(model_spec: str) -> Callable[[str], list[int]] | None:
     """The model's `encode`; None for a `.gguf`, whose text must come as token ids."""
     if model_spec.endswith(".gguf"):
         return None
-    from indexer_model.resolve import resolve_model
-    from indexer_model.tokenizer import ChatTokenizer
+    from dsarag.indexer_model.resolve import resolve_model
+    from dsarag.indexer_model.tokenizer import ChatTokenizer
 
     return ChatTokenizer(resolve_model(model_spec)).encode
 

@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _WORD_JOINER = "\u2060"  # invisible; splits a control-token string so that it is read as plain text

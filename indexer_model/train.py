@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from indexer_model.checkpoint import indexers_config, weights_fingerprint
-from indexer_model.distill import (
+from dsarag.base.errors import BadInputError
+from dsarag.indexer_model.checkpoint import indexers_config, weights_fingerprint
+from dsarag.indexer_model.distill import (
     blockwise_indexer_kl_loss,
     dense_attention_target,
     topk_attention_mass_recall,
 )
-from indexer_model.indexer import LightningIndexer, select_topk_sets
-from indexer_model.model import Transformer, rope_cos_sin
-from indexer_model.token_ids import load_token_stream, tokenizer_encode
-from rag.errors import BadInputError
+from dsarag.indexer_model.indexer import LightningIndexer, select_topk_sets
+from dsarag.indexer_model.model import Transformer, rope_cos_sin
+from dsarag.indexer_model.token_ids import load_token_stream, tokenizer_encode
 
 RECALL_KS = (256, 512, 1024, 2048)
 DEFAULT_INDEX_HEADS, DEFAULT_INDEX_DIM = 4, 64
@@ -65,16 +65,16 @@ class TrainConfig:
 def load_frozen_model(spec: str, device: str) -> Transformer:
     """The base model in bf16, frozen. A `.gguf` path is read directly (no tokenizer needed)."""
     if spec.endswith(".gguf"):
-        from indexer_model.gguf_convert import read_gguf
-        from indexer_model.model import ModelArgs
-        from indexer_model.weights import build_model, our_name
+        from dsarag.indexer_model.gguf_convert import read_gguf
+        from dsarag.indexer_model.model import ModelArgs
+        from dsarag.indexer_model.weights import build_model, our_name
 
         config, state_dict = read_gguf(Path(spec))
         state_dict = {our_name(name): tensor for name, tensor in state_dict.items()}
         model = build_model(ModelArgs.from_config(config), state_dict, Path(spec))
     else:
-        from indexer_model.resolve import resolve_model
-        from indexer_model.weights import load_model
+        from dsarag.indexer_model.resolve import resolve_model
+        from dsarag.indexer_model.weights import load_model
 
         model = load_model(resolve_model(spec))
     return model.to(device).requires_grad_(False)
@@ -406,7 +406,7 @@ def evaluate_checkpoint(
     log: Callable[[str], None] = print,
 ) -> dict:
     """`dsarag indexer eval`: recall of a checkpoint (default: the one made for these weights) per length."""
-    from indexer_model.checkpoint import find_checkpoint, load_checkpoint
+    from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint
 
     device = _resolve_device(device)
     if checkpoint is not None and not (checkpoint / "config.json").is_file():
@@ -466,7 +466,7 @@ def run_training(
     init_from: Path | None = None,
 ) -> dict:
     """Train, measure recall on held-out text (trained vs untrained indexer), write the checkpoint to `out`."""
-    from indexer_model.checkpoint import save_checkpoint
+    from dsarag.indexer_model.checkpoint import save_checkpoint
 
     device = _resolve_device(device)
     started = time.perf_counter()
@@ -490,7 +490,7 @@ def run_training(
     if config.layers and init_from is None:
         raise BadInputError("--layers trains some layers and keeps the others: pass --init-from CHECKPOINT")
     if init_from is not None:
-        from indexer_model.checkpoint import load_checkpoint
+        from dsarag.indexer_model.checkpoint import load_checkpoint
 
         init = widen_to_sets(
             load_checkpoint(init_from, model.args.dim, model.args.n_layer), config.index_sets

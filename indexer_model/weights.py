@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from indexer_model.model import ModelArgs, Transformer
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
+from dsarag.indexer_model.model import ModelArgs, Transformer
 
 # HF parameter names → ours (module names in model.py).
 _RENAMES = (

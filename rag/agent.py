@@ -17,20 +17,20 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
-from indexer_model.generate import GenerationResult, Generator
-from rag.budget import TopkBudget, topk_budget
-from rag.dedup import dedup_rankings, drop_superseded_versions
-from rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
-from rag.pack import PackedContext, build_messages, pack_sources
-from rag.query_features import QueryFeatures, query_features
-from rag.reader import Reading, declined_for_numbers, read, reading_mode
-from rag.rerank import RecencyBlend
-from rag.retrieve import Hit, Retriever
-from rag.route import choose_complexity, choose_strategy, decide_retrieval
-from rag.strategies import retrieve_rankings, write_sub_questions
+from dsarag.indexer_model.generate import GenerationResult, Generator
+from dsarag.rag.budget import TopkBudget, topk_budget
+from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
+from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
+from dsarag.rag.pack import PackedContext, build_messages, pack_sources
+from dsarag.rag.query_features import QueryFeatures, query_features
+from dsarag.rag.reader import Reading, declined_for_numbers, read, reading_mode
+from dsarag.rag.rerank import RecencyBlend
+from dsarag.rag.retrieve import Hit, Retriever
+from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval
+from dsarag.rag.strategies import retrieve_rankings, write_sub_questions
 
 if TYPE_CHECKING:
-    from rag.ask import AskOptions
+    from dsarag.rag.ask import AskOptions
 
 MAX_ATTEMPTS = 2  # the first answer plus one retry: a bounded loop
 RETRY_STRATEGY = {"semantic": "hybrid", "temporal": "hybrid", "multi-query": "hybrid", "hybrid": "semantic"}

@@ -8,19 +8,19 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from rag.cost import GpuSpec, ModelShape, meter_answer, peak_memory_mb, token_overlap
-from rag.cost_ledger import append_row, ledger_row
-from rag.embed import Embedder, load_embedder
-from rag.errors import BadInputError
-from rag.ingest import IngestReport, ingest_folder
-from rag.lock import StoreLockedError
-from rag.pack import build_messages
-from rag.retrieve import Retriever
-from rag.route import STRATEGIES
-from rag.store import ChunkStore
+from dsarag.base.errors import BadInputError
+from dsarag.rag.cost import GpuSpec, ModelShape, meter_answer, peak_memory_mb, token_overlap
+from dsarag.rag.cost_ledger import append_row, ledger_row
+from dsarag.rag.embed import Embedder, load_embedder
+from dsarag.rag.ingest import IngestReport, ingest_folder
+from dsarag.rag.lock import StoreLockedError
+from dsarag.rag.pack import build_messages
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.route import STRATEGIES
+from dsarag.rag.store import ChunkStore
 
 if TYPE_CHECKING:
-    from indexer_model.generate import GenerationResult, Generator
+    from dsarag.indexer_model.generate import GenerationResult, Generator
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
 STRATEGY_CHOICES = (*STRATEGIES, "none")
@@ -125,8 +125,8 @@ def ask(
         )
     if options.store is None and options.strategy != "none":
         raise BadInputError("no store given — pass --store PATH or --docs DIR (or --strategy none)")
-    from indexer_model.generate import load_generator
-    from rag.agent import AgentContext, run_agent
+    from dsarag.indexer_model.generate import load_generator
+    from dsarag.rag.agent import AgentContext, run_agent
 
     timings: dict[str, float] = {}
     report: IngestReport | None = None
@@ -206,7 +206,7 @@ def ask(
 
 def min_attention_topk() -> int:
     """The smallest DSA k: every query keeps its sink tokens and its recent window."""
-    from indexer_model.dsa import DSAConfig
+    from dsarag.indexer_model.dsa import DSAConfig
 
     return DSAConfig.n_sink + DSAConfig.window
 
@@ -232,8 +232,8 @@ def refresh_store(
 def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
     """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
     side prefills and decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
-    from indexer_model.dsa import DSAConfig
-    from indexer_model.generate import auto_dsa
+    from dsarag.indexer_model.dsa import DSAConfig
+    from dsarag.indexer_model.generate import auto_dsa
 
     sparse = generation.attention == "sparse"
     auto = auto_dsa(generation.topk or DSAConfig().topk)  # what the sparse side runs after a dense answer

@@ -6,7 +6,7 @@ question is flagged critical (which also wins over `--topk`); `--topk` overrides
 
 from dataclasses import dataclass
 
-from indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.dsa import DSAConfig
 
 # Selection ratio of the packed context per task complexity (docs/design.md, "Top-k budget from the task").
 TOPK_RATIOS = {

@@ -2,16 +2,9 @@
 so `dsarag ingest DIR` and `dsarag ask --docs DIR` find the same store without writing into DIR."""
 
 import hashlib
-import os
 from pathlib import Path
 
-
-def data_home() -> Path:
-    """`$DSARAG_HOME`, else `$XDG_DATA_HOME/dsarag`, else `~/.local/share/dsarag`."""
-    if os.environ.get("DSARAG_HOME"):
-        return Path(os.environ["DSARAG_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "dsarag"
+from dsarag.base.paths import data_home
 
 
 def default_store_for(docs: Path) -> Path:
@@ -25,7 +18,7 @@ def resolve_store(store: Path | None, docs: Path | None) -> Path:
     if store is not None:
         return Path(store).expanduser()
     if docs is None:
-        from rag.errors import BadInputError
+        from dsarag.base.errors import BadInputError
 
         raise BadInputError("no store given — pass --store PATH or --docs DIR")
     return default_store_for(docs)

@@ -13,7 +13,7 @@ and dollars from the GPU price per hour (default $2, as DeepSeek's published cur
 
 from dataclasses import asdict, dataclass
 
-from indexer_model.model import ModelArgs, Transformer
+from dsarag.indexer_model.model import ModelArgs, Transformer
 
 
 @dataclass(frozen=True)

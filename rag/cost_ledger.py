@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from rag.atomic import atomic_write
-from rag.config import data_home
+from dsarag.base.atomic import atomic_write
+from dsarag.base.paths import data_home
 
 COMPACT_AFTER_PARTS = 256
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.embed import Embedder
-from rag.ingest import IngestOptions, ingest
-from rag.lock import LOCK_NAME
-from rag.store import ChunkStore
-from rag.store_check import check_store
+from dsarag.rag.embed import Embedder
+from dsarag.rag.ingest import IngestOptions, ingest
+from dsarag.rag.lock import LOCK_NAME
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_check import check_store
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_CHUNKS = 8  # many small commits: many moments to be killed between and inside them
@@ -95,7 +95,7 @@ def write_corpus(folder: Path, version: int = 2) -> list[Path]:
 
 def ingest_command(inputs: list[Path], store: Path) -> list[str]:
     return [
-        sys.executable, "-m", "cli.app", "ingest", *map(str, inputs), "--store", str(store),
+        sys.executable, "-m", "dsarag.cli.app", "ingest", *map(str, inputs), "--store", str(store),
         "--id-column", "id", "--batch-chunks", str(BATCH_CHUNKS), "--workers", "0",
     ]  # fmt: skip
 
@@ -116,7 +116,7 @@ def wait_until_working(process: subprocess.Popen, store: Path, timeout_s: float 
 
 
 def options() -> IngestOptions:
-    from corpora.corpus_files import CorpusColumns
+    from dsarag.corpora.corpus_files import CorpusColumns
 
     return IngestOptions(columns=CorpusColumns(id="id"), batch_chunks=BATCH_CHUNKS, workers=0)
 

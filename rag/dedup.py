@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rag.fusion import reciprocal_rank_fusion
-from rag.retrieve import Hit
+from dsarag.rag.fusion import reciprocal_rank_fusion
+from dsarag.rag.retrieve import Hit
 
 NEAR_DUPLICATE_COSINE = 0.95  # all-MiniLM-L6-v2: the same paragraph lightly reworded scores ≈ 0.95–0.99
 # Two dated versions of one fact (a 2024 and a 2025 price list): measured 0.76–0.90 on the demo corpus,

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rag.errors import EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_STORE
-from rag.lock import DEFAULT_LOCK_TIMEOUT_S, lock_holder, store_write_lock
-from rag.store import ChunkStore
-from rag.store_check import StoreHealth, check_store
+from dsarag.base.errors import EXIT_ENVIRONMENT, EXIT_MODEL, EXIT_STORE
+from dsarag.base.paths import cache_dir, data_home
+from dsarag.rag.lock import DEFAULT_LOCK_TIMEOUT_S, lock_holder, store_write_lock
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_check import StoreHealth, check_store
 
 MIN_FREE_MB = 500  # below this a doctor check fails: an ingest or a model pull may run out of space
 LOW_FREE_MB = 2000  # below this it warns
@@ -78,9 +79,7 @@ def run_doctor(
     _check_models(report, full)
     _check_caches(report, repair)
     _check_cpu_kernels(report)
-    _check_disk(
-        report, [path for path in (store, _cache_dir(), _data_home()) if path is not None], min_free_mb
-    )
+    _check_disk(report, [path for path in (store, cache_dir(), data_home()) if path is not None], min_free_mb)
     if store is not None:
         chunk_store = ChunkStore(store)
         health = _check_store(report, chunk_store)
@@ -96,7 +95,7 @@ def run_doctor(
 
 
 def _check_models(report: DoctorReport, full: bool) -> None:
-    from indexer_model.provision import DEFAULT_GENERATOR, EMBEDDER, list_models, verify
+    from dsarag.indexer_model.provision import DEFAULT_GENERATOR, EMBEDDER, list_models, verify
 
     statuses = {status.name: status for status in list_models()}
     needed = {EMBEDDER: "fail", DEFAULT_GENERATOR: "warn"}  # the tiny model and converted GGUFs are optional
@@ -122,9 +121,9 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
     import torch
 
-    from dsarag_kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
-    from indexer_model.generate import auto_sparse_range
-    from indexer_model.weights import default_dtype
+    from dsarag.indexer_model.generate import auto_sparse_range
+    from dsarag.indexer_model.weights import default_dtype
+    from dsarag.kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
 
     if native_library() is not None:
         bf16 = avx512_bf16_ready() and default_dtype("cpu") == torch.bfloat16
@@ -155,13 +154,13 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
 
 
 def _registry_names() -> set[str]:
-    from indexer_model.provision import REGISTRY
+    from dsarag.indexer_model.provision import REGISTRY
 
     return {model.name for model in REGISTRY}
 
 
 def _verify_converted(path: Path):  # noqa: ANN202 - a VerifyResult
-    from indexer_model.provision import verify
+    from dsarag.indexer_model.provision import verify
 
     return next(result for result in verify() if result.path == path)
 
@@ -169,20 +168,8 @@ def _verify_converted(path: Path):  # noqa: ANN202 - a VerifyResult
 # ---- caches and disk
 
 
-def _cache_dir() -> Path:
-    from indexer_model.provision import cache_dir
-
-    return cache_dir()
-
-
-def _data_home() -> Path:
-    from rag.config import data_home
-
-    return data_home()
-
-
 def _check_caches(report: DoctorReport, repair: bool) -> None:
-    for name, folder in (("model cache", _cache_dir()), ("data home", _data_home())):
+    for name, folder in (("model cache", cache_dir()), ("data home", data_home())):
         existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
         if existing is None or not os.access(existing, os.W_OK):
             report.add(
@@ -193,14 +180,14 @@ def _check_caches(report: DoctorReport, repair: bool) -> None:
     stale = sorted(
         path
         for sub in ("models", "converted")
-        if (_cache_dir() / sub).is_dir()
-        for path in (_cache_dir() / sub).iterdir()
+        if (cache_dir() / sub).is_dir()
+        for path in (cache_dir() / sub).iterdir()
         if path.name.startswith((".pull-", ".convert-"))
     )
     if stale and repair:
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
-        report.repairs.append(f"removed {len(stale)} half-finished model download(s) from {_cache_dir()}")
+        report.repairs.append(f"removed {len(stale)} half-finished model download(s) from {cache_dir()}")
     elif stale:
         report.add(
             "caches",
@@ -284,8 +271,8 @@ def _store_fix(problem, store: ChunkStore) -> str:  # noqa: ANN001 - a StoreProb
 
 def _embedder_identity() -> tuple[str | None, int | None]:
     """Name and dimension of the embedder this installation uses; (None, None) when it is not pulled."""
-    from rag.embed import DEFAULT_EMBEDDER, load_embedder
-    from rag.errors import ModelError
+    from dsarag.base.errors import ModelError
+    from dsarag.rag.embed import DEFAULT_EMBEDDER, load_embedder
 
     try:
         embedder = load_embedder()
@@ -296,7 +283,7 @@ def _embedder_identity() -> tuple[str | None, int | None]:
 
 def repair_store(store: ChunkStore, docs: Path | None, console: Console | None = None) -> list[str]:
     """Fix what the check found; the caller holds the write lock. Returns one line per repair made."""
-    from rag.store_index import update_index
+    from dsarag.rag.store_index import update_index
 
     health = check_store(store)
     repairs: list[str] = []
@@ -349,9 +336,9 @@ def _reingest(
     store: ChunkStore, keys: list[str], columns: dict[str, dict | None], console: Console | None
 ) -> list[str]:
     """Ingest the sources `keys` again; `columns`: the column options each corpus file was read with."""
-    from corpora.corpus_files import CorpusColumns, corpus_kind
-    from rag.embed import load_embedder
-    from rag.ingest import IngestOptions, ingest
+    from dsarag.corpora.corpus_files import CorpusColumns, corpus_kind
+    from dsarag.rag.embed import load_embedder
+    from dsarag.rag.ingest import IngestOptions, ingest
 
     root = Path(store.parse_manifest().root)
     present = [key for key in keys if (root / key).is_file()]
@@ -386,9 +373,9 @@ def _reingest(
 
 def _rebuild_from_docs(store: ChunkStore, docs: Path | None, console: Console | None) -> list[str]:
     """An unreadable manifest: nothing in the folder can be trusted; ingest the documents again into it."""
-    from rag.embed import load_embedder
-    from rag.errors import BadInputError
-    from rag.ingest import IngestOptions, ingest
+    from dsarag.base.errors import BadInputError
+    from dsarag.rag.embed import load_embedder
+    from dsarag.rag.ingest import IngestOptions, ingest
 
     if docs is None:
         raise BadInputError(

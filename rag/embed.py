@@ -24,7 +24,7 @@ class Embedder:
 
     @cached_property
     def model(self):  # noqa: ANN201 - SentenceEncoder or SentenceTransformer, imported lazily (slow imports)
-        from rag.bert_encoder import SentenceEncoder, is_plain_bert_mean_pooling
+        from dsarag.rag.bert_encoder import SentenceEncoder, is_plain_bert_mean_pooling
 
         if is_plain_bert_mean_pooling(self.folder):
             return SentenceEncoder(self.folder, self.device or _best_device())
@@ -42,7 +42,7 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        from rag.bert_encoder import SentenceEncoder
+        from dsarag.rag.bert_encoder import SentenceEncoder
 
         if isinstance(self.model, SentenceEncoder):
             return self.model.encode(texts, batch_size)
@@ -57,7 +57,7 @@ class Embedder:
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER) -> Embedder:
-    from indexer_model.provision import embedder_path
+    from dsarag.indexer_model.provision import embedder_path
 
     return Embedder(embedder_path(), name)
 

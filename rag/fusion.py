@@ -1,7 +1,7 @@
 """Reciprocal-rank fusion: merge ranked lists by rank alone, so scores on different scales (BM25, cosine)
 never have to be compared."""
 
-from rag.retrieve import Hit
+from dsarag.rag.retrieve import Hit
 
 RRF_K = 60  # the constant of Cormack et al. (2009): damps the weight of the very first ranks
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
 
 # Thresholds from the design: exact search is fast and perfect for small stores, HNSW up to a few million,
 # IVF+OPQ for large or memory-bound stores.

@@ -28,8 +28,9 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from corpora.chunking import chunk_text
-from corpora.corpus_files import (
+from dsarag.base.errors import DsaragError, MissingInputError, StoreError
+from dsarag.corpora.chunking import chunk_text
+from dsarag.corpora.corpus_files import (
     BLOCK_RECORDS,
     BadRecord,
     CorpusColumns,
@@ -38,16 +39,15 @@ from corpora.corpus_files import (
     corpus_kind,
     iter_record_blocks,
 )
-from corpora.dates import document_date
-from corpora.readers import read_document
-from corpora.tokens import token_spans_from_tokenizer_json
-from corpora.walk import MAX_FILE_BYTES, walk_folder
-from rag.embed import Embedder
-from rag.errors import DsaragError, MissingInputError, StoreError
-from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
-from rag.parent_death import exit_with_parent
-from rag.store import ChunkStore, FileRecord, Manifest, chunk_schema, file_sha256, stable_chunk_id
-from rag.store_index import update_index
+from dsarag.corpora.dates import document_date
+from dsarag.corpora.readers import read_document
+from dsarag.corpora.tokens import token_spans_from_tokenizer_json
+from dsarag.corpora.walk import MAX_FILE_BYTES, walk_folder
+from dsarag.rag.embed import Embedder
+from dsarag.rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
+from dsarag.rag.parent_death import exit_with_parent
+from dsarag.rag.store import ChunkStore, FileRecord, Manifest, chunk_schema, file_sha256, stable_chunk_id
+from dsarag.rag.store_index import update_index
 
 CHUNK_TOKENS = 200  # the embedder reads 256 tokens; leave room for special tokens and boundary snapping
 CHUNK_OVERLAP_TOKENS = 40
@@ -191,7 +191,7 @@ def _ingest_locked(
         manifest.index_override = options.index_factory
     writer = _BatchWriter(store, manifest, embedder, options, report, plan, console)
     if options.engine == "ray":
-        from rag.ingest_ray import run_ray_pipeline
+        from dsarag.rag.ingest_ray import run_ray_pipeline
 
         writer.consume(run_ray_pipeline(plan.to_read, plan.resume_from, embedder, options))
     else:
@@ -203,7 +203,7 @@ def _ingest_locked(
         manifest = writer.manifest
         fill = None
         if options.engine == "ray":  # IVF shards are added on the cluster and merged
-            from rag.ingest_ray import fill_on_ray as fill
+            from dsarag.rag.ingest_ray import fill_on_ray as fill
         with (console or Console(stderr=True, quiet=True)).status(f"indexing {manifest.n_chunks} chunks"):
             update = update_index(store, manifest, options.index_factory, fill=fill)
         report.index_factory, report.index_action, report.index_seconds = (

@@ -16,10 +16,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rag.embed import Embedder
-from rag.errors import BadInputError
-from rag.index import merge_into
-from rag.ingest import (
+from dsarag.base.errors import BadInputError
+from dsarag.rag.embed import Embedder
+from dsarag.rag.index import merge_into
+from dsarag.rag.ingest import (
     IngestOptions,
     Source,
     SourceEnd,
@@ -30,8 +30,8 @@ from rag.ingest import (
     init_worker,
     work_items,
 )
-from rag.store import ChunkStore
-from rag.store_index import add_shards
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_index import add_shards
 
 
 class _ReadAndChunk:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from indexer_model.generate import Generator
+from dsarag.indexer_model.generate import Generator
 
 CONTENT_FREE_QUESTION = "N/A"
 

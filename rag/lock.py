@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rag.errors import EXIT_LOCKED, DsaragError, StoreError
+from dsarag.base.errors import EXIT_LOCKED, DsaragError, StoreError
 
 LOCK_NAME = ".dsarag.lock"
 DEFAULT_LOCK_TIMEOUT_S = 60.0

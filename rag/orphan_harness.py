@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from rag.crash_harness import generation
+from dsarag.rag.crash_harness import generation
 
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 10
@@ -71,7 +71,7 @@ def write_documents(folder: Path, n_documents: int) -> Path:
 
 def ingest_command(docs: Path, store: Path, workers: int, batch_chunks: int) -> list[str]:
     return [
-        sys.executable, "-m", "cli.app", "ingest", str(docs), "--store", str(store),
+        sys.executable, "-m", "dsarag.cli.app", "ingest", str(docs), "--store", str(store),
         "--batch-chunks", str(batch_chunks), "--workers", str(workers), "--json",
     ]  # fmt: skip
 

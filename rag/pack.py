@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rag.retrieve import Hit
+from dsarag.rag.retrieve import Hit
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered sources below. Give a short, direct answer and cite the "

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
-from corpora.dates import DatePhrase, find_date_phrases
+from dsarag.corpora.dates import DatePhrase, find_date_phrases
 
 # "as of March 2024" bounds the period from above; "in 2023" names the period itself.
 _UPPER_BOUND_WORDS = re.compile(r"\b(as of|as at|from|since|starting|effective|by|until|before)\s*$", re.I)

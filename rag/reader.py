@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from indexer_model.generate import GenerationResult, Generator
-from rag.pack import PackedContext
+from dsarag.indexer_model.generate import GenerationResult, Generator
+from dsarag.rag.pack import PackedContext
 
 SPAN_PROMPT = (
     "Answer the question from the numbered sources. Reply with the exact words from the sources that answer "

@@ -4,8 +4,8 @@ half-life, inside the time window a question names."""
 from dataclasses import dataclass
 from datetime import date
 
-from rag.query_features import TimeWindow
-from rag.retrieve import Hit
+from dsarag.rag.query_features import TimeWindow
+from dsarag.rag.retrieve import Hit
 
 RECENCY_WEIGHT = 0.5
 HALF_LIFE_DAYS = 365.0

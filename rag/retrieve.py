@@ -6,10 +6,10 @@ from functools import cached_property
 
 import numpy as np
 
-from rag.bm25 import BM25Index
-from rag.embed import Embedder
-from rag.index import search
-from rag.store import ChunkStore, embeddings_of
+from dsarag.rag.bm25 import BM25Index
+from dsarag.rag.embed import Embedder
+from dsarag.rag.index import search
+from dsarag.rag.store import ChunkStore, embeddings_of
 
 CHUNK_COLUMNS = ["chunk_id", "path", "text", "char_start", "char_end", "line_start", "line_end", "date"]
 

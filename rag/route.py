@@ -8,9 +8,9 @@ the model preferring another label twenty to one" — features decide clear case
 
 from dataclasses import dataclass
 
-from indexer_model.generate import Generator
-from rag.label_choice import LabelChoice
-from rag.query_features import QueryFeatures
+from dsarag.indexer_model.generate import Generator
+from dsarag.rag.label_choice import LabelChoice
+from dsarag.rag.query_features import QueryFeatures
 
 STRATEGIES = ("semantic", "multi-query", "temporal", "hybrid")
 

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexer_model.provision import sha256_file as file_sha256
-from rag.atomic import atomic_write, atomic_write_json
-from rag.errors import StoreError
+from dsarag.base.atomic import atomic_write, atomic_write_json
+from dsarag.base.errors import StoreError
+from dsarag.indexer_model.provision import sha256_file as file_sha256
 
 STORE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
@@ -248,7 +248,7 @@ class ChunkStore:
         """The committed index (its vectors memory-mapped) plus the chunks committed since it was written.
 
         Search it with `rag.index.search(index, queries, k, exclude_ids=manifest.tombstones)`."""
-        from rag.index import add_vectors, build_index
+        from dsarag.rag.index import add_vectors, build_index
 
         if manifest.index_file:
             path = self.folder / manifest.index_file

@@ -14,8 +14,8 @@ import faiss
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag.errors import StoreError
-from rag.store import ChunkStore, Manifest
+from dsarag.base.errors import StoreError
+from dsarag.rag.store import ChunkStore, Manifest
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from rag.index import (
+from dsarag.rag.index import (
     TOMBSTONE_REBUILD_FRACTION,
     add_vectors,
     can_remove,
@@ -26,8 +26,8 @@ from rag.index import (
     train,
     training_sample_size,
 )
-from rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
-from rag.store import ChunkStore, Manifest, embeddings_of
+from dsarag.rag.lock import DEFAULT_LOCK_TIMEOUT_S, store_write_lock
+from dsarag.rag.store import ChunkStore, Manifest, embeddings_of
 
 # Adds a store's shards (names) to a trained, empty index and returns the filled index.
 ShardFiller = Callable[[ChunkStore, faiss.Index, list[str]], faiss.Index]

@@ -7,8 +7,8 @@ sub-questions, each searched densely.
 
 import re
 
-from indexer_model.generate import Generator
-from rag.retrieve import Hit, Retriever
+from dsarag.indexer_model.generate import Generator
+from dsarag.rag.retrieve import Hit, Retriever
 
 TEMPORAL_POOL_FACTOR = 4  # recency can only promote what relevance found: fetch a wider pool first
 HYBRID_POOL_FACTOR = 2

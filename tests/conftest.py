@@ -19,7 +19,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     `@pytest.mark.needs_avx512_bf16`: and their bf16 kernels without AMX (AVX512-BF16)."""
     markers = ("needs_compiler", "needs_amx", "needs_avx512_bf16")
     if any(item.get_closest_marker(marker) for marker in markers):
-        from dsarag_kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
+        from dsarag.kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
 
         if native_library() is None:
             pytest.skip(
@@ -34,7 +34,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture
 def small_model_args():
     """A 2-layer Qwen2-shaped model (GQA, qkv bias) for tests that need the model's maths, not trained weights."""
-    from indexer_model.model import ModelArgs
+    from dsarag.indexer_model.model import ModelArgs
 
     return ModelArgs(
         model_type="qwen2", vocab_size=256, dim=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
@@ -50,7 +50,7 @@ def isolated_data_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from rag.embed import load_embedder
+    from dsarag.rag.embed import load_embedder
 
     return load_embedder()
 
@@ -78,7 +78,7 @@ def run_cli(capsys):
     """Run `dsarag ARGS…` in-process; return (exit code, stdout, stderr)."""
 
     def run(*args: str) -> tuple[int, str, str]:
-        from cli.app import main
+        from dsarag.cli.app import main
 
         saved_argv = sys.argv
         sys.argv = ["dsarag", *args]

@@ -8,22 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpora.demo_corpus import DEMO_DOCS
-from rag.agent import MAX_ATTEMPTS, AgentContext, build_graph, run_agent
-from rag.ask import AskOptions, ask
-from rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
-from rag.dedup import dedup_rankings, drop_superseded_versions
-from rag.errors import EXIT_BAD_INPUT
-from rag.fusion import RRF_K, reciprocal_rank_fusion
-from rag.grounding import Grounding, add_citations, check_grounding
-from rag.ingest import ingest_folder
-from rag.label_choice import LabelChoice
-from rag.pack import pack_sources
-from rag.query_features import query_features, time_window
-from rag.rerank import RecencyBlend
-from rag.retrieve import Hit, Retriever
-from rag.store import ChunkStore
-from rag.strategies import parse_sub_questions
+from dsarag.base.errors import EXIT_BAD_INPUT
+from dsarag.corpora.demo_corpus import DEMO_DOCS
+from dsarag.rag.agent import MAX_ATTEMPTS, AgentContext, build_graph, run_agent
+from dsarag.rag.ask import AskOptions, ask
+from dsarag.rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
+from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
+from dsarag.rag.fusion import RRF_K, reciprocal_rank_fusion
+from dsarag.rag.grounding import Grounding, add_citations, check_grounding
+from dsarag.rag.ingest import ingest_folder
+from dsarag.rag.label_choice import LabelChoice
+from dsarag.rag.pack import pack_sources
+from dsarag.rag.query_features import query_features, time_window
+from dsarag.rag.rerank import RecencyBlend
+from dsarag.rag.retrieve import Hit, Retriever
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.strategies import parse_sub_questions
 
 
 def hit(
@@ -47,7 +47,7 @@ def retriever(demo_store, embedder) -> Retriever:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from indexer_model.generate import load_generator
+    from dsarag.indexer_model.generate import load_generator
 
     return load_generator("tiny")
 
@@ -275,8 +275,10 @@ def test_label_choice_scores_are_normalized_log_probabilities(tiny):
 def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_budget(
     demo_store, retriever, tiny, monkeypatch
 ):
-    monkeypatch.setattr("rag.agent.check_grounding", lambda answer, text: Grounding(False, 0.0, "forced"))
-    monkeypatch.setattr("rag.agent.choose_strategy", lambda *args: _decision("semantic"))
+    monkeypatch.setattr(
+        "dsarag.rag.agent.check_grounding", lambda answer, text: Grounding(False, 0.0, "forced")
+    )
+    monkeypatch.setattr("dsarag.rag.agent.choose_strategy", lambda *args: _decision("semantic"))
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store,
         chunks=2, context_tokens=300, max_new_tokens=4, reader="free",
@@ -291,8 +293,10 @@ def test_unsupported_answer_is_retried_once_with_another_strategy_and_a_bigger_b
 
 def test_a_streamed_answer_shows_each_attempt_then_what_the_check_added(demo_store, monkeypatch):
     verdicts = iter([Grounding(False, 0.0, "forced"), Grounding(True, 1.0, "forced")])
-    monkeypatch.setattr("rag.agent.check_grounding", lambda answer, text: next(verdicts))
-    monkeypatch.setattr("rag.agent.add_citations", lambda answer, sources: (f"{answer.rstrip()} [1]", 1, 1.0))
+    monkeypatch.setattr("dsarag.rag.agent.check_grounding", lambda answer, text: next(verdicts))
+    monkeypatch.setattr(
+        "dsarag.rag.agent.add_citations", lambda answer, sources: (f"{answer.rstrip()} [1]", 1, 1.0)
+    )
     events: list[tuple[str, str]] = []
     options = AskOptions(
         question="What is the deposit for the portable wheel truing stand?", store=demo_store, model="tiny",
@@ -312,7 +316,7 @@ def test_a_streamed_answer_shows_each_attempt_then_what_the_check_added(demo_sto
 
 
 def _decision(choice: str):  # noqa: ANN202
-    from rag.route import Decision
+    from dsarag.rag.route import Decision
 
     return Decision(choice, "test", {})
 
@@ -391,7 +395,7 @@ def test_bad_strategy_exits_2_with_one_line(demo_store, run_cli):
 
 
 def test_routing_set_is_labelled_and_large_enough():
-    from evals.routing import load_routing_set
+    from dsarag.evals.routing import load_routing_set
 
     rows = load_routing_set()
     assert len(rows) >= 80
@@ -401,7 +405,7 @@ def test_routing_set_is_labelled_and_large_enough():
 
 
 def test_routing_sample_with_the_tiny_model(retriever, tiny):
-    from evals.routing import evaluate_routing, load_routing_set
+    from dsarag.evals.routing import evaluate_routing, load_routing_set
 
     rows = load_routing_set()[::7]  # every seventh question: all five labels
     routed = evaluate_routing(rows, retriever, tiny)
@@ -412,7 +416,7 @@ def test_routing_sample_with_the_tiny_model(retriever, tiny):
 
 
 def test_chunks_and_attention_topk_have_one_name_each(demo_store, run_cli):
-    from indexer_model.dsa import DSAConfig
+    from dsarag.indexer_model.dsa import DSAConfig
 
     smallest = DSAConfig.n_sink + DSAConfig.window
     code, _, err = run_cli("ask", "Who?", "--store", str(demo_store), "--topk", str(smallest - 1))

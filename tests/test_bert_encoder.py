@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from rag.bert_encoder import SentenceEncoder, is_plain_bert_mean_pooling
-from rag.embed import Embedder
+from dsarag.rag.bert_encoder import SentenceEncoder, is_plain_bert_mean_pooling
+from dsarag.rag.embed import Embedder
 
 TEXTS = [
     "The workshop opens at 9am on Saturdays.",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rag.errors import EXIT_BAD_INPUT, EXIT_MISSING_INPUT, EXIT_PARTIAL_INGEST, EXIT_STORE
-from rag.store import ChunkStore
+from dsarag.base.errors import EXIT_BAD_INPUT, EXIT_MISSING_INPUT, EXIT_PARTIAL_INGEST, EXIT_STORE
+from dsarag.rag.store import ChunkStore
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

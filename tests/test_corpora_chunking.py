@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corpora import tokens
-from corpora.chunking import Chunk, chunk_text
-from corpora.tokens import token_spans_from_tokenizer_json
+from dsarag.corpora import tokens
+from dsarag.corpora.chunking import Chunk, chunk_text
+from dsarag.corpora.tokens import token_spans_from_tokenizer_json
 
 WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
 WITH_SPACE_TOKENS = re.compile(r"\n|[^\S\n]+|\w+|[^\w\s]")  # like byte-level BPE: each newline is a token

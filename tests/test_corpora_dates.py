@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from corpora.dates import date_in_file_name, document_date, find_date_phrases, parse_date_phrase
+from dsarag.corpora.dates import date_in_file_name, document_date, find_date_phrases, parse_date_phrase
 
 MTIME = datetime(2021, 7, 4, 23, 30, tzinfo=UTC)  # 23:30 UTC: a local-time date could be the 5th
 

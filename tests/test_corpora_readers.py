@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pypdf import PdfWriter
 
-from corpora.readers import UnreadableDocumentError, read_document
-from rag.errors import DsaragError
+from dsarag.base.errors import DsaragError
+from dsarag.corpora.readers import UnreadableDocumentError, read_document
 
 
 def minimal_pdf(page_texts: list[str]) -> bytes:

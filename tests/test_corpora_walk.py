@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from corpora.walk import walk_folder
-from rag.errors import MissingInputError
+from dsarag.base.errors import MissingInputError
+from dsarag.corpora.walk import walk_folder
 
 
 def write(path: Path, data: str | bytes = "some text\n") -> Path:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rag.cost import (
+from dsarag.rag.cost import (
     GpuSpec,
     ModelShape,
     decode_cost,
@@ -121,7 +121,7 @@ def test_meter_answer_reports_savings_and_measured_dollars():
 
 
 def test_ledger_appends_rows_and_reports_per_day_and_mode(tmp_path):
-    from rag.cost_ledger import append_row, cost_report, ledger_row, read_ledger
+    from dsarag.rag.cost_ledger import append_row, cost_report, ledger_row, read_ledger
 
     gpu = GpuSpec()
     for mode in ("sparse", "dense", "sparse"):
@@ -137,7 +137,7 @@ def test_ledger_appends_rows_and_reports_per_day_and_mode(tmp_path):
 
 
 def test_ledger_compaction_keeps_every_row_once_even_if_interrupted(tmp_path, monkeypatch):
-    import rag.cost_ledger as ledger
+    import dsarag.rag.cost_ledger as ledger
 
     monkeypatch.setattr(ledger, "COMPACT_AFTER_PARTS", 4)
     meter = meter_answer(QWEN_05B, 100, 2, 2048, {"prefill_s": 0.1, "decode_s": 0.1}, "dense", GpuSpec())
@@ -155,13 +155,19 @@ def test_ledger_compaction_keeps_every_row_once_even_if_interrupted(tmp_path, mo
 
 
 def test_empty_ledger_reports_zero(tmp_path):
-    from rag.cost_ledger import cost_report, read_ledger
+    from dsarag.rag.cost_ledger import cost_report, read_ledger
 
     assert cost_report(read_ledger(tmp_path / "none"))["total"]["answers"] == 0
 
 
 def test_shape_of_a_model_counts_its_indexers_mean_heads_and_dims():
-    from indexer_model.train import TrainConfig, grow_dims, grow_heads, load_frozen_model, make_indexers
+    from dsarag.indexer_model.train import (
+        TrainConfig,
+        grow_dims,
+        grow_heads,
+        load_frozen_model,
+        make_indexers,
+    )
 
     model = load_frozen_model("tiny", "cpu")
     assert ModelShape.of(model).index_heads == 4  # no indexers attached: the design default

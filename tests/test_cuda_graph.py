@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from indexer_model.cuda_graph import GraphedDecoder
-from indexer_model.dsa import DSAConfig
-from indexer_model.indexer import LightningIndexer
-from indexer_model.model import ModelArgs, Transformer
+from dsarag.indexer_model.cuda_graph import GraphedDecoder
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.indexer import LightningIndexer
+from dsarag.indexer_model.model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

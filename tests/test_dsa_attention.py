@@ -4,9 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsarag_kernels import cpu_dsa
-from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference, sparse_attention
-from indexer_model.indexer import select_topk
+from dsarag.indexer_model.dsa import (
+    DSAConfig,
+    dsa_attention,
+    masked_dense_attention_reference,
+    sparse_attention,
+)
+from dsarag.indexer_model.indexer import select_topk
+from dsarag.kernels import cpu_dsa
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 14, 2, 16  # the 0.5B model's GQA ratio, small head dim
 
@@ -173,7 +178,7 @@ def test_dsa_attention_decodes_one_token_against_a_preallocated_cache():
 
 @pytest.mark.parametrize("path", ["torch", "native", "triton"])
 def test_every_selection_path_refuses_a_k_too_small_for_the_sinks_and_window(path):
-    from dsarag_kernels.indexer import select_topk as select_topk_triton
+    from dsarag.kernels.indexer import select_topk as select_topk_triton
 
     select = {"torch": select_topk, "native": cpu_dsa.select_topk, "triton": select_topk_triton}[path]
     q, w, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 4), torch.randn(1, 8, 16)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsarag_kernels import cpu_dsa
-from dsarag_kernels.cpu_families import capture, time_families
+from dsarag.kernels import cpu_dsa
+from dsarag.kernels.cpu_families import capture, time_families
 
 
 @pytest.mark.needs_compiler

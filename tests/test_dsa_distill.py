@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from indexer_model.distill import (
+from dsarag.indexer_model.distill import (
     _boundary_recall_sum,
     blockwise_indexer_kl_loss,
     dense_attention_target,
@@ -13,7 +13,7 @@ from indexer_model.distill import (
     indexer_kl_loss_sparse,
     topk_attention_mass_recall,
 )
-from indexer_model.indexer import LightningIndexer, index_scores, select_topk
+from dsarag.indexer_model.indexer import LightningIndexer, index_scores, select_topk
 
 
 def main_qk(seq_len: int, q_heads: int = 6, kv_heads: int = 2, dim: int = 8, seed: int = 0):

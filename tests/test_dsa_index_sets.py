@@ -7,13 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsarag_kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill
-from indexer_model.checkpoint import load_checkpoint
-from indexer_model.distill import blockwise_indexer_kl_loss, dense_attention_target
-from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference, sparse_attention
-from indexer_model.indexer import LightningIndexer, select_topk_sets
-from indexer_model.train import attention_mass_recall, load_frozen_model, widen_to_sets
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
+from dsarag.indexer_model.checkpoint import load_checkpoint
+from dsarag.indexer_model.distill import blockwise_indexer_kl_loss, dense_attention_target
+from dsarag.indexer_model.dsa import (
+    DSAConfig,
+    dsa_attention,
+    masked_dense_attention_reference,
+    sparse_attention,
+)
+from dsarag.indexer_model.indexer import LightningIndexer, select_topk_sets
+from dsarag.indexer_model.train import attention_mass_recall, load_frozen_model, widen_to_sets
+from dsarag.kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, DIM = 6, 2, 16

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from indexer_model.indexer import LightningIndexer, index_scores, rope_cos_sin, select_topk
+from dsarag.indexer_model.indexer import LightningIndexer, index_scores, rope_cos_sin, select_topk
 
 
 def random_index_inputs(seq_len: int, batch: int = 2, heads: int = 3, dim: int = 8, seed: int = 0):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from dsarag_kernels import cpu_dsa
-from evals.niah import greedy_continue
-from indexer_model import generate as generate_module
-from indexer_model import model as model_module
-from indexer_model import weights
-from indexer_model.checkpoint import load_checkpoint
-from indexer_model.dsa import DSAConfig
-from indexer_model.generate import (
+from dsarag.base.errors import ModelError
+from dsarag.evals.niah import greedy_continue
+from dsarag.indexer_model import generate as generate_module
+from dsarag.indexer_model import model as model_module
+from dsarag.indexer_model import weights
+from dsarag.indexer_model.checkpoint import load_checkpoint
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.generate import (
     AUTO_DENSE_TAIL,
     auto_dsa,
     choose_attention,
@@ -26,9 +26,9 @@ from indexer_model.generate import (
     load_generator,
     prefill,
 )
-from indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
-from rag.doctor import DoctorReport, _check_cpu_kernels
-from rag.errors import ModelError
+from dsarag.indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
+from dsarag.kernels import cpu_dsa
+from dsarag.rag.doctor import DoctorReport, _check_cpu_kernels
 
 TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
 

@@ -3,7 +3,7 @@ the report of benchmarks/dsa_quality.py)."""
 
 import json
 
-from evals.dsa_quality_report import _timing_cell, check_goals, merge_results, modes_for
+from dsarag.evals.dsa_quality_report import _timing_cell, check_goals, merge_results, modes_for
 
 
 def _case(variant: int, modes: dict) -> dict:

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from indexer_model.checkpoint import (
+from dsarag.base.errors import BadInputError
+from dsarag.indexer_model.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
     weights_fingerprint,
 )
-from indexer_model.dsa import DSAConfig
-from indexer_model.indexer import index_scores
-from indexer_model.train import (
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.indexer import index_scores
+from dsarag.indexer_model.train import (
     TrainConfig,
     _query_rows,
     attention_mass_recall,
@@ -27,7 +28,6 @@ from indexer_model.train import (
     make_indexers,
     train_indexers,
 )
-from rag.errors import BadInputError
 
 
 def test_query_rows_are_a_sorted_random_subset_and_zero_means_all():

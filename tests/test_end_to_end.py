@@ -2,8 +2,8 @@
 
 import pytest
 
-from corpora.demo_corpus import DEMO_DOCS, load_demo_qa
-from rag.ask import AskOptions, ask
+from dsarag.corpora.demo_corpus import DEMO_DOCS, load_demo_qa
+from dsarag.rag.ask import AskOptions, ask
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.datasets import contexts_corpus, folder_text, load_beir, load_qa, synthetic_text
-from evals.metrics import (
+from dsarag.base.errors import EXIT_BAD_INPUT, BadInputError, MissingInputError
+from dsarag.evals.datasets import contexts_corpus, folder_text, load_beir, load_qa, synthetic_text
+from dsarag.evals.metrics import (
     contains_answer,
     exact_match,
     ndcg_at_k,
@@ -15,9 +16,8 @@ from evals.metrics import (
     reciprocal_rank,
     token_f1,
 )
-from evals.run import EXIT_THRESHOLD, EvalOptions, ItemLog, check_thresholds, parse_threshold
-from evals.runner import run_suite, suite_thresholds
-from rag.errors import EXIT_BAD_INPUT, BadInputError, MissingInputError
+from dsarag.evals.run import EXIT_THRESHOLD, EvalOptions, ItemLog, check_thresholds, parse_threshold
+from dsarag.evals.runner import run_suite, suite_thresholds
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ def test_niah_small_grid_resumes_without_recomputing(tmp_path, monkeypatch, cons
     # 3 cases × dense, dsa-128 and auto-128 (the question's positions dense)
     assert len((folder / "items.jsonl").read_text().splitlines()) == 9
 
-    import evals.suites.niah as niah
+    import dsarag.evals.suites.niah as niah
 
     monkeypatch.setattr(niah, "answer", lambda *args: pytest.fail("finished cases are not run again"))
     assert run_suite(options, console)["metrics"] == metrics
@@ -283,7 +283,7 @@ def console():
 
 
 def test_niah_table_says_not_run_for_a_variant_without_cases():
-    from evals.suites.niah import variant_accuracy
+    from dsarag.evals.suites.niah import variant_accuracy
 
     group = [{"variant": "single", "correct": [True]}, {"variant": "single", "correct": [False]}]
     assert variant_accuracy(group, "single") == 0.5
@@ -301,7 +301,7 @@ def _docqa_row(kind, answerable, declined, right=False, packed=True, cited_ok=()
 
 
 def test_docqa_separates_reading_from_retrieval_and_scores_abstention():
-    from evals.suites.docqa import docqa_result
+    from dsarag.evals.suites.docqa import docqa_result
 
     rows = [
         _docqa_row("factoid", True, False, right=True, cited_ok=[True]),
@@ -323,7 +323,7 @@ def test_docqa_separates_reading_from_retrieval_and_scores_abstention():
 
 
 def test_devsets_from_squad_and_hotpot_keep_the_splits_apart(tmp_path):
-    from evals.devsets import prepare_hotpot, prepare_squad
+    from dsarag.evals.devsets import prepare_hotpot, prepare_squad
 
     paragraphs = [
         {"context": f"Paragraph {n} says the answer is A{n}.", "qas": [

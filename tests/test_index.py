@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from rag.errors import BadInputError
-from rag.index import (
+from dsarag.base.errors import BadInputError
+from dsarag.rag.index import (
     IVF_NPROBE,
     REFINE_K_FACTOR,
     add_vectors,

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from indexer_model.token_ids import load_token_stream, tokenizer_encode
+from dsarag.indexer_model.token_ids import load_token_stream, tokenizer_encode
 
 
 def write_docs(folder):

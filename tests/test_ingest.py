@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from rag.errors import MissingInputError, StoreError
-from rag.ingest import ingest_folder
-from rag.retrieve import Retriever
-from rag.store import ChunkStore
+from dsarag.base.errors import MissingInputError, StoreError
+from dsarag.rag.ingest import ingest_folder
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
 
 PARAGRAPH = "The cooperative meets on the first Monday of each month in the library annex. " * 12
 

@@ -16,13 +16,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from rag.crash_harness import TOPICS
-from rag.errors import EXIT_BAD_INPUT, EXIT_PARTIAL_INGEST
-from rag.index import remove_ids, search
-from rag.ingest import IngestOptions, default_workers, ingest
-from rag.retrieve import Retriever
-from rag.store import ChunkStore
-from rag.store_index import index_info, update_index
+from dsarag.base.errors import EXIT_BAD_INPUT, EXIT_PARTIAL_INGEST
+from dsarag.rag.crash_harness import TOPICS
+from dsarag.rag.index import remove_ids, search
+from dsarag.rag.ingest import IngestOptions, default_workers, ingest
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_index import index_info, update_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ COLUMNS = [
 
 
 def options(**kwargs) -> IngestOptions:
-    from corpora.corpus_files import CorpusColumns
+    from dsarag.corpora.corpus_files import CorpusColumns
 
     kwargs.setdefault("workers", 0)
     return IngestOptions(columns=CorpusColumns("body", "doc_id", "heading", "published"), **kwargs)
@@ -151,7 +151,7 @@ def test_changed_corpus_file_replaces_its_chunks(tmp_path, embedder):
 
 
 def _start_ingest(corpus: Path, store: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cli.app", "ingest", str(corpus), "--store", str(store), *COLUMNS]
+    command = [sys.executable, "-m", "dsarag.cli.app", "ingest", str(corpus), "--store", str(store), *COLUMNS]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command += ["--batch-chunks", "8", "--workers", "1"]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -313,8 +313,8 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
 @pytest.mark.parametrize("factory", ["IVF2,Flat", "IVF2,PQ4x4,Refine(SQ8)"])
 def test_ray_engine_adds_ivf_shards_on_the_cluster_and_merges_them(tmp_path, embedder, factory):
     ray = pytest.importorskip("ray", reason="Ray Data is the optional `ray` extra: pip install 'dsarag[ray]'")
-    from rag.ingest_ray import fill_on_ray
-    from rag.store_index import add_shards
+    from dsarag.rag.ingest_ray import fill_on_ray
+    from dsarag.rag.store_index import add_shards
 
     corpus = write_jsonl(tmp_path / "a.jsonl", records(64))  # IVF2 trains on >= 60 vectors
     ivf = {"index_factory": factory, "batch_chunks": 16}

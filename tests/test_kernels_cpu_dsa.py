@@ -6,9 +6,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from dsarag_kernels import cpu_dsa
-from indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
-from indexer_model.indexer import LightningIndexer, select_topk
+from dsarag.indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
+from dsarag.indexer_model.indexer import LightningIndexer, select_topk
+from dsarag.kernels import cpu_dsa
 
 
 def index_inputs(n_keys: int, n_heads: int = 4, dim: int = 64, seed: int = 0):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dsarag_kernels.indexer import (
+from dsarag.indexer_model.indexer import select_topk as select_topk_torch
+from dsarag.kernels.indexer import (
     index_scores,
     index_scores_reference,
     quantize_fp8,
@@ -11,7 +12,6 @@ from dsarag_kernels.indexer import (
     topk_select,
     topk_select_reference,
 )
-from indexer_model.indexer import select_topk as select_topk_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from dsarag_kernels.sparse_attention import (
+from dsarag.indexer_model.dsa import masked_dense_attention_reference
+from dsarag.indexer_model.dsa import sparse_attention as sparse_attention_torch
+from dsarag.kernels.sparse_attention import (
     dense_attention_decode,
     merge_partials,
     sparse_attention_decode,
     sparse_attention_prefill,
 )
-from indexer_model.dsa import masked_dense_attention_reference
-from indexer_model.dsa import sparse_attention as sparse_attention_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,7 +99,7 @@ def test_merge_partials_equals_softmax_over_the_union():
 @pytest.mark.parametrize("n_new", [pytest.param(48, marks=pytest.mark.slow), 1])
 def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
     """The model's one switch: DSAConfig(kernels=...) picks Triton or PyTorch; prefill chunk and decode agree."""
-    from indexer_model.dsa import DSAConfig, dsa_attention
+    from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
 
     generator = torch.Generator().manual_seed(5)
     n_keys, heads, kv_heads, dim = 96, 6, 2, 16

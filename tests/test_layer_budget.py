@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from indexer_model import model as model_module
-from indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
-from indexer_model.dsa import DSAConfig
-from indexer_model.generate import generate, load_generator
-from indexer_model.layer_budget import allocate_topk_scales, budget_recall
+from dsarag.indexer_model import model as model_module
+from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.generate import generate, load_generator
+from dsarag.indexer_model.layer_budget import allocate_topk_scales, budget_recall
 
 
 def test_keys_move_to_the_layers_that_gain_most_and_the_total_stays():

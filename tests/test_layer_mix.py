@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from indexer_model.indexer import LightningIndexer
-from indexer_model.layer_mix import coordinate_descent, mean_nll, mixed
-from indexer_model.model import Transformer
+from dsarag.indexer_model.indexer import LightningIndexer
+from dsarag.indexer_model.layer_mix import coordinate_descent, mean_nll, mixed
+from dsarag.indexer_model.model import Transformer
 
 
 def test_a_mix_scores_as_the_checkpoint_each_of_its_layers_comes_from(small_model_args):

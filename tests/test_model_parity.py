@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-from indexer_model.generate import TextStream, generate, load_generator, sample
-from indexer_model.gguf_convert import read_gguf
-from indexer_model.model import ModelArgs
-from indexer_model.provision import generator_path, pull
-from indexer_model.weights import build_model, load_model, our_name
-from rag.errors import ModelError
+from dsarag.base.errors import ModelError
+from dsarag.indexer_model.generate import TextStream, generate, load_generator, sample
+from dsarag.indexer_model.gguf_convert import read_gguf
+from dsarag.indexer_model.model import ModelArgs
+from dsarag.indexer_model.provision import generator_path, pull
+from dsarag.indexer_model.weights import build_model, load_model, our_name
 
 TINY = "smollm2-135m-instruct"
 MESSAGES = [

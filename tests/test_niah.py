@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evals.niah import SNAP_TOKENS, NiahCase, build_case, extract_value, is_correct, needle_sentence
+from dsarag.evals.niah import SNAP_TOKENS, NiahCase, build_case, extract_value, is_correct, needle_sentence
 
 NEWLINE = ord("\n")
 
@@ -111,8 +111,8 @@ def test_extract_value_reads_the_first_number():
 
 
 def test_with_the_tiny_models_tokenizer_the_prompt_reads_as_a_chat_with_the_needles():
-    from indexer_model.resolve import resolve_model
-    from indexer_model.tokenizer import ChatTokenizer
+    from dsarag.indexer_model.resolve import resolve_model
+    from dsarag.indexer_model.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(resolve_model("tiny"))
     filler = tokenizer.encode("Python's release notes, line after line.\n" * 300)

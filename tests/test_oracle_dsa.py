@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-import indexer_model.model as model_module
-from indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, masked_dense_attention_reference
-from indexer_model.indexer import LightningIndexer
-from indexer_model.model import Transformer
-from indexer_model.oracle import oracle_dsa_attention, oracle_selection, oracle_topk
+import dsarag.indexer_model.model as model_module
+from dsarag.indexer_model.dsa import (
+    DSAConfig,
+    dense_attention,
+    dsa_attention,
+    masked_dense_attention_reference,
+)
+from dsarag.indexer_model.indexer import LightningIndexer
+from dsarag.indexer_model.model import Transformer
+from dsarag.indexer_model.oracle import oracle_dsa_attention, oracle_selection, oracle_topk
 
 
 def naive_oracle(q, k, t, topk, n_sink, window):

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from indexer_model import provision
-from indexer_model.provision import (
+from dsarag.base import paths
+from dsarag.base.errors import EXIT_MODEL, ModelError
+from dsarag.indexer_model import provision
+from dsarag.indexer_model.provision import (
     MANIFEST,
     embedder_path,
     generator_path,
@@ -18,8 +20,7 @@ from indexer_model.provision import (
     sha256_file,
     verify,
 )
-from indexer_model.resolve import resolve_model
-from rag.errors import EXIT_MODEL, ModelError
+from dsarag.indexer_model.resolve import resolve_model
 
 TINY = "smollm2-135m-instruct"
 
@@ -32,7 +33,7 @@ def pulled():
 
 @pytest.fixture
 def real_cache(pulled):
-    return provision.cache_dir()
+    return paths.cache_dir()
 
 
 @pytest.fixture
@@ -59,12 +60,12 @@ def _mirror_model(real_cache, cache, name, copy: set[str]):
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("DSARAG_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert provision.cache_dir() == tmp_path / "xdg" / "dsarag"
+    assert paths.cache_dir() == tmp_path / "xdg" / "dsarag"
     monkeypatch.setenv("DSARAG_CACHE", str(tmp_path / "mine"))
-    assert provision.cache_dir() == tmp_path / "mine"
+    assert paths.cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("DSARAG_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert str(provision.cache_dir()).endswith(".cache/dsarag")
+    assert str(paths.cache_dir()).endswith(".cache/dsarag")
 
 
 def test_pull_is_idempotent(pulled, monkeypatch):

@@ -7,19 +7,19 @@ from datetime import date
 import pytest
 import torch
 
-from rag.agent import AgentContext, run_agent
-from rag.ask import AskOptions
-from rag.grounding import cited_by_model
-from rag.pack import pack_sources
-from rag.query_features import query_features
-from rag.reader import CopyConstraint, missing_numbers, read, reading_mode, sentence_with
-from rag.retrieve import Hit
-from rag.route import choose_strategy
+from dsarag.rag.agent import AgentContext, run_agent
+from dsarag.rag.ask import AskOptions
+from dsarag.rag.grounding import cited_by_model
+from dsarag.rag.pack import pack_sources
+from dsarag.rag.query_features import query_features
+from dsarag.rag.reader import CopyConstraint, missing_numbers, read, reading_mode, sentence_with
+from dsarag.rag.retrieve import Hit
+from dsarag.rag.route import choose_strategy
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from indexer_model.generate import load_generator
+    from dsarag.indexer_model.generate import load_generator
 
     return load_generator("tiny")
 
@@ -112,9 +112,9 @@ def test_a_question_the_documents_cannot_answer_is_declined_with_the_closest_sou
 
 
 def test_the_agent_declines_and_says_so_in_its_state(embedder, tmp_path, tiny):
-    from rag.ingest import ingest_folder
-    from rag.retrieve import Retriever
-    from rag.store import ChunkStore
+    from dsarag.rag.ingest import ingest_folder
+    from dsarag.rag.retrieve import Retriever
+    from dsarag.rag.store import ChunkStore
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -196,7 +196,7 @@ def test_a_yes_or_no_cites_the_source_naming_each_compared_side(tiny):
 
 
 def test_sources_naming_picks_the_best_ranked_source_of_each_side():
-    from rag.reader import sources_naming
+    from dsarag.rag.reader import sources_naming
 
     blocks = [(1, "Ed Wood directed films."), (2, "Scott Derrickson, director."), (3, "Ed Wood again.")]
     assert sources_naming(("Scott Derrickson", "Ed Wood"), blocks) == (1, 2)

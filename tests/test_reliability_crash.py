@@ -4,9 +4,9 @@ benchmarks/crash_trials.py runs the recorded ≥ 20 trials)."""
 
 import pytest
 
-from rag.crash_harness import reference_run, run_trial, write_corpus
-from rag.store import ChunkStore
-from rag.store_check import check_store
+from dsarag.rag.crash_harness import reference_run, run_trial, write_corpus
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_check import check_store
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_random_sigkills_never_lose_or_duplicate_chunks(tmp_path, embedder):
 
 def test_the_checker_catches_a_duplicated_chunk_and_a_miscounted_source(tmp_path, embedder):
     """The harness is only as good as its checker: it must fail on the damage a bad crash would leave."""
-    from rag.crash_harness import ingest, options
+    from dsarag.rag.crash_harness import ingest, options
 
     store = ChunkStore(tmp_path / "store")
     ingest(write_corpus(tmp_path / "corpus"), store, embedder, options())

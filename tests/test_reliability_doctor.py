@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from corpora.corpus_files import CorpusColumns
-from rag.errors import EXIT_BAD_INPUT, EXIT_MODEL, EXIT_STORE, ModelError
-from rag.ingest import IngestOptions, ingest
-from rag.retrieve import Retriever
-from rag.store import ChunkStore
-from rag.store_check import check_store
+from dsarag.base.errors import EXIT_BAD_INPUT, EXIT_MODEL, EXIT_STORE, ModelError
+from dsarag.corpora.corpus_files import CorpusColumns
+from dsarag.rag.ingest import IngestOptions, ingest
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_check import check_store
 
 
 @pytest.fixture
@@ -106,7 +106,8 @@ def test_leftovers_of_a_killed_writer_are_a_warning_and_repair_removes_them(buil
 
 
 def test_garbled_safetensors_with_its_mtime_restored_is_refused_before_use(tmp_path, monkeypatch, run_cli):
-    from indexer_model.provision import cache_dir, embedder_path
+    from dsarag.base.paths import cache_dir
+    from dsarag.indexer_model.provision import embedder_path
 
     source = cache_dir() / "models" / "all-minilm-l6-v2"
     monkeypatch.setenv("DSARAG_CACHE", str(tmp_path / "cache"))

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corpora.corpus_files import BadRecord, CorpusColumns, CorpusRecord, iter_record_blocks
-from corpora.dates import date_in_file_name, find_date_phrases, front_matter_fields
-from corpora.readers import read_document
-from corpora.walk import walk_folder
-from rag.ingest import Source, WorkItem, chunk_work_item, init_worker
+from dsarag.corpora.corpus_files import BadRecord, CorpusColumns, CorpusRecord, iter_record_blocks
+from dsarag.corpora.dates import date_in_file_name, find_date_phrases, front_matter_fields
+from dsarag.corpora.readers import read_document
+from dsarag.corpora.walk import walk_folder
+from dsarag.rag.ingest import Source, WorkItem, chunk_work_item, init_worker
 
 pytestmark = pytest.mark.slow
 

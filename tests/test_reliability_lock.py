@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rag.ask import refresh_store
-from rag.errors import EXIT_LOCKED, StoreError
-from rag.ingest import ingest_folder
-from rag.lock import LOCK_NAME, lock_holder, store_write_lock
-from rag.retrieve import Retriever
-from rag.store import ChunkStore
+from dsarag.base.errors import EXIT_LOCKED, StoreError
+from dsarag.rag.ask import refresh_store
+from dsarag.rag.ingest import ingest_folder
+from dsarag.rag.lock import LOCK_NAME, lock_holder, store_write_lock
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_two_concurrent_ingests_of_one_store_serialize_without_duplicates(small_
         thread.join()
     assert errors == []
     assert sorted((report.added, report.unchanged) for report in reports) == [(0, 8), (8, 0)]
-    from rag.store_check import check_store
+    from dsarag.rag.store_check import check_store
 
     health = check_store(store)
     assert health.ok and len(health.live_ids) == 8 and not health.leftovers

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rag.orphan_harness import (
+from dsarag.rag.orphan_harness import (
     GONE_WITHIN_S,
     ingest_command,
     ingest_env,
@@ -19,9 +19,9 @@ from rag.orphan_harness import (
     wait_until_gone,
     write_documents,
 )
-from rag.parent_death import PARENT_POLL_S
-from rag.store import ChunkStore
-from rag.store_check import check_store
+from dsarag.rag.parent_death import PARENT_POLL_S
+from dsarag.rag.store import ChunkStore
+from dsarag.rag.store_check import check_store
 
 N_DOCUMENTS = 800  # one chunk each: ≈ 10 s of embedding on 2 cores, so the run is killed mid-way
 BATCH_CHUNKS = 100

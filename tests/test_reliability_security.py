@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from indexer_model.tokenizer import ChatTokenizer
-from rag.pack import PackedContext, build_messages
-from rag.retrieve import Hit
-from rag.store import ChunkStore
+from dsarag.indexer_model.tokenizer import ChatTokenizer
+from dsarag.rag.pack import PackedContext, build_messages
+from dsarag.rag.retrieve import Hit
+from dsarag.rag.store import ChunkStore
 
 INJECTION = """# Visitor notes
 
@@ -83,7 +83,7 @@ def test_ingest_and_ask_run_offline_and_document_text_triggers_nothing(
 
 
 def test_control_token_strings_in_documents_cannot_open_a_chat_turn():
-    from indexer_model.provision import generator_path
+    from dsarag.indexer_model.provision import generator_path
 
     tokenizer = ChatTokenizer(generator_path("tiny"))
     hit = Hit(

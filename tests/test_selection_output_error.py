@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from indexer_model.indexer import LightningIndexer
-from indexer_model.model import Transformer
-from indexer_model.quality import hidden_state_drift, mass_and_output_error
+from dsarag.indexer_model.indexer import LightningIndexer
+from dsarag.indexer_model.model import Transformer
+from dsarag.indexer_model.quality import hidden_state_drift, mass_and_output_error
 
 
 def test_a_set_holding_every_key_keeps_all_mass_and_a_smaller_one_loses_some(small_model_args):

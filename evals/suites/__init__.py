@@ -2,7 +2,7 @@
 
 from types import ModuleType
 
-from evals.suites import docqa, latency, niah, retrieval, routing, temporal, topk_sweep
+from dsarag.evals.suites import docqa, latency, niah, retrieval, routing, temporal, topk_sweep
 
 SUITES: dict[str, ModuleType] = {
     suite.NAME: suite for suite in (niah, docqa, retrieval, routing, temporal, topk_sweep, latency)

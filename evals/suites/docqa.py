@@ -12,11 +12,11 @@ added by the tool rather than written by the model); the routing decision and se
 
 from collections import Counter, defaultdict
 
-from evals.datasets import DEMO_QA, QAItem, load_qa
-from evals.metrics import contains_answer, exact_match, mean, percentiles, strip_citations, token_f1
-from evals.qa_corpus import agent_answer, cited_sources, doc_of, qa_retriever, same_doc
-from evals.run import SuiteResult, SuiteRun, timed
-from rag.grounding import says_not_known
+from dsarag.evals.datasets import DEMO_QA, QAItem, load_qa
+from dsarag.evals.metrics import contains_answer, exact_match, mean, percentiles, strip_citations, token_f1
+from dsarag.evals.qa_corpus import agent_answer, cited_sources, doc_of, qa_retriever, same_doc
+from dsarag.evals.run import SuiteResult, SuiteRun, timed
+from dsarag.rag.grounding import says_not_known
 
 NAME = "docqa"
 DESCRIPTION = (

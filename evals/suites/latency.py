@@ -6,11 +6,11 @@ model loaded once (loading is not part of a question's latency). Sparse runs DSA
 (or the first `--topks` value). `agreement` is the share of questions whose sparse answer equals the dense one.
 """
 
-from evals.datasets import DEMO_QA, load_qa
-from evals.metrics import percentiles
-from evals.qa_corpus import agent_answer, qa_retriever
-from evals.report import latency_cdf
-from evals.run import SuiteResult, SuiteRun
+from dsarag.evals.datasets import DEMO_QA, load_qa
+from dsarag.evals.metrics import percentiles
+from dsarag.evals.qa_corpus import agent_answer, qa_retriever
+from dsarag.evals.report import latency_cdf
+from dsarag.evals.run import SuiteResult, SuiteRun
 
 NAME = "latency"
 DESCRIPTION = "p50/p95/p99 latency of ask, dense vs sparse"

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evals.datasets import folder_text, synthetic_text
-from evals.niah import NiahCase, answer_case, build_case, is_correct
-from evals.report import heatmaps
-from evals.run import SuiteResult, SuiteRun, timed
-from indexer_model.dsa import DSAConfig
-from indexer_model.generate import Generator, auto_dsa
-from rag.cost import ModelShape, prefill_cost
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
+from dsarag.evals.datasets import folder_text, synthetic_text
+from dsarag.evals.niah import NiahCase, answer_case, build_case, is_correct
+from dsarag.evals.report import heatmaps
+from dsarag.evals.run import SuiteResult, SuiteRun, timed
+from dsarag.indexer_model.dsa import DSAConfig
+from dsarag.indexer_model.generate import Generator, auto_dsa
+from dsarag.rag.cost import ModelShape, prefill_cost
 
 NAME = "niah"
 DESCRIPTION = "needle in a haystack: lengths × depths, single- and multi-key, dense vs sparse"

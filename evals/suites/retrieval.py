@@ -15,17 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from corpora.corpus_files import CorpusColumns
-from evals.datasets import DEMO_QA, load_beir, load_qa
-from evals.metrics import mean, ndcg_at_k, percentiles, recall_at_k, reciprocal_rank
-from evals.qa_corpus import doc_of, qa_retriever
-from evals.run import SuiteResult, SuiteRun, timed
-from rag.errors import BadInputError
-from rag.fusion import reciprocal_rank_fusion
-from rag.index import build_index, search
-from rag.ingest import IngestOptions, ingest
-from rag.retrieve import Retriever
-from rag.store import ChunkStore
+from dsarag.base.errors import BadInputError
+from dsarag.corpora.corpus_files import CorpusColumns
+from dsarag.evals.datasets import DEMO_QA, load_beir, load_qa
+from dsarag.evals.metrics import mean, ndcg_at_k, percentiles, recall_at_k, reciprocal_rank
+from dsarag.evals.qa_corpus import doc_of, qa_retriever
+from dsarag.evals.run import SuiteResult, SuiteRun, timed
+from dsarag.rag.fusion import reciprocal_rank_fusion
+from dsarag.rag.index import build_index, search
+from dsarag.rag.ingest import IngestOptions, ingest
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
 
 NAME = "retrieval"
 DESCRIPTION = "recall@k, MRR and nDCG@10 per index type and parameters, with query latency"

@@ -6,12 +6,12 @@ multi-query) and `--corpus` for the documents; default the bundled set of 105 qu
 
 from collections import defaultdict
 
-from evals.datasets import ROUTING_SET, load_qa
-from evals.qa_corpus import qa_retriever
-from evals.routing import route
-from evals.run import SuiteResult, SuiteRun, timed
-from rag.ask import STRATEGY_CHOICES
-from rag.errors import BadInputError
+from dsarag.base.errors import BadInputError
+from dsarag.evals.datasets import ROUTING_SET, load_qa
+from dsarag.evals.qa_corpus import qa_retriever
+from dsarag.evals.routing import route
+from dsarag.evals.run import SuiteResult, SuiteRun, timed
+from dsarag.rag.ask import STRATEGY_CHOICES
 
 NAME = "routing"
 DESCRIPTION = "agent decisions (retrieve?, strategy) against labels"

@@ -5,11 +5,11 @@ Data: `--data` a JSONL file with "question", "answers" (the fact true at the ask
 Also reported: whether the fact's document was the top reranked hit, and whether it was packed at all.
 """
 
-from evals.datasets import ROUTING_SET, QAItem, load_qa
-from evals.metrics import mean
-from evals.qa_corpus import agent_answer, doc_of, qa_retriever, same_doc
-from evals.routing import newest_fact_answered
-from evals.run import SuiteResult, SuiteRun, timed
+from dsarag.evals.datasets import ROUTING_SET, QAItem, load_qa
+from dsarag.evals.metrics import mean
+from dsarag.evals.qa_corpus import agent_answer, doc_of, qa_retriever, same_doc
+from dsarag.evals.routing import newest_fact_answered
+from dsarag.evals.run import SuiteResult, SuiteRun, timed
 
 NAME = "temporal"
 DESCRIPTION = "newest-fact accuracy of time-bound questions through the agent"

@@ -8,9 +8,9 @@ within 2 points of dense, as a share of the context (1.0 when none is).
 
 import numpy as np
 
-from evals.report import accuracy_cost_vs_k
-from evals.run import SuiteResult, SuiteRun
-from evals.suites.niah import DEPTHS, CaseSpec, accuracy, lost_vs_dense, run_cases
+from dsarag.evals.report import accuracy_cost_vs_k
+from dsarag.evals.run import SuiteResult, SuiteRun
+from dsarag.evals.suites.niah import DEPTHS, CaseSpec, accuracy, lost_vs_dense, run_cases
 
 NAME = "topk-sweep"
 DESCRIPTION = "NIAH accuracy and prefill cost against the DSA top-k at one context length"

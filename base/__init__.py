@@ -1,0 +1,1 @@
+"""What every other package may import: user-facing errors, atomic writes, and where dsarag keeps its files."""
