@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint  # noqa: E402
 from dsarag.indexer_model.distill import dense_attention_target  # noqa: E402
-from dsarag.indexer_model.indexer import select_topk  # noqa: E402
 from dsarag.indexer_model.train import N_SINK, WINDOW, frozen_attention_inputs, load_frozen_model  # noqa: E402
+from dsarag.kernels.torch_dsa import select_topk  # noqa: E402
 
 EDGES = (0, 64, 1024, 4096, 8192, 16384, 24576, 32768, 65536, 131072)
 

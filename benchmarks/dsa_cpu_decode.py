@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention  # noqa: E402
 from dsarag.indexer_model.generate import decode_one_token, load_generator, prefill  # noqa: E402
 from dsarag.kernels import cpu_dsa  # noqa: E402
 
@@ -52,12 +52,14 @@ def time_layer_step(
         n_keys = position + 1  # the cache rows at `position` hold the earlier steps' token
         k, v = (cache[:, :, :n_keys] for cache in (module.kv_cache.k_cache, module.kv_cache.v_cache))
         sparse = cfg.for_layer(module.indexer.topk_scale)
-        idx_q, idx_w, _ = project_index(module.indexer, x, input_pos, sparse)
+        idx_q, idx_w, _ = module.backend.project_index(module.indexer, x, input_pos)
         idx_k = module.index_cache.k_cache[:, :n_keys]
-        timings["index projection"] = median_ms(lambda: project_index(module.indexer, x, input_pos, sparse))
+        timings["index projection"] = median_ms(
+            lambda: module.backend.project_index(module.indexer, x, input_pos)
+        )
         timings["(in PyTorch calls)"] = median_ms(lambda: module.indexer.project(x, input_pos))
         timings["DSA attention (selection + gather)"] = median_ms(
-            lambda: dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, sparse)
+            lambda: dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, sparse, module.backend)
         )
         timings["dense attention"] = median_ms(lambda: dense_attention(q, k, v, input_pos))
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsarag.kernels.cpu_families import capture, time_families  # noqa: E402
+from dsarag.indexer_model.cpu_families import capture, time_families  # noqa: E402
 
 
 def main() -> None:

@@ -24,10 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsarag.indexer_model.checkpoint import load_checkpoint  # noqa: E402
-from dsarag.indexer_model.dsa import DSAConfig, dense_attention, sparse_attention, union_of_selections  # noqa: E402
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention  # noqa: E402
 from dsarag.indexer_model.generate import load_generator  # noqa: E402
-from dsarag.indexer_model.indexer import select_topk  # noqa: E402
 from dsarag.kernels import cpu_dsa  # noqa: E402
+from dsarag.kernels.torch_dsa import (
+    select_topk,  # noqa: E402
+    sparse_attention,
+    union_of_selections,
+)
 
 
 def seconds(run) -> tuple[float, object]:

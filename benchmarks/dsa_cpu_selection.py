@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dsarag.indexer_model.dsa as dsa_module  # noqa: E402
-import dsarag.indexer_model.indexer as indexer_module  # noqa: E402
+import dsarag.kernels.torch_dsa as torch_dsa  # noqa: E402
 from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
 from dsarag.indexer_model.generate import load_generator  # noqa: E402
+from dsarag.kernels.backend import TORCH  # noqa: E402
 
 TOPK = 2048
 
@@ -57,20 +59,20 @@ def capture_index_inputs(model, tokens: np.ndarray, layer: int) -> tuple:
 
 def selection_rows(model, heldout: np.ndarray, lengths: list[int], layer: int, repeats: int) -> list[dict]:
     rows = []
-    in_dtype = indexer_module._selection_scores
+    in_dtype = torch_dsa._selection_scores
     for length in lengths:
         q, w, k, positions = capture_index_inputs(model, heldout[:length], layer)
         args = (q[:, TOPK:], w[:, TOPK:], k, positions[TOPK:], length, TOPK)
         times: dict[str, list[float]] = {"inputs_dtype": [], "fp32": []}
         chosen = {}
         for _ in range(repeats):
-            for name, scores in (("inputs_dtype", in_dtype), ("fp32", indexer_module.index_scores)):
-                indexer_module._selection_scores = scores
+            for name, scores in (("inputs_dtype", in_dtype), ("fp32", torch_dsa.index_scores)):
+                torch_dsa._selection_scores = scores
                 started = time.perf_counter()
                 with torch.inference_mode():
-                    chosen[name] = indexer_module.select_topk(*args)
+                    chosen[name] = torch_dsa.select_topk(*args)
                 times[name].append(round(time.perf_counter() - started, 3))
-        indexer_module._selection_scores = in_dtype
+        torch_dsa._selection_scores = in_dtype
         sampled = range(0, length - TOPK, 97)
         pairs = [(chosen["inputs_dtype"][0, t].tolist(), chosen["fp32"][0, t].tolist()) for t in sampled]
         same = np.mean([len(set(a) & set(b)) / TOPK for a, b in pairs])
@@ -94,10 +96,6 @@ def prefill_split(model, tokens: np.ndarray, block: int) -> dict:
 
         return run
 
-    originals = {
-        name: getattr(dsa_module, name)
-        for name in ("select_topk_sets", "sparse_attention", "dense_attention")
-    }
     ids = torch.from_numpy(tokens.astype(np.int64))[None]
 
     def prefill(dsa) -> float:
@@ -107,15 +105,23 @@ def prefill_split(model, tokens: np.ndarray, block: int) -> dict:
             model(ids, torch.arange(len(tokens)), dsa=dsa)
         return round(time.perf_counter() - started, 2)
 
+    model.use_backend(TORCH)  # the PyTorch path, whose gather attention takes `block`
     prefill(None)  # warm-up
     result = {"length": len(tokens), "block": block, "dense_s": prefill(None)}
-    for name, fn in originals.items():
-        setattr(dsa_module, name, timed(name, partial(fn, block=block) if name == "sparse_attention" else fn))
+    dense = dsa_module.dense_attention
+    dsa_module.dense_attention = timed("dense_attention", dense)
+    model.use_backend(
+        replace(
+            TORCH,
+            select_topk=timed("select_topk", torch_dsa.select_topk),
+            sparse_attention=timed("sparse_attention", partial(torch_dsa.sparse_attention, block=block)),
+        )
+    )
     try:
         result["dsa_s"] = prefill(DSAConfig(topk=TOPK, dense_threshold=0))
     finally:
-        for name, fn in originals.items():
-            setattr(dsa_module, name, fn)
+        dsa_module.dense_attention = dense
+        model.use_backend(TORCH)
     n_layer = len(model.layers)
     result["per_layer_s"] = {name: round(seconds / n_layer, 3) for name, seconds in totals.items()}
     print(json.dumps(result), file=sys.stderr, flush=True)

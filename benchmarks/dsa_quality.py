@@ -59,6 +59,7 @@ from dsarag.indexer_model.train import (
     make_indexers,
     window_starts,
 )
+from dsarag.kernels.backend import TORCH, resolve_backend
 
 LENGTHS = (4096, 8192, 16384, 32768)
 
@@ -271,7 +272,7 @@ def niah_section(
                 entry["modes"][mode.name] = {"skipped": "deadline"}
                 continue
             model.attach_indexers(indexer_sets[mode.indexers])
-            with oracle_selection(mode.indexers == "oracle"):
+            with oracle_selection(model, mode.indexers == "oracle"):
                 entry["modes"][mode.name] = answer_case(
                     model, case, mode.dsa(), spec["max_new_tokens"], stop_ids
                 )
@@ -314,29 +315,28 @@ def cpu_timing_section(
     from dsarag.indexer_model.weights import default_dtype
 
     model.to(default_dtype("cpu"))  # what `dsarag ask` runs on this CPU: fp32 unless it has fast bf16
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    from dsarag.kernels.cpu_dsa import native_library
-
-    dsa_kernels = "native" if native_library() is not None else "torch"  # what DSAConfig's "auto" runs here
+    dtype = next(model.parameters()).dtype
+    backends = {
+        "dsa": resolve_backend("cpu", dtype),
+        "dsa-torch": TORCH,
+    }  # what `ask` runs, and PyTorch beside it
     section: dict = {
         "topk": topk,
-        "dtype": dtype,
+        "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "dsa_kernels": dsa_kernels,
+        "dsa_kernels": backends["dsa"].name,
         "lengths": {},
     }
     for length in lengths:
         section["lengths"][str(length)] = {}
     prefill_seconds(model, heldout[:256], None)  # warm-up: first-call allocations
-    configs = (  # dsa: DSAConfig's "auto" path; dsa-torch: the PyTorch path beside it
-        ("dense", None),
-        ("dsa", DSAConfig(topk=topk, dense_threshold=0)),
-        ("dsa-torch", DSAConfig(topk=topk, dense_threshold=0, kernels="torch")),
-    )
-    for mode, dsa in configs:
+    for mode in ("dense", "dsa", "dsa-torch"):
         if mode not in modes:
             continue
-        if dsa is not None:
+        dsa = None
+        if mode in backends:
+            dsa = DSAConfig(topk=topk, dense_threshold=0)
+            model.use_backend(backends[mode])
             model.attach_indexers(trained)
         previous: tuple[int, float] | None = None
         for length in lengths:

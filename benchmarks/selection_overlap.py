@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, weights_fingerprint  # noqa: E402
-from dsarag.indexer_model.indexer import select_topk  # noqa: E402
 from dsarag.indexer_model.train import N_SINK, WINDOW, frozen_attention_inputs, load_frozen_model  # noqa: E402
+from dsarag.kernels.torch_dsa import select_topk  # noqa: E402
 
 BLOCKS = (8, 16, 32, 64, 128)
 TILE = 64

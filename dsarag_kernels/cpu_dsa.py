@@ -3,11 +3,11 @@ indexer's projection of a decode step; on CPUs with AVX512-BF16, a decode step's
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
-compiling fails, `native_library()` returns None and the model keeps the PyTorch path (indexer.select_topk and
-dsa.sparse_attention), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call,
+compiling fails, `native_library()` returns None and the model keeps the PyTorch path (torch_dsa.py), saying so
+once on stderr. The kernels run in float32: bf16 inputs are converted per call,
 except on CPUs with AVX512-BF16 (where the model runs in bf16), which take bf16 kernels (`avx512_bf16_ready()`), on
-AMX tile products where the CPU has AMX too (`amx_ready()`). Same signatures as the PyTorch path, so
-`dsa_attention` swaps one for the other.
+AMX tile products where the CPU has AMX too (`amx_ready()`). Same signatures as the PyTorch path, so an
+`AttentionBackend` (backend.py) holds either.
 """
 
 import ctypes
@@ -22,9 +22,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from dsarag.indexer_model.indexer import LightningIndexer, check_topk_holds_forced
+from dsarag.kernels.torch_dsa import check_topk_holds_forced
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -149,7 +150,7 @@ def _wants_gradient(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
+def projects_natively(indexer: nn.Module, x: Tensor) -> bool:
     """Whether `index_projection` serves x: a few new tokens (a decode step) on the CPU, in float32 or bf16 like
     the indexer's weights, with no gradient wanted (the kernel has no backward)."""
     params = (indexer.wq.weight, indexer.wk.weight, indexer.weights_proj.weight, *indexer.k_norm.parameters())
@@ -162,9 +163,7 @@ def projects_natively(indexer: LightningIndexer, x: Tensor) -> bool:
     )
 
 
-def index_projection(
-    indexer: LightningIndexer, x: Tensor, positions: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def index_projection(indexer: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """indexer.project(x, positions) in one compiled call: q, w, k in x's dtype (see `projects_natively`).
 
     A decode step's projection is about ten PyTorch calls on tiny tensors, 0.3-0.6 ms a layer in bf16: about as
@@ -188,6 +187,13 @@ def index_projection(
     if indexer.index_sets > 1:
         w = w.view(batch, n_rows, indexer.index_sets, indexer.n_heads)
     return q, w, k
+
+
+def project_index(indexer: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The indexer's q, w, k for the new tokens (indexer.project): a decode step's in one compiled call."""
+    if projects_natively(indexer, x):
+        return index_projection(indexer, x, positions)
+    return indexer.project(x, positions)
 
 
 def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -217,6 +223,13 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear, a decode step's bf16 products in one compiled call each (see `runs_linear_rows`)."""
+    if runs_linear_rows(x, weight, bias):
+        return linear_rows(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def select_topk(
     q: Tensor,
     w: Tensor,
@@ -227,7 +240,7 @@ def select_topk(
     n_sink: int = 4,
     window: int = 64,
 ) -> Tensor:
-    """indexer.select_topk in one fused pass per query: indices (B, T, topk) int64, ascending, -1 padding.
+    """torch_dsa.select_topk in one fused pass per query: indices (B, T, topk) int64, ascending, -1 padding.
 
     q (B, T, H_I, d_I), w (B, T, H_I), k (B, >= n_keys, d_I), q_positions (T,) below n_keys."""
     check_topk_holds_forced(topk, n_sink, window)
@@ -281,7 +294,7 @@ def select_topk(
 
 
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
-    """dsa.sparse_attention with exact per-query work: out (B, Hq, T, d) in q's dtype.
+    """torch_dsa.sparse_attention with exact per-query work: out (B, Hq, T, d) in q's dtype.
 
     indices (B, T, k) or (B, sets, T, k) into the caches (B, Hkv, S, d); every query needs one valid index."""
     library = native_library()

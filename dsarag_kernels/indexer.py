@@ -2,7 +2,7 @@
 
 Shapes (one layer, queries at contiguous positions q_start ... q_start + T - 1, keys at 0 ... S - 1):
     q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I)  ->  indices (B, T, topk) int32, -1 in unused slots.
-`select_topk` matches `indexer_model.indexer.select_topk` (sinks and the local window always selected).
+`select_topk` matches `torch_dsa.select_topk` (sinks and the local window always selected).
 
 Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16, causal tiles only) and
 `topk_select` reduces each row to its top-k: a threshold from a sorted sample of the row keeps a few x k
@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsarag.indexer_model.indexer import check_topk_holds_forced
-from dsarag.indexer_model.indexer import index_scores as index_scores_torch
 from dsarag.kernels.common import INTERPRETED, dot
+from dsarag.kernels.torch_dsa import check_topk_holds_forced
+from dsarag.kernels.torch_dsa import index_scores as index_scores_torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

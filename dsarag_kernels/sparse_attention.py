@@ -9,7 +9,7 @@ Prefill: one program per (query, kv group). Decode (T = 1): the k selected keys 
 that each write a partial (max, sum, output), merged by `merge_partials` — enough parallelism at batch 1.
 The same decode kernel runs dense attention over a whole preallocated cache up to a position read on the
 device (`dense_attention_decode`): the dense half of a decode step captured in a CUDA graph.
-The PyTorch reference (and the CPU path) is `indexer_model.dsa.sparse_attention`.
+The PyTorch reference is `torch_dsa.sparse_attention`.
 """
 
 import torch
@@ -239,7 +239,7 @@ def merge_partials(m: Tensor, lse_sum: Tensor, acc: Tensor) -> Tensor:
 
 
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float) -> Tensor:
-    """The GPU path of `indexer_model.dsa.sparse_attention`: decode kernel for one query, prefill otherwise."""
+    """The GPU path of `torch_dsa.sparse_attention`: decode kernel for one query, prefill otherwise."""
     if q.shape[2] == 1:  # indices (B, 1, k) or (B, sets, 1, k)
         return sparse_attention_decode(q, k_cache, v_cache, indices, scale)
     return sparse_attention_prefill(q, k_cache, v_cache, indices, scale)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from dsarag.indexer_model.indexer import index_scores, stack_sets
+from dsarag.indexer_model.indexer import stack_sets
+from dsarag.kernels.torch_dsa import index_scores
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from dsarag.base.errors import ModelError
+from dsarag.indexer_model.attention_policy import choose_attention
 from dsarag.indexer_model.cuda_graph import GraphedDecoder
 from dsarag.indexer_model.dsa import DSAConfig
 from dsarag.indexer_model.gguf_convert import END_OF_TURN_TOKENS
@@ -32,6 +33,7 @@ class GenerationResult:
     topk: int | None = None  # the DSA top-k when sparse
     dense_tail: int = 0  # the prompt's last positions that attended densely after a sparse body
     layer_topk: list[int] | None = None  # the keys each layer kept, when the checkpoint spreads k per layer
+    backend: str = "torch"  # the model's AttentionBackend (dsarag_kernels/backend.py)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -71,83 +73,6 @@ def decode_one_token(
     """Logits (B, V) after one token (B, 1) at position `input_pos` (1,); with DSA it selects its top-k
     among every cached position."""
     return model(token, input_pos, last_logits_only=True, dsa=dsa)[:, -1]
-
-
-# Per device path, where a DSA prefill was measured faster than a dense one: (the shortest prompt, the largest k as a
-# share of it), None where it never was; the rows are in docs/benchmarks.md, "`--attention auto` on each device".
-SPARSE_FASTER: dict[str, tuple[int, float] | None] = {
-    "cpu": (8192, 1 / 8),  # the model in fp32, float32 kernels
-    "cpu-amx": (8192, 3 / 32),  # the model in bf16, AMX kernels
-    "cpu-bf16": (4096, 1 / 8),  # the model in bf16, AVX512-BF16 kernels (no AMX)
-    "cpu-torch": None,  # no C++ compiler: the PyTorch path
-    "cuda": None,  # the Triton kernels
-}
-# A DSA decode step is at best about a fifth faster than a dense one (docs/benchmarks.md, "CPU decode steps"), and
-# auto's NIAH figures were measured with dense steps.
-SPARSE_DECODE_FASTER = False
-# The question and the template's end attend densely: their attention retrieves from the whole context; 128 kept no
-# more NIAH answers than 32 (docs/dsa-quality.md, "k for look-ups, and the dense tail").
-AUTO_DENSE_TAIL = 32
-
-
-def auto_dsa(topk: int, dense_threshold: int = DSAConfig.dense_threshold) -> DSAConfig:
-    """The DSA `--attention auto` runs at `topk` once it chooses DSA: a sparse prefill with a dense tail, then
-    dense decode steps while no sparse one is measured faster."""
-    return DSAConfig(
-        topk=topk,
-        dense_threshold=dense_threshold,
-        sparse_decode=SPARSE_DECODE_FASTER,
-        dense_tail=AUTO_DENSE_TAIL,
-    )
-
-
-def _device_path(device: str) -> str:
-    """The SPARSE_FASTER key of a device: on the CPU, which DSA path runs and in which dtype."""
-    if device != "cpu":
-        return device
-    from dsarag.indexer_model.weights import default_dtype
-    from dsarag.kernels.cpu_dsa import amx_ready, native_library
-
-    if native_library() is None:
-        return "cpu-torch"
-    if default_dtype("cpu") != torch.bfloat16:
-        return "cpu"
-    return "cpu-amx" if amx_ready() else "cpu-bf16"
-
-
-def auto_sparse_range(device: str = "cpu") -> tuple[int, float] | None:
-    """Where `--attention auto` runs DSA on `device`: (the shortest prompt, the largest k as a share of it), or
-    None where it always runs dense."""
-    return SPARSE_FASTER.get(_device_path(device))
-
-
-def choose_attention(
-    mode: str, n_context: int, topk: int | None, has_indexers: bool, device: str = "cpu"
-) -> DSAConfig | None:
-    """The attention of one generation: None for dense, else the DSA config.
-
-    dense: always dense. sparse: DSA even on short contexts (k below the context length). auto: DSA when a
-    trained indexer is attached, the context reaches the dense threshold, and context and k lie where DSA is
-    measured faster on `device` (SPARSE_FASTER)."""
-    default = DSAConfig()
-    if mode == "dense":
-        return None
-    if mode == "sparse":
-        if not has_indexers:
-            raise ModelError(
-                "no trained indexer for this model — run `dsarag indexer train`, or use --attention dense"
-            )
-        k = topk or min(default.topk, max(default.n_sink + default.window, n_context // 2))
-        return DSAConfig(topk=max(k, default.n_sink + default.window), dense_threshold=0)
-    if mode != "auto":
-        raise ValueError(f"attention mode {mode!r}: use dense, sparse or auto")
-    k = topk or default.topk
-    if not has_indexers or k >= n_context or n_context < default.dense_threshold:
-        return None
-    faster = auto_sparse_range(device)
-    if faster is None or n_context < faster[0] or k > n_context * faster[1]:
-        return None
-    return auto_dsa(k)
 
 
 def sample(
@@ -266,6 +191,7 @@ def generate(
         topk=None if dsa is None else dsa.topk,
         dense_tail=0 if dsa is None else min(dsa.dense_tail, prompt_len),
         layer_topk=None if dsa is None else layer_topk(model, dsa),
+        backend=model.attention_backend().name,
     )
 
 
@@ -341,13 +267,13 @@ class Generator:
         reply_start: str = "",
         constrain: Callable[[list[int], Tensor], Tensor] | None = None,
     ) -> GenerationResult:
-        """Generate the assistant's reply; `attention` is dense | sparse | auto (see choose_attention).
+        """Generate the assistant's reply; `attention` is dense | sparse | auto (attention_policy.choose_attention).
         `reply_start` is text the reply begins with (not returned); `constrain` as in `generate`."""
         prompt_ids = self.chat_prompt_ids(messages) + (
             self.tokenizer.encode(reply_start) if reply_start else []
         )
-        device = self.model.tok_embeddings.weight.device.type
-        dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers, device)
+        backend = self.model.attention_backend().name
+        dsa = choose_attention(attention, len(prompt_ids), topk, self.model.has_indexers, backend)
         return generate(
             self.model,
             prompt_ids,

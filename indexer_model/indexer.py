@@ -1,8 +1,9 @@
-"""Lightning indexer (DeepSeek Sparse Attention) and blockwise top-k key selection.
+"""Lightning indexer (DeepSeek Sparse Attention) and its key cache.
 
 One indexer per attention layer scores every (query t, key s) pair cheaply:
     I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])
-and each query attends only to its top-k keys. Shapes: x (B, T, D); q (B, T, H_I, d_I); w (B, T, H_I);
+and each query attends only to its top-k keys (the selection kernels: dsarag_kernels/, the PyTorch one in
+torch_dsa.py). Shapes: x (B, T, D); q (B, T, H_I, d_I); w (B, T, H_I);
 k (B, S, d_I), one key per token shared by all index heads; positions are 1-D (T,) and key s of a cache sits
 at position s. One selection serves every attention head, or, with index sets, one per group of kv heads:
 w (B, T, sets, H_I) and indices (B, sets, T, k).
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from dsarag.kernels import torch_dsa
 
 ROPE_LAYOUT = "half-split"  # NeoX / HF `rotate_half`: dims i and i + rope_dims/2 form a rotation pair
 
@@ -140,7 +143,7 @@ class LightningIndexer(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Index scores of x against itself, (B, T, T) (one set) or (B, sets, T, T); where T x T fits."""
         q, w, k = self.project(x, positions)
-        return stack_sets(w, lambda w_set: index_scores(q, w_set, k, positions, positions))
+        return stack_sets(w, lambda w_set: torch_dsa.index_scores(q, w_set, k, positions, positions))
 
 
 def stack_sets(w: Tensor, per_set: Callable[[Tensor], Tensor]) -> Tensor:
@@ -151,100 +154,17 @@ def stack_sets(w: Tensor, per_set: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.stack([per_set(w[:, :, s]) for s in range(w.shape[2])], dim=1)
 
 
-def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-    """I (B, T, S) float32 = sum_j w[t,j] * ReLU(q[t,j] . k[s]); -inf where key position > query position."""
-    # Logits in the inputs' dtype (bf16 products are 4x faster than fp32 on CPUs with AVX512-BF16, and the
-    # GPU kernel's scores are bf16 too), weighted and summed in fp32. One (T, S) product per head: 2-3x
-    # faster on CPU than one einsum over all heads, whose (T, H, S) logits leave the cache.
-    w, k_t = w.float(), k.to(q.dtype).transpose(1, 2)
-    scores = torch.relu(q[:, :, 0] @ k_t) * w[:, :, 0, None]
-    for head in range(1, q.shape[2]):
-        scores = scores + torch.relu(q[:, :, head] @ k_t) * w[:, :, head, None]
-    future = k_positions[None, :] > q_positions[:, None]
-    return scores.masked_fill_(future, float("-inf"))
-
-
-@torch.no_grad()
-def _selection_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-    """`index_scores` for ranking only: weighted and summed in place in the inputs' dtype (bf16 in the model,
-    as the GPU kernel's scores): 12-30 % faster than fp32 sums on an AVX512-BF16 CPU, and 99.4-99.6 % of the
-    same keys (the rest tie within bf16 rounding)."""
-    w, k_t = w.to(q.dtype), k.to(q.dtype).transpose(1, 2)
-    scores = torch.relu_(q[:, :, 0] @ k_t).mul_(w[:, :, 0, None])
-    for head in range(1, q.shape[2]):
-        scores.add_(torch.relu_(q[:, :, head] @ k_t).mul_(w[:, :, head, None]))
-    future = k_positions[None, :] > q_positions[:, None]
-    return scores.masked_fill_(future, float("-inf"))
-
-
-def check_topk_holds_forced(topk: int, n_sink: int, window: int) -> None:
-    """Every selection path's first check: k must have room for the sinks and the window it always keeps."""
-    if topk < n_sink + window:
-        raise ValueError(f"topk={topk} cannot hold the {n_sink} sinks and the window of {window}: raise topk")
-
-
-def select_topk(
-    q: Tensor,
-    w: Tensor,
-    k: Tensor,
-    q_positions: Tensor,
-    n_keys: int,
-    topk: int,
-    n_sink: int = 4,
-    window: int = 64,
-    query_block: int = 128,
-    key_block: int = 16384,  # one torch.topk per row up to 16K keys: 12 % faster at 16K than 8192-key tiles
-) -> Tensor:
-    """Indices (B, T, topk) int64 of the keys each query attends to; -1 marks unused slots (t + 1 < topk).
-
-    k is the indexer key cache (B, >= n_keys, d_I). Sinks (positions < n_sink) and the local window
-    (positions t - window < s <= t) are always selected. Keys are scored one (query_block x key_block) tile at
-    a time and merged into a running top-k per query, so memory is O(query_block * (key_block + topk)) however
-    long the context; queries that see at most topk keys take them all, unscored. Slot order is unspecified.
-    """
-    check_topk_holds_forced(topk, n_sink, window)
-    batch, seq_len = q.shape[:2]
-    key_positions = torch.arange(n_keys, device=k.device)
-    selected = torch.full((batch, seq_len, topk), -1, dtype=torch.long, device=q.device)
-    for t0 in range(0, seq_len, query_block):
-        rows = slice(t0, t0 + query_block)
-        q_pos = q_positions[rows]
-        keys_seen = min(n_keys, int(q_pos.max()) + 1)  # keys after the block's last query are all future
-        if keys_seen <= topk:  # every query selects all its past keys
-            past = key_positions[None, :keys_seen] <= q_pos[:, None]
-            selected[:, rows, :keys_seen] = key_positions[:keys_seen].where(past, -1)
-            continue
-        best = best_idx = None
-        for s0 in range(0, keys_seen, key_block):
-            k_pos = key_positions[s0 : min(s0 + key_block, keys_seen)]
-            scores = _selection_scores(q[:, rows], w[:, rows], k[:, s0 : s0 + len(k_pos)], q_pos, k_pos)
-            past = k_pos[None, :] <= q_pos[:, None]
-            sink_or_window = (k_pos[None, :] < n_sink) | (k_pos[None, :] > q_pos[:, None] - window)
-            scores.masked_fill_(past & sink_or_window, float("inf"))
-            tile_idx = k_pos.expand_as(scores)
-            if best is not None:  # one top-k over (running set + tile) merges the tile into the set
-                scores, tile_idx = torch.cat((best, scores), dim=-1), torch.cat((best_idx, tile_idx), dim=-1)
-            if scores.shape[-1] <= topk:
-                best, best_idx = scores, tile_idx
-                continue
-            best, pick = scores.topk(topk, dim=-1, sorted=False)  # unsorted: 2-4x faster on CPU
-            best_idx = tile_idx.gather(-1, pick)
-        width = best.shape[-1]
-        selected[:, rows, :width] = best_idx.masked_fill(best == float("-inf"), -1)
-    return selected
-
-
 def select_topk_sets(
     q: Tensor,
     w: Tensor,
     k: Tensor,
     q_positions: Tensor,
-    n_keys: int,
+    n_keys: int | None,
     topk: int,
     n_sink: int = 4,
     window: int = 64,
-    select: Callable[..., Tensor] = select_topk,
+    select: Callable[..., Tensor] = torch_dsa.select_topk,
 ) -> Tensor:
-    """`select` (select_topk, or the compiled kernels' own) for each index set: (B, T, topk), or
+    """`select` (an AttentionBackend's select_topk, by default the PyTorch path's) for each index set: (B, T, topk), or
     (B, sets, T, topk) when w has a set dimension."""
     return stack_sets(w, lambda w_set: select(q, w_set, k, q_positions, n_keys, topk, n_sink, window))

@@ -1,8 +1,9 @@
 """The decoder-only transformer of the Qwen2 and Llama families (gpt-fast style).
 
-Attention maths is one function, `dense_attention`; the DSA path will sit beside it and take the same
-projected q, k, v (plus the layer input for its indexer). Positions (`input_pos`) are passed explicitly and
-the KV cache is a small preallocated module of its own.
+Attention is one call site: dense attention, or DSA (dsa.py) when a DSA config is given and trained indexers are
+attached. Which kernels run is the model's `backend` (dsarag_kernels/backend.py), set once by `use_backend`
+(the loader resolves it for the device and dtype; a model built otherwise resolves it on its first call). Positions (`input_pos`) are passed explicitly and the KV
+cache is a small preallocated module of its own.
 """
 
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention, project_index
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention
 from dsarag.indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
+from dsarag.kernels.backend import TORCH, AttentionBackend, resolve_backend
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -66,17 +68,13 @@ class ModelArgs:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-step calls in bf16 on a CPU with AVX512-BF16 take one compiled matrix-vector product
-    (dsarag_kernels/cpu_dsa.py `linear_rows`): PyTorch's bf16 path reads these weights at less than half the memory's
-    speed there (measured on an AMX Xeon), and they are most of a decode step's time."""
+    """nn.Linear through the backend's product: on a CPU with AVX512-BF16, a bf16 decode step's weights are read
+    by one compiled matrix-vector product, twice PyTorch's speed there, and they are most of a decode step."""
+
+    product = staticmethod(F.linear)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            from dsarag.kernels import cpu_dsa
-
-            if cpu_dsa.runs_linear_rows(x, self.weight, self.bias):
-                return cpu_dsa.linear_rows(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.product(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -137,6 +135,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.indexer: LightningIndexer | None = None  # attached with a trained checkpoint (DSA)
         self.index_cache: IndexKeyCache | None = None
+        self.backend = TORCH
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, T, D), k and v (B, H_kv, T, D), with RoPE applied to q and k."""
@@ -165,13 +164,13 @@ class Attention(nn.Module):
         if self.indexer is None or dsa is None:
             if self.index_cache is not None and n_keys is not None:  # dense steps skip the indexer
                 self.index_cache.invalidate_from(n_keys - x.shape[1])  # its keys go stale from here
-            y = dense_attention(q, k, v, input_pos, whole_cache=n_keys is None)
+            y = dense_attention(q, k, v, input_pos, whole_cache=n_keys is None, backend=self.backend)
         else:
             dsa = dsa.for_layer(self.indexer.topk_scale)
-            idx_q, idx_w, idx_k = project_index(self.indexer, x, input_pos, dsa)
+            idx_q, idx_w, idx_k = self.backend.project_index(self.indexer, x, input_pos)
             if self.index_cache is not None:
                 idx_k = self.index_cache.update(input_pos, idx_k, n_keys)
-            y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, dsa)
+            y = dsa_attention(q, k, v, idx_q, idx_w, idx_k, input_pos, n_keys, dsa, self.backend)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -224,6 +223,23 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.backend: AttentionBackend | None = None
+
+    def attention_backend(self) -> AttentionBackend:
+        """The kernels this model runs on: the loader's choice, else resolved for the weights' device and dtype
+        the first time they are needed."""
+        if self.backend is None:
+            self.use_backend(resolve_backend(self.output.weight.device, self.output.weight.dtype))
+        return self.backend
+
+    def use_backend(self, backend: AttentionBackend) -> None:
+        """Run attention, the indexers' projections and the linear products on `backend`'s kernels."""
+        self.backend = backend
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.product = backend.linear
+            elif isinstance(module, Attention):
+                module.backend = backend
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Give every layer a KV cache for `max_seq_len` positions (kept when the current one is big enough)."""
@@ -275,6 +291,7 @@ class Transformer(nn.Module):
         `whole_cache`: one decode token, attention over the whole preallocated cache masked by input_pos, and
         no host sync, so the step can be captured in a CUDA graph (`indexer_model.cuda_graph`); DSA then runs
         on the Triton kernels whatever the context length (with k at least the context, they select every key)."""
+        self.attention_backend()
         x = self.tok_embeddings(idx)
         rope = rope_cos_sin(input_pos, self.args.head_dim, self.args.rope_base)
         # The one host sync of an eager step: each layer's cache view needs the key count.

@@ -8,13 +8,13 @@ budget itself, not from the indexer.
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-import dsarag.indexer_model.model as model_module
 from dsarag.indexer_model.distill import dense_attention_target
-from dsarag.indexer_model.dsa import DSAConfig, dsa_attention, sparse_attention
+from dsarag.indexer_model.model import Transformer
 
 
 @torch.no_grad()
@@ -39,40 +39,16 @@ def oracle_topk(
     return selected
 
 
-def oracle_dsa_attention(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    idx_q: Tensor,
-    idx_w: Tensor,
-    idx_k_cache: Tensor,
-    q_positions: Tensor,
-    n_keys: int | None,
-    cfg: DSAConfig,
-    scale: float | None = None,
-) -> Tensor:
-    """`indexer_model.dsa.dsa_attention` with the oracle's selection in place of the indexer's (same arguments);
-    dense where DSA would be dense, and a CUDA-graph decode step (n_keys None) left to the indexer."""
-    if n_keys is None or cfg.runs_dense(n_keys):
-        return dsa_attention(q, k_cache, v_cache, idx_q, idx_w, idx_k_cache, q_positions, n_keys, cfg, scale)
-    k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
-    indices = oracle_topk(q, k, q_positions, cfg.topk, cfg.n_sink, cfg.window)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.is_cuda:
-        from dsarag.kernels.sparse_attention import sparse_attention as sparse_attention_triton
-
-        return sparse_attention_triton(q, k, v, indices.to(torch.int32), scale)
-    return sparse_attention(q, k, v, indices, scale)
-
-
 @contextlib.contextmanager
-def oracle_selection(enabled: bool = True) -> Iterator[None]:
-    """Within this block every DSA layer of `indexer_model.model` selects by the oracle (when enabled)."""
+def oracle_selection(model: Transformer, enabled: bool = True) -> Iterator[None]:
+    """Within this block every DSA layer of `model` selects by the oracle (when enabled), on the model's kernels;
+    a decode step captured in a CUDA graph still selects by the indexer."""
     if not enabled:
         yield
         return
-    model_module.dsa_attention = oracle_dsa_attention
+    backend = model.backend
+    model.use_backend(replace(backend, selection=oracle_topk))
     try:
         yield
     finally:
-        model_module.dsa_attention = dsa_attention
+        model.use_backend(backend)

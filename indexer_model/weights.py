@@ -12,6 +12,7 @@ import torch
 
 from dsarag.base.errors import ModelError
 from dsarag.indexer_model.model import ModelArgs, Transformer
+from dsarag.kernels.backend import resolve_backend
 
 # HF parameter names → ours (module names in model.py).
 _RENAMES = (
@@ -92,13 +93,16 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    folder: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", kernels: str = "auto"
 ) -> Transformer:
-    """Our Transformer with the weights of an HF-format folder, in eval mode (dtype None: default_dtype)."""
+    """Our Transformer with the weights of an HF-format folder, in eval mode (dtype None: default_dtype), on the
+    attention backend `kernels` resolves to for that device and dtype."""
     folder = Path(folder)
     dtype = dtype or default_dtype(device)
     _, args = load_config(folder)
-    return build_model(args, load_state_dict(folder, dtype), folder).to(device)
+    model = build_model(args, load_state_dict(folder, dtype), folder).to(device)
+    model.use_backend(resolve_backend(device, dtype, kernels))
+    return model
 
 
 def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], source: Path) -> Transformer:

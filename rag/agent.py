@@ -17,8 +17,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
+from dsarag.indexer_model.attention_policy import TopkBudget, answer_mode, topk_budget
 from dsarag.indexer_model.generate import GenerationResult, Generator
-from dsarag.rag.budget import TopkBudget, topk_budget
 from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
 from dsarag.rag.pack import PackedContext, build_messages, pack_sources
@@ -244,11 +244,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     budget = topk_budget(
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
     )
-    # --critical wins, then an explicit --attention dense|sparse; under auto a sparse budget still needs a
-    # trained indexer.
-    attention = options.attention
-    if options.critical or (attention == "auto" and budget.attention == "dense"):
-        attention = "dense"
+    attention = answer_mode(options.attention, budget, options.critical)
     reading = declined_for_numbers(question, packed) if retrieved else None
     if reading is not None:
         generation = GenerationResult(reading.reply(packed), [], prompt_tokens, 0, 0.0, 0.0, 0, "declined")
@@ -271,6 +267,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         "topk_budget": budget.to_json(),
         "attention": generation.attention,
         "topk": generation.topk,
+        "backend": generation.backend,
         "prompt_tokens": generation.prompt_tokens,
         "new_tokens": generation.new_tokens,
     }

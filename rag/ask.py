@@ -38,7 +38,7 @@ class AskOptions:
     max_new_tokens: int = 256
     temperature: float = 0.0
     attention: str = "auto"  # dense | sparse | auto
-    attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (rag/budget.py)
+    attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (attention_policy.py)
     strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
     critical: bool = False  # always dense attention
     reader: str = "auto"  # one of READERS: how the sources are read (rag/reader.py reading_mode)
@@ -107,6 +107,8 @@ def ask(
     `on_text` gets the final answer once; with `stream`, it gets each attempt's text as it is generated
     instead (the agent's check may retry an unsupported answer: `on_retry` is told why before the next
     attempt streams), then what the check added to the last one."""
+    from dsarag.indexer_model.attention_policy import min_attention_topk
+
     question = options.question.strip()
     if options.attention not in ATTENTION_MODES:
         raise BadInputError(f"--attention {options.attention!r}: use one of {', '.join(ATTENTION_MODES)}")
@@ -204,13 +206,6 @@ def ask(
     )
 
 
-def min_attention_topk() -> int:
-    """The smallest DSA k: every query keeps its sink tokens and its recent window."""
-    from dsarag.indexer_model.dsa import DSAConfig
-
-    return DSAConfig.n_sink + DSAConfig.window
-
-
 def refresh_store(
     docs: Path, store: ChunkStore, embedder: Embedder, console: Console | None
 ) -> IngestReport | None:
@@ -232,8 +227,8 @@ def refresh_store(
 def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
     """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
     side prefills and decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
+    from dsarag.indexer_model.attention_policy import auto_dsa
     from dsarag.indexer_model.dsa import DSAConfig
-    from dsarag.indexer_model.generate import auto_dsa
 
     sparse = generation.attention == "sparse"
     auto = auto_dsa(generation.topk or DSAConfig().topk)  # what the sparse side runs after a dense answer

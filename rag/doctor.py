@@ -119,30 +119,12 @@ def _check_models(report: DoctorReport, full: bool) -> None:
 
 def _check_cpu_kernels(report: DoctorReport) -> None:
     """DSA on the CPU is fast only through the compiled kernels; without a compiler it still works, slower."""
-    import torch
-
-    from dsarag.indexer_model.generate import auto_sparse_range
+    from dsarag.indexer_model.attention_policy import sparse_faster_range
     from dsarag.indexer_model.weights import default_dtype
-    from dsarag.kernels.cpu_dsa import amx_ready, avx512_bf16_ready, native_library
+    from dsarag.kernels.backend import resolve_backend
 
-    if native_library() is not None:
-        bf16 = avx512_bf16_ready() and default_dtype("cpu") == torch.bfloat16
-        flavour = "bf16 on AMX" if amx_ready() else "bf16 on AVX512-BF16" if bf16 else "float32"
-        if bf16:
-            flavour += ", and bf16 decode steps' weight products"
-        where = auto_sparse_range("cpu")
-        auto = (
-            f"--attention auto runs DSA from {where[0]:,} tokens with k up to {where[1]:.1%} of the prompt"
-            if where
-            else "--attention auto stays dense (DSA measured slower on such CPUs)"
-        )
-        report.add(
-            "caches",
-            "cpu-dsa-kernels",
-            "ok",
-            f"compiled CPU kernels for sparse attention build and load ({flavour}); {auto}",
-        )
-    else:
+    backend = resolve_backend("cpu", default_dtype("cpu"))
+    if backend.name == "torch":
         report.add(
             "caches",
             "cpu-dsa-kernels",
@@ -151,6 +133,23 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
             " sparse attention on the CPU runs its slower PyTorch path, --attention auto stays dense",
             "install g++ with OpenMP (apt install g++), or point $CXX at a C++ compiler",
         )
+        return
+    flavour = {
+        "cpu-amx": "bf16 on AMX, and bf16 decode steps' weight products",
+        "cpu-bf16": "bf16 on AVX512-BF16, and bf16 decode steps' weight products",
+    }.get(backend.name, "float32")
+    where = sparse_faster_range(backend.name)
+    auto = (
+        f"--attention auto runs DSA from {where[0]:,} tokens with k up to {where[1]:.1%} of the prompt"
+        if where
+        else "--attention auto stays dense (DSA measured slower on such CPUs)"
+    )
+    report.add(
+        "caches",
+        "cpu-dsa-kernels",
+        "ok",
+        f"compiled CPU kernels for sparse attention build and load (backend {backend.name}: {flavour}); {auto}",
+    )
 
 
 def _registry_names() -> set[str]:

@@ -10,9 +10,9 @@ import pytest
 
 from dsarag.base.errors import EXIT_BAD_INPUT
 from dsarag.corpora.demo_corpus import DEMO_DOCS
+from dsarag.indexer_model.attention_policy import TOPK_MAX, TOPK_MIN, topk_budget
 from dsarag.rag.agent import MAX_ATTEMPTS, AgentContext, build_graph, run_agent
 from dsarag.rag.ask import AskOptions, ask
-from dsarag.rag.budget import TOPK_MAX, TOPK_MIN, topk_budget
 from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.fusion import RRF_K, reciprocal_rank_fusion
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding

@@ -4,14 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsarag.indexer_model.dsa import (
-    DSAConfig,
-    dsa_attention,
-    masked_dense_attention_reference,
-    sparse_attention,
-)
-from dsarag.indexer_model.indexer import select_topk
+from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
 from dsarag.kernels import cpu_dsa
+from dsarag.kernels.backend import resolve_backend
+from dsarag.kernels.torch_dsa import masked_dense_attention_reference, select_topk, sparse_attention
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 14, 2, 16  # the 0.5B model's GQA ratio, small head dim
 
@@ -131,9 +127,11 @@ CPU_PATHS = [
 def test_dsa_attention_sparse_path_attends_to_the_selected_keys(kernels, select):
     q, k, v = random_qkv(seq_len=40, n_keys=40)
     idx_q, idx_w, idx_k = random_index_inputs(40)
-    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=16, kernels=kernels)
+    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=16)
     positions = torch.arange(40)
-    out = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys=40, cfg=cfg)
+    out = dsa_attention(
+        q, k, v, idx_q, idx_w, idx_k, positions, 40, cfg, resolve_backend("cpu", q.dtype, kernels)
+    )
     indices = select(idx_q, idx_w, idx_k, positions, 40, topk=10, n_sink=2, window=3)
     torch.testing.assert_close(out, masked_dense_attention_reference(q, k, v, indices, HEAD_DIM**-0.5))
     # Queries with at most topk keys see all of them: exactly dense there.
@@ -146,11 +144,12 @@ def test_dsa_attention_prefill_chunk_straddling_topk_matches_the_selected_keys(k
     """A chunk whose first queries see fewer than k keys (run dense) and whose later ones select (sparse)."""
     q, k, v = random_qkv(seq_len=40, n_keys=40)
     idx_q, idx_w, idx_k = random_index_inputs(40)
-    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=0, kernels=kernels)
+    cfg = DSAConfig(topk=10, n_sink=2, window=3, dense_threshold=0)
     chunk, positions = slice(6, 40), torch.arange(6, 40)
     out = dsa_attention(
-        q[:, :, chunk], k, v, idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, n_keys=40, cfg=cfg
-    )
+        q[:, :, chunk], k, v, idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, 40, cfg,
+        resolve_backend("cpu", q.dtype, kernels),
+    )  # fmt: skip
     indices = select(idx_q[:, chunk], idx_w[:, chunk], idx_k, positions, 40, topk=10, n_sink=2, window=3)
     expected = masked_dense_attention_reference(q[:, :, chunk], k, v, indices, HEAD_DIM**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

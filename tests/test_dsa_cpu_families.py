@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from dsarag.indexer_model.cpu_families import capture, time_families
 from dsarag.kernels import cpu_dsa
-from dsarag.kernels.cpu_families import capture, time_families
 
 
 @pytest.mark.needs_compiler

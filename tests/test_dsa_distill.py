@@ -13,7 +13,8 @@ from dsarag.indexer_model.distill import (
     indexer_kl_loss_sparse,
     topk_attention_mass_recall,
 )
-from dsarag.indexer_model.indexer import LightningIndexer, index_scores, select_topk
+from dsarag.indexer_model.indexer import LightningIndexer
+from dsarag.kernels.torch_dsa import index_scores, select_topk
 
 
 def main_qk(seq_len: int, q_heads: int = 6, kv_heads: int = 2, dim: int = 8, seed: int = 0):

@@ -10,15 +10,11 @@ import torch.nn.functional as F
 from dsarag.base.errors import BadInputError
 from dsarag.indexer_model.checkpoint import load_checkpoint
 from dsarag.indexer_model.distill import blockwise_indexer_kl_loss, dense_attention_target
-from dsarag.indexer_model.dsa import (
-    DSAConfig,
-    dsa_attention,
-    masked_dense_attention_reference,
-    sparse_attention,
-)
+from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
 from dsarag.indexer_model.indexer import LightningIndexer, select_topk_sets
 from dsarag.indexer_model.train import attention_mass_recall, load_frozen_model, widen_to_sets
 from dsarag.kernels.sparse_attention import sparse_attention_decode, sparse_attention_prefill
+from dsarag.kernels.torch_dsa import masked_dense_attention_reference, sparse_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, DIM = 6, 2, 16
@@ -93,10 +89,10 @@ def test_dsa_attention_with_sets_selects_per_group_and_is_exact_when_k_covers_th
     indexer = LightningIndexer(dim=16, rope_base=1e4, n_heads=2, head_dim=8, index_sets=KV_HEADS)
     positions = torch.arange(24)
     idx_q, idx_w, idx_k = indexer.project(torch.randn(2, 24, 16), positions)
-    exact = DSAConfig(topk=24, n_sink=1, window=2, dense_threshold=0, kernels="torch")
+    exact = DSAConfig(topk=24, n_sink=1, window=2, dense_threshold=0)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, 24, exact), want)
-    small = DSAConfig(topk=8, n_sink=1, window=2, dense_threshold=0, kernels="torch")
+    small = DSAConfig(topk=8, n_sink=1, window=2, dense_threshold=0)
     got = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, 24, small)
     sets = select_topk_sets(idx_q, idx_w, idx_k, positions, 24, 8, n_sink=1, window=2)
     assert sets.shape == (2, KV_HEADS, 24, 8) and not torch.equal(sets[:, 0], sets[:, 1])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dsarag.indexer_model.indexer import LightningIndexer, index_scores, rope_cos_sin, select_topk
+from dsarag.indexer_model.indexer import LightningIndexer, rope_cos_sin
+from dsarag.kernels.torch_dsa import index_scores, select_topk
 
 
 def random_index_inputs(seq_len: int, batch: int = 2, heads: int = 3, dim: int = 8, seed: int = 0):

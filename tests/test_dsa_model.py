@@ -12,22 +12,14 @@ import torch
 
 from dsarag.base.errors import ModelError
 from dsarag.evals.niah import greedy_continue
-from dsarag.indexer_model import generate as generate_module
-from dsarag.indexer_model import model as model_module
-from dsarag.indexer_model import weights
+from dsarag.indexer_model import attention_policy, weights
+from dsarag.indexer_model.attention_policy import AUTO_DENSE_TAIL, auto_dsa, choose_attention
 from dsarag.indexer_model.checkpoint import load_checkpoint
 from dsarag.indexer_model.dsa import DSAConfig
-from dsarag.indexer_model.generate import (
-    AUTO_DENSE_TAIL,
-    auto_dsa,
-    choose_attention,
-    decode_one_token,
-    generate,
-    load_generator,
-    prefill,
-)
+from dsarag.indexer_model.generate import decode_one_token, generate, load_generator, prefill
 from dsarag.indexer_model.train import TrainConfig, attention_mass_recall, make_indexers
 from dsarag.kernels import cpu_dsa
+from dsarag.kernels.backend import TORCH, resolve_backend
 from dsarag.rag.doctor import DoctorReport, _check_cpu_kernels
 
 TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
@@ -44,17 +36,19 @@ def long_prompt(tiny) -> list[int]:
     return tiny.tokenizer.encode(text)[:320]
 
 
-def count_projections(monkeypatch, indexer) -> list[int]:
+def count_projections(monkeypatch, model, indexer) -> list[int]:
     """Tokens per index projection of `indexer`, in PyTorch calls or in the compiled decode-step kernel."""
     projected = []
-    project = model_module.project_index
+    backend = model.attention_backend()
 
-    def counted(layer_indexer, x, *args):
+    def counted(layer_indexer, x, positions):
         if layer_indexer is indexer:
             projected.append(x.shape[1])
-        return project(layer_indexer, x, *args)
+        return backend.project_index(layer_indexer, x, positions)
 
-    monkeypatch.setattr(model_module, "project_index", counted)
+    counting = dataclasses.replace(backend, project_index=counted)
+    for layer in model.layers:
+        monkeypatch.setattr(layer.attention, "backend", counting)
     return projected
 
 
@@ -76,7 +70,7 @@ def test_dsa_with_k_covering_the_context_generates_exactly_the_dense_tokens(tiny
 
 @pytest.mark.slow
 def test_a_sparse_prefill_can_decode_densely_without_the_indexer(tiny, long_prompt, monkeypatch):
-    projected = count_projections(monkeypatch, tiny.model.layers[0].attention.indexer)
+    projected = count_projections(monkeypatch, tiny.model, tiny.model.layers[0].attention.indexer)
     prompt = long_prompt[:300]
     runs = {}
     for sparse_decode in (False, True):
@@ -160,7 +154,7 @@ def test_sparse_prefill_and_decode_logits_stay_close_to_dense_at_small_k(tiny, l
 @pytest.mark.slow
 def test_dense_steps_skip_the_indexer_and_a_sparse_step_after_them_is_refused(tiny, long_prompt, monkeypatch):
     model, sparse = tiny.model, DSAConfig(topk=128, dense_threshold=0)
-    calls = count_projections(monkeypatch, model.layers[0].attention.indexer)
+    calls = count_projections(monkeypatch, model, model.layers[0].attention.indexer)
     prompt, positions = torch.tensor([long_prompt[:200]]), torch.arange(200)
     with torch.inference_mode():
         model.clear_caches()
@@ -203,7 +197,7 @@ def compiled_and_pytorch_step(
 @pytest.mark.slow
 @pytest.mark.needs_compiler
 def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long_prompt, monkeypatch):
-    dsa = DSAConfig(topk=128, dense_threshold=0, kernels="native")
+    dsa = DSAConfig(topk=128, dense_threshold=0)
     steps, counts = compiled_and_pytorch_step(
         tiny, long_prompt, monkeypatch, "index_projection", "projects_natively", dsa
     )
@@ -235,7 +229,7 @@ def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0, kernels="triton")])
+@pytest.mark.parametrize("dsa", [None, DSAConfig(topk=128, dense_threshold=0)])
 def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa):
     """The step a CUDA graph captures (whole cache masked by a device position, no host sync) computes what
     the eager step computes; DSA runs the Triton kernels (under the interpreter on the CPU)."""
@@ -247,9 +241,10 @@ def test_a_whole_cache_decode_step_matches_the_eager_step(tiny, long_prompt, dsa
         model.clear_caches()
         model.setup_caches(1, n + 40)  # cache slots past the step hold zeros the mask must hide
         # The prefill runs the PyTorch path (the interpreted kernels would take minutes); it fills the same caches.
-        model(
-            prompt, torch.arange(n), dsa=dsa and DSAConfig(topk=dsa.topk, dense_threshold=0, kernels="torch")
-        )
+        model.use_backend(TORCH)
+        model(prompt, torch.arange(n), dsa=dsa)
+        if dsa is not None:
+            model.use_backend(resolve_backend("cpu", torch.float32, "triton"))
         eager = model(token, position, dsa=dsa).float()
         whole = model(token, position, dsa=dsa, whole_cache=True).float()
     model.clear_caches()
@@ -304,38 +299,52 @@ def test_checkpoint_with_another_rope_layout_is_refused(tmp_path, tiny):
 
 
 def test_attention_modes_pick_dense_or_sparse_as_documented(monkeypatch):
-    assert choose_attention("dense", 10_000, None, True) is None
-    # auto: DSA where it was measured faster on the device's path: long enough prompts, small enough k.
-    monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu", (8_192, 1 / 8))
-    monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())  # the compiled CPU kernels build here
-    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.float32)  # and the model runs in fp32
-    assert choose_attention("auto", 8_000, 512, True) is None  # below where DSA pays
-    assert choose_attention("auto", 1_000, None, True) is None  # below the dense threshold
-    assert choose_attention("auto", 10_000, 512, False) is None  # no trained indexer
-    auto = choose_attention("auto", 10_000, 512, True)
+    assert choose_attention("dense", 10_000, None, True, "cpu-fp32") is None
+    # auto: DSA where it was measured faster on the backend: long enough prompts, small enough k.
+    monkeypatch.setitem(attention_policy.SPARSE_FASTER, "cpu-fp32", (8_192, 1 / 8))
+    assert choose_attention("auto", 8_000, 512, True, "cpu-fp32") is None  # below where DSA pays
+    assert choose_attention("auto", 1_000, None, True, "cpu-fp32") is None  # below the dense threshold
+    assert choose_attention("auto", 10_000, 512, False, "cpu-fp32") is None  # no trained indexer
+    auto = choose_attention("auto", 10_000, 512, True, "cpu-fp32")
     assert auto.topk == 512 and not auto.sparse_decode  # a DSA decode step is slower: dense over the cache
     assert auto.dense_tail == AUTO_DENSE_TAIL  # and the question reads the whole context
-    assert choose_attention("auto", 10_000, None, True) is None  # k = 2048: a fifth of the prompt, no faster
-    assert choose_attention("auto", 16_384, None, True).topk == 2048
-    assert choose_attention("auto", 10_000, 20_000, True) is None  # k covers the context: exactly dense
-    assert choose_attention("auto", 20_000, None, True, "cuda") is None  # slower at every length measured
-    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.bfloat16)  # a bf16 CPU
-    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)  # without AMX: the AVX512-BF16 kernels, from 4K
-    assert choose_attention("auto", 16_384, None, True).topk == 2048  # an eighth
-    assert choose_attention("auto", 4_096, 512, True).topk == 512  # the agent's smallest k
-    assert choose_attention("auto", 4_000, 512, True) is None
-    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)  # with AMX: the bf16 kernels, k up to 3/32
-    assert choose_attention("auto", 16_384, None, True) is None  # k = 2048: an eighth, no faster
-    assert choose_attention("auto", 16_384, 1536, True).topk == 1536
-    assert choose_attention("auto", 8_192, 737, True).topk == 737  # the agent's largest k at 8K (9 %)
-    monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler: the slower PyTorch path
-    assert choose_attention("auto", 16_384, None, True) is None
-    forced = choose_attention("sparse", 600, None, True)
+    assert choose_attention("auto", 10_000, None, True, "cpu-fp32") is None  # k = 2048: a fifth, no faster
+    assert choose_attention("auto", 16_384, None, True, "cpu-fp32").topk == 2048
+    assert choose_attention("auto", 10_000, 20_000, True, "cpu-fp32") is None  # k covers the context: dense
+    assert choose_attention("auto", 20_000, None, True, "triton") is None  # slower at every length measured
+    # The AVX512-BF16 kernels pay from 4K at k up to an eighth; with AMX from 8K, k up to 3/32.
+    assert choose_attention("auto", 16_384, None, True, "cpu-bf16").topk == 2048
+    assert choose_attention("auto", 4_096, 512, True, "cpu-bf16").topk == 512  # the agent's smallest k
+    assert choose_attention("auto", 4_000, 512, True, "cpu-bf16") is None
+    assert choose_attention("auto", 16_384, None, True, "cpu-amx") is None  # k = 2048: an eighth, no faster
+    assert choose_attention("auto", 16_384, 1536, True, "cpu-amx").topk == 1536
+    assert choose_attention("auto", 8_192, 737, True, "cpu-amx").topk == 737  # the agent's largest k at 8K
+    assert choose_attention("auto", 16_384, None, True, "torch") is None  # no compiler: the PyTorch path
+    forced = choose_attention("sparse", 600, None, True, "torch")
     assert (
         forced.topk < 600 and forced.dense_threshold == 0 and forced.sparse_decode and not forced.dense_tail
     )
     with pytest.raises(ModelError, match="indexer"):
-        choose_attention("sparse", 600, None, False)
+        choose_attention("sparse", 600, None, False, "torch")
+
+
+def test_the_backend_is_named_for_the_kernels_that_run(monkeypatch):
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())  # the compiled CPU kernels build here
+    monkeypatch.setattr(cpu_dsa, "avx512_bf16_ready", lambda: True)
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)
+    assert resolve_backend("cpu", torch.float32).name == "cpu-fp32"
+    bf16 = resolve_backend("cpu", torch.bfloat16)
+    assert bf16.name == "cpu-bf16" and bf16.linear is cpu_dsa.linear  # and a decode step's products compiled
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: True)
+    assert resolve_backend("cpu", torch.bfloat16).name == "cpu-amx"
+    assert resolve_backend("cpu", torch.bfloat16, "torch") is TORCH
+    assert resolve_backend("cpu", torch.float32, "triton").name == "triton"  # the interpreter, off the GPU
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: None)  # no compiler
+    assert resolve_backend("cpu", torch.bfloat16) is TORCH
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        resolve_backend("cpu", torch.bfloat16, "native")
+    with pytest.raises(ValueError, match="kernels 'fast'"):
+        resolve_backend("cpu", torch.bfloat16, "fast")
 
 
 def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
@@ -348,18 +357,21 @@ def test_doctor_says_where_auto_runs_sparse_attention_on_this_cpu(monkeypatch):
         _check_cpu_kernels(report)
         return report.checks[0].detail
 
-    assert "(float32); --attention auto runs DSA from 8,192 tokens with k up to 12.5%" in kernels_detail(
-        torch.float32, False
+    assert (
+        "(backend cpu-fp32: float32); --attention auto runs DSA from 8,192 tokens with k up to 12.5%"
+        in kernels_detail(torch.float32, False)
     )
     assert (
-        "(bf16 on AMX, and bf16 decode steps' weight products); --attention auto runs DSA from 8,192 tokens with k"
+        "(backend cpu-amx: bf16 on AMX, and bf16 decode steps' weight products); --attention auto runs DSA from 8,192"
+        " tokens with k"
         " up to 9.4%" in kernels_detail(torch.bfloat16, True)
     )
     assert (
-        "(bf16 on AVX512-BF16, and bf16 decode steps' weight products); --attention auto runs DSA from 4,096 tokens with k up to"
+        "(backend cpu-bf16: bf16 on AVX512-BF16, and bf16 decode steps' weight products); --attention auto runs DSA"
+        " from 4,096 tokens with k up to"
         " 12.5%" in kernels_detail(torch.bfloat16, False)
     )
-    monkeypatch.setitem(generate_module.SPARSE_FASTER, "cpu-bf16", None)  # a path where DSA never paid
+    monkeypatch.setitem(attention_policy.SPARSE_FASTER, "cpu-bf16", None)  # a path where DSA never paid
     assert "auto stays dense" in kernels_detail(torch.bfloat16, False)
 
 

@@ -16,7 +16,6 @@ from dsarag.indexer_model.checkpoint import (
     weights_fingerprint,
 )
 from dsarag.indexer_model.dsa import DSAConfig
-from dsarag.indexer_model.indexer import index_scores
 from dsarag.indexer_model.train import (
     TrainConfig,
     _query_rows,
@@ -28,6 +27,7 @@ from dsarag.indexer_model.train import (
     make_indexers,
     train_indexers,
 )
+from dsarag.kernels.torch_dsa import index_scores
 
 
 def test_query_rows_are_a_sorted_random_subset_and_zero_means_all():

@@ -6,9 +6,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from dsarag.indexer_model.dsa import DSAConfig, dsa_attention, masked_dense_attention_reference
-from dsarag.indexer_model.indexer import LightningIndexer, select_topk
+from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
+from dsarag.indexer_model.indexer import LightningIndexer
 from dsarag.kernels import cpu_dsa
+from dsarag.kernels.backend import TORCH, resolve_backend
+from dsarag.kernels.torch_dsa import masked_dense_attention_reference, select_topk
 
 
 def index_inputs(n_keys: int, n_heads: int = 4, dim: int = 64, seed: int = 0):
@@ -116,7 +118,8 @@ def test_dsa_attention_native_equals_torch_path():
             idx_k,
             positions,
             n_keys,
-            DSAConfig(topk=96, n_sink=4, window=16, dense_threshold=0, kernels=kernels),
+            DSAConfig(topk=96, n_sink=4, window=16, dense_threshold=0),
+            resolve_backend("cpu", q.dtype, kernels),
         )  # fmt: skip
         for kernels in ("native", "torch")
     }
@@ -164,13 +167,11 @@ def test_without_a_compiler_the_torch_path_runs(monkeypatch):
         kv = torch.randn(1, 1, 100, 16)
         idx_q, idx_w, idx_k = (x[..., :16] for x in index_inputs(100, dim=16))
         args = (q, kv, kv, idx_q, idx_w, idx_k, torch.arange(100), 100)
-        auto = dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0))
-        torch_path = dsa_attention(
-            *args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0, kernels="torch")
-        )
-        assert torch.equal(auto, torch_path)
+        auto = resolve_backend("cpu", torch.float32)
+        assert auto is TORCH
+        dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0), auto)
         with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
-            dsa_attention(*args, DSAConfig(topk=40, n_sink=2, window=8, dense_threshold=0, kernels="native"))
+            resolve_backend("cpu", torch.float32, "native")
     finally:
         cpu_dsa.native_library.cache_clear()
 
@@ -301,9 +302,9 @@ def test_dsa_layer_in_bf16_runs_the_bf16_kernels_like_the_torch_path(bf16_kernel
     idx_k = idx_k.bfloat16()
     cfg = dict(topk=96, n_sink=4, window=16, dense_threshold=0)
     args = (q, k_cache, v_cache, idx_q, idx_w, idx_k, torch.arange(n_keys), n_keys)
-    native = dsa_attention(*args, DSAConfig(**cfg, kernels="native"))
+    native = dsa_attention(*args, DSAConfig(**cfg), resolve_backend("cpu", torch.bfloat16, "native"))
     assert bf16_kernels.calls[bf16_kernels.selection] == bf16_kernels.calls[bf16_kernels.attention] == 1
-    torch_path = dsa_attention(*args, DSAConfig(**cfg, kernels="torch"))
+    torch_path = dsa_attention(*args, DSAConfig(**cfg), TORCH)
     torch.testing.assert_close(native.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from dsarag.indexer_model.indexer import select_topk as select_topk_torch
 from dsarag.kernels.indexer import (
     index_scores,
     index_scores_reference,
@@ -12,6 +11,7 @@ from dsarag.kernels.indexer import (
     topk_select,
     topk_select_reference,
 )
+from dsarag.kernels.torch_dsa import select_topk as select_topk_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

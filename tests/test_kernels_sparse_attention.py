@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from dsarag.indexer_model.dsa import masked_dense_attention_reference
-from dsarag.indexer_model.dsa import sparse_attention as sparse_attention_torch
 from dsarag.kernels.sparse_attention import (
     dense_attention_decode,
     merge_partials,
     sparse_attention_decode,
     sparse_attention_prefill,
 )
+from dsarag.kernels.torch_dsa import masked_dense_attention_reference
+from dsarag.kernels.torch_dsa import sparse_attention as sparse_attention_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,8 +98,9 @@ def test_merge_partials_equals_softmax_over_the_union():
 # 48 new positions: a prefill, seconds in the Triton interpreter
 @pytest.mark.parametrize("n_new", [pytest.param(48, marks=pytest.mark.slow), 1])
 def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
-    """The model's one switch: DSAConfig(kernels=...) picks Triton or PyTorch; prefill chunk and decode agree."""
+    """The model's one switch, its AttentionBackend, picks Triton or PyTorch; prefill chunk and decode agree."""
     from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
+    from dsarag.kernels.backend import resolve_backend
 
     generator = torch.Generator().manual_seed(5)
     n_keys, heads, kv_heads, dim = 96, 6, 2, 16
@@ -119,6 +120,7 @@ def test_dsa_attention_triton_path_equals_the_torch_path(n_new, index_sets):
     positions = torch.arange(n_keys - n_new, n_keys, device=DEVICE)
     outputs = {}
     for kernels in ("torch", "triton"):
-        cfg = DSAConfig(topk=24, n_sink=2, window=4, dense_threshold=32, kernels=kernels)
-        outputs[kernels] = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys, cfg)
+        cfg = DSAConfig(topk=24, n_sink=2, window=4, dense_threshold=32)
+        backend = resolve_backend(DEVICE, torch.float32, kernels)
+        outputs[kernels] = dsa_attention(q, k, v, idx_q, idx_w, idx_k, positions, n_keys, cfg, backend)
     torch.testing.assert_close(outputs["triton"], outputs["torch"], **tolerance_for(torch.float32))

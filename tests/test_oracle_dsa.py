@@ -1,18 +1,16 @@
 """The oracle selection that bounds what a perfect indexer could keep (indexer_model/oracle.py)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-import dsarag.indexer_model.model as model_module
-from dsarag.indexer_model.dsa import (
-    DSAConfig,
-    dense_attention,
-    dsa_attention,
-    masked_dense_attention_reference,
-)
+from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention
 from dsarag.indexer_model.indexer import LightningIndexer
 from dsarag.indexer_model.model import Transformer
-from dsarag.indexer_model.oracle import oracle_dsa_attention, oracle_selection, oracle_topk
+from dsarag.indexer_model.oracle import oracle_selection, oracle_topk
+from dsarag.kernels.backend import TORCH
+from dsarag.kernels.torch_dsa import masked_dense_attention_reference
 
 
 def naive_oracle(q, k, t, topk, n_sink, window):
@@ -38,18 +36,19 @@ def test_oracle_topk_is_the_forced_keys_plus_the_most_attended_past_keys():
         assert len(chosen) == min(t + 1, 12)  # every slot used once a query sees k keys; -1 before
 
 
-def test_oracle_attention_reads_only_its_selection_and_falls_back_to_dense_when_short():
+def test_a_custom_selection_replaces_the_indexer_and_falls_back_to_dense_when_short():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     positions, cfg = torch.arange(64), DSAConfig(topk=20, n_sink=2, window=4, dense_threshold=0)
     no_indexer = (None, None, None)
-    out = oracle_dsa_attention(q, k, v, *no_indexer, positions, 64, cfg)
+    oracle = replace(TORCH, selection=oracle_topk)
+    out = dsa_attention(q, k, v, *no_indexer, positions, 64, cfg, oracle)
     indices = oracle_topk(q, k, positions, 20, 2, 4)
     reference = masked_dense_attention_reference(q, k, v, indices, 16**-0.5)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     dense = dense_attention(q, k, v, positions)
     assert (out - dense).abs().max() > 1e-3  # a real selection: later queries skip keys
-    short = oracle_dsa_attention(q, k, v, *no_indexer, positions, 64, DSAConfig(topk=64, dense_threshold=0))
+    short = dsa_attention(q, k, v, *no_indexer, positions, 64, DSAConfig(topk=64, dense_threshold=0), oracle)
     torch.testing.assert_close(short, dense)
 
 
@@ -70,11 +69,13 @@ def test_oracle_selection_switches_the_model_and_restores_it(small_model_args):
         return model(prompt, torch.arange(200), last_logits_only=False, dsa=dsa)
 
     trained, dense = logits(), model(prompt, torch.arange(200), last_logits_only=False)
-    with oracle_selection():
+    kernels = model.attention_backend()
+    with oracle_selection(model):
+        assert model.layers[0].attention.backend.selection is oracle_topk
         oracle = logits()
-    assert model_module.dsa_attention is dsa_attention
+    assert model.backend is kernels and model.layers[1].attention.backend is kernels
     # The untrained indexer picks near-random keys; the oracle keeps the keys dense attention weighs most.
     assert (oracle - dense).abs().mean() < (trained - dense).abs().mean()
-    with pytest.raises(RuntimeError), oracle_selection():
+    with pytest.raises(RuntimeError), oracle_selection(model):
         raise RuntimeError("a failing measurement")
-    assert model_module.dsa_attention is dsa_attention
+    assert model.backend is kernels

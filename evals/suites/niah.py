@@ -18,8 +18,9 @@ from dsarag.evals.datasets import folder_text, synthetic_text
 from dsarag.evals.niah import NiahCase, answer_case, build_case, is_correct
 from dsarag.evals.report import heatmaps
 from dsarag.evals.run import SuiteResult, SuiteRun, timed
+from dsarag.indexer_model.attention_policy import auto_dsa
 from dsarag.indexer_model.dsa import DSAConfig
-from dsarag.indexer_model.generate import Generator, auto_dsa
+from dsarag.indexer_model.generate import Generator
 from dsarag.rag.cost import ModelShape, prefill_cost
 
 NAME = "niah"

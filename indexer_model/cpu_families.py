@@ -1,11 +1,12 @@
 """The compiled CPU kernels' families (AMX, AVX512-BF16, float32) timed side by side on one layer's real DSA
 inputs: `capture` saves them from a prefill of the default model, `time_families` times the selection and the
 gather attention on each family this CPU runs. Real selections matter: neighbouring queries share keys, unlike
-random ones. `benchmarks/dsa_cpu_families.py` is the command line (docs/benchmarks.md, session 28).
+random ones. `benchmarks/dsa_cpu_families.py` is the command line (docs/benchmarks.md).
 """
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def capture(heldout: np.ndarray, length: int, layer: int, topk: int, out: Path) 
     positions = torch.arange(length)
     cfg = DSAConfig(topk=topk)
 
-    def save(module, args):
+    def save(module: torch.nn.Module, args: tuple) -> None:
         x, rope = args[:2]
         q, k, v = module.project(x, rope)
         idx_q, idx_w, idx_k = module.indexer.project(x, positions)
@@ -61,7 +62,7 @@ def capture(heldout: np.ndarray, length: int, layer: int, topk: int, out: Path) 
         print(f"{out}: layer {layer}'s inputs at {length} tokens, k = {topk}", file=sys.stderr)
 
 
-def best_seconds(run, repeats: int = 3) -> float:
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     run()  # the first call of a shape pays one-off allocations and thread start-up
     times = []
     for _ in range(repeats):
