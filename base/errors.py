@@ -11,6 +11,7 @@ EXIT_PARTIAL_INGEST = 6  # ingest committed what it could, but some files failed
 # 7 is `dsarag eval`'s: a metric missed its threshold (evals/run.py)
 EXIT_LOCKED = 8  # another writer holds the store's lock past --lock-timeout
 EXIT_ENVIRONMENT = 9  # doctor: too little free disk, or a cache/data folder that cannot be written
+EXIT_SERVER = 10  # serve: the port is taken or cannot be bound; ask: the server failed mid-answer
 
 
 class DsaragError(Exception):
@@ -37,3 +38,7 @@ class StoreError(DsaragError):
 
 class ModelError(DsaragError):
     exit_code = EXIT_MODEL
+
+
+class ServerError(DsaragError):
+    exit_code = EXIT_SERVER

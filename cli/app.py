@@ -15,6 +15,7 @@ from dsarag.cli.doctor_cmd import doctor
 from dsarag.cli.eval_cmd import eval_app
 from dsarag.cli.indexer_cmd import indexer_app
 from dsarag.cli.models_cmd import models_app
+from dsarag.cli.serve_cmd import serve
 
 app = typer.Typer(
     name="dsarag",
@@ -31,6 +32,7 @@ app.add_typer(cost_app, name="cost")
 app.add_typer(eval_app, name="eval")
 app.command("bench")(bench)
 app.command("doctor")(doctor)
+app.command("serve")(serve)
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -241,13 +243,19 @@ def ask(
         float | None,
         typer.Option("--price-per-hour", help=f"GPU $/hour of the cost meter (env {PRICE_ENV}, default 2)."),
     ] = None,
+    no_server: Annotated[
+        bool,
+        typer.Option(
+            "--no-server", help="Answer in this process even when a `dsarag serve` with the model runs."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Answer QUESTION from your documents, with numbered citations (the agent decides whether and how to
-    retrieve; see `dsarag graph`)."""
-    from dsarag.rag.ask import AskOptions
-    from dsarag.rag.ask import ask as run_ask
+    retrieve; see `dsarag graph`). A running `dsarag serve` with the same model answers it, warm."""
+    from dsarag.rag.ask_options import AskOptions
     from dsarag.rag.config import resolve_store
+    from dsarag.rag.server_client import ask_anywhere
 
     # Without --store and --docs only --strategy none can answer; rag/ask.py says so otherwise.
     store_folder = None if store is None and docs is None else resolve_store(store, docs)
@@ -269,10 +277,10 @@ def ask(
         price_per_hour=gpu_price(price_per_hour),
     )
     if as_json:
-        result = run_ask(options, console=stderr)
+        result, server = ask_anywhere(options, not no_server, stderr)
         if show_trace:
             _render_trace(result.trace)
-        _print_json(result.to_json())
+        _print_json(result.to_json() | {"server": server})
         return
 
     def write(text: str) -> None:
@@ -286,7 +294,9 @@ def ask(
         )
 
     # A terminal sees the answer as it is written; a pipe gets only the final answer.
-    result = run_ask(options, console=stderr, on_text=write, stream=sys.stdout.isatty(), on_retry=retrying)
+    result, server = ask_anywhere(
+        options, not no_server, stderr, on_text=write, stream=sys.stdout.isatty(), on_retry=retrying
+    )
     if show_trace:
         _render_trace(result.trace)
     sys.stdout.write("\n\n")
@@ -300,7 +310,8 @@ def ask(
         mode += f", last {result.attention_dense_tail} prompt tokens dense"
     if result.attention_decode != result.attention:
         mode += f", decode {result.attention_decode}"
-    stderr.print(f"[dim]{result.model} · {mode} · {timing}[/]")
+    served = f" · server {server}" if server else ""
+    stderr.print(f"[dim]{result.model} · {mode} · {timing}{served}[/]", highlight=False)
     render_cost(result.cost)
 
 

@@ -2,13 +2,13 @@
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from dsarag.base.errors import BadInputError
+from dsarag.rag.ask_options import AskOptions, AskResult
 from dsarag.rag.cost import GpuSpec, ModelShape, meter_answer, peak_memory_mb, token_overlap
 from dsarag.rag.cost_ledger import append_row, ledger_row
 from dsarag.rag.embed import Embedder, load_embedder
@@ -21,57 +21,11 @@ from dsarag.rag.store import ChunkStore
 
 if TYPE_CHECKING:
     from dsarag.indexer_model.generate import GenerationResult, Generator
+    from dsarag.rag.warm_models import WarmModels
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
 STRATEGY_CHOICES = (*STRATEGIES, "none")
 READERS = ("auto", "span", "free")  # how the sources are read: rag/reader.py reading_mode
-
-
-@dataclass
-class AskOptions:
-    question: str
-    store: Path | None  # None only with strategy "none": the model answers alone
-    docs: Path | None = None
-    model: str | None = None
-    chunks: int = 6  # chunks to retrieve (--chunks)
-    context_tokens: int = 3072
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    attention: str = "auto"  # dense | sparse | auto
-    attention_topk: int | None = None  # DSA top-k; None: from the task's complexity (attention_policy.py)
-    strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
-    critical: bool = False  # always dense attention
-    reader: str = "auto"  # one of READERS: how the sources are read (rag/reader.py reading_mode)
-    compare_dense: bool = False  # also answer in the other attention mode and compare (rag/cost.py)
-    price_per_hour: float = 2.0  # GPU $/hour of the cost meter
-    record_cost: bool = True  # append the cost meter's row to the ledger (rag/cost_ledger.py)
-
-
-@dataclass
-class AskResult:
-    question: str
-    answer: str
-    sources: list[dict]
-    model: str
-    attention: str
-    attention_topk: int | None
-    timings: dict[str, float]
-    tokens: dict[str, int]
-    attention_layer_topk: list[int] | None = None  # per-layer k, when the indexer checkpoint spreads k
-    attention_decode: str = "dense"  # the decode steps' attention (auto: dense after a sparse prefill)
-    attention_dense_tail: int = 0  # the prompt's last positions that attended densely (auto: the question)
-    ingest: dict | None = None
-    extra: dict = field(default_factory=dict)
-    strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
-    answerable: bool | None = None  # False: the reader found no answer in the sources and declined
-    answerability: float | None = None  # the reader's log-odds of answering against declining
-    short_answer: str | None = None  # the constrained reader's answer alone (a span of a source, yes, no)
-    citations: list[dict] = field(default_factory=list)  # each [n]: by model | reader | tool, and verified
-    trace: list[dict] = field(default_factory=list)  # every node's decision and reason, in order
-    cost: dict = field(default_factory=dict)  # the cost meter: sparse vs dense, measured and analytic
-
-    def to_json(self) -> dict:
-        return dict(vars(self))
 
 
 class AnswerStream:
@@ -101,12 +55,14 @@ def ask(
     on_text: Callable[[str], None] | None = None,
     stream: bool = False,
     on_retry: Callable[[str], None] | None = None,
+    warm: "WarmModels | None" = None,
 ) -> AskResult:
     """Answer one question over the store (ingesting `docs` first when the store is missing or stale).
 
     `on_text` gets the final answer once; with `stream`, it gets each attempt's text as it is generated
     instead (the agent's check may retry an unsupported answer: `on_retry` is told why before the next
-    attempt streams), then what the check added to the last one."""
+    attempt streams), then what the check added to the last one. `warm` (dsarag serve) supplies loaded
+    models and open stores; its generator is the one `options.model` names."""
     from dsarag.indexer_model.attention_policy import min_attention_topk
 
     question = options.question.strip()
@@ -134,7 +90,7 @@ def ask(
     report: IngestReport | None = None
     retriever = None
     if options.store is not None:
-        embedder = load_embedder()
+        embedder = warm.embedder if warm is not None else load_embedder()
         store = ChunkStore(options.store)
         if options.docs is not None:
             report = refresh_store(options.docs, store, embedder, console)
@@ -143,10 +99,10 @@ def ask(
         started = time.perf_counter()
         _ = embedder.model  # loaded here unless the ingest above needed it already
         timings["load_embedder_s"] = time.perf_counter() - started
-        retriever = Retriever(store, embedder)
+        retriever = warm.retriever(store) if warm is not None else Retriever(store, embedder)
 
     started = time.perf_counter()
-    generator = load_generator(options.model)
+    generator = warm.generator if warm is not None else load_generator(options.model)
     timings["load_model_s"] = time.perf_counter() - started
 
     streaming = AnswerStream(on_text, on_retry) if stream and on_text is not None else None
