@@ -1,6 +1,7 @@
 """GPU benchmark of the DSA kernels against the fastest dense attention on the card, side by side in one run.
 
     python benchmarks/dsa_kernels.py --out results.json [--lengths 8192,32768,...] [--skip-e2e]
+    python benchmarks/dsa_kernels.py --out topk.json --lengths 32768,131072 --topk-against old_indexer.py
 
 1. Per kernel at the default model's attention shape (14 q / 2 kv heads, d 64; indexer 4 x 64; k = 2048;
    batch 1): ms and TFLOP/s on the work actually done (causal pairs for the indexer, min(t + 1, k) keys per
@@ -12,10 +13,17 @@
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
    and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs).
-Every random input is seeded; every timing is the median of repeated runs after warm-up.
+4. `--topk-against PATH` (alone): `topk_select` against the one in a copy of dsarag_kernels/indexer.py (say
+   `git show REV:dsarag_kernels/indexer.py > old_indexer.py`), prefill (every query chunk) and decode (batch 1
+   and 16, replayed from a CUDA graph), on index scores from random weights, from weights all negative (every
+   score ≤ 0: keys whose logits are all ≤ 0 tie at 0, the maximum) and from negative weights whose logits are
+   all negative (every key but the sinks and window ties at 0); with the share of rows that needed the radix
+   select over the whole row.
+Every random input is seeded; every timing is the median of repeated runs (at least 5) after warm-up.
 """
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -26,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
@@ -78,7 +87,11 @@ E2E_REPEATS = 5
 
 
 def time_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms over 100 ms of timed runs, and over at least 5 for a slow call."""
+    times = do_bench(fn, warmup=25, rep=100, return_mode="all")
+    if len(times) < 5:
+        times = do_bench(fn, warmup=0, rep=6 * max(times), return_mode="all")
+    return statistics.median(times)
 
 
 def graphed(fn):
@@ -274,6 +287,72 @@ def tune(length: int) -> dict:
     return result
 
 
+def load_indexer_copy(path: Path):
+    """A copy of dsarag_kernels/indexer.py (another revision's) as a module of its own."""
+    spec = importlib.util.spec_from_file_location("indexer_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Triton reads a kernel's source through its module
+    spec.loader.exec_module(module)
+    return module
+
+
+def index_inputs(kind: str, batch: int, n_queries: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Index queries, weights and keys: "random" as everywhere here, "negative" weights (the scores' maximum is
+    0, which 1 key in 16 scores: all 4 logits ≤ 0), "all-tied" (negative weights, logits all negative)."""
+    idx_q = torch.randn(batch, n_queries, INDEX_HEADS, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
+    idx_w = torch.randn(batch, n_queries, INDEX_HEADS, device="cuda", dtype=torch.bfloat16)
+    idx_k = torch.randn(batch, length, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
+    if kind != "random":
+        idx_w = -idx_w.abs()
+    if kind == "all-tied":
+        idx_q, idx_k = -idx_q.abs(), idx_k.abs()
+    return idx_q, idx_w, idx_k
+
+
+def topk_prefill(select, scores: Tensor, length: int, indices: Tensor, **options) -> list:
+    """Every query chunk's top-k, each re-reading the last chunk's scores (as layer_row's top-k timing)."""
+    chunk = scores.shape[1]
+    return [
+        select(
+            scores[:, : min(chunk, length - t0)], t0, length, TOPK, out=indices[:, t0 : t0 + chunk], **options
+        )
+        for t0 in range(0, length, chunk)
+    ]
+
+
+def topk_against(lengths: list[int], batches: list[int], baseline_path: Path) -> list[dict]:
+    """`topk_select` against a baseline copy's, prefill and decode, on each kind of index scores."""
+    baseline = load_indexer_copy(baseline_path)
+    rows = []
+    for length in lengths:
+        for kind in ("random", "negative", "all-tied"):
+            torch.manual_seed(length)
+            idx_q, idx_w, idx_k = index_inputs(kind, 1, length, length)
+            chunk = max(1, min(length, (1 << 30) // length))  # as select_topk: 2 GiB of bf16 scores
+            t_last = length - chunk
+            scores = index_scores(idx_q[:, t_last:], idx_w[:, t_last:], idx_k, t_last, 4, 64)
+            indices = torch.empty(1, length, TOPK, dtype=torch.int32, device="cuda")
+            passes = topk_prefill(topk_select, scores, length, indices, return_fallback=True)
+            row = {"length": length, "scores": kind, "pass": "prefill"}
+            row["whole_row_share"] = sum(int(whole_row.sum()) for _, whole_row in passes) / length
+            row["ms"] = time_ms(partial(topk_prefill, topk_select, scores, length, indices))
+            row["baseline_ms"] = time_ms(partial(topk_prefill, baseline.topk_select, scores, length, indices))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del scores, passes
+            for batch in batches:
+                idx_q, idx_w, idx_k = index_inputs(kind, batch, 1, length)
+                scores = index_scores(idx_q, idx_w, idx_k, length - 1, 4, 64)
+                _, whole_row = topk_select(scores, length - 1, length, TOPK, return_fallback=True)
+                row = {"length": length, "scores": kind, "pass": f"decode b{batch}"}
+                row["whole_row_share"] = whole_row.float().mean().item()
+                for name, select in (("ms", topk_select), ("baseline_ms", baseline.topk_select)):
+                    row[name] = time_ms(graphed(partial(select, scores, length - 1, length, TOPK)))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def default_model_with_indexers() -> Transformer:
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -351,6 +430,11 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-layers", action="store_true", help="decode rows (and e2e) only")
     parser.add_argument("--tune", type=int, help="only sweep launch parameters at this length")
+    parser.add_argument(
+        "--topk-against",
+        type=Path,
+        help="only time topk_select against this copy of dsarag_kernels/indexer.py",
+    )
     args = parser.parse_args()
     if args.tune:
         args.out.write_text(json.dumps(tune(args.tune), indent=1))
@@ -358,6 +442,10 @@ def main() -> None:
         return
     lengths = [int(n) for n in args.lengths.split(",")]
     batches = [int(n) for n in args.decode_batches.split(",")]
+    if args.topk_against:
+        rows = topk_against(lengths, batches, args.topk_against)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "topk": rows}, indent=1))
+        return
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -5,9 +5,11 @@ Shapes (one layer, queries at contiguous positions q_start ... q_start + T - 1, 
 `select_topk` matches `torch_dsa.select_topk` (sinks and the local window always selected).
 
 Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16, causal tiles only) and
-`topk_select` reduces each row to its top-k: a threshold from a sorted sample of the row keeps a few x k
-candidates in one pass, and an exact radix select (histograms of the high then the low byte of the bf16
-score's order key, then an emit pass) runs on the candidates — or on the whole row when the sample missed.
+`topk_select` reduces each row to its top-k: one pass splits off the keys above a threshold from a sorted sample
+of the row (a few x k) and a list of the keys tied at it; an exact radix select (histograms of the high then
+the low byte of the bf16 score's order key, then an emit pass) runs on the keys above, or, when fewer than k
+lie above, the top-k is those plus the first tied keys. Only a sample that missed (more than 4 x k above, or
+fewer than k at or above) sends a row to the radix select over the whole row.
 Memory is O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
 """
 
@@ -202,23 +204,76 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
 
 
 @triton.jit
+def _copy_list(src, dst, n, BLOCK: tl.constexpr):
+    """dst[i] = src[i] for i < n (candidate and tie lists are int32 columns)."""
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        tl.store(dst + i, tl.load(src + i, mask=i < n), mask=i < n)
+
+
+@triton.jit
+def _select_from_lists(
+    row_scores, row_cands, counts, row_out, topk, capacity, BLOCK: tl.constexpr, SPLIT: tl.constexpr
+):
+    """Settle a row from its segments' lists, or return 0 when only the whole row can (`_topk_full_kernel`).
+
+    Segment p's keys above the threshold sit at row_cands + p * (capacity + topk), its first keys equal to the
+    threshold (at most topk) right after; counts holds the SPLIT above counts, then the SPLIT tie counts. With
+    at least topk keys above (and none lost to a full list) the radix select runs on them; with fewer, the
+    top-k is every key above plus the first tied keys, whatever their scores' order: no select at all.
+    """
+    n_above = 0
+    n_ties = 0
+    for p in tl.static_range(SPLIT):
+        n_above += tl.load(counts + p)
+        n_ties += tl.load(counts + SPLIT + p)
+    segment_stride = capacity + topk
+    settled = 1
+    if (n_above >= topk) & (n_above <= capacity):
+        # Later segments join the first's list in key order. No source overlaps it: the total fits capacity.
+        offset = tl.load(counts)
+        for p in tl.static_range(1, SPLIT):
+            n = tl.load(counts + p)
+            _copy_list(row_cands + p * segment_stride, row_cands + offset, n, BLOCK=BLOCK)
+            offset += n
+        tl.debug_barrier()  # the select reads list entries that other threads of this program wrote
+        _radix_topk(row_scores, row_cands, row_out, n_above, topk, BLOCK=BLOCK, INDIRECT=True)
+    elif (n_above < topk) & (n_above + n_ties >= topk):
+        offset = 0
+        for p in tl.static_range(SPLIT):
+            n = tl.load(counts + p)
+            _copy_list(row_cands + p * segment_stride, row_out + offset, n, BLOCK=BLOCK)
+            offset += n
+        for p in tl.static_range(SPLIT):
+            n = tl.minimum(tl.load(counts + SPLIT + p), topk - offset)
+            _copy_list(row_cands + p * segment_stride + capacity, row_out + offset, n, BLOCK=BLOCK)
+            offset += n
+    else:
+        settled = 0
+    return settled
+
+
+@triton.jit
 def _topk_candidates_kernel(
     scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk, capacity,
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
     SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Fast path: a threshold from a sorted sample of the row keeps a few x topk candidates in one pass, and
-    the exact radix select runs on those. status[row] = -1 when done, else the row needs `_topk_full_kernel`.
+    """Fast path: a threshold from a sorted sample of the row splits it in one pass into the keys above it (a
+    few x topk, up to `capacity` kept) and the keys equal to it (the first topk kept); `_select_from_lists`
+    then settles the row. status[row] = 0 when done, 1 when the row needs `_topk_full_kernel`.
 
-    With SPLIT > 1 (few rows, as in decode) SPLIT programs share a row: each computes the same threshold and
-    collects the candidates of its segment into its own `capacity` slots; `_topk_merge_kernel` then joins
-    the segments in key order and selects."""
+    With SPLIT > 1 (few rows, as in decode) SPLIT programs share a row: each computes the same threshold,
+    fills its segment's lists and counts; `_topk_merge_kernel` then settles the row."""
+    tl.static_assert(BLOCK < 65536)  # one prefix sum ranks both lists: 16 bits each
     row, batch, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if START_ON_DEVICE:
         q_start = tl.load(start_ptr).to(tl.int32)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     row_out = out_ptr + batch * stride_ob + row * stride_ot
-    row_cands = cand_ptr + batch * stride_cb + row * stride_ct + part * capacity
+    row_cands = cand_ptr + batch * stride_cb + row * stride_ct + part * (capacity + topk)
+    row_ties = row_cands + capacity
+    counts = count_ptr + (batch * n_queries + row) * 2 * SPLIT
     row_status = status_ptr + batch * n_queries + row
     row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
     if row_len <= topk:  # every key is selected; the rest are unused slots
@@ -226,12 +281,12 @@ def _topk_candidates_kernel(
             for start in range(0, topk, BLOCK):
                 slots = start + tl.arange(0, BLOCK)
                 tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
-            tl.store(row_status, -1)
+            tl.store(row_status, 0)
         if SPLIT > 1:
-            tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, -1)
+            tl.store(counts + part, -1)
         return
 
-    # The sample rank keeps ~1.25 x topk keys above the threshold, plus a margin of 4 standard deviations.
+    # The sample rank keeps ~1.25 x topk keys at or above the threshold, plus a margin of 4 standard deviations.
     sample_cols = (tl.arange(0, SAMPLE).to(tl.int64) * row_len // SAMPLE).to(tl.int32)
     sample = tl.sort(_order_key(tl.load(row_scores + sample_cols)), descending=True)
     expected = SAMPLE * topk / row_len
@@ -240,21 +295,30 @@ def _topk_candidates_kernel(
 
     segment = tl.cdiv(tl.cdiv(row_len, SPLIT), BLOCK) * BLOCK
     seg_end = tl.minimum(part * segment + segment, row_len)
-    n_cands = 0
+    n_above = 0
+    n_ties = 0
     for start in range(part * segment, seg_end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         key = _order_key(tl.load(row_scores + cols, mask=cols < seg_end, other=float("-inf")))
-        keep = (cols < seg_end) & (key >= threshold)
-        slot = n_cands + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(row_cands + slot, cols, mask=keep & (slot < capacity))
-        n_cands += tl.sum(keep.to(tl.int32), 0)
-    if SPLIT > 1:
-        tl.store(count_ptr + (batch * n_queries + row) * SPLIT + part, n_cands)
-    elif (n_cands >= topk) & (n_cands <= capacity):
-        _radix_topk(row_scores, row_cands, row_out, n_cands, topk, BLOCK=BLOCK, INDIRECT=True)
-        tl.store(row_status, -1)
-    else:
-        tl.store(row_status, n_cands)
+        above = (cols < seg_end) & (key > threshold)
+        tie = (cols < seg_end) & (key == threshold)
+        packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
+        ranks = tl.cumsum(packed, 0)
+        above_slot = n_above + (ranks & 0xFFFF) - 1
+        tie_slot = n_ties + (ranks >> 16) - 1
+        tl.store(row_cands + above_slot, cols, mask=above & (above_slot < capacity))
+        tl.store(row_ties + tie_slot, cols, mask=tie & (tie_slot < topk))
+        block_counts = tl.sum(packed, 0)
+        n_above += block_counts & 0xFFFF
+        n_ties += block_counts >> 16
+    tl.store(counts + part, n_above)
+    tl.store(counts + SPLIT + part, n_ties)
+    if SPLIT == 1:
+        tl.debug_barrier()  # the counts and lists were written by other threads of this program
+        settled = _select_from_lists(
+            row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1
+        )
+        tl.store(row_status, 1 - settled)
 
 
 @triton.jit
@@ -263,33 +327,18 @@ def _topk_merge_kernel(
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
     BLOCK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Second level of a split row: move the segments' candidates together (in key order) and select."""
+    """Second level of a split row: settle it from its segments' lists."""
     row, batch = tl.program_id(0), tl.program_id(1)
-    counts = count_ptr + (batch * n_queries + row) * SPLIT
-    parts = tl.load(counts + tl.arange(0, SPLIT))
-    if tl.min(parts, 0) < 0:  # a short row, settled by the first level
+    counts = count_ptr + (batch * n_queries + row) * 2 * SPLIT
+    if tl.load(counts) < 0:  # a short row, settled by the first level
         return
-    total = tl.sum(parts, 0)
-    row_status = status_ptr + batch * n_queries + row
-    if (total < topk) | (total > capacity):  # a segment over capacity lost candidates: total is too
-        tl.store(row_status, total)
-        return
-    row_cands = cand_ptr + batch * stride_cb + row * stride_ct
-    # Segment p moves from p * capacity to the sum of the counts before it: always leftwards, never onto
-    # its own source (the sum is at most capacity), so a block-by-block copy is safe.
-    offset = tl.load(counts)
-    for p in range(1, SPLIT):
-        n = tl.load(counts + p)
-        for start in range(0, n, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            cols = tl.load(row_cands + p * capacity + i, mask=i < n, other=0)
-            tl.store(row_cands + offset + i, cols, mask=i < n)
-        offset += n
-    tl.debug_barrier()  # the select reads candidates other threads of this program just moved
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
-    _radix_topk(row_scores, row_cands, out_ptr + batch * stride_ob + row * stride_ot, total, topk,
-                BLOCK=BLOCK, INDIRECT=True)  # fmt: skip
-    tl.store(row_status, -1)
+    row_cands = cand_ptr + batch * stride_cb + row * stride_ct
+    row_out = out_ptr + batch * stride_ob + row * stride_ot
+    settled = _select_from_lists(
+        row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT
+    )
+    tl.store(status_ptr + batch * n_queries + row, 1 - settled)
 
 
 @triton.jit
@@ -300,7 +349,7 @@ def _topk_full_kernel(
 ):  # fmt: skip
     """Exact radix select over the whole row, for the rows the fast path could not settle."""
     row, batch = tl.program_id(0), tl.program_id(1)
-    if tl.load(status_ptr + batch * n_queries + row) == -1:
+    if tl.load(status_ptr + batch * n_queries + row) == 0:
         return
     if START_ON_DEVICE:
         q_start = tl.load(start_ptr).to(tl.int32)
@@ -320,12 +369,16 @@ def topk_select(
     num_warps: int = 4,
     sample: int | None = None,
     split: int | None = None,
-) -> Tensor:
+    return_fallback: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
-    Exact on the bf16 scores; among equal scores at the threshold the lowest positions win. `split`: programs
-    per row (None: enough to fill the GPU when there are few rows, as in decode; a power of two). q_start: a
-    host int or a one-element device tensor, as in `index_scores`.
+    Exact on the bf16 scores; among keys tied at the k-th largest score the lowest positions win, so the
+    selection is `topk_select_reference`'s. `split`: programs per row (None: enough to fill the GPU when there
+    are few rows, as in decode; a power of two). q_start: a host int or a one-element device tensor, as in
+    `index_scores`. return_fallback: also return a (B, T) bool tensor, True for the rows that needed the slow
+    radix select over the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer
+    than topk at or above it).
     """
     batch, n_queries, _ = scores.shape
     if out is None:
@@ -336,8 +389,11 @@ def topk_select(
     if split is None:  # ≈ 256 programs in all, each segment at least 8 blocks long
         split = max(1, min(256 // (batch * n_queries), n_keys // (8 * block)))
         split = 1 << (split.bit_length() - 1)
-    candidates = torch.empty(batch, n_queries, split * capacity, dtype=torch.int32, device=scores.device)
-    counts = torch.empty(batch, n_queries, split, dtype=torch.int32, device=scores.device)
+    # Per segment: `capacity` slots for the keys above the threshold, then topk for the keys equal to it.
+    candidates = torch.empty(
+        batch, n_queries, split * (capacity + topk), dtype=torch.int32, device=scores.device
+    )
+    counts = torch.empty(batch, n_queries, 2, split, dtype=torch.int32, device=scores.device)
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
     start, start_ptr, on_device = device_start(q_start, status)
     _topk_candidates_kernel[(n_queries, batch, split)](
@@ -356,17 +412,20 @@ def topk_select(
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
         BLOCK=block, START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
+    if return_fallback:
+        return out, status.bool()
     return out
 
 
 def topk_select_reference(scores: Tensor, q_start: int, n_keys: int, topk: int) -> Tensor:
-    """Oracle: torch.topk over each row's causal prefix; -1 for slots beyond the row's key count."""
+    """Oracle: a stable descending sort of each row's causal prefix (ties: the lowest positions first), its
+    first topk positions; -1 for slots beyond the row's key count."""
     batch, n_queries, _ = scores.shape
     out = torch.full((batch, n_queries, topk), -1, dtype=torch.int32, device=scores.device)
     for row in range(n_queries):
         row_len = min(q_start + row + 1, n_keys)
-        picked = scores[:, row, :row_len].float().topk(min(topk, row_len), dim=-1).indices
-        out[:, row, : picked.shape[-1]] = picked.to(torch.int32)
+        order = scores[:, row, :row_len].float().sort(dim=-1, descending=True, stable=True).indices
+        out[:, row, : min(topk, row_len)] = order[:, :topk].to(torch.int32)
     return out
 
 

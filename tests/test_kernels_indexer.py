@@ -88,17 +88,82 @@ def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
     scores = torch.randn(1, 4, n_keys, generator=generator)
     scores[..., torch.arange(sample) * n_keys // sample] = 50.0
     scores = scores.to(DEVICE, torch.bfloat16)
-    got = topk_select(scores, q_start=n_keys - 4, n_keys=n_keys, topk=40, sample=sample)
-    want = topk_select_reference(scores, q_start=n_keys - 4, n_keys=n_keys, topk=40)
-    for row in range(4):
-        mine = scores[0, row, got[0, row].long()].float().sort().values
-        assert torch.equal(mine, scores[0, row, want[0, row].long()].float().sort().values)
+    got, fell_back = topk_select(
+        scores, q_start=n_keys - 4, n_keys=n_keys, topk=40, sample=sample, return_fallback=True
+    )
+    assert fell_back.all()
+    assert_selects_the_reference(got, scores, q_start=n_keys - 4, n_keys=n_keys, topk=40)
 
 
 def test_topk_select_breaks_ties_by_position():
     scores = torch.zeros(1, 1, 50, dtype=torch.bfloat16, device=DEVICE)
     got = topk_select(scores, q_start=49, n_keys=50, topk=10)
     assert sorted(got[0, 0].tolist()) == list(range(10))
+
+
+def assert_selects_the_reference(got, scores, q_start, n_keys, topk):
+    """The same key sets as the stable-sort oracle: a valid top-k whose ties go to the lowest positions."""
+    want = topk_select_reference(scores, q_start, n_keys, topk)
+    for b in range(scores.shape[0]):
+        for row in range(scores.shape[1]):
+            assert sorted(got[b, row].tolist()) == sorted(want[b, row].tolist()), (b, row)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_topk_select_on_all_negative_index_weights_never_needs_the_whole_row(split):
+    """w < 0 makes every score ≤ 0 and each key whose logits are all ≤ 0 score exactly 0, the maximum: far more
+    than 4 x topk keys tie at the threshold, and the tie list settles the row."""
+    q, w, k = indexer_inputs(batch=1, n_queries=4, n_keys=512, heads=1, seed=5)
+    scores = index_scores(q, -w.abs(), k, 508, n_sink=2, window=4)
+    assert ((scores == 0).sum(-1) > 4 * 32).all()  # more ties than the list of keys above could hold
+    got, fell_back = topk_select(scores, 508, 512, topk=32, block=64, split=split, return_fallback=True)
+    assert not fell_back.any()
+    assert_selects_the_reference(got, scores, q_start=508, n_keys=512, topk=32)
+
+
+def rows_with_ties(n_keys: int, topk: int, seed: int) -> torch.Tensor:
+    """Row 0: a few distinct large scores, then half the keys tied below them: the k-th largest score is the
+    tie, and so is the sample's threshold. Row 1: 2 x topk keys tied above everything else: the k-th largest
+    is among them, above the threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = -torch.rand(2, n_keys, generator=generator) - 1.0  # distinct-ish scores in [-2, -1)
+    positions = torch.randperm(n_keys, generator=generator)
+    scores[0, positions[: topk // 3]] = torch.arange(topk // 3) + 10.0
+    scores[0, positions[topk // 3 : n_keys // 2]] = 1.0
+    scores[1, positions[: 2 * topk]] = 1.0
+    return scores[None].to(DEVICE, torch.bfloat16)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_topk_select_takes_the_lowest_tied_positions_at_and_above_the_threshold(split):
+    scores = rows_with_ties(n_keys=400, topk=32, seed=6)
+    got, fell_back = topk_select(scores, 399, 400, topk=32, block=64, split=split, return_fallback=True)
+    assert not fell_back.any()
+    assert_selects_the_reference(got, scores, q_start=399, n_keys=400, topk=32)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_topk_select_on_distinct_scores_is_torch_topk(split):
+    """Distinct bf16 values (distinct bit patterns of positive finite numbers): the top-k is unique."""
+    generator = torch.Generator().manual_seed(7)
+    bits = (torch.randperm(0x3E00, generator=generator)[: 3 * 300] + 0x3000).to(torch.int16)
+    scores = bits.view(torch.bfloat16).reshape(1, 3, 300).to(DEVICE)
+    got = topk_select(scores, 297, 300, topk=24, block=64, split=split)
+    for row in range(3):
+        row_len = 297 + row + 1
+        want = scores[:, row, :row_len].float().topk(24, dim=-1).indices
+        assert torch.equal(got[:, row].sort(-1).values.long(), want.sort(-1).values)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_topk_select_returns_every_key_of_a_row_no_longer_than_topk(split):
+    generator = torch.Generator().manual_seed(8)
+    scores = torch.randn(1, 30, 300, generator=generator).to(DEVICE, torch.bfloat16)
+    got, fell_back = topk_select(scores, 0, 300, topk=24, block=64, split=split, return_fallback=True)
+    for row in range(24):  # rows 0 ... 23 hold row + 1 <= topk keys
+        assert got[0, row].tolist() == list(range(row + 1)) + [-1] * (23 - row)
+    assert not fell_back.any()
+    assert_selects_the_reference(got, scores, q_start=0, n_keys=300, topk=24)
 
 
 @pytest.mark.parametrize(
