@@ -23,7 +23,7 @@ from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
 from dsarag.rag.pack import PackedContext, build_messages, pack_sources
 from dsarag.rag.query_features import QueryFeatures, query_features
-from dsarag.rag.reader import Reading, declined_for_numbers, read, reading_mode
+from dsarag.rag.reader import Reading, declined_for_missing_terms, read, reading_mode
 from dsarag.rag.rerank import RecencyBlend
 from dsarag.rag.retrieve import Hit, Retriever
 from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval
@@ -245,7 +245,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
     )
     attention = answer_mode(options.attention, budget, options.critical)
-    reading = declined_for_numbers(question, packed) if retrieved else None
+    reading = declined_for_missing_terms(question, packed) if retrieved else None
     if reading is not None:
         generation = GenerationResult(reading.reply(packed), [], prompt_tokens, 0, 0.0, 0.0, 0, "declined")
     elif mode == "free":

@@ -5,11 +5,13 @@ step. Under `--reader span`, factoid questions are read by copy-constrained deco
 a span of one source's tokens (spans do not cross lines), so the answer is a quote of a source by construction,
 that source is cited, and the sentence holding the span is shown as evidence. Both may choose " none" instead
 (the sources do not say, SQuAD 2.0's no-answer option); the first step's log-odds of the best answer token
-against it is the answerability score. Any reader declines a question naming a number no packed source holds.
+against it is the answerability score. Any reader declines a question naming a number or a name that no packed
+source holds.
 Other questions are answered freely by the agent and checked by rag/grounding.py.
 """
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +45,13 @@ _OPEN_QUESTION = re.compile(
     re.I,
 )
 _ALTERNATIVES = re.compile(r",?\s+or\s+[^,?]+\?\s*$", re.I)  # "…, A or B?" names its answers
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w|\.\d)")  # a sentence's full stop ends a number
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+# Capitalized words that are a question's grammar, not a name it asks about.
+_NOT_NAMES = frozenset(
+    "What Which Who Whom Whose When Where Why How The A An In On At To For From By With And Or Of Is Are Was Were "
+    "Do Does Did Has Have Had Can Could Would Should Will I".split()
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])|\n")
 
 
@@ -51,7 +59,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])|\n")
 class Reading:
     """What the reader made of the sources: the reply, and how it was reached."""
 
-    mode: str  # "span" | "yes-no" | "numbers" (declined before reading: a number no source holds)
+    mode: str  # "span" | "yes-no" | "missing" (declined before reading: a number or name no source holds)
     answer: str  # the short answer: a span of a source, "yes" or "no"; "" when declined
     answerable: bool
     score: float | None  # log P(best answer's first token) - log P(" none"): > -DECLINE_MARGIN answers
@@ -75,7 +83,11 @@ class Reading:
         with the closest sources."""
         if not self.answerable:
             closest = "; ".join(f"[{n}] {hit.citation}" for n, hit in enumerate(packed.sources[:3], start=1))
-            return f"The documents do not contain the answer. Closest sources: {closest}."
+            missing = self.features.get("missing_numbers", []) + self.features.get("missing_names", [])
+            why = (
+                f" (none of them mentions {', '.join(missing)})" if missing and self.mode == "missing" else ""
+            )
+            return f"The documents do not contain the answer{why}. Closest sources: {closest}."
         markers = "".join(f" [{number}]" for number in self.sources)
         if self.mode == "yes-no":
             return f"{self.answer.capitalize()}.{markers}"
@@ -93,12 +105,17 @@ def reading_mode(question: str, reader: str = "span") -> str:
     return "span" if reader == "span" else "free"
 
 
-def declined_for_numbers(question: str, packed: PackedContext) -> Reading | None:
-    """A refusal when the question names a number or year that none of the packed sources holds."""
-    missing = missing_numbers(question, packed.text)
-    if not missing:
+def declined_for_missing_terms(question: str, packed: PackedContext) -> Reading | None:
+    """A refusal when the question names a number, year or name that none of the packed sources holds: they
+    answer another question (SQuAD 2.0's unanswerable questions swap in such a term)."""
+    features = {
+        "missing_numbers": missing_numbers(question, packed.text),
+        "missing_names": missing_names(question, packed.text),
+    }
+    features = {key: terms for key, terms in features.items() if terms}
+    if not features:
         return None
-    return Reading("numbers", "", False, None, features={"missing_numbers": missing})
+    return Reading("missing", "", False, None, features=features)
 
 
 class CopyConstraint:
@@ -278,6 +295,31 @@ def missing_numbers(question: str, source_text: str) -> list[str]:
     another question ("hacked in November 2004" against a source that says 2014)."""
     held = set(_NUMBER.findall(source_text.replace(",", "")))
     return [number for number in _NUMBER.findall(question.replace(",", "")) if number not in held]
+
+
+def _folded_stems(text: str) -> set[str]:
+    """Lower-case words without accents and plural / possessive endings: "Frédéric's" and "frederic" match."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return {_stem(word.lower()) for word in _WORD.findall(ascii_text.replace("\u2019", "'"))}
+
+
+def _stem(word: str) -> str:
+    for suffix in ("'s", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)]
+    return word
+
+
+def missing_names(question: str, source_text: str) -> list[str]:
+    """Names the question asks about (capitalized words of 3 letters or more past its first word) that no
+    source holds, accents and plural endings aside ("filming started in Australia" against sources that name
+    England only). Acronyms are left out: sources often spell them out (NYC, New York City)."""
+    held = _folded_stems(source_text)
+    words = _WORD.findall(unicodedata.normalize("NFKD", question).encode("ascii", "ignore").decode())
+    names = [
+        w for w in words[1:] if w[0].isupper() and not w.isupper() and len(w) >= 3 and w not in _NOT_NAMES
+    ]
+    return [name for name in dict.fromkeys(names) if _stem(name.lower()) not in held]
 
 
 def _answer_score(constraint: CopyConstraint, null_id: int) -> float:
