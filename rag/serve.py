@@ -110,14 +110,14 @@ def serve(options: ServeOptions, console: Console) -> None:
         )
         stop_signals: list[int] = []
 
-        def on_stop(sig: int) -> None:
+        def on_stop(sig: int, _frame: object = None) -> None:
             stop_signals.append(sig)
             worker.stopping.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            # uvicorn re-raises the stop signal once it has shut down: this handler makes that a no-op, so the
-            # process ends here, through the cleanup below, with exit code 0.
-            signal.signal(sig, lambda *_: None)
+            # Before uvicorn takes the signals this records a stop; after, uvicorn re-raises the stop signal
+            # once it has shut down, and this makes that harmless: the process ends through the cleanup below.
+            signal.signal(sig, on_stop)
         logging.getLogger("uvicorn").addHandler(RichHandler(console=console, show_path=False))
         config = uvicorn.Config(
             app,
@@ -142,7 +142,8 @@ def serve(options: ServeOptions, console: Console) -> None:
             highlight=False,
         )
         try:
-            server.run(sockets=[sock])
+            if not stop_signals:
+                server.run(sockets=[sock])
         finally:
             remove_state(os.getpid())
             worker.stop()

@@ -286,7 +286,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, error: Exception) -> JSONResponse:
-        console.print(traceback.format_exc(), highlight=False, markup=False)
+        # Starlette re-raises it after this reply, and uvicorn logs the traceback on the server's stderr.
         message = f"internal error: {type(error).__name__}: {error} — the server log has the traceback"
         return await _api_error(_, ApiError(500, message, "server_error", 1))
 

@@ -53,7 +53,7 @@ def find_server(model: str | None) -> FoundServer | None:
         if state.model_folder != folder or (state.needs_api_key and not os.environ.get(API_KEY_ENV)):
             continue
         try:
-            health = httpx.get(f"{state.url}/health", timeout=HEALTH_TIMEOUT_S)
+            health = httpx.get(f"{state.url}/health", timeout=HEALTH_TIMEOUT_S, trust_env=False)
             if health.status_code == 200 and health.json().get("pid") == state.pid:
                 return FoundServer(state.url, state.model, state.pid)
         except (httpx.HTTPError, ValueError):
@@ -98,8 +98,9 @@ def ask_on_server(
     timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
     answered = False
     try:
+        # trust_env=False: an HTTP(S)_PROXY of the environment must not carry a loopback request elsewhere.
         with httpx.stream(
-            "POST", f"{server.url}/v1/ask", json=body, headers=headers, timeout=timeout
+            "POST", f"{server.url}/v1/ask", json=body, headers=headers, timeout=timeout, trust_env=False
         ) as reply:
             if reply.status_code != 200:
                 reply.read()

@@ -55,8 +55,7 @@ def live_states() -> list[ServerState]:
     if not folder.is_dir():
         return []
     states = []
-    paths = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
-    for path in paths:
+    for path in sorted(folder.glob("*.json"), key=_modified_ns, reverse=True):
         try:
             state = ServerState(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
@@ -66,6 +65,13 @@ def live_states() -> list[ServerState]:
         else:
             path.unlink(missing_ok=True)
     return states
+
+
+def _modified_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # removed by its server meanwhile
+        return 0
 
 
 def connect_url(host: str, port: int) -> str:
