@@ -12,7 +12,7 @@ from dsarag.evals.datasets import ROUTING_SET
 from dsarag.indexer_model.generate import Generator
 from dsarag.rag.query_features import query_features
 from dsarag.rag.retrieve import Retriever
-from dsarag.rag.route import choose_strategy, decide_retrieval
+from dsarag.rag.route import choose_strategy, decide_retrieval, label_scores
 
 
 def load_routing_set(path: Path = ROUTING_SET) -> list[dict]:
@@ -35,10 +35,11 @@ def route(question: str, retriever: Retriever, generator: Generator) -> tuple[st
     """The strategy the agent's decide and plan nodes would take ("none" = answer without retrieval)."""
     features = query_features(question)
     best = retriever.semantic(question, 1)
-    decision = decide_retrieval(question, features, best[0].score if best else 0.0, generator)
+    scores = label_scores(question, generator, ("retrieval", "strategy"))
+    decision = decide_retrieval(features, best[0].score if best else 0.0, scores["retrieval"])
     if decision.choice == "no_retrieve":
         return "none", decision.reason
-    strategy = choose_strategy(question, features, generator)
+    strategy = choose_strategy(features, scores["strategy"])
     return strategy.choice, f"{decision.reason}; {strategy.reason}"
 
 

@@ -26,7 +26,7 @@ from dsarag.rag.query_features import QueryFeatures, query_features
 from dsarag.rag.reader import Reading, declined_for_missing_terms, read, reading_mode
 from dsarag.rag.rerank import RecencyBlend
 from dsarag.rag.retrieve import Hit, Retriever
-from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval
+from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval, label_scores
 from dsarag.rag.strategies import retrieve_rankings, write_sub_questions
 
 if TYPE_CHECKING:
@@ -129,9 +129,8 @@ def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         reason = f"forced by --strategy {options.strategy}"
     else:
         best = runtime.context.retriever.semantic(question, 1)
-        decision = decide_retrieval(
-            question, features, best[0].score if best else 0.0, runtime.context.generator
-        )
+        scores = label_scores(question, runtime.context.generator, ("retrieval",))
+        decision = decide_retrieval(features, best[0].score if best else 0.0, scores["retrieval"])
         retrieval, reason = decision.choice, decision.reason
     update: dict = {"features": features, "retrieval": retrieval}
     if retrieval == "no_retrieve":
@@ -149,12 +148,14 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     started = time.perf_counter()
     question, features = state["question"], state["features"]
     options, generator = runtime.context.options, runtime.context.generator
+    decisions = ("complexity",) if options.strategy is not None else ("strategy", "complexity")
+    scores = label_scores(question, generator, decisions)
     if options.strategy is not None:
         strategy, strategy_reason = options.strategy, f"forced by --strategy {options.strategy}"
     else:
-        decision = choose_strategy(question, features, generator)
+        decision = choose_strategy(features, scores["strategy"])
         strategy, strategy_reason = decision.choice, decision.reason
-    complexity = choose_complexity(question, features, generator)
+    complexity = choose_complexity(features, scores["complexity"])
     queries = [question]
     if strategy == "multi-query":
         queries += list(features.compared) or write_sub_questions(question, generator)

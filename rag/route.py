@@ -1,9 +1,10 @@
 """The agent's decisions: whether to retrieve, which strategy, how complex the task is.
 
-Each decision adds the local LLM's calibrated label log-probabilities (rag/label_choice.py) to evidence from
-cheap query features (rag/query_features.py) and, for retrieval, the question's best cosine against the
-store. The feature weights are in log-probability units: a weight of 3 means "this feature alone outweighs
-the model preferring another label twenty to one" — features decide clear cases, the model decides the rest.
+Each decision adds the local LLM's calibrated label log-probabilities (rag/label_choice.py: one short forward pass
+per decision) to evidence from cheap query features (rag/query_features.py) and, for retrieval, the
+question's best cosine against the store. The feature weights are in log-probability units: a weight of 3
+means "this feature alone outweighs the model preferring another label twenty to one" — features decide clear
+cases, the model decides the rest.
 """
 
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ COMPLEXITY_CHOICE = LabelChoice(
     ),
     labels=("keyword", "question", "summary", "multi", "reasoning"),
 )
+CHOICES = {"retrieval": RETRIEVAL_CHOICE, "strategy": STRATEGY_CHOICE, "complexity": COMPLEXITY_CHOICE}
 LABEL_COMPLEXITY = {
     "keyword": "keyword_lookup",
     "question": "document_qa",
@@ -72,11 +74,16 @@ class Decision:
         return {"choice": self.choice, "reason": self.reason, "scores": self.scores}
 
 
-def decide_retrieval(
-    question: str, features: QueryFeatures, corpus_cosine: float, generator: Generator
-) -> Decision:
+def label_scores(
+    question: str, generator: Generator, decisions: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """The LLM's calibrated label log-probabilities for each of `decisions` ("retrieval", "strategy",
+    "complexity"): one short forward pass each, over the question (label_choice.py)."""
+    return {name: CHOICES[name].scores(generator, question) for name in decisions}
+
+
+def decide_retrieval(features: QueryFeatures, corpus_cosine: float, llm: dict[str, float]) -> Decision:
     """ "retrieve" or "no_retrieve": LLM log-odds + the store's best cosine + identifiers/dates as evidence."""
-    llm = RETRIEVAL_CHOICE.scores(generator, question)
     llm_log_odds = llm["documents"] - llm["general"]
     cosine_evidence = CORPUS_COSINE_WEIGHT * (corpus_cosine - CORPUS_COSINE_MIDPOINT)
     dated = features.window is not None and features.window.end is not None  # "today" alone is small talk
@@ -90,9 +97,8 @@ def decide_retrieval(
     return Decision(choice, reason, _rounded({"retrieve": total, "no_retrieve": -total}))
 
 
-def choose_strategy(question: str, features: QueryFeatures, generator: Generator) -> Decision:
+def choose_strategy(features: QueryFeatures, llm: dict[str, float]) -> Decision:
     """semantic | multi-query | temporal | hybrid: LLM label log-probs + feature evidence, the best wins."""
-    llm = STRATEGY_CHOICE.scores(generator, question)
     evidence = {
         "lookup": 0.0,
         "latest": _evidence(features.window is not None or features.recency, FEATURE_WEIGHT),
@@ -100,7 +106,7 @@ def choose_strategy(question: str, features: QueryFeatures, generator: Generator
         + NAMED_SIDES_WEIGHT * bool(features.compared),
         "exact": _evidence(bool(features.identifiers), FEATURE_WEIGHT),
     }
-    totals = {label: llm[label] + evidence[label] for label in STRATEGY_CHOICE.labels}
+    totals = {label: llm[label] + evidence[label] for label in evidence}
     best = max(totals, key=totals.__getitem__)
     fired = [f"{label} {weight:+.1f}" for label, weight in evidence.items() if weight]
     reason = (
@@ -110,9 +116,8 @@ def choose_strategy(question: str, features: QueryFeatures, generator: Generator
     return Decision(LABEL_STRATEGY[best], reason, _rounded({LABEL_STRATEGY[k]: v for k, v in totals.items()}))
 
 
-def choose_complexity(question: str, features: QueryFeatures, generator: Generator) -> Decision:
+def choose_complexity(features: QueryFeatures, llm: dict[str, float]) -> Decision:
     """The task complexity that sets the top-k ratio (rag/budget.py)."""
-    llm = COMPLEXITY_CHOICE.scores(generator, question)
     evidence = {
         "keyword": _evidence(bool(features.identifiers), FEATURE_WEIGHT),
         "question": 0.0,
@@ -120,7 +125,7 @@ def choose_complexity(question: str, features: QueryFeatures, generator: Generat
         "multi": _evidence(features.comparison, FEATURE_WEIGHT),
         "reasoning": _evidence(features.reasoning, FEATURE_WEIGHT),
     }
-    totals = {label: llm[label] + evidence[label] for label in COMPLEXITY_CHOICE.labels}
+    totals = {label: llm[label] + evidence[label] for label in evidence}
     best = max(totals, key=totals.__getitem__)
     fired = [f"{label} {weight:+.1f}" for label, weight in evidence.items() if weight]
     reason = (

@@ -17,7 +17,6 @@ from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.fusion import RRF_K, reciprocal_rank_fusion
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding
 from dsarag.rag.ingest import ingest_folder
-from dsarag.rag.label_choice import LabelChoice
 from dsarag.rag.pack import pack_sources
 from dsarag.rag.query_features import query_features, time_window
 from dsarag.rag.rerank import RecencyBlend
@@ -259,14 +258,6 @@ def test_an_answer_without_markers_cites_the_source_holding_its_terms():
     assert add_citations("The sources do not contain it.", sources)[1] is None
     both = ["Treasurer: Tobias Achterberg (2024).", "Tobias Achterberg, treasurer."]
     assert add_citations("Tobias Achterberg", both)[1] == 1  # a tie goes to the better-ranked source
-
-
-def test_label_choice_scores_are_normalized_log_probabilities(tiny):
-    scores = LabelChoice("Is this about weather?", ("yes", "no")).scores(tiny, "Will it rain tomorrow?")
-    assert set(scores) == {"yes", "no"}
-    assert sum(np.exp(list(scores.values()))) == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(ValueError, match="share a first token"):
-        LabelChoice("x", ("reason", "reasoning")).scores(tiny, "q")  # "reason" + "ing"
 
 
 # --- the graph end to end (tiny model) ----------------------------------------------------------------

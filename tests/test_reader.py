@@ -14,7 +14,7 @@ from dsarag.rag.pack import pack_sources
 from dsarag.rag.query_features import query_features
 from dsarag.rag.reader import CopyConstraint, missing_numbers, read, reading_mode, sentence_with
 from dsarag.rag.retrieve import Hit
-from dsarag.rag.route import choose_strategy
+from dsarag.rag.route import choose_strategy, label_scores
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,10 @@ def test_a_comparison_names_both_sides_and_goes_to_multi_query(tiny):
         "First for Women",
     )
     question = "Are Marian Gold and Jung Eun-ji members of the same band?"
-    assert choose_strategy(question, query_features(question), tiny).choice == "multi-query"
+    strategy = choose_strategy(
+        query_features(question), label_scores(question, tiny, ("strategy",))["strategy"]
+    )
+    assert strategy.choice == "multi-query"
 
 
 @pytest.mark.parametrize(
