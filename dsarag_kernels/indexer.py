@@ -215,12 +215,12 @@ def _copy_list(src, dst, n, BLOCK: tl.constexpr):
 def _select_from_lists(
     row_scores, row_cands, counts, row_out, topk, capacity, BLOCK: tl.constexpr, SPLIT: tl.constexpr
 ):
-    """Settle a row from its segments' lists, or return 0 when only the whole row can (`_topk_full_kernel`).
+    """Settle a row from its segments' lists, or return False when only the whole row can (`_topk_full_kernel`).
 
     Segment p's keys above the threshold sit at row_cands + p * (capacity + topk), its first keys equal to the
     threshold (at most topk) right after; counts holds the SPLIT above counts, then the SPLIT tie counts. With
     at least topk keys above (and none lost to a full list) the radix select runs on them; with fewer, the
-    top-k is every key above plus the first tied keys, whatever their scores' order: no select at all.
+    top-k is every key above plus the first tied keys: no select is needed.
     """
     n_above = 0
     n_ties = 0
@@ -228,8 +228,9 @@ def _select_from_lists(
         n_above += tl.load(counts + p)
         n_ties += tl.load(counts + SPLIT + p)
     segment_stride = capacity + topk
-    settled = 1
-    if (n_above >= topk) & (n_above <= capacity):
+    select = (n_above >= topk) & (n_above <= capacity)
+    fill = (n_above < topk) & (n_above + n_ties >= topk)
+    if select:
         # Later segments join the first's list in key order. No source overlaps it: the total fits capacity.
         offset = tl.load(counts)
         for p in tl.static_range(1, SPLIT):
@@ -238,7 +239,7 @@ def _select_from_lists(
             offset += n
         tl.debug_barrier()  # the select reads list entries that other threads of this program wrote
         _radix_topk(row_scores, row_cands, row_out, n_above, topk, BLOCK=BLOCK, INDIRECT=True)
-    elif (n_above < topk) & (n_above + n_ties >= topk):
+    if fill:
         offset = 0
         for p in tl.static_range(SPLIT):
             n = tl.load(counts + p)
@@ -248,9 +249,7 @@ def _select_from_lists(
             n = tl.minimum(tl.load(counts + SPLIT + p), topk - offset)
             _copy_list(row_cands + p * segment_stride + capacity, row_out + offset, n, BLOCK=BLOCK)
             offset += n
-    else:
-        settled = 0
-    return settled
+    return select | fill
 
 
 @triton.jit
@@ -318,7 +317,7 @@ def _topk_candidates_kernel(
         settled = _select_from_lists(
             row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1
         )
-        tl.store(row_status, 1 - settled)
+        tl.store(row_status, tl.where(settled, 0, 1))
 
 
 @triton.jit
@@ -338,7 +337,7 @@ def _topk_merge_kernel(
     settled = _select_from_lists(
         row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT
     )
-    tl.store(status_ptr + batch * n_queries + row, 1 - settled)
+    tl.store(status_ptr + batch * n_queries + row, tl.where(settled, 0, 1))
 
 
 @triton.jit
