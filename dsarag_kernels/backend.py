@@ -9,9 +9,11 @@
 | `torch`     | anywhere                                | the PyTorch path (torch_dsa.py)                |
 
 Every backend's callables share one signature per step, so `indexer_model/dsa.py` calls them without asking
-which one runs. `selection` replaces the indexer's choice of keys (the oracle of `indexer_model/oracle.py`).
+which one runs. On the CPU a decode step's weight products run over int8 copies of the weights where the compiled
+kernels have them (`int8_decode`; `DSARAG_DECODE_WEIGHTS=model` keeps the model's own dtype). `selection` replaces the indexer's choice of keys (the oracle of `indexer_model/oracle.py`).
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 from dsarag.kernels import torch_dsa
 
 KERNEL_CHOICES = ("auto", "triton", "triton-fp8", "native", "torch")
+# The weights a CPU decode step reads: int8 copies (half of bf16's bytes) or the model's own tensors.
+DECODE_WEIGHTS = ("int8", "model")
 
 # (q, w, k, q_positions, n_keys, topk, n_sink, window) -> indices (B, T, topk), -1 for unused slots
 SelectTopk = Callable[[Tensor, Tensor, Tensor, Tensor, int | None, int, int, int], Tensor]
@@ -51,6 +55,16 @@ class AttentionBackend:
     linear: Linear = F.linear
     dense_decode: DenseDecode | None = None  # a graph-captured decode step's dense attention (GPU)
     selection: Selection | None = None  # a custom choice of keys in place of the indexer's
+    int8_decode: bool = False  # decode steps' weight products over int8 copies of the weights (cpu_dsa.cpp)
+
+    def product(self, weight: Tensor) -> Linear:
+        """The product a Linear holding `weight` runs: `linear`, or with `int8_decode` its decode steps over an
+        int8 copy of the weight made now (the prefill keeps `linear` on the weight itself)."""
+        if not self.int8_decode:
+            return self.linear
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.int8_product(weight, self.linear)
 
     @property
     def reads_position_on_device(self) -> bool:
@@ -91,7 +105,7 @@ def _triton(fp8: bool) -> AttentionBackend:
     )
 
 
-def _compiled_cpu(dtype: torch.dtype) -> AttentionBackend:
+def _compiled_cpu(dtype: torch.dtype, decode_weights: str) -> AttentionBackend:
     from dsarag.kernels import cpu_dsa
 
     bf16 = dtype == torch.bfloat16 and cpu_dsa.avx512_bf16_ready()
@@ -102,14 +116,30 @@ def _compiled_cpu(dtype: torch.dtype) -> AttentionBackend:
         cpu_dsa.sparse_attention,
         project_index=cpu_dsa.project_index,
         linear=cpu_dsa.linear if bf16 else F.linear,
+        int8_decode=decode_weights == "int8" and cpu_dsa.int8_ready(),
     )
 
 
+def decode_weights_choice(decode_weights: str | None = None) -> str:
+    """`decode_weights`, else $DSARAG_DECODE_WEIGHTS, else int8."""
+    choice = decode_weights or os.environ.get("DSARAG_DECODE_WEIGHTS") or "int8"
+    if choice not in DECODE_WEIGHTS:
+        raise ValueError(
+            f"decode weights {choice!r} (DSARAG_DECODE_WEIGHTS): use one of {', '.join(DECODE_WEIGHTS)}"
+        )
+    return choice
+
+
 def resolve_backend(
-    device: str | torch.device, dtype: torch.dtype, kernels: str = "auto"
+    device: str | torch.device,
+    dtype: torch.dtype,
+    kernels: str = "auto",
+    decode_weights: str | None = None,
 ) -> AttentionBackend:
     """The backend for a model on `device` in `dtype`. auto: Triton on a GPU; on the CPU the compiled kernels
-    where a C++ compiler builds them, else PyTorch. native: the compiled kernels or an error."""
+    where a C++ compiler builds them, else PyTorch. native: the compiled kernels or an error. `decode_weights`
+    (see `decode_weights_choice`): int8 runs the compiled kernels' decode steps over int8 weights."""
+    decode_weights = decode_weights_choice(decode_weights)
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels {kernels!r}: use one of {', '.join(KERNEL_CHOICES)}")
     gpu = torch.device(device).type == "cuda"
@@ -125,4 +155,4 @@ def resolve_backend(
         if kernels == "native":
             raise RuntimeError("kernels 'native' need a C++ compiler (g++ or $CXX) to build them")
         return TORCH
-    return _compiled_cpu(dtype)
+    return _compiled_cpu(dtype, decode_weights)

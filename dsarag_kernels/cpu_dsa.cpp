@@ -468,6 +468,160 @@ void dsa_index_project_bf16(const uint16_t* x, const int64_t* positions, int64_t
 }  // extern "C"
 
 // ---------------------------------------------------------------------------------------------------------------
+// Weight-only int8 products for a decode step (CPUs with AVX2, FMA and F16C; AVX-512 registers where present). A
+// decode step reads every weight once for one token, so its time is the bytes read: int8 weights with one fp16
+// scale per block of 32 (the GGUF's Q8_0 layout, 1.06 bytes a weight) are half of bf16's and a quarter of float32's.
+// The activations (float32 or bf16) are rounded to int16 with one scale per row, 2^-16 of the row's largest value
+// (bf16 itself keeps 2^-9 of each): then one vpmaddwd takes 32 products (AVX-512) and the step reads the weights
+// at memory speed on one core of a busy machine, where converting each weight to float32 did not.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kQ8Block = 32;  // weights per scale
+constexpr int kQ8Rows = 4;  // weight rows read together, each x block loaded once for all of them
+constexpr int kQ8Ahead = 2048;  // bytes of each weight row prefetched ahead (2 KB, as the bf16 kernel's)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr int kScaleLanes = 16;  // block scales widened at once
+inline __m512 row_scales(const uint16_t* scales, int left) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << std::min(left, kScaleLanes)) - 1), scales));
+}
+#else
+constexpr int kScaleLanes = 8;
+inline __m256 row_scales(const uint16_t* scales, int left) {
+  uint16_t some[kScaleLanes] = {};
+  std::memcpy(some, scales, sizeof(uint16_t) * std::min(left, kScaleLanes));
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(some)));
+}
+inline float reduce8(__m256 x) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+#endif
+
+// sums[r] = x . (scale * q)[r] for `rows` (at most kQ8Rows) consecutive rows of k int8 weights (k a multiple of
+// 32), x in int16: per block, vpmaddwd's int32 sums are exact, then widened and weighed by the block's scale.
+inline void q8_block(const int16_t* x, const int8_t* q, const uint16_t* scales, int k, int rows, float* sums) {
+  const int blocks = k / kQ8Block;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  __m512 acc[kQ8Rows], wide[kQ8Rows];
+  for (int r = 0; r < kQ8Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < blocks; ++b) {
+    if (b % kScaleLanes == 0) {
+      for (int r = 0; r < rows; ++r) wide[r] = row_scales(scales + int64_t(r) * blocks + b, blocks - b);
+    }
+    const __m512i xv = _mm512_loadu_si512(x + b * kQ8Block);
+    const __m512i lane = _mm512_set1_epi32(b % kScaleLanes);
+    for (int r = 0; r < kQ8Rows; ++r) {
+      if (r < rows) {
+        const int8_t* p = q + int64_t(r) * k + b * kQ8Block;
+        if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kQ8Ahead), _MM_HINT_T0);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(xv, w));
+        acc[r] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(lane, wide[r]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+  __m256 acc[kQ8Rows], wide[kQ8Rows];
+  for (int r = 0; r < kQ8Rows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int b = 0; b < blocks; ++b) {
+    if (b % kScaleLanes == 0) {
+      for (int r = 0; r < rows; ++r) wide[r] = row_scales(scales + int64_t(r) * blocks + b, blocks - b);
+    }
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQ8Block));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQ8Block + 16));
+    const __m256i lane = _mm256_set1_epi32(b % kScaleLanes);
+    for (int r = 0; r < kQ8Rows; ++r) {
+      if (r < rows) {
+        const int8_t* p = q + int64_t(r) * k + b * kQ8Block;
+        if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kQ8Ahead), _MM_HINT_T0);
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(wide[r], lane), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) sums[r] = reduce8(acc[r]);
+#endif
+}
+
+template <typename Value>
+void linear_rows_int8(const Value* x, const int8_t* q, const uint16_t* scales, const Value* bias, int64_t n_rows,
+                      int64_t n, int k, Value* out, int n_threads) {
+  std::vector<int16_t> x16(n_rows * k);
+  std::vector<float> x_scales(n_rows);
+  for (int64_t t = 0; t < n_rows; ++t) {
+    float most = 0.0f;
+    for (int i = 0; i < k; ++i) most = std::max(most, std::fabs(widen(x[t * k + i])));
+    x_scales[t] = most / 32767.0f;
+    const float inverse = most > 0.0f ? 32767.0f / most : 0.0f;
+    for (int i = 0; i < k; ++i) x16[t * k + i] = int16_t(std::lrint(widen(x[t * k + i]) * inverse));
+  }
+  const int64_t blocks = k / kQ8Block;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t j0 = 0; j0 < n; j0 += kQ8Rows) {
+    const int rows = int(std::min<int64_t>(kQ8Rows, n - j0));
+    float sums[kQ8Rows];
+    for (int64_t t = 0; t < n_rows; ++t) {
+      q8_block(x16.data() + t * k, q + j0 * k, scales + j0 * blocks, k, rows, sums);
+      for (int r = 0; r < rows; ++r) {
+        out[t * n + j0 + r] = narrow<Value>(sums[r] * x_scales[t] + (bias ? widen(bias[j0 + r]) : 0.0f));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// F.linear(x, scale * q, bias) for the few rows of a decode step: x (n_rows, k) and bias (n,) or none in float32
+// (x_bf16 0) or bf16 (1), q (n, k) int8, scales (n, k / 32) fp16 -> out (n_rows, n) in x's dtype; k a multiple of
+// 32. The threads split the weight rows; kQ8Rows rows are read from memory once for every row of x.
+void dsa_linear_rows_int8(const void* x, const int8_t* q, const uint16_t* scales, const void* bias, int64_t n_rows,
+                          int64_t n, int k, int x_bf16, void* out, int n_threads) {
+  if (x_bf16) {
+    linear_rows_int8(static_cast<const uint16_t*>(x), q, scales, static_cast<const uint16_t*>(bias), n_rows, n, k,
+                     static_cast<uint16_t*>(out), n_threads);
+  } else {
+    linear_rows_int8(static_cast<const float*>(x), q, scales, static_cast<const float*>(bias), n_rows, n, k,
+                     static_cast<float*>(out), n_threads);
+  }
+}
+
+// The int8 copy of a weight (n, k) in float32 (w_bf16 0) or bf16 (1), k a multiple of 32: per block of 32, scale =
+// max |w| / 127 rounded to fp16 and q = round(w * (1 / scale)), clamped to +-127 (0 for a block of zeros), as
+// cpu_dsa.quantize_int8_reference does.
+void dsa_quantize_int8(const void* w, int w_bf16, int64_t n, int k, int8_t* q, uint16_t* scales, int n_threads) {
+  const int64_t n_blocks = n * (k / kQ8Block);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    float values[kQ8Block];
+    for (int i = 0; i < kQ8Block; ++i) {
+      values[i] = w_bf16 ? widen(static_cast<const uint16_t*>(w)[b * kQ8Block + i])
+                         : static_cast<const float*>(w)[b * kQ8Block + i];
+    }
+    float most = 0.0f;
+    for (float v : values) most = std::max(most, std::fabs(v));
+    scales[b] = _cvtss_sh(most / 127.0f, _MM_FROUND_TO_NEAREST_INT);
+    const float scale = _cvtsh_ss(scales[b]);
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < kQ8Block; ++i) {
+      q[b * kQ8Block + i] = int8_t(std::lrint(std::clamp(values[i] * inverse, -127.0f, 127.0f)));
+    }
+  }
+}
+
+}  // extern "C"
+#endif  // AVX2, FMA, F16C
+
+// ---------------------------------------------------------------------------------------------------------------
 // bf16 kernels for CPUs with AVX512-BF16 (built where -march=native enables it; elsewhere the symbols are absent and
 // cpu_dsa.py keeps the float32 kernels above). On such CPUs the model runs in bf16: these kernels read its bf16
 // tensors as they are, with no float32 copy, and one AVX512-BF16 instruction takes 32 products where a float32 FMA

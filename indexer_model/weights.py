@@ -93,15 +93,20 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", kernels: str = "auto"
+    folder: Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
+    decode_weights: str | None = None,
 ) -> Transformer:
     """Our Transformer with the weights of an HF-format folder, in eval mode (dtype None: default_dtype), on the
-    attention backend `kernels` resolves to for that device and dtype."""
+    attention backend `kernels` resolves to for that device and dtype; `decode_weights` "model" keeps CPU decode
+    steps on the model's own weights instead of int8 copies (None: $DSARAG_DECODE_WEIGHTS, else int8)."""
     folder = Path(folder)
     dtype = dtype or default_dtype(device)
     _, args = load_config(folder)
     model = build_model(args, load_state_dict(folder, dtype), folder).to(device)
-    model.use_backend(resolve_backend(device, dtype, kernels))
+    model.use_backend(resolve_backend(device, dtype, kernels, decode_weights))
     return model
 
 

@@ -134,10 +134,13 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
             "install g++ with OpenMP (apt install g++), or point $CXX at a C++ compiler",
         )
         return
-    flavour = {
-        "cpu-amx": "bf16 on AMX, and bf16 decode steps' weight products",
-        "cpu-bf16": "bf16 on AVX512-BF16, and bf16 decode steps' weight products",
-    }.get(backend.name, "float32")
+    flavour = {"cpu-amx": "bf16 on AMX", "cpu-bf16": "bf16 on AVX512-BF16"}.get(backend.name, "float32")
+    if backend.int8_decode:
+        flavour += (
+            ", and decode steps' weight products on int8 copies (DSARAG_DECODE_WEIGHTS=model: the model's)"
+        )
+    elif backend.name != "cpu-fp32":
+        flavour += ", and bf16 decode steps' weight products"
     where = sparse_faster_range(backend.name)
     auto = (
         f"--attention auto runs DSA from {where[0]:,} tokens with k up to {where[1]:.1%} of the prompt"

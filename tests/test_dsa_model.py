@@ -210,6 +210,8 @@ def test_a_sparse_decode_step_projects_its_index_in_one_compiled_call(tiny, long
 @pytest.mark.needs_avx512_bf16
 def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt, monkeypatch):
     assert tiny.model.output.weight.dtype == torch.bfloat16  # an AVX512-BF16 CPU runs the model in bf16
+    backend = tiny.model.attention_backend()
+    tiny.model.use_backend(resolve_backend("cpu", torch.bfloat16, decode_weights="model"))  # not int8 copies
     compiled = cpu_dsa.linear_rows
 
     def checked(x, weight, bias):  # each product is PyTorch's to within bf16 rounding
@@ -218,9 +220,12 @@ def test_a_bf16_decode_step_runs_its_linears_in_compiled_calls(tiny, long_prompt
         return result
 
     monkeypatch.setattr(cpu_dsa, "linear_rows", checked)
-    steps, counts = compiled_and_pytorch_step(
-        tiny, long_prompt, monkeypatch, "linear_rows", "runs_linear_rows"
-    )
+    try:
+        steps, counts = compiled_and_pytorch_step(
+            tiny, long_prompt, monkeypatch, "linear_rows", "runs_linear_rows"
+        )
+    finally:
+        tiny.model.use_backend(backend)
     # A prefill's products stay PyTorch's but for its last logits; the step's 7 a layer and the output head.
     assert counts == {"compiled": (1, 7 * len(tiny.model.layers) + 1), "pytorch": (0, 0)}
     # Where PyTorch sums in another order (a Zen 4 EPYC), a product's last bit differs now and then and 30 layers

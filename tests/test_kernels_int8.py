@@ -1,0 +1,165 @@
+"""The int8 decode products (cpu_dsa.cpp dsa_linear_rows_int8, dsa_quantize_int8) against their PyTorch references,
+and the backend that runs them."""
+
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsarag.indexer_model.model import ModelArgs, Transformer
+from dsarag.kernels import cpu_dsa
+from dsarag.kernels.backend import resolve_backend
+
+
+@pytest.fixture
+def int8_kernels():
+    if not cpu_dsa.int8_ready():
+        pytest.skip("this CPU has no AVX2 + FMA + F16C: the int8 kernels are not built here")
+
+
+def weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Normal weights with a block of zeros and a block of tiny values (an fp16 subnormal scale)."""
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    weight[0, :32] = 0
+    weight[1, 32:64] *= 1e-6
+    return weight.to(dtype)
+
+
+@pytest.mark.needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_equals_reference(int8_kernels, dtype):
+    weight = weights(37, 96, dtype)
+    native, reference = cpu_dsa.quantize_int8(weight), cpu_dsa.quantize_int8_reference(weight)
+    assert native.q.dtype == torch.int8 and native.scales.shape == (37, 3)
+    assert torch.equal(native.q, reference.q) and torch.equal(native.scales, reference.scales)
+
+
+def test_int8_weights_are_within_half_a_step_of_the_weights():
+    weight = weights(16, 128, torch.float32)
+    packed = cpu_dsa.quantize_int8_reference(weight)
+    step = packed.scales.float().repeat_interleave(cpu_dsa.INT8_BLOCK, dim=1)
+    error = (packed.dequantize() - weight).abs()
+    assert (packed.dequantize()[0, :32] == 0).all()
+    assert error[1, 32:64].max() < 1e-5  # a scale below fp16's range: the block's values are lost, and tiny
+    error[1, 32:64] = 0
+    assert error.le(step / 2 * 1.001).all()
+
+
+@pytest.mark.needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows, bias", [(1, False), (3, True)])
+def test_decode_linear_equals_reference(int8_kernels, dtype, n_rows, bias):
+    """103 output rows (a partial block of four), 28 blocks of 32 (a partial group of block scales)."""
+    gen = torch.Generator().manual_seed(7)
+    packed = cpu_dsa.quantize_int8(weights(103, 896, dtype))
+    bias_values = torch.randn(103, generator=gen).to(dtype) if bias else None
+    x = torch.randn(1, n_rows, 896, generator=gen).to(dtype)
+    with torch.inference_mode():
+        assert cpu_dsa.runs_int8_rows(x, bias_values)
+        got = cpu_dsa.linear_rows_int8(x, packed, bias_values)
+        want = cpu_dsa.linear_int8_reference(x, packed, bias_values)
+    assert got.shape == want.shape and got.dtype == dtype
+    # x in int16 (2^-16 of its largest value) and sums in another order; bf16: one rounding step of the output.
+    tolerance = dict(rtol=2**-7, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.needs_compiler
+def test_the_product_leaves_prefill_gradients_and_odd_shapes_to_the_fallback(int8_kernels):
+    calls = []
+
+    def fallback(x, weight, bias):
+        calls.append(x.shape[1])
+        return F.linear(x, weight, bias)
+
+    weight = weights(8, 64, torch.float32)
+    product = cpu_dsa.int8_product(weight, fallback)
+    with torch.no_grad():
+        product(torch.randn(1, 1, 64), weight, None)
+        product(torch.randn(1, cpu_dsa.FEW_QUERIES, 64), weight, None)
+    product(torch.randn(1, 1, 64, requires_grad=True), weight, None)
+    assert calls == [cpu_dsa.FEW_QUERIES, 1]
+    assert cpu_dsa.int8_product(torch.randn(8, 48), fallback) is fallback
+
+
+def test_decode_weights_are_int8_unless_opted_out(monkeypatch):
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())
+    monkeypatch.setattr(cpu_dsa, "avx512_bf16_ready", lambda: False)
+    monkeypatch.setattr(cpu_dsa, "int8_ready", lambda: True)
+    monkeypatch.delenv("DSARAG_DECODE_WEIGHTS", raising=False)
+    assert resolve_backend("cpu", torch.float32).int8_decode
+    assert not resolve_backend("cpu", torch.float32, decode_weights="model").int8_decode
+    monkeypatch.setenv("DSARAG_DECODE_WEIGHTS", "model")
+    assert not resolve_backend("cpu", torch.bfloat16).int8_decode
+    assert not resolve_backend("cpu", torch.bfloat16, "torch").int8_decode
+    monkeypatch.setenv("DSARAG_DECODE_WEIGHTS", "int4")
+    with pytest.raises(ValueError, match="DSARAG_DECODE_WEIGHTS"):
+        resolve_backend("cpu", torch.float32)
+    monkeypatch.setattr(cpu_dsa, "int8_ready", lambda: False)  # a CPU without AVX2
+    assert not resolve_backend("cpu", torch.float32, decode_weights="int8").int8_decode
+
+
+def small_model() -> Transformer:
+    args = ModelArgs("qwen2", 512, 128, 2, 4, 2, 32, 256, 10_000.0, 1e-6, 64, True, True)
+    torch.manual_seed(0)
+    return Transformer(args).eval()
+
+
+@pytest.mark.needs_compiler
+def test_a_decode_step_on_int8_weights_ranks_tokens_like_the_model_weights(int8_kernels):
+    model = small_model()
+    prompt, steps = torch.randint(0, 512, (1, 20)), {}
+    with torch.inference_mode():
+        for weights_choice in ("model", "int8"):
+            model.use_backend(resolve_backend("cpu", torch.float32, decode_weights=weights_choice))
+            model.setup_caches(1, 32)
+            model(prompt, torch.arange(20))
+            steps[weights_choice] = model(prompt[:, -1:], torch.tensor([20]))[0, -1]
+            model.clear_caches()
+    assert steps["int8"].topk(5).indices.equal(steps["model"].topk(5).indices)
+    torch.testing.assert_close(steps["int8"], steps["model"], rtol=0, atol=0.05 * steps["model"].abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.needs_compiler
+def test_the_avx2_build_equals_the_native_build(int8_kernels, tmp_path):
+    """Laptops without AVX-512 run the AVX2 branch: build it (x86-64-v3) and compare."""
+    import ctypes
+
+    target = tmp_path / "cpu_dsa_avx2.so"
+    flags = [flag for flag in cpu_dsa.FLAGS if flag != "-march=native"]
+    subprocess.run(["g++", *flags, "-march=x86-64-v3", "-o", str(target), str(cpu_dsa.SOURCE)], check=True)
+    avx2 = ctypes.CDLL(str(target))
+    avx2.dsa_linear_rows_int8.argtypes = cpu_dsa._SIGNATURES["dsa_linear_rows_int8"]
+    packed = cpu_dsa.quantize_int8(weights(103, 896, torch.float32))
+    x, bias = torch.randn(2, 896), torch.randn(103)
+    native = cpu_dsa.linear_rows_int8(x, packed, bias)
+    out = torch.empty(2, 103)
+    avx2.dsa_linear_rows_int8(
+        x.data_ptr(), packed.q.data_ptr(), packed.scales.data_ptr(), bias.data_ptr(), 2, 103, 896, 0,
+        out.data_ptr(), 1,
+    )  # fmt: skip
+    torch.testing.assert_close(out, native, rtol=1e-5, atol=1e-4)
+
+
+def test_doctor_names_the_int8_decode_products(monkeypatch):
+    from dsarag.indexer_model import weights
+    from dsarag.rag.doctor import DoctorReport, _check_cpu_kernels
+
+    monkeypatch.setattr(cpu_dsa, "native_library", lambda: object())
+    monkeypatch.setattr(cpu_dsa, "amx_ready", lambda: False)
+    monkeypatch.setattr(cpu_dsa, "avx512_bf16_ready", lambda: False)
+    monkeypatch.setattr(cpu_dsa, "int8_ready", lambda: True)
+    monkeypatch.setattr(weights, "default_dtype", lambda device: torch.float32)
+    monkeypatch.delenv("DSARAG_DECODE_WEIGHTS", raising=False)
+    report = DoctorReport()
+    _check_cpu_kernels(report)
+    assert (
+        "(backend cpu-fp32: float32, and decode steps' weight products on int8 copies"
+        in report.checks[0].detail
+    )
+    monkeypatch.setenv("DSARAG_DECODE_WEIGHTS", "model")
+    report = DoctorReport()
+    _check_cpu_kernels(report)
+    assert "int8" not in report.checks[0].detail
