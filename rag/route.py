@@ -117,7 +117,7 @@ def choose_strategy(features: QueryFeatures, llm: dict[str, float]) -> Decision:
 
 
 def choose_complexity(features: QueryFeatures, llm: dict[str, float]) -> Decision:
-    """The task complexity that sets the top-k ratio (rag/budget.py)."""
+    """The task complexity that sets the top-k ratio (indexer_model/attention_policy.py)."""
     evidence = {
         "keyword": _evidence(bool(features.identifiers), FEATURE_WEIGHT),
         "question": 0.0,
