@@ -119,6 +119,8 @@ def test_topk_select_on_all_negative_index_weights_never_needs_the_whole_row(spl
     got, fell_back = topk_select(scores, 508, 512, topk=32, block=64, split=split, return_fallback=True)
     assert not fell_back.any()
     assert_selects_the_reference(got, scores, q_start=508, n_keys=512, topk=32)
+    start = torch.tensor([508], device=DEVICE)  # a captured decode step reads the position on the device
+    assert torch.equal(topk_select(scores, start, 512, topk=32, block=64, split=split), got)
 
 
 def rows_with_ties(n_keys: int, topk: int, seed: int) -> torch.Tensor:
