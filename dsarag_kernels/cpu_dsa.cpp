@@ -600,20 +600,31 @@ void dsa_linear_rows_int8(const void* x, const int8_t* q, const uint16_t* scales
 // cpu_dsa.quantize_int8_reference does.
 void dsa_quantize_int8(const void* w, int w_bf16, int64_t n, int k, int8_t* q, uint16_t* scales, int n_threads) {
   const int64_t n_blocks = n * (k / kQ8Block);
+  const __m256 sign = _mm256_set1_ps(-0.0f), top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t b = 0; b < n_blocks; ++b) {
-    float values[kQ8Block];
-    for (int i = 0; i < kQ8Block; ++i) {
-      values[i] = w_bf16 ? widen(static_cast<const uint16_t*>(w)[b * kQ8Block + i])
-                         : static_cast<const float*>(w)[b * kQ8Block + i];
+    __m256 values[kQ8Block / 8];
+    for (int i = 0; i < kQ8Block / 8; ++i) {
+      const int64_t at = b * kQ8Block + 8 * i;
+      values[i] = w_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                               _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                   reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + at))),
+                               16))
+                         : _mm256_loadu_ps(static_cast<const float*>(w) + at);
     }
-    float most = 0.0f;
-    for (float v : values) most = std::max(most, std::fabs(v));
-    scales[b] = _cvtss_sh(most / 127.0f, _MM_FROUND_TO_NEAREST_INT);
+    __m256 most = _mm256_andnot_ps(sign, values[0]);
+    for (int i = 1; i < kQ8Block / 8; ++i) most = _mm256_max_ps(most, _mm256_andnot_ps(sign, values[i]));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, most);
+    const float largest = *std::max_element(lanes, lanes + 8);
+    scales[b] = _cvtss_sh(largest / 127.0f, _MM_FROUND_TO_NEAREST_INT);
     const float scale = _cvtsh_ss(scales[b]);
-    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-    for (int i = 0; i < kQ8Block; ++i) {
-      q[b * kQ8Block + i] = int8_t(std::lrint(std::clamp(values[i] * inverse, -127.0f, 127.0f)));
+    const __m256 inverse = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    for (int i = 0; i < kQ8Block / 8; ++i) {  // rounded to nearest even, as torch.round
+      const __m256 level = _mm256_max_ps(bottom, _mm256_min_ps(top, _mm256_mul_ps(values[i], inverse)));
+      int32_t levels[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels), _mm256_cvtps_epi32(level));
+      for (int l = 0; l < 8; ++l) q[b * kQ8Block + 8 * i + l] = int8_t(levels[l]);
     }
   }
 }
