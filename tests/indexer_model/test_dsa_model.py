@@ -22,7 +22,7 @@ from dsarag.kernels import cpu_dsa
 from dsarag.kernels.backend import TORCH, resolve_backend
 from dsarag.rag.doctor import DoctorReport, _check_cpu_kernels
 
-TEXT = Path(__file__).parent.parent / "corpora" / "demo" / "docs"
+TEXT = Path(__file__).parents[2] / "corpora" / "demo" / "docs"
 
 
 @pytest.fixture(scope="module")

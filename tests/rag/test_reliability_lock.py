@@ -18,7 +18,7 @@ from dsarag.rag.lock import LOCK_NAME, lock_holder, store_write_lock
 from dsarag.rag.retrieve import Retriever
 from dsarag.rag.store import ChunkStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def hold_lock(store: Path, seconds: float) -> subprocess.Popen:

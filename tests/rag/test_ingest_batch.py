@@ -24,7 +24,7 @@ from dsarag.rag.retrieve import Retriever
 from dsarag.rag.store import ChunkStore
 from dsarag.rag.store_index import index_info, update_index
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def records(n: int, prefix: str = "r") -> list[dict]:
