@@ -8,7 +8,7 @@ commits (0 = as soon as it holds the store lock), plus a random part of a typica
 by the reference run) — so kills land while embedding, while a shard or index is written, between commits. After every kill the store must pass
 `check_store` (the last commit intact: manifest, Parquet and index agree, no duplicate id; files of the killed
 writer are allowed). Then an ingest runs to the end, and the store must hold exactly the reference run's
-chunk ids, fully indexed, with nothing left over. Used by tests/test_reliability_crash.py (a few trials) and
+chunk ids, fully indexed, with nothing left over. Used by tests/rag/test_reliability_crash.py (a few trials) and
 benchmarks/crash_trials.py (the recorded run).
 """
 

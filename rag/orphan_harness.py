@@ -1,6 +1,6 @@
 """No-orphan trials: start `dsarag ingest` with read/chunk workers, kill it while it works, and watch through
 /proc whether any process it had (its workers, the multiprocessing resource tracker) outlives it
-(rag/parent_death.py makes them end). Linux only. Used by tests/test_reliability_orphans.py (a few trials) and
+(rag/parent_death.py makes them end). Linux only. Used by tests/rag/test_reliability_orphans.py (a few trials) and
 benchmarks/orphan_trials.py (the recorded run).
 """
 
