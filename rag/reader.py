@@ -45,7 +45,7 @@ _OPEN_QUESTION = re.compile(
     re.I,
 )
 _ALTERNATIVES = re.compile(r",?\s+or\s+[^,?]+\?\s*$", re.I)  # "…, A or B?" names its answers
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w|\.\d)")  # a sentence's full stop ends a number
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w|\.\d|')")  # a full stop ends a number; 70's is a decade
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 # Capitalized words that are a question's grammar, not a name it asks about.
 _NOT_NAMES = frozenset(

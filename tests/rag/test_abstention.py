@@ -37,3 +37,5 @@ def test_the_refusal_names_what_the_sources_do_not_mention():
     assert declined_for_missing_terms("When did filming start in England?", packed) is None
     missing_year = declined_for_missing_terms("When did filming start in England in 2004?", packed)
     assert missing_year.features == {"missing_numbers": ["2004"]}
+    decade = "Was Spectre filmed in England in the 70's?"
+    assert declined_for_missing_terms(decade, packed) is None
