@@ -200,6 +200,7 @@ def meter_generation(generator: "Generator", generation: "GenerationResult", gpu
         dense_tail=generation.dense_tail if sparse else auto.dense_tail,
     )
     meter["measured"]["peak_memory_mb"] = round(peak_memory_mb(str(generator.model.output.weight.device)), 1)
+    meter["measured"]["backend"] = generation.backend  # the kernels the measured seconds ran on
     return meter
 
 
