@@ -57,9 +57,18 @@ def cpu_description() -> dict:
 class LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, gguf: Path, context: int, threads: int) -> None:
+    def __init__(self, gguf: Path, context: int, threads: int, extra_buffers: bool) -> None:
+        import llama_cpp.llama_cpp as bindings
         from llama_cpp import Llama
 
+        defaults = bindings.llama_model_default_params
+
+        def model_params():  # Llama() takes no use_extra_bufts: set it where it reads the defaults
+            params = defaults()
+            params.use_extra_bufts = extra_buffers
+            return params
+
+        bindings.llama_model_default_params = model_params
         self.llm = Llama(
             str(gguf),
             n_ctx=context,
@@ -109,6 +118,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="llama.cpp,model,int8", help="llama.cpp, model, int8")
+    parser.add_argument(
+        "--llama-extra-buffers",
+        choices=("on", "off"),
+        default="off" if "amx_int8" in cpu_description()["flags"] else "on",
+        help="llama.cpp's repacked weight buffers; off on AMX CPUs, where its AMX product crashed (0.3.36)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,7 +140,8 @@ def main() -> None:
     wanted = args.engines.split(",")
     engines = [Dsarag(folder, tokenizer, choice) for choice in ("model", "int8") if choice in wanted]
     if "llama.cpp" in wanted:
-        engines.insert(0, LlamaCpp(gguf, max(lengths) + args.new_tokens + 8, args.threads))
+        context = max(lengths) + args.new_tokens + 8
+        engines.insert(0, LlamaCpp(gguf, context, args.threads, args.llama_extra_buffers == "on"))
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
@@ -134,6 +150,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "dsarag_dtype": str(default_dtype("cpu")),
         "gguf": gguf.name,
+        "llama_extra_buffers": args.llama_extra_buffers,
         "rows": [],
     }
     for length in lengths:
@@ -146,7 +163,11 @@ def main() -> None:
             engine.run(ids[:64], 4)
         for _ in range(args.repeats):
             for engine in engines:
-                runs[engine.name].append(engine.run(ids, args.new_tokens))
+                prefill_s, decode_s, steps = engine.run(ids, args.new_tokens)
+                runs[engine.name].append((prefill_s, decode_s, steps))
+                print(
+                    f"  {length} {engine.name}: {prefill_s:.2f} s, {steps / decode_s:.2f} tok/s", flush=True
+                )
         for name, measured in runs.items():
             row = {
                 "engine": name,
