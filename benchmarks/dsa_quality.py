@@ -18,7 +18,7 @@ Four steps; the GPU machine has no tokenizer, so NIAH prompts are tokenized here
 only where `--md` names (required): docs/dsa-quality.md, the tables of the shipped checkpoint, is curated by hand
 from such reports, and no default overwrites it. The modes, the merge, the scoring, the goals and the Markdown
 are evals/dsa_quality_report.py. Held-out text: token ids of the Python 3.11 docs' `whatsnew/` folder (the
-indexers were trained on the other parts; docs/benchmarks.md, "Indexer training").
+indexers were trained on the other parts; docs/benchmarks-pipeline.md, "Indexer training").
 """
 
 import argparse

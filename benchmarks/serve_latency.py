@@ -1,6 +1,6 @@
 """`dsarag ask` on the demo corpus in a fresh process against the same command answered by a warm `dsarag serve`,
 and a streamed chat completion's time to first token against its prefill. The recorded run in
-docs/benchmarks.md ("Warm server"):
+docs/benchmarks-pipeline.md ("Warm server"):
 
     .venv/bin/python benchmarks/serve_latency.py --runs 3
 """

@@ -1,6 +1,6 @@
 """Indexer checkpoints mixed layer by layer, each layer taken from the checkpoint that gives the model the lower
 loss. `benchmarks/layer_mix.py` runs it on selection text and writes the mix as a checkpoint; half the layers of
-the default model's shipped indexers came from it (docs/benchmarks.md, sessions 22 and 23)."""
+the default model's shipped indexers came from it (docs/benchmarks-pipeline.md, "Indexer training")."""
 
 import json
 from collections.abc import Callable
@@ -91,7 +91,7 @@ def single_swaps(
     topks: list[int],
     log: Callable[[str], None] = print,
 ) -> tuple[list[int], dict]:
-    """Session 22's rule: (the layers of `other` whose swap into `base` lowers the NLL at every k, the scores)."""
+    """The layers of `other` whose swap into `base` lowers the NLL at every k, and the scores."""
     result: dict = {}
     for k in topks:
         row = {"base": nll(base, k), "other": nll(other, k)}

@@ -22,14 +22,14 @@ from dsarag.base.errors import BadInputError
 # IVF+OPQ for large or memory-bound stores.
 FLAT_MAX_CHUNKS = 50_000
 HNSW_MAX_CHUNKS = 2_000_000
-# Measured in docs/benchmarks.md, issue 7 (100K/200K vectors clustered around real MiniLM embeddings, one
+# Measured in docs/benchmarks-pipeline.md, issue 7 (100K/200K vectors clustered around real MiniLM embeddings, one
 # thread): efSearch 128 gives recall@10 1.0 at ≈ 0.3 ms/query; 64 does too at half that, kept as headroom
 # for stores up to HNSW_MAX_CHUNKS and for real embeddings.
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 32
 # A refined index re-scores k * REFINE_K_FACTOR candidates: fewer lose true neighbours that the PQ codes rank
-# too low, more only cost time (docs/benchmarks.md, issue 44).
+# too low, more only cost time (docs/benchmarks-pipeline.md, issue 44).
 REFINE_K_FACTOR = 16
 # IVF training sample per inverted list: FAISS warns below 39, more than 256 adds little.
 IVF_TRAIN_MIN_PER_LIST = 30
