@@ -46,9 +46,12 @@ def oracle_selection(model: Transformer, enabled: bool = True) -> Iterator[None]
     if not enabled:
         yield
         return
-    backend = model.backend
-    model.use_backend(replace(backend, selection=oracle_topk))
+    backend = model.attention_backend()
+    oracle = replace(backend, selection=oracle_topk)  # on the attention only: the Linears keep their products
+    for layer in model.layers:
+        layer.attention.backend = oracle
     try:
         yield
     finally:
-        model.use_backend(backend)
+        for layer in model.layers:
+            layer.attention.backend = backend
