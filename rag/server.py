@@ -402,13 +402,7 @@ def create_app(
 
         job = worker.submit(generate)
         if not request.stream:
-            try:
-                result = await job
-            except GenerationStopped:
-                raise stopping_error() from None
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
+            result = await job_result(job, cancelled)
             log(result)
             choice = {
                 "index": 0,
@@ -498,13 +492,7 @@ def create_app(
 
         job = worker.submit(answer)
         if not request.stream:
-            try:
-                result = await job
-            except GenerationStopped:
-                raise stopping_error() from None
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
+            result = await job_result(job, cancelled)
             return Response(json.dumps(reply(result), default=str), media_type="application/json")
 
         async def stream() -> AsyncIterator[str]:
@@ -527,6 +515,18 @@ def create_app(
 
 
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def job_result(job: asyncio.Future, cancelled: threading.Event) -> Any:
+    """The model job's result: a stop signal becomes the 503 of a stopping server, and a client that leaves
+    cancels the generation at its next token."""
+    try:
+        return await job
+    except GenerationStopped:
+        raise stopping_error() from None
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
 
 
 async def _texts_until(job: asyncio.Future, events: asyncio.Queue) -> AsyncIterator[Any]:
