@@ -297,10 +297,15 @@ def missing_numbers(question: str, source_text: str) -> list[str]:
     return [number for number in _NUMBER.findall(question.replace(",", "")) if number not in held]
 
 
+def _ascii_words(text: str) -> list[str]:
+    """The words of `text` without accents ("Frédéric" → "Frederic"), a typographic apostrophe kept as "'"."""
+    folded = unicodedata.normalize("NFKD", text.replace("\u2019", "'")).encode("ascii", "ignore").decode()
+    return _WORD.findall(folded)
+
+
 def _folded_stems(text: str) -> set[str]:
     """Lower-case words without accents and plural / possessive endings: "Frédéric's" and "frederic" match."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return {_stem(word.lower()) for word in _WORD.findall(ascii_text.replace("\u2019", "'"))}
+    return {_stem(word.lower()) for word in _ascii_words(text)}
 
 
 def _stem(word: str) -> str:
@@ -315,7 +320,7 @@ def missing_names(question: str, source_text: str) -> list[str]:
     source holds, accents and plural endings aside ("filming started in Australia" against sources that name
     England only). Acronyms are left out: sources often spell them out (NYC, New York City)."""
     held = _folded_stems(source_text)
-    words = _WORD.findall(unicodedata.normalize("NFKD", question).encode("ascii", "ignore").decode())
+    words = _ascii_words(question)
     names = [
         w for w in words[1:] if w[0].isupper() and not w.isupper() and len(w) >= 3 and w not in _NOT_NAMES
     ]
