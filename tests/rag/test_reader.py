@@ -12,7 +12,15 @@ from dsarag.rag.ask import AskOptions
 from dsarag.rag.grounding import cited_by_model
 from dsarag.rag.pack import pack_sources
 from dsarag.rag.query_features import query_features
-from dsarag.rag.reader import CopyConstraint, missing_numbers, read, reading_mode, sentence_with
+from dsarag.rag.reader import (
+    CopyConstraint,
+    declined_for_missing_terms,
+    missing_names,
+    missing_numbers,
+    read,
+    reading_mode,
+    sentence_with,
+)
 from dsarag.rag.retrieve import Hit
 from dsarag.rag.route import choose_strategy, label_scores
 
@@ -80,6 +88,36 @@ def test_a_number_the_source_does_not_hold_means_the_source_answers_another_ques
     assert missing_numbers("Which company was targeted by hackers in November 2004?", source) == ["2004"]
     assert missing_numbers("Which company was targeted by hackers in November 2014?", source) == []
     assert missing_numbers("How many cabs are there?", "about 12,000 cabs") == []
+
+
+def test_a_name_no_source_holds_is_missing_accents_and_plurals_aside():
+    source = "Filming of Spectre began in England in December 2014. Frédéric Chopin's études are played."
+    assert missing_names("When did filming start in Australia?", source) == ["Australia"]
+    assert missing_names("When did filming start in England?", source) == []
+    assert missing_names("Which études did Frederic Chopin write?", source) == []  # é and ’s folded
+    # The first word and a question's capitalized grammar are not names it asks about.
+    assert missing_names("Spectre: When and Where did filming start?", "filming began") == []
+    assert missing_names("Did the Beatles play in Hamburg?", "The Beatle played in Hamburg.") == []
+    assert (
+        missing_names("How much rain does NYC get?", "New York City gets 50 inches of rain.") == []
+    )  # acronyms
+
+
+def test_the_refusal_names_what_the_sources_do_not_mention():
+    packed = pack_sources(
+        [hit("Filming of Spectre began in England in December 2014.", "spectre.md")], lambda text: 12, 400
+    )
+    reading = declined_for_missing_terms("When did filming start in Australia in 2014?", packed)
+    assert reading is not None and not reading.answerable
+    assert reading.features == {"missing_names": ["Australia"]}
+    assert reading.reply(packed).startswith(
+        "The documents do not contain the answer (none of them mentions Australia)"
+    )
+    assert declined_for_missing_terms("When did filming start in England?", packed) is None
+    missing_year = declined_for_missing_terms("When did filming start in England in 2004?", packed)
+    assert missing_year.features == {"missing_numbers": ["2004"]}
+    decade = "Was Spectre filmed in England in the 70's?"
+    assert declined_for_missing_terms(decade, packed) is None
 
 
 def test_a_factoid_answer_is_a_span_of_the_source_it_cites(tiny):
