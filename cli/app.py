@@ -178,7 +178,9 @@ def ask(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf"
+            "--model",
+            help="default | tiny | registry name | HF model dir | HF id in the local cache | .gguf | "
+            "openai:http://HOST:PORT/v1[#MODEL] (a served model; key in $DSARAG_OPENAI_API_KEY)",
         ),
     ] = None,
     chunks: Annotated[int, typer.Option("--chunks", help="Chunks to retrieve.", min=1)] = 6,

@@ -110,7 +110,9 @@ def run(
     ] = Path("dsarag-evals"),  # fmt: skip
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Generator, as `dsarag ask --model` (default, tiny, a path)."),
+        typer.Option(
+            "--model", help="Generator, as `dsarag ask --model` (default, tiny, a path, openai:URL#MODEL)."
+        ),
     ] = None,  # fmt: skip
     limit: Annotated[
         int | None, typer.Option("--limit", help="At most N items (questions, cases, settings).")
@@ -158,6 +160,13 @@ def run(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Start over instead of resuming OUT/SUITE/.")
     ] = False,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            help="docqa/routing/temporal: questions asked at once; default 4 for a served model (openai:…), 1 here.",
+        ),
+    ] = None,  # fmt: skip
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary JSON on stdout.")] = False,
 ) -> None:
     """Run a suite; exit 7 when a metric misses its threshold (the reports are written either way)."""
@@ -183,6 +192,7 @@ def run(
         device=device,
         thresholds=threshold or [],
         fresh=fresh,
+        concurrency=concurrency,
     )
     summaries = run_suites(options, stderr)
     for summary in summaries:

@@ -9,7 +9,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatch
@@ -24,6 +25,9 @@ from dsarag.base.errors import BadInputError
 if TYPE_CHECKING:
     from dsarag.indexer_model.generate import Generator
     from dsarag.rag.embed import Embedder
+    from dsarag.rag.remote_generator import RemoteGenerator
+
+SERVED_IN_FLIGHT = 4  # questions asked at once of a served model (--concurrency), so its batching has work
 
 EXIT_THRESHOLD = 7  # documented in the README: an eval finished but missed one of its thresholds
 
@@ -48,6 +52,16 @@ class EvalOptions:
     device: str = "cpu"
     thresholds: list[str] = field(default_factory=list)  # "metric>=value" / "metric<=value", glob names
     fresh: bool = False  # forget finished items of an earlier run in the same folder
+    concurrency: int | None = (
+        None  # items computed at once; None: SERVED_IN_FLIGHT for a served model, else 1
+    )
+
+    def in_flight(self) -> int:
+        from dsarag.rag.remote_endpoint import is_remote_spec
+
+        if self.concurrency is not None:
+            return self.concurrency
+        return SERVED_IN_FLIGHT if is_remote_spec(self.model) else 1
 
     def fingerprint(self) -> dict:
         """The options that change an item's result: a resumed run must share them. (Grid options — lengths,
@@ -172,16 +186,48 @@ class SuiteRun:
 
     def __init__(self, options: EvalOptions, folder: Path, log: ItemLog, console: Console) -> None:
         self.options, self.folder, self.log, self.console = options, folder, log, console
-        self._generator: Generator | None = None
+        self._generator: Generator | RemoteGenerator | None = None
         self._embedder: Embedder | None = None
+        self.computed, self.compute_s = 0, 0.0  # items computed by this run (not resumed) and their wall time
 
-    def generator(self) -> "Generator":
+    def generator(self) -> "Generator | RemoteGenerator":
         if self._generator is None:
-            from dsarag.indexer_model.generate import load_generator
+            from dsarag.rag.generators import open_generator
 
             self.console.log(f"loading generator {self.options.model or 'default'}")
-            self._generator = load_generator(self.options.model, device=self.options.device)
+            self._generator = open_generator(self.options.model, device=self.options.device)
         return self._generator
+
+    def logged_rows(
+        self,
+        items: Sequence,
+        key: Callable[[object], str],
+        compute: Callable[[object], dict],
+        what: Callable[[object], str],
+    ) -> list[dict]:
+        """Each item's logged row, in item order; new items are computed (up to `in_flight()` at once, for a
+        served model) and each row is logged by this thread as it finishes, so a failure loses no finished row
+        and writes no partial one."""
+        todo = [item for item in items if self.log.get(key(item)) is None]
+        workers = min(self.options.in_flight(), max(len(todo), 1))
+        started = time.perf_counter()
+        if workers == 1:
+            for number, item in enumerate(todo, start=1):
+                self.progress(number, len(todo), what(item))
+                self.log.record(key(item), compute(item))
+        else:
+            pool = ThreadPoolExecutor(workers)
+            try:
+                futures = {pool.submit(compute, item): item for item in todo}
+                for number, future in enumerate(as_completed(futures), start=1):
+                    item = futures[future]
+                    self.log.record(key(item), future.result())
+                    self.progress(number, len(todo), what(item))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.computed += len(todo)
+        self.compute_s += time.perf_counter() - started
+        return [self.log.get(key(item)) for item in items]
 
     def embedder(self) -> "Embedder":
         if self._embedder is None:

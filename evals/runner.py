@@ -18,6 +18,7 @@ from dsarag.evals.run import (
 )
 from dsarag.evals.suites import SUITES
 from dsarag.rag.ask import READERS
+from dsarag.rag.remote_endpoint import is_remote_spec
 
 ATTENTION_MODES = ("dense", "sparse", "auto")
 
@@ -39,6 +40,13 @@ def check_options(options: EvalOptions) -> None:
         raise BadInputError(f"--limit {options.limit}: use a positive number of items")
     if options.repeats < 1:
         raise BadInputError(f"--repeats {options.repeats}: use 1 or more")
+    if options.concurrency is not None and options.concurrency < 1:
+        raise BadInputError(f"--concurrency {options.concurrency}: use 1 or more")
+    if options.in_flight() > 1 and not is_remote_spec(options.model):
+        raise BadInputError(
+            f"--concurrency {options.concurrency}: a model in this process answers one question at a time — "
+            "serve it (`dsarag serve`) and pass --model openai:http://127.0.0.1:PORT/v1"
+        )
     if options.context_tokens < 64:
         raise BadInputError(
             f"--context-tokens {options.context_tokens}: give at least 64 tokens for the sources"
@@ -71,8 +79,16 @@ def run_suite(options: EvalOptions, console: Console) -> dict:
     if log.done:
         console.log(f"resuming: {len(log.done)} items already done in {log.path}")
     started = time.perf_counter()
-    result = suite.run(SuiteRun(options, folder, log, console))
+    run = SuiteRun(options, folder, log, console)
+    result = suite.run(run)
     summary = summarize(options, suite.NAME, result, check_thresholds(result.metrics, thresholds), time.perf_counter() - started)  # fmt: skip
+    if run.computed:
+        summary["throughput"] = {
+            "items": run.computed,
+            "seconds": round(run.compute_s, 2),
+            "items_per_s": round(run.computed / run.compute_s, 3),
+            "in_flight": options.in_flight(),
+        }
     summary["files"] = [str(path) for path in write_reports(folder, summary)] + [str(folder / name) for name in result.plots]  # fmt: skip
     return summary
 

@@ -254,6 +254,9 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self.chat_prompt_ids(messages))
+
     def answer(
         self,
         messages: list[dict],

@@ -24,9 +24,11 @@ from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cite
 from dsarag.rag.pack import PackedContext, build_messages, pack_sources
 from dsarag.rag.query_features import QueryFeatures, query_features
 from dsarag.rag.reader import Reading, declined_for_missing_terms, read, reading_mode
+from dsarag.rag.reader_remote import read_served
+from dsarag.rag.remote_generator import RemoteGenerator
 from dsarag.rag.rerank import RecencyBlend
 from dsarag.rag.retrieve import Hit, Retriever
-from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval, label_scores
+from dsarag.rag.route import choose_complexity, choose_strategy, decide_retrieval, label_scores, model_voted
 from dsarag.rag.strategies import retrieve_rankings, write_sub_questions
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ class AgentState(TypedDict, total=False):
 class AgentContext:
     options: "AskOptions"
     retriever: Retriever | None  # None when asked without a store (--strategy none)
-    generator: Generator
+    generator: Generator | RemoteGenerator
     on_text: Callable[[str], None] | None = None  # each attempt's answer text as it is generated
     on_retry: Callable[[str], None] | None = None  # the check starts another attempt, for this reason
 
@@ -131,7 +133,7 @@ def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         best = runtime.context.retriever.semantic(question, 1)
         scores = label_scores(question, runtime.context.generator, ("retrieval",))
         decision = decide_retrieval(features, best[0].score if best else 0.0, scores["retrieval"])
-        retrieval, reason = decision.choice, decision.reason
+        retrieval, reason = decision.choice, decision.reason + _without_model_vote(runtime.context.generator)
     update: dict = {"features": features, "retrieval": retrieval}
     if retrieval == "no_retrieve":
         update |= {"strategy": "none", "packed": None}
@@ -154,14 +156,19 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         strategy, strategy_reason = options.strategy, f"forced by --strategy {options.strategy}"
     else:
         decision = choose_strategy(features, scores["strategy"])
-        strategy, strategy_reason = decision.choice, decision.reason
+        strategy, strategy_reason = decision.choice, decision.reason + _without_model_vote(generator)
     complexity = choose_complexity(features, scores["complexity"])
     queries = [question]
     if strategy == "multi-query":
         queries += list(features.compared) or write_sub_questions(question, generator)
     trace = [
         {"node": "plan", "decision": "strategy", "choice": strategy, "reason": strategy_reason},
-        {"node": "plan", "decision": "complexity", "choice": complexity.choice, "reason": complexity.reason},
+        {
+            "node": "plan",
+            "decision": "complexity",
+            "choice": complexity.choice,
+            "reason": complexity.reason + _without_model_vote(generator),
+        },
     ]
     if strategy == "temporal":
         window = features.window.describe() if features.window else "none: newest available"
@@ -241,7 +248,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     retrieved = packed is not None and bool(packed.sources)
     mode = reading_mode(question, options.reader) if retrieved else "free"
     messages = build_messages(question, packed)
-    prompt_tokens = len(generator.chat_prompt_ids(messages))
+    prompt_tokens = generator.prompt_tokens(messages)
     budget = topk_budget(
         state.get("complexity", "document_qa"), prompt_tokens, options.attention_topk, options.critical
     )
@@ -260,7 +267,8 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         )
     else:
         compared = state["features"].compared if "features" in state else ()
-        reading = read(mode, generator, question, packed, attention, budget.topk, compared)
+        reader = read_served if isinstance(generator, RemoteGenerator) else read
+        reading = reader(mode, generator, question, packed, attention, budget.topk, compared)
         generation = replace(reading.generation, text=reading.reply(packed))
     entry = {
         "node": "generate",
@@ -344,6 +352,10 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     }
 
 
-def _context_room(options: "AskOptions", generator: Generator) -> int:
+def _without_model_vote(generator: Generator | RemoteGenerator) -> str:
+    return "" if model_voted(generator) else " (no LLM vote: the server offers no log-probabilities)"
+
+
+def _context_room(options: "AskOptions", generator: Generator | RemoteGenerator) -> int:
     """Tokens the sources may take: the model's context less the template, question and answer."""
     return generator.max_context - ANSWER_RESERVE_TOKENS - options.max_new_tokens

@@ -21,6 +21,7 @@ from dsarag.rag.store import ChunkStore
 
 if TYPE_CHECKING:
     from dsarag.indexer_model.generate import GenerationResult, Generator
+    from dsarag.rag.remote_generator import RemoteGenerator
     from dsarag.rag.warm_models import WarmModels
 
 ATTENTION_MODES = ("auto", "dense", "sparse")
@@ -83,8 +84,8 @@ def ask(
         )
     if options.store is None and options.strategy != "none":
         raise BadInputError("no store given — pass --store PATH or --docs DIR (or --strategy none)")
-    from dsarag.indexer_model.generate import load_generator
     from dsarag.rag.agent import AgentContext, run_agent
+    from dsarag.rag.generators import open_generator
 
     timings: dict[str, float] = {}
     report: IngestReport | None = None
@@ -102,7 +103,7 @@ def ask(
         retriever = warm.retriever(store) if warm is not None else Retriever(store, embedder)
 
     started = time.perf_counter()
-    generator = warm.generator if warm is not None else load_generator(options.model)
+    generator = warm.generator if warm is not None else open_generator(options.model)
     timings["load_model_s"] = time.perf_counter() - started
 
     streaming = AnswerStream(on_text, on_retry) if stream and on_text is not None else None
@@ -180,11 +181,18 @@ def refresh_store(
         return None
 
 
-def meter_generation(generator: "Generator", generation: "GenerationResult", gpu: GpuSpec) -> dict:
+def meter_generation(
+    generator: "Generator | RemoteGenerator", generation: "GenerationResult", gpu: GpuSpec
+) -> dict:
     """The cost meter of one generation: the mode that ran against the other, at the answer's top-k. The sparse
     side prefills and decodes as the sparse run did, or, after a dense run, as `--attention auto` would."""
     from dsarag.indexer_model.attention_policy import auto_dsa
     from dsarag.indexer_model.dsa import DSAConfig
+    from dsarag.rag.remote_generator import RemoteGenerator
+    from dsarag.rag.served_models import meter_served
+
+    if isinstance(generator, RemoteGenerator):
+        return meter_served(generator, generation, gpu)
 
     sparse = generation.attention == "sparse"
     auto = auto_dsa(generation.topk or DSAConfig().topk)  # what the sparse side runs after a dense answer
@@ -205,12 +213,17 @@ def meter_generation(generator: "Generator", generation: "GenerationResult", gpu
 
 
 def compare_modes(
-    generator: "Generator", messages: list[dict], first: "GenerationResult", options: AskOptions
+    generator: "Generator | RemoteGenerator",
+    messages: list[dict],
+    first: "GenerationResult",
+    options: AskOptions,
 ) -> dict:
     """Answer the same prompt in the other attention mode (dense after sparse, sparse after dense) and
     report the measured speedup of sparse and whether the answers agree."""
+    if first.attention not in ("dense", "sparse"):
+        return {"skipped": f"{generator.name} chooses its own attention: compare the modes where it runs"}
     other_mode = "dense" if first.attention == "sparse" else "sparse"
-    if other_mode == "sparse" and not generator.model.has_indexers:
+    if other_mode == "sparse" and not getattr(getattr(generator, "model", None), "has_indexers", True):
         return {"skipped": f"{generator.name} has no trained indexer: only dense attention can run"}
     other = generator.answer(
         messages,

@@ -29,7 +29,14 @@ class ModelShape:
     vocab_size: int
     index_heads: float = 4  # per layer; the mean where layers differ (a hard layer may have more)
     index_dim: float = 64  # per layer; the mean where layers differ
-    bytes_per_value: int = 2  # bf16 weights, KV and index keys
+    bytes_per_value: float = 2  # bf16 weights, KV and index keys
+    # Architectures other than GQA + SwiGLU (a served DeepSeek-V3.2: MLA and mixture-of-experts) give these:
+    attention_dim: float | None = None  # per head and key, (q·k dims + p·v dims) / 2; default head_dim
+    kv_values_per_token: int | None = (
+        None  # cached values per token and layer; default 2 · kv heads · head_dim
+    )
+    active_layer_weights: float | None = None  # parameters of one block a token touches (its experts only)
+    active_indexer_weights: float | None = None
 
     @classmethod
     def from_args(cls, args: ModelArgs, index_heads: float = 4, index_dim: float = 64) -> "ModelShape":
@@ -58,20 +65,30 @@ class ModelShape:
         return cls.from_args(model.args, heads_x_dims / dims, dims)
 
     @property
-    def layer_weights(self) -> int:
+    def layer_weights(self) -> float:
         """Parameters of one block touched per token: q, k, v, o projections and the SwiGLU MLP."""
+        if self.active_layer_weights is not None:
+            return self.active_layer_weights
         attention = self.dim * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
         return attention + 3 * self.dim * self.intermediate_size
 
     @property
     def indexer_weights(self) -> float:
         """Parameters of one lightning indexer: index queries, one key, per-head weights."""
+        if self.active_indexer_weights is not None:
+            return self.active_indexer_weights
         return self.dim * (self.index_heads * self.index_dim + self.index_dim + self.index_heads)
 
     @property
-    def kv_bytes_per_token(self) -> int:
+    def attention_flops_per_key(self) -> float:
+        """One query against one key, all heads: q·k and p·v, a multiply-add each."""
+        return 4 * self.n_head * (self.attention_dim or self.head_dim)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
         """K and V of one token in one layer."""
-        return 2 * self.n_kv_head * self.head_dim * self.bytes_per_value
+        values = self.kv_values_per_token or 2 * self.n_kv_head * self.head_dim
+        return values * self.bytes_per_value
 
     @property
     def index_key_bytes_per_token(self) -> int:
@@ -133,7 +150,7 @@ def phase_cost(
     the keys it reads — the decode picture; a prefill is compute-bound and its bytes matter little.
     """
     sparse = topk is not None
-    per_layer_attention = 4 * shape.n_head * shape.head_dim * keys_seen(start, n_tokens, topk)
+    per_layer_attention = shape.attention_flops_per_key * keys_seen(start, n_tokens, topk)
     scored = keys_scored(start, n_tokens, topk) if sparse else 0
     per_layer_indexer = 2 * shape.index_heads * shape.index_dim * scored
     linear_weights = shape.layer_weights + (shape.indexer_weights if sparse else 0)

@@ -45,24 +45,26 @@ def ledger_dir() -> Path:
 
 
 def ledger_row(question: str, model: str, meter: dict) -> dict:
-    """The ledger's row for one `meter_answer` result."""
-    dense, sparse, measured = meter["dense"], meter["sparse"], meter["measured"]
+    """The ledger's row for one `meter_answer` result; a served model of unknown architecture has no
+    analytic figures (null). `model` names a served model's endpoint too (rag/remote_generator.py)."""
+    measured = meter["measured"]
+    dense, sparse = meter.get("dense"), meter.get("sparse")
     return {
         "time": int(time.time()),
         "question": question,
         "model": model,
         "mode": meter["mode_ran"],
-        "topk": meter["topk"],
+        "topk": meter.get("topk"),
         "prompt_tokens": meter["prompt_tokens"],
         "new_tokens": meter["new_tokens"],
         "prefill_s": measured.get("prefill_s", 0.0),
         "decode_s": measured.get("decode_s", 0.0),
-        "dense_flops": dense["prefill_flops"] + dense["decode_flops"],
-        "sparse_flops": sparse["prefill_flops"] + sparse["decode_flops"],
-        "dense_dollars": dense["dollars"],
-        "sparse_dollars": sparse["dollars"],
-        "measured_dollars": measured["dollars_at_price"],
-        "price_per_hour": meter["gpu"]["price_per_hour"],
+        "dense_flops": dense["prefill_flops"] + dense["decode_flops"] if dense else None,
+        "sparse_flops": sparse["prefill_flops"] + sparse["decode_flops"] if sparse else None,
+        "dense_dollars": dense["dollars"] if dense else None,
+        "sparse_dollars": sparse["dollars"] if sparse else None,
+        "measured_dollars": measured.get("dollars_at_price"),
+        "price_per_hour": meter["gpu"]["price_per_hour"] if "gpu" in meter else None,
     }
 
 

@@ -8,6 +8,9 @@ some labels (Zhao et al., 2021, "Calibrate before use").
 A decision's prompt is the same up to the question (system prompt, then "Question:"). The first pass for a model,
 over the content-free prompt, gives the calibration and that opening's keys and values, which are kept; each
 question then costs one short forward pass over its own tokens and the prompt's ending (~25 of ~110 tokens).
+A served model (rag/remote_generator.py) is asked for one token with the first step's top log-probabilities,
+the labels' first tokens biased alike so that they lead the list; the content-free question once per model.
+A label missing from the list (a server that reports logprobs before the bias) scores as the least listed.
 """
 
 import math
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dsarag.indexer_model.generate import Generator
+from dsarag.rag.remote_generator import RemoteGenerator
 
 CONTENT_FREE_QUESTION = "N/A"
 
@@ -37,24 +41,48 @@ class LabelChoice:
         default_factory=weakref.WeakKeyDictionary, init=False, repr=False
     )
 
-    def scores(self, generator: Generator, question: str) -> dict[str, float]:
+    def scores(self, generator: Generator | RemoteGenerator, question: str) -> dict[str, float] | None:
         """Calibrated log-probabilities of the labels for `question` (higher = more likely); they are
-        log-softmax-normalized over the labels, so they read as log-probabilities of a choice."""
-        opening = self._opening(generator)
-        raw = self._label_logprobs(generator, opening, question)
-        calibrated = [value - prior for value, prior in zip(raw, opening.baseline, strict=True)]
+        log-softmax-normalized over the labels, so they read as log-probabilities of a choice. None where a
+        served model offers no log-probabilities."""
+        if isinstance(generator, RemoteGenerator):
+            baseline = self._served_baseline(generator)
+            raw = self._served_logprobs(generator, question) if baseline is not None else None
+            if raw is None:
+                return None
+        else:
+            opening = self._opening(generator)
+            raw, baseline = self._label_logprobs(generator, opening, question), opening.baseline
+        calibrated = [value - prior for value, prior in zip(raw, baseline, strict=True)]
         normalizer = math.log(sum(math.exp(value) for value in calibrated))
         return {label: value - normalizer for label, value in zip(self.labels, calibrated, strict=True)}
 
-    def prompt_ids(self, generator: Generator, question: str) -> list[int]:
-        messages = [
+    def uniform(self) -> dict[str, float]:
+        """Every label equally likely: the model's vote left out."""
+        return {label: -math.log(len(self.labels)) for label in self.labels}
+
+    def messages(self, question: str) -> list[dict]:
+        return [
             {"role": "system", "content": self.instruction},
             {
                 "role": "user",
                 "content": f"Question: {question}\nAnswer with one word: {' or '.join(self.labels)}.",
             },
         ]
-        return generator.chat_prompt_ids(messages)
+
+    def prompt_ids(self, generator: Generator, question: str) -> list[int]:
+        return generator.chat_prompt_ids(self.messages(question))
+
+    def _served_baseline(self, generator: RemoteGenerator) -> list[float] | None:
+        if generator not in self._openings:
+            self._openings[generator] = self._served_logprobs(generator, CONTENT_FREE_QUESTION)
+        return self._openings[generator]
+
+    def _served_logprobs(self, generator: RemoteGenerator, question: str) -> list[float] | None:
+        _, top = generator.scored_reply(self.messages(question), max_new_tokens=1, options=self.labels)
+        if top is None:
+            return None
+        return [label_logprob(top, label, generator.first_token_text(label)) for label in self.labels]
 
     @torch.inference_mode()
     def _opening(self, generator: Generator) -> _CachedOpening:
@@ -104,6 +132,16 @@ def _tensor(model: torch.nn.Module, rows: list[list[int]]) -> Tensor:
 
 def _positions(model: torch.nn.Module, start: int, end: int) -> Tensor:
     return torch.arange(start, end, device=model.output.weight.device)
+
+
+def label_logprob(top: dict[str, float], label: str, first_token: str | None) -> float:
+    """A label's log-probability from a step's top tokens: its first token's where that token is known, else
+    that of any listed token that starts the label (summed); the least listed where none is."""
+    floor = min(top.values())
+    if first_token is not None:
+        return top.get(first_token, floor)
+    starting = [value for token, value in top.items() if token.strip() and label.startswith(token.strip())]
+    return math.log(sum(math.exp(value) for value in starting)) if starting else floor
 
 
 def first_token_ids(generator: Generator, labels: tuple[str, ...]) -> list[int]:

@@ -191,7 +191,7 @@ def sentence_with(text: str, answer: str) -> str:
     return " ".join(text[begin:end].split())
 
 
-def _messages(system: str, question: str, blocks: list[tuple[int, str]]) -> list[dict]:
+def messages_for(system: str, question: str, blocks: list[tuple[int, str]]) -> list[dict]:
     sources = "\n\n".join(f"[{number}] {text}" for number, text in blocks)
     user = f"Sources:\n\n{sources}\n\nQuestion: {question}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -210,7 +210,7 @@ def read_span(
     null = tokenizer.encode(NULL_ANSWER)
     constraint = CopyConstraint([*segments, null], generator.stop_ids, SPAN_MAX_TOKENS)
     generation = generator.answer(
-        _messages(SPAN_PROMPT, question, blocks),
+        messages_for(SPAN_PROMPT, question, blocks),
         max_new_tokens=SPAN_MAX_TOKENS,
         attention=attention,
         topk=topk,
@@ -252,7 +252,7 @@ def read_yes_no(
     options = [tokenizer.encode(word) for word in (" yes", " no", NULL_ANSWER)]
     constraint = CopyConstraint(options, generator.stop_ids, 1)
     generation = generator.answer(
-        _messages(YES_NO_PROMPT, question, blocks),
+        messages_for(YES_NO_PROMPT, question, blocks),
         max_new_tokens=1,
         attention=attention,
         topk=topk,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from dsarag.indexer_model.generate import Generator
 from dsarag.rag.label_choice import LabelChoice
 from dsarag.rag.query_features import QueryFeatures
+from dsarag.rag.remote_generator import RemoteGenerator
 
 STRATEGIES = ("semantic", "multi-query", "temporal", "hybrid")
 
@@ -75,11 +76,17 @@ class Decision:
 
 
 def label_scores(
-    question: str, generator: Generator, decisions: tuple[str, ...]
+    question: str, generator: "Generator | RemoteGenerator", decisions: tuple[str, ...]
 ) -> dict[str, dict[str, float]]:
     """The LLM's calibrated label log-probabilities for each of `decisions` ("retrieval", "strategy",
-    "complexity"): one short forward pass each, over the question (label_choice.py)."""
-    return {name: CHOICES[name].scores(generator, question) for name in decisions}
+    "complexity"): one short forward pass each, over the question (label_choice.py). Where a served model
+    offers no log-probabilities, every label scores the same and the features decide."""
+    return {name: CHOICES[name].scores(generator, question) or CHOICES[name].uniform() for name in decisions}
+
+
+def model_voted(generator: "Generator | RemoteGenerator") -> bool:
+    """Whether the decisions include the model's label scores (a server may offer no log-probabilities)."""
+    return getattr(generator, "offers_logprobs", True)
 
 
 def decide_retrieval(features: QueryFeatures, corpus_cosine: float, llm: dict[str, float]) -> Decision:

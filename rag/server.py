@@ -34,6 +34,7 @@ from dsarag.base.errors import (
 )
 from dsarag.rag.ask import ask as run_ask
 from dsarag.rag.ask_options import AskOptions, AskResult
+from dsarag.rag.server_logprobs import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, LogitHook
 from dsarag.rag.warm_models import WarmModels
 
 DEFAULT_MAX_TOKENS = 512  # a chat completion without max_tokens, capped by the room left in the context
@@ -166,20 +167,40 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     tools: list[dict] | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit, -100 … 100
     response_format: dict | None = None
     attention: Literal["auto", "dense", "sparse"] = "auto"  # dsarag's own: DSA or dense prefill
+    # vLLM's and SGLang's extension: the last (assistant) message is continued rather than answered.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     def refuse_unsupported(self) -> None:
         unsupported = {
             "n": self.n != 1,
             "stop": bool(self.stop),
             "tools": bool(self.tools),
-            "logprobs": bool(self.logprobs),
+            "logprobs": bool(self.logprobs) and self.stream,
             "response_format": (self.response_format or {}).get("type", "text") != "text",
+            "add_generation_prompt": not self.add_generation_prompt and not self.continue_final_message,
         }
         for name, given in unsupported.items():
             if given:
-                raise ApiError(400, f"{name}: not supported by dsarag serve — leave it out")
+                what = " with stream" if name == "logprobs" else ""
+                raise ApiError(400, f"{name}{what}: not supported by dsarag serve — leave it out")
+        if any(abs(bias) > MAX_LOGIT_BIAS for bias in (self.logit_bias or {}).values()):
+            raise ApiError(400, f"logit_bias: biases go from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ApiError(
+                400, "continue_final_message: the last message must be the assistant's to continue"
+            )
+
+    def template_messages(self) -> tuple[list[dict], str]:
+        """The messages the chat template renders, and the reply's start when the last one is continued."""
+        messages = [message.as_template_message() for message in self.messages]
+        if self.continue_final_message:
+            return messages[:-1], messages[-1]["content"]
+        return messages, ""
 
 
 class AskRequest(BaseModel):
@@ -342,8 +363,9 @@ def create_app(
     async def chat_completions(request: ChatRequest) -> Response:
         request.refuse_unsupported()
         check_model(request.model)
-        messages = [message.as_template_message() for message in request.messages]
+        messages, reply_start = request.template_messages()
         prompt_tokens = len(await asyncio.to_thread(generator.chat_prompt_ids, messages))
+        prompt_tokens += len(generator.tokenizer.encode(reply_start)) if reply_start else 0
         room = generator.max_context - prompt_tokens
         asked = request.max_completion_tokens or request.max_tokens
         if room < 1 or (asked is not None and asked > room):
@@ -358,6 +380,12 @@ def create_app(
         loop = asyncio.get_running_loop()
         received = time.perf_counter()
         first_text_s: list[float] = []
+        vocabulary = generator.model.args.vocab_size
+        if any(not 0 <= token_id < vocabulary for token_id in request.logit_bias or {}):
+            raise ApiError(400, f"logit_bias: token ids of this model go from 0 to {vocabulary - 1}")
+        hook = None
+        if request.logprobs or request.logit_bias:
+            hook = LogitHook(request.top_logprobs or 0, request.logit_bias or {}, bool(request.logprobs))
 
         def on_text(text: str) -> None:
             worker.check(cancelled)
@@ -376,6 +404,8 @@ def create_app(
                 seed=request.seed,
                 attention=request.attention,
                 on_text=on_text,
+                reply_start=reply_start,
+                constrain=hook,
             )
 
         def log(result) -> None:  # noqa: ANN001 - GenerationResult
@@ -395,7 +425,12 @@ def create_app(
             }
 
         def timings(result) -> dict:  # noqa: ANN001 - GenerationResult
-            return {"prefill_s": round(result.prefill_s, 4), "decode_s": round(result.decode_s, 4)}
+            return {
+                "prefill_s": round(result.prefill_s, 4),
+                "decode_s": round(result.decode_s, 4),
+                "attention": result.attention,
+                "topk": result.topk,
+            }
 
         def finish_reason(result) -> str:  # noqa: ANN001 - GenerationResult
             return "stop" if result.stop_reason == "eos" else "length"
@@ -408,7 +443,9 @@ def create_app(
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
                 "finish_reason": finish_reason(result),
-                "logprobs": None,
+                "logprobs": {"content": hook.content(result.token_ids, generator.tokenizer)}
+                if request.logprobs
+                else None,
             }
             return JSONResponse(
                 {

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from dsarag.base.errors import EXIT_SERVER, DsaragError, ServerError
 from dsarag.rag.ask_options import AskOptions, AskResult
+from dsarag.rag.remote_endpoint import is_remote_spec
 from dsarag.rag.server_state import live_states
 
 API_KEY_ENV = "DSARAG_API_KEY"
@@ -41,7 +42,7 @@ class RemoteError(DsaragError):
 def find_server(model: str | None) -> FoundServer | None:
     """A live server (its pid runs and /health answers as that pid) that runs the generator `model` names."""
     states = live_states()
-    if not states:
+    if not states or is_remote_spec(model):  # a served model is asked directly
         return None
     from dsarag.indexer_model.resolve import resolve_model
 

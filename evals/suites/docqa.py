@@ -86,13 +86,13 @@ def run(run: SuiteRun) -> SuiteResult:
     items = run.limited(load_qa(run.options.data or DEMO_QA))
     retriever = qa_retriever(run, items)
     ask = {"attention": run.options.attention, "reader": run.options.reader}
-    rows = []
-    for number, item in enumerate(items, start=1):
-        run.progress(number, len(items), item.question[:70])
-        rows.append(
-            run.log.run(item.id, lambda item=item: timed(lambda: score(item, agent_answer(run, retriever, item.question, **ask))))
-        )  # fmt: skip
-    return docqa_result(rows, run.generator().name)
+    generator = run.generator()
+
+    def answered(item: QAItem) -> dict:
+        return timed(lambda: score(item, agent_answer(run, retriever, item.question, **ask)))
+
+    rows = run.logged_rows(items, lambda item: item.id, answered, lambda item: item.question[:70])
+    return docqa_result(rows, generator.name)
 
 
 def _share(rows: list[dict], key: str) -> float | None:

@@ -7,7 +7,7 @@ multi-query) and `--corpus` for the documents; default the bundled set of 105 qu
 from collections import defaultdict
 
 from dsarag.base.errors import BadInputError
-from dsarag.evals.datasets import ROUTING_SET, load_qa
+from dsarag.evals.datasets import ROUTING_SET, QAItem, load_qa
 from dsarag.evals.qa_corpus import qa_retriever
 from dsarag.evals.routing import route
 from dsarag.evals.run import SuiteResult, SuiteRun, timed
@@ -29,15 +29,15 @@ def run(run: SuiteRun) -> SuiteResult:
             )
     retriever = qa_retriever(run, items)
     generator = run.generator()
-    rows = []
-    for number, item in enumerate(items, start=1):
-        run.progress(number, len(items), item.question[:70])
 
-        def decide(item=item) -> dict:  # noqa: ANN001 - bound per question
+    def decided(item: QAItem) -> dict:
+        def decide() -> dict:
             predicted, reason = route(item.question, retriever, generator)
             return {"question": item.question, "expected": item.meta["strategy"], "predicted": predicted, "reason": reason}  # fmt: skip
 
-        rows.append(run.log.run(item.id, lambda decide=decide: timed(decide)))
+        return timed(decide)
+
+    rows = run.logged_rows(items, lambda item: item.id, decided, lambda item: item.question[:70])
     by_label: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
         by_label[row["expected"]].append(row["predicted"] == row["expected"])

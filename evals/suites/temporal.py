@@ -37,12 +37,12 @@ def run(run: SuiteRun) -> SuiteResult:
     items = [item for item in load_qa(run.options.data or ROUTING_SET) if item.answers]
     items = run.limited(items)
     retriever = qa_retriever(run, items)
-    rows = []
-    for number, item in enumerate(items, start=1):
-        run.progress(number, len(items), item.question[:70])
-        rows.append(
-            run.log.run(item.id, lambda item=item: timed(lambda: score(item, agent_answer(run, retriever, item.question, max_new_tokens=MAX_NEW_TOKENS))))
-        )  # fmt: skip
+    run.generator()  # loaded before any question is asked in parallel
+
+    def answered(item: QAItem) -> dict:
+        return timed(lambda: score(item, agent_answer(run, retriever, item.question, max_new_tokens=MAX_NEW_TOKENS)))  # fmt: skip
+
+    rows = run.logged_rows(items, lambda item: item.id, answered, lambda item: item.question[:70])
     metrics = {
         "newest_fact_accuracy": mean([row["correct"] for row in rows]),
         "source_first": mean([row["source_first"] for row in rows]),
