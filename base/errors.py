@@ -6,12 +6,14 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2  # bad arguments: empty question, unknown option value
 EXIT_MISSING_INPUT = 3  # document folder or file missing, empty, or nothing readable in it
 EXIT_STORE = 4  # store corrupt, or built with another embedder: rebuild it
-EXIT_MODEL = 5  # model not provisioned, checksum mismatch, unsupported model
+EXIT_MODEL = (
+    5  # model not provisioned, checksum mismatch, unsupported model; a served one unreachable or unknown
+)
 EXIT_PARTIAL_INGEST = 6  # ingest committed what it could, but some files failed
 # 7 is `dsarag eval`'s: a metric missed its threshold (evals/run.py)
 EXIT_LOCKED = 8  # another writer holds the store's lock past --lock-timeout
 EXIT_ENVIRONMENT = 9  # doctor: too little free disk, or a cache/data folder that cannot be written
-EXIT_SERVER = 10  # serve: the port is taken or cannot be bound; ask: the server failed mid-answer
+EXIT_SERVER = 10  # serve: the port is taken or cannot be bound; ask: the (or a served model's) server failed
 
 
 class DsaragError(Exception):
