@@ -36,11 +36,21 @@ SparseAttention = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
 ProjectIndex = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 # (x, weight, bias) -> F.linear(x, weight, bias)
 Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+# (x, *linears) -> their outputs on x, or one gated output (`AttentionBackend.joint_product`, `gated_product`)
+JointLinear = Callable[..., Tensor | tuple[Tensor, ...]]
 # (attention q of the selecting queries, their keys k_cache[:, :, :n_keys], q_positions, topk, n_sink, window)
 # -> indices (B, T, topk)
 Selection = Callable[[Tensor, Tensor, Tensor, int, int, int], Tensor]
 # (q (B, H, 1, d), k_cache, v_cache, position on the device, scale) -> out: one query over a whole cache
 DenseDecode = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+def each_linear(x: Tensor, *linears: nn.Module) -> tuple[Tensor, ...]:
+    return tuple(linear(x) for linear in linears)
+
+
+def gated_linear(x: Tensor, gate: nn.Module, up: nn.Module) -> Tensor:
+    return F.silu(gate(x)) * up(x)
 
 
 def _project_in_torch(indexer: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -57,6 +67,23 @@ class AttentionBackend:
     dense_decode: DenseDecode | None = None  # a graph-captured decode step's dense attention (GPU)
     selection: Selection | None = None  # a custom choice of keys in place of the indexer's
     int8_decode: bool = False  # decode steps' weight products over int8 copies of the weights (cpu_dsa.cpp)
+    compiled_rows: bool = False  # decode steps' RMSNorm and RoPE in compiled calls (cpu_dsa.cpp)
+
+    def rms_norm(self, fallback: Callable) -> Callable:
+        """The RMSNorm (x, weight, eps) to run: with `compiled_rows` a decode step's in one compiled call."""
+        if not self.compiled_rows:
+            return fallback
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.rows_rms_norm(fallback)
+
+    def rope(self, fallback: Callable) -> Callable:
+        """The RoPE (x, (cos, sin)) to run: with `compiled_rows` a decode step's in one compiled call."""
+        if not self.compiled_rows:
+            return fallback
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.rows_rope(fallback)
 
     def product(self, weight: Tensor) -> Linear:
         """The product a Linear holding `weight` runs: `linear`, or with `int8_decode` its decode steps over an
@@ -66,6 +93,24 @@ class AttentionBackend:
         from dsarag.kernels import cpu_dsa
 
         return cpu_dsa.int8_product(weight, self.linear)
+
+    def joint_product(self, linears: list[nn.Linear]) -> JointLinear:
+        """The product (x, *linears) -> each Linear's output on x (an attention's q, k, v): with `int8_decode` a
+        decode step's in one compiled call over int8 copies of `linears`' weights, stacked now."""
+        if not self.int8_decode:
+            return each_linear
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.int8_joint_product(linears, each_linear)
+
+    def gated_product(self, gate: nn.Linear, up: nn.Linear) -> JointLinear:
+        """The product (x, gate, up) -> silu(gate(x)) * up(x), SwiGLU's first half: with `int8_decode` a decode
+        step's in one compiled call."""
+        if not self.int8_decode:
+            return gated_linear
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.int8_joint_product([gate, up], gated_linear, gated=True)
 
     @property
     def reads_position_on_device(self) -> bool:
@@ -118,6 +163,7 @@ def _compiled_cpu(dtype: torch.dtype, decode_weights: str) -> AttentionBackend:
         project_index=cpu_dsa.project_index,
         linear=cpu_dsa.linear if bf16 else F.linear,
         int8_decode=decode_weights == "int8" and cpu_dsa.int8_ready(),
+        compiled_rows=True,
     )
 
 

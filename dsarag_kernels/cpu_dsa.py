@@ -59,8 +59,10 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk_amx_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_sparse_attention_rows_bf16": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_float, _ptr, _int],
     "dsa_linear_rows_bf16": [_ptr] * 3 + [_i64, _i64, _int, _ptr, _int],
-    "dsa_linear_rows_int8": [_ptr] * 4 + [_i64, _i64, _int, _int, _ptr, _int],
+    "dsa_linear_rows_int8": [_ptr] * 4 + [_i64, _i64, _int, _int, _int, _ptr, _int],
     "dsa_quantize_int8": [_ptr, _int, _i64, _int, _ptr, _ptr, _int],
+    "dsa_rms_norm_rows": [_ptr, _ptr, _float, _i64, _int, _int, _ptr],
+    "dsa_rope_rows": [_ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _ptr],
 }
 
 
@@ -235,6 +237,58 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def _runs_rows(x: Tensor, n_rows: int, *others: Tensor) -> bool:
+    """Whether a decode step's row kernel (norm, RoPE) serves x: fewer than FEW_QUERIES rows on the CPU in float32
+    or bf16 (others in the same dtype), no gradient wanted."""
+    return (
+        x.device.type == "cpu"
+        and n_rows < FEW_QUERIES
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == x.dtype for t in others)
+        and not _wants_gradient(x, *others)
+    )
+
+
+def rows_rms_norm(fallback: Callable) -> Callable:
+    """The RMSNorm (x, weight, eps) -> normed x: a decode step's rows in one compiled call, others `fallback`."""
+
+    def norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        if not _runs_rows(x, x.numel() // x.shape[-1], weight):
+            return fallback(x, weight, eps)
+        rows = x.contiguous()
+        out = torch.empty_like(rows)
+        native_library().dsa_rms_norm_rows(
+            rows.data_ptr(), weight.contiguous().data_ptr(), eps, rows.numel() // x.shape[-1], x.shape[-1],
+            int(x.dtype == torch.bfloat16), out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    return norm
+
+
+def rows_rope(fallback: Callable) -> Callable:
+    """RoPE (x (B, T, H, D), (cos, sin) (T, D) float32) -> rotated x: a decode step's heads in one compiled call
+    (x may be a view into a joint product's output), others `fallback`."""
+
+    def rope(x: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
+        batch, n_rows, n_heads, head_dim = x.shape
+        if not _runs_rows(x, batch * n_rows) or cos_sin[0].dtype != torch.float32:
+            return fallback(x, cos_sin)
+        if x.stride(3) != 1 or x.stride(2) != head_dim or x.stride(0) != n_rows * x.stride(1):
+            x = x.contiguous()
+        cos, sin = (
+            t.expand(batch, n_rows, head_dim).reshape(batch * n_rows, head_dim).contiguous() for t in cos_sin
+        )
+        out = torch.empty(x.shape, dtype=x.dtype)
+        native_library().dsa_rope_rows(
+            x.data_ptr(), x.stride(1), batch * n_rows, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+            int(x.dtype == torch.bfloat16), out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    return rope
+
+
 def int8_ready() -> bool:
     """Whether the int8 decode products run here: built for a CPU with AVX2, FMA and F16C."""
     return hasattr(native_library(), "dsa_linear_rows_int8")
@@ -279,10 +333,28 @@ def quantize_int8(weight: Tensor) -> Int8Weight:
     return packed
 
 
-def linear_int8_reference(x: Tensor, weight: Int8Weight, bias: Tensor | None) -> Tensor:
-    """F.linear over the dequantized weight, in float32, the result in x's dtype."""
+def rounds_x_per_block() -> bool:
+    """Whether this build's int8 products round x to int8 per block of 32 (AVX512-VNNI: llama.cpp's Q8_0 x Q8_0),
+    else to int16 with one scale per row."""
+    return bool(native_library().dsa_int8_rounds_x_per_block())
+
+
+def round_x_reference(x: Tensor, per_block: bool) -> Tensor:
+    """x in float32 as the int8 kernel sees it: per block of 32, round(x * 127 / max |x|) * max |x| / 127, or per
+    row with 32767 levels."""
+    wide = x.float()
+    groups = wide.view(*x.shape[:-1], -1, INT8_BLOCK) if per_block else wide[..., None, :]
+    levels = 127.0 if per_block else 32767.0
+    most = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(most > 0, torch.full_like(most, levels) / most, 0.0)  # a division, as the kernel's
+    return ((groups * inverse).round() * (most / levels)).view(x.shape)
+
+
+def linear_int8_reference(x: Tensor, weight: Int8Weight, bias: Tensor | None, x_per_block: bool) -> Tensor:
+    """F.linear over the dequantized weight and x rounded as the kernel rounds it (`round_x_reference`), in
+    float32, the result in x's dtype."""
     wide_bias = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.dequantize(), wide_bias).to(x.dtype)
+    return F.linear(round_x_reference(x, x_per_block), weight.dequantize(), wide_bias).to(x.dtype)
 
 
 def runs_int8_rows(x: Tensor, bias: Tensor | None) -> bool:
@@ -298,28 +370,34 @@ def runs_int8_rows(x: Tensor, bias: Tensor | None) -> bool:
     )
 
 
-def linear_rows_int8(x: Tensor, weight: Int8Weight, bias: Tensor | None) -> Tensor:
-    """linear_int8_reference in one compiled call: a decode step reads half the bytes of bf16 weights."""
+def linear_rows_int8(x: Tensor, weight: Int8Weight, bias: Tensor | None, gated: bool = False) -> Tensor:
+    """linear_int8_reference in one compiled call: a decode step reads half the bytes of bf16 weights. `gated`:
+    the weight stacks an MLP's gate and up projections and the result is silu(gate) * up (no bias)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     n, k = weight.q.shape
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    out = torch.empty(*x.shape[:-1], n // 2 if gated else n, dtype=x.dtype)
     native_library().dsa_linear_rows_int8(
         rows.data_ptr(), weight.q.data_ptr(), weight.scales.data_ptr(),
         None if bias is None else bias.contiguous().data_ptr(), rows.shape[0], n, k,
-        int(x.dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads(),
+        int(x.dtype == torch.bfloat16), int(gated), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _int8_takes(weight: Tensor) -> bool:
+    """Whether the int8 kernel takes `weight`: on the CPU, float32 or bf16, rows a multiple of 32 long."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.shape[1] % INT8_BLOCK == 0
+    )
 
 
 def int8_product(weight: Tensor, fallback: Callable) -> Callable:
     """The product of a Linear holding `weight`: decode steps over an int8 copy made here, once; other calls
     (a prefill's many rows, gradients) through `fallback` on the weight itself. Weights the kernel cannot take
-    (not on the CPU, not float32 or bf16, rows not a multiple of 32 long) keep `fallback`."""
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype not in (torch.float32, torch.bfloat16)
-        or weight.shape[1] % INT8_BLOCK
-    ):
+    (see `_int8_takes`) keep `fallback`."""
+    if not _int8_takes(weight):
         return fallback
     packed = quantize_int8(weight)
 
@@ -327,6 +405,37 @@ def int8_product(weight: Tensor, fallback: Callable) -> Callable:
         if runs_int8_rows(x, bias):
             return linear_rows_int8(x, packed, bias)
         return fallback(x, weight, bias)
+
+    return product
+
+
+def int8_joint_product(linears: list[nn.Linear], fallback: Callable, gated: bool = False) -> Callable:
+    """The product (x, *linears) -> the Linears' outputs on x: a decode step's in one compiled call over int8 copies
+    of their weights made here, stacked (one pass over x, one parallel region); other calls through `fallback`.
+    `gated` (a gate and an up projection, no biases): silu(gate(x)) * up(x) in that one call."""
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears]
+    one_input = all(_int8_takes(w) and w.shape[1] == weights[0].shape[1] for w in weights)
+    gate_and_up = len(weights) == 2 and weights[0].shape == weights[1].shape and biases == [None, None]
+    if not one_input or (gated and not gate_and_up):
+        return fallback
+    copies = [quantize_int8(w) for w in weights]
+    packed = Int8Weight(torch.cat([c.q for c in copies]), torch.cat([c.scales for c in copies]))
+    sizes = [w.shape[0] for w in weights]
+    bias = None
+    if any(b is not None for b in biases):
+        stacked = [
+            w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases, strict=True)
+        ]
+        bias = torch.cat(stacked)
+
+    def product(x: Tensor, *linears: nn.Module) -> Tensor | tuple[Tensor, ...]:
+        trains = torch.is_grad_enabled() and any(p.requires_grad for lin in linears for p in lin.parameters())
+        if trains or not runs_int8_rows(x, bias):
+            return fallback(x, *linears)
+        if gated:
+            return linear_rows_int8(x, packed, None, gated=True)
+        return linear_rows_int8(x, packed, bias).split(sizes, dim=-1)
 
     return product
 

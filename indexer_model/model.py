@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dsarag.indexer_model.dsa import DSAConfig, dense_attention, dsa_attention
 from dsarag.indexer_model.indexer import IndexKeyCache, LightningIndexer, rope_cos_sin
-from dsarag.kernels.backend import TORCH, AttentionBackend, resolve_backend
+from dsarag.kernels.backend import TORCH, AttentionBackend, each_linear, gated_linear, resolve_backend
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -78,16 +78,24 @@ class Linear(nn.Linear):
         return self.product(x, self.weight, self.bias)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
+    """rms_norm, or the backend's compiled version of it for a decode step (`AttentionBackend.rms_norm`)."""
+
+    norm = staticmethod(rms_norm)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.norm(x, self.weight, self.eps)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -118,8 +126,12 @@ class KVCache(nn.Module):
         """Write k, v at input_pos; return the first n_keys positions (the caller knows n_keys on the host, so
         no layer waits for the GPU to read input_pos back), or the whole cache when n_keys is None."""
         batch = k.shape[0]
-        self.k_cache[:batch, :, input_pos] = k
-        self.v_cache[:batch, :, input_pos] = v
+        if n_keys is not None and k.shape[2] == 1:  # one token, at n_keys - 1: a slice copy costs less
+            self.k_cache[:batch, :, n_keys - 1 : n_keys] = k
+            self.v_cache[:batch, :, n_keys - 1 : n_keys] = v
+        else:
+            self.k_cache[:batch, :, input_pos] = k
+            self.v_cache[:batch, :, input_pos] = v
         if n_keys is None:
             return self.k_cache[:batch], self.v_cache[:batch]
         return self.k_cache[:batch, :, :n_keys], self.v_cache[:batch, :, :n_keys]
@@ -137,14 +149,26 @@ class Attention(nn.Module):
         self.indexer: LightningIndexer | None = None  # attached with a trained checkpoint (DSA)
         self.index_cache: IndexKeyCache | None = None
         self.backend = TORCH
+        # (x, q_proj, k_proj, v_proj) -> q, k, v and apply_rope: the backend's (use_backend)
+        self.qkv_product, self.rope = each_linear, apply_rope
+
+    def use_backend(self, backend: AttentionBackend) -> None:
+        """q, k and v in one product, the backend's; o_proj through its own."""
+        self.backend = backend
+        for linear in (self.q_proj, self.k_proj, self.v_proj):
+            linear.product = backend.linear  # the prefill's; a decode step runs qkv_product's stacked copies
+        self.qkv_product = backend.joint_product([self.q_proj, self.k_proj, self.v_proj])
+        self.o_proj.product = backend.product(self.o_proj.weight)
+        self.rope = backend.rope(apply_rope)
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, T, D), k and v (B, H_kv, T, D), with RoPE applied to q and k."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_head, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self.qkv_product(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(batch, seq_len, self.n_head, self.head_dim)
+        k = k.view(batch, seq_len, self.n_kv_head, self.head_dim)
+        v = v.view(batch, seq_len, self.n_kv_head, self.head_dim)
+        q, k = self.rope(q, rope), self.rope(k, rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
@@ -183,9 +207,17 @@ class FeedForward(nn.Module):
         self.gate_proj = Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = Linear(args.intermediate_size, args.dim, bias=False)
+        # (x, gate_proj, up_proj) -> silu(gate) * up; the backend's (use_backend)
+        self.gated_product = gated_linear
+
+    def use_backend(self, backend: AttentionBackend) -> None:
+        """The gate and up projections with their activation in one product, the backend's."""
+        self.gate_proj.product = self.up_proj.product = backend.linear  # the prefill's
+        self.gated_product = backend.gated_product(self.gate_proj, self.up_proj)
+        self.down_proj.product = backend.product(self.down_proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gated_product(x, self.gate_proj, self.up_proj))
 
 
 class Block(nn.Module):
@@ -236,11 +268,13 @@ class Transformer(nn.Module):
     def use_backend(self, backend: AttentionBackend) -> None:
         """Run attention, the indexers' projections and the linear products on `backend`'s kernels."""
         self.backend = backend
+        for layer in self.layers:
+            layer.attention.use_backend(backend)
+            layer.feed_forward.use_backend(backend)
+        self.output.product = backend.product(self.output.weight)
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.product = backend.product(module.weight)
-            elif isinstance(module, Attention):
-                module.backend = backend
+            if isinstance(module, RMSNorm):
+                module.norm = backend.rms_norm(rms_norm)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Give every layer a KV cache for `max_seq_len` positions (kept when the current one is big enough)."""
