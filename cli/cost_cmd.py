@@ -152,15 +152,26 @@ def bench(
     price_per_hour: Annotated[
         float | None, typer.Option("--price-per-hour", help=f"GPU $/hour for the curves (env {PRICE_ENV}).")
     ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option("--repeats", min=1, help="A served model (openai:…): requests per length (medians)."),
+    ] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout.")] = False,
 ) -> None:
-    """Sweep context length and top-k: dense vs sparse latency, accuracy, analytic cost; JSON + PNG plots."""
+    """Sweep context length and top-k: dense vs sparse latency, accuracy, analytic cost; JSON + PNG plots.
+    With a served model (--model openai:…): time to first text and decode tokens/s per length."""
+    from dsarag.rag.remote_endpoint import is_remote_spec
+
+    length_list = _int_list(lengths, "--lengths")
+    if is_remote_spec(model):
+        _bench_served(model, out, length_list, decode_steps, repeats, json_out)
+        return
     from dsarag.evals.bench import bench as run_bench
     from dsarag.evals.bench import write_report
     from dsarag.indexer_model.generate import load_generator
     from dsarag.rag.cost import GpuSpec
 
-    length_list, topk_list = _int_list(lengths, "--lengths"), _int_list(topk, "--topk")
+    topk_list = _int_list(topk, "--topk")
     gpu = GpuSpec(price_per_hour=gpu_price(price_per_hour))
     if device.startswith("cuda"):
         import torch
@@ -201,5 +212,36 @@ def bench(
         )
     stderr.print(table)
     stderr.print("wrote " + ", ".join(str(path) for path in written))
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def _bench_served(
+    spec: str, out: Path, lengths: list[int], new_tokens: int, repeats: int, json_out: bool
+) -> None:
+    from dsarag.base.atomic import atomic_write_json
+    from dsarag.evals.bench_served import bench_served
+    from dsarag.rag.remote_generator import connect
+
+    generator = connect(spec)
+    stderr.print(f"bench {generator.name}: L = {lengths}, {new_tokens} new tokens, {repeats} requests each")
+    result = bench_served(generator, lengths, new_tokens, repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench.json", result)
+    table = Table(title=f"{result['model']} at {result['endpoint']} (medians of {repeats})")
+    for column in ("L", "prompt tokens", "first text s", "decode tok/s", "attention", "dense ÷ sparse FLOPs"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        ratio = row.get("analytic_prefill_flop_ratio")
+        table.add_row(
+            str(row["length"]),
+            str(row["prompt_tokens"]),
+            f"{row['first_text_s']:.3f}",
+            f"{row['decode_tokens_per_s']:.1f}",
+            row["attention"],
+            f"{ratio:.2f}×" if ratio else "unknown",
+        )
+    stderr.print(table)
+    stderr.print(f"wrote {out / 'bench.json'}")
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

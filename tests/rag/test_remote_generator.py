@@ -222,3 +222,18 @@ def test_threads_share_one_remote_generator(spec):
     for thread in threads:
         thread.join()
     assert len(texts) == 3 and len(set(texts)) == 1  # greedy: the same reply, queued by the server
+
+
+def test_bench_times_a_served_model_per_prompt_length(spec, tmp_path, run_cli):
+    code, out, _ = run_cli(
+        "bench", "--model", spec, "--out", str(tmp_path), "--lengths", "64,256", "--decode-steps", "4",
+        "--repeats", "2", "--json",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    short, long = result["rows"]
+    assert short["prompt_tokens"] < long["prompt_tokens"] and long["prompt_tokens"] >= 256
+    assert all(row["first_text_s"] > 0 and 0 < row["new_tokens"] <= 4 for row in result["rows"])
+    assert result["architecture"] == "smollm2-135m-instruct"
+    assert long["analytic_prefill_flop_ratio"] < 1.0  # below k = 2048 sparse only adds the indexer
