@@ -292,7 +292,9 @@ def create_app(
             raise ApiError(401, "missing or wrong API key — send `Authorization: Bearer $DSARAG_API_KEY`")
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        if error.status >= 500:  # the server's side: an operator sees busy or stopping answers in the log
+            console.print(f"{request.url.path}: {error.status} {error.message}", highlight=False)
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(DsaragError)

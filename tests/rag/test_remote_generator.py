@@ -237,3 +237,22 @@ def test_bench_times_a_served_model_per_prompt_length(spec, tmp_path, run_cli):
     assert all(row["first_text_s"] > 0 and 0 < row["new_tokens"] <= 4 for row in result["rows"])
     assert result["architecture"] == "smollm2-135m-instruct"
     assert long["analytic_prefill_flop_ratio"] < 1.0  # below k = 2048 sparse only adds the indexer
+
+
+def test_a_busy_server_is_retried_with_back_off(tmp_path):
+    busy = start_server(tmp_path, "--max-queue", "0")  # a second request while one runs gets 503
+    try:
+        generator = open_generator(f"openai:{busy.url}/v1")
+        texts: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: texts.append(generator.answer(MESSAGES, max_new_tokens=8).text))
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(texts) == 2 and texts[0] == texts[1]
+        assert "/v1/chat/completions: 503" in (tmp_path / "serve.log").read_text()  # refused, then retried
+    finally:
+        busy.stop()
