@@ -17,6 +17,3 @@ def open_generator(spec: str | None, device: str = "cpu") -> "Generator | Remote
 
     return load_generator(spec, device=device)
 
-
-def is_remote(generator: object) -> bool:
-    return isinstance(generator, RemoteGenerator)

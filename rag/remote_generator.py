@@ -37,8 +37,6 @@ class RemoteGenerator:
     """The `Generator` interface the agent uses (name, max_context, count_tokens, prompt_tokens, answer), over
     a served model; `scored_reply` adds the first step's top log-probabilities."""
 
-    remote = True
-
     def __init__(
         self,
         endpoint: Endpoint,
