@@ -276,9 +276,7 @@ def rows_rope(fallback: Callable) -> Callable:
             return fallback(x, cos_sin)
         if x.stride(3) != 1 or x.stride(2) != head_dim or x.stride(0) != n_rows * x.stride(1):
             x = x.contiguous()
-        cos, sin = (
-            t.expand(batch, n_rows, head_dim).reshape(batch * n_rows, head_dim).contiguous() for t in cos_sin
-        )
+        cos, sin = (t.contiguous() if batch == 1 else t.repeat(batch, 1) for t in cos_sin)
         out = torch.empty(x.shape, dtype=x.dtype)
         native_library().dsa_rope_rows(
             x.data_ptr(), x.stride(1), batch * n_rows, n_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
