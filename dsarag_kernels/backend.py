@@ -112,6 +112,16 @@ class AttentionBackend:
 
         return cpu_dsa.int8_joint_product([gate, up], gated_linear, gated=True)
 
+    def decode_layer(self, block: nn.Module, fallback: Callable) -> Callable:
+        """The step (block, x, rope, input_pos, n_keys) -> x of a dense layer: with `int8_decode` a decode token's
+        in one compiled call (norms, products, RoPE, cache write, attention), else `fallback`. Call after the
+        block's products are the backend's."""
+        if not self.int8_decode:
+            return fallback
+        from dsarag.kernels import cpu_dsa
+
+        return cpu_dsa.int8_decode_layer(block, fallback)
+
     @property
     def reads_position_on_device(self) -> bool:
         """Whether a decode step captured in a CUDA graph can run here (its position lives on the device)."""

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -734,9 +735,173 @@ void linear_rows_int8(const Value* x, const int8_t* q, const uint16_t* scales, c
   }
 }
 
+// out[j] = x . (scale * q)[j] for the n rows of q, shared among the calling team (an orphaned omp for).
+inline void team_product(const RoundedX& x, const int8_t* q, const uint16_t* scales, int64_t n, int k, float* out) {
+  const int64_t blocks = k / kQ8Block;
+#pragma omp for schedule(static)
+  for (int64_t j0 = 0; j0 < n; j0 += kQ8Rows) {
+    q8_block(x, 0, q + j0 * k, scales + j0 * blocks, k, int(std::min<int64_t>(kQ8Rows, n - j0)), out + j0);
+  }
+}
+
+// act = silu(x gate^T) * (x up^T) for q = gate's `width` rows then up's, shared among the calling team.
+template <typename Value>
+void team_gated(const RoundedX& x, const int8_t* q, const uint16_t* scales, int64_t width, int k, Value* act) {
+  const int64_t blocks = k / kQ8Block;
+#pragma omp for schedule(static)
+  for (int64_t j0 = 0; j0 < width; j0 += kQ8Rows) {
+    const int rows = int(std::min<int64_t>(kQ8Rows, width - j0));
+    float gate[kQ8Rows], up[kQ8Rows];
+    q8_block(x, 0, q + j0 * k, scales + j0 * blocks, k, rows, gate);
+    q8_block(x, 0, q + (width + j0) * k, scales + (width + j0) * blocks, k, rows, up);
+    for (int r = 0; r < rows; ++r) act[j0 + r] = narrow<Value>(gate[r] / (1.0f + std::exp(-gate[r])) * up[r]);
+  }
+}
+
+// Lane u = the sum of s[u]'s lanes, for eight registers: three rounds of pairwise shuffles and adds.
+inline v8 fold8(const v8* s) {
+  typedef int mask8 __attribute__((vector_size(32)));
+  const mask8 even{0, 8, 2, 10, 4, 12, 6, 14}, odd{1, 9, 3, 11, 5, 13, 7, 15};
+  const mask8 low_pairs{0, 1, 8, 9, 4, 5, 12, 13}, high_pairs{2, 3, 10, 11, 6, 7, 14, 15};
+  const mask8 low_half{0, 1, 2, 3, 8, 9, 10, 11}, high_half{4, 5, 6, 7, 12, 13, 14, 15};
+  v8 pairs[4], quads[2];
+  for (int u = 0; u < 4; ++u) {
+    pairs[u] = __builtin_shuffle(s[2 * u], s[2 * u + 1], even) + __builtin_shuffle(s[2 * u], s[2 * u + 1], odd);
+  }
+  for (int u = 0; u < 2; ++u) {
+    quads[u] = __builtin_shuffle(pairs[2 * u], pairs[2 * u + 1], low_pairs) +
+               __builtin_shuffle(pairs[2 * u], pairs[2 * u + 1], high_pairs);
+  }
+  return __builtin_shuffle(quads[0], quads[1], low_half) + __builtin_shuffle(quads[0], quads[1], high_half);
+}
+
+// One query head over a cache's first n_keys rows: softmax(q k^T * scale) v, in float32, out in Value.
+template <typename Value>
+void attend_one(const Value* q, const Value* keys, const Value* values, int64_t n_keys, int head_dim, float scale,
+                float* scores, Value* out) {
+  float query[256];
+  for (int i = 0; i < head_dim; ++i) query[i] = widen(q[i]) * scale;
+  // Eight keys at a time, their sums folded into one register's lanes (no horizontal sum per key).
+  v8 most = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n_keys; j += 8) {
+    v8 s[8] = {};
+    for (int i = 0; i < head_dim; i += 8) {
+      const v8 qi = load8(query + i);
+      for (int u = 0; u < 8; ++u) s[u] += load8(keys + (j + u) * head_dim + i) * qi;
+    }
+    const v8 lanes = fold8(s);
+    store8(scores + j, lanes);
+    most = max8(most, lanes);
+  }
+  float best = -INFINITY;
+  for (int l = 0; l < 8; ++l) best = std::max(best, most[l]);
+  for (; j < n_keys; ++j) best = std::max(best, scores[j] = dot(query, keys + j * head_dim, head_dim));
+  v8 sums{};
+  j = 0;
+  for (; j + 8 <= n_keys; j += 8) {
+    const v8 p = exp8(load8(scores + j) - best);
+    store8(scores + j, p);
+    sums += p;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < 8; ++l) total += sums[l];
+  for (; j < n_keys; ++j) total += (scores[j] = std::exp(scores[j] - best));
+  v8 acc[32] = {};
+  for (j = 0; j < n_keys; ++j) {
+    const v8 p = splat(scores[j]);
+    for (int i = 0; i < head_dim; i += 8) acc[i / 8] += load8(values + j * head_dim + i) * p;
+  }
+  for (int i = 0; i < head_dim; ++i) out[i] = narrow<Value>(acc[i / 8][i % 8] / total);
+}
+
+// One token through a dense decoder layer of the Qwen2 / Llama block (model.Block) at `position`, all of it in one
+// parallel region: norm, q/k/v product (+ bias), RoPE, the caches' new row, attention, o product + residual, norm,
+// gate/up product with silu, down product + residual; x (dim,) is updated in place. A decode step in PyTorch calls
+// about 60 operations a layer between the products, 20-80 us each on a core whose caches the products just
+// flushed; here they are a few loops. Every intermediate is rounded to Value where the PyTorch path rounds it.
+template <typename Value>
+void decode_layer_int8(Value* x, int dim, const Value* attention_norm, const Value* ffn_norm, float eps,
+                       const int8_t* qkv_q, const uint16_t* qkv_scales, const Value* qkv_bias, int n_heads,
+                       int n_kv_heads, int head_dim, const float* cos, const float* sin, Value* k_cache,
+                       Value* v_cache, int64_t head_stride, int64_t position, const int8_t* o_q,
+                       const uint16_t* o_scales, const int8_t* gate_up_q, const uint16_t* gate_up_scales, int hidden,
+                       const int8_t* down_q, const uint16_t* down_scales, int n_threads) {
+  const int n_q = n_heads * head_dim, n_kv = n_kv_heads * head_dim, n_qkv = n_q + 2 * n_kv;
+  const int group = n_heads / n_kv_heads;
+  const int64_t n_keys = position + 1;
+  const float scale = 1.0f / std::sqrt(float(head_dim));
+  std::vector<Value> normed(dim), qkv(n_qkv), q(n_q), k(n_kv), y(n_q), h(dim), act(hidden);
+  std::vector<float> projected(std::max(n_qkv, dim)), scores(n_heads * n_keys);
+  std::unique_ptr<RoundedX> input;  // the next product's x, rounded by one thread
+#pragma omp parallel num_threads(n_threads)
+  {
+#pragma omp single
+    {
+      rms_norm_rows(x, attention_norm, eps, 1, dim, normed.data());
+      input = std::make_unique<RoundedX>(normed.data(), 1, dim);
+    }
+    team_product(*input, qkv_q, qkv_scales, n_qkv, dim, projected.data());
+#pragma omp single
+    {
+      for (int j = 0; j < n_qkv; ++j) qkv[j] = narrow<Value>(projected[j] + (qkv_bias ? widen(qkv_bias[j]) : 0.0f));
+      rope_rows(qkv.data(), n_qkv, 1, n_heads, head_dim, cos, sin, q.data());
+      rope_rows(qkv.data() + n_q, n_qkv, 1, n_kv_heads, head_dim, cos, sin, k.data());
+      for (int g = 0; g < n_kv_heads; ++g) {
+        std::copy_n(k.data() + g * head_dim, head_dim, k_cache + g * head_stride + position * head_dim);
+        std::copy_n(qkv.data() + n_q + n_kv + g * head_dim, head_dim, v_cache + g * head_stride + position * head_dim);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int head = 0; head < n_heads; ++head) {
+      const int64_t at = (head / group) * head_stride;
+      attend_one(q.data() + head * head_dim, k_cache + at, v_cache + at, n_keys, head_dim, scale,
+                 scores.data() + head * n_keys, y.data() + head * head_dim);
+    }
+#pragma omp single
+    input = std::make_unique<RoundedX>(y.data(), 1, n_q);
+    team_product(*input, o_q, o_scales, dim, n_q, projected.data());
+#pragma omp single
+    {
+      for (int i = 0; i < dim; ++i) h[i] = narrow<Value>(widen(x[i]) + rounded<Value>(projected[i]));
+      rms_norm_rows(h.data(), ffn_norm, eps, 1, dim, normed.data());
+      input = std::make_unique<RoundedX>(normed.data(), 1, dim);
+    }
+    team_gated(*input, gate_up_q, gate_up_scales, hidden, dim, act.data());
+#pragma omp single
+    input = std::make_unique<RoundedX>(act.data(), 1, hidden);
+    team_product(*input, down_q, down_scales, dim, hidden, projected.data());
+#pragma omp single
+    for (int i = 0; i < dim; ++i) x[i] = narrow<Value>(widen(h[i]) + rounded<Value>(projected[i]));
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// See decode_layer_int8 above: x (dim,), norm weights, bias, caches (n_kv_heads, head_stride) in float32 (x_bf16 0)
+// or bf16 (1); stacked int8 weights as dsa_linear_rows_int8 takes them; cos, sin (head_dim,) float32.
+void dsa_decode_layer_int8(void* x, int dim, const void* attention_norm, const void* ffn_norm, float eps,
+                           const int8_t* qkv_q, const uint16_t* qkv_scales, const void* qkv_bias, int n_heads,
+                           int n_kv_heads, int head_dim, const float* cos, const float* sin, void* k_cache,
+                           void* v_cache, int64_t head_stride, int64_t position, const int8_t* o_q,
+                           const uint16_t* o_scales, const int8_t* gate_up_q, const uint16_t* gate_up_scales,
+                           int hidden, const int8_t* down_q, const uint16_t* down_scales, int x_bf16, int n_threads) {
+  if (x_bf16) {
+    using V = uint16_t;
+    decode_layer_int8(static_cast<V*>(x), dim, static_cast<const V*>(attention_norm), static_cast<const V*>(ffn_norm),
+                      eps, qkv_q, qkv_scales, static_cast<const V*>(qkv_bias), n_heads, n_kv_heads, head_dim, cos,
+                      sin, static_cast<V*>(k_cache), static_cast<V*>(v_cache), head_stride, position, o_q, o_scales,
+                      gate_up_q, gate_up_scales, hidden, down_q, down_scales, n_threads);
+  } else {
+    using V = float;
+    decode_layer_int8(static_cast<V*>(x), dim, static_cast<const V*>(attention_norm), static_cast<const V*>(ffn_norm),
+                      eps, qkv_q, qkv_scales, static_cast<const V*>(qkv_bias), n_heads, n_kv_heads, head_dim, cos,
+                      sin, static_cast<V*>(k_cache), static_cast<V*>(v_cache), head_stride, position, o_q, o_scales,
+                      gate_up_q, gate_up_scales, hidden, down_q, down_scales, n_threads);
+  }
+}
 
 // F.linear(x, scale * q, bias) for the few rows of a decode step: x (n_rows, k) and bias (n,) or none in float32
 // (x_bf16 0) or bf16 (1), q (n, k) int8, scales (n, k / 32) fp16 -> out (n_rows, n) in x's dtype; k a multiple of

@@ -47,6 +47,10 @@ _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.
 # w scale; q, k, w out; threads
 _INDEX_PROJECT = [_ptr, _ptr, _i64, _int, *[_ptr] * 3, *[_int] * 3, _ptr, _ptr, _float, _int, _float, _float]
 _INDEX_PROJECT += [*[_ptr] * 3, _int]
+# x, dim, norm weights, eps; q/k/v weights, bias, heads, kv heads, head dim; cos, sin; caches, head stride, position;
+# o, gate/up weights, hidden size, down weights; bf16, threads
+_DECODE_LAYER = [_ptr, _int, _ptr, _ptr, _float, _ptr, _ptr, _ptr, _int, _int, _int, _ptr, _ptr, _ptr, _ptr]
+_DECODE_LAYER += [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int, _int]
 _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_select_topk": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr, _int],
     "dsa_select_topk_rows": [_ptr] * 3 + [_i64, _ptr, _i64] + [_int] * 5 + [_ptr],
@@ -63,6 +67,7 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
     "dsa_quantize_int8": [_ptr, _int, _i64, _int, _ptr, _ptr, _int],
     "dsa_rms_norm_rows": [_ptr, _ptr, _float, _i64, _int, _int, _ptr],
     "dsa_rope_rows": [_ptr, _i64, _i64, _int, _int, _ptr, _ptr, _int, _ptr],
+    "dsa_decode_layer_int8": _DECODE_LAYER,
 }
 
 
@@ -404,6 +409,7 @@ def int8_product(weight: Tensor, fallback: Callable) -> Callable:
             return linear_rows_int8(x, packed, bias)
         return fallback(x, weight, bias)
 
+    product.packed = packed  # read by int8_decode_layer
     return product
 
 
@@ -435,7 +441,55 @@ def int8_joint_product(linears: list[nn.Linear], fallback: Callable, gated: bool
             return linear_rows_int8(x, packed, None, gated=True)
         return linear_rows_int8(x, packed, bias).split(sizes, dim=-1)
 
+    product.packed, product.bias = packed, bias  # read by int8_decode_layer
     return product
+
+
+def int8_decode_layer(block: nn.Module, fallback: Callable) -> Callable:
+    """A dense layer's decode step (block, x, rope, input_pos, n_keys) -> x in one compiled call (cpu_dsa.cpp
+    dsa_decode_layer_int8) over the int8 copies its products hold (`int8_product`, `int8_joint_product`): one token,
+    batch 1, a KV cache in x's dtype; other calls through `fallback`. Blocks whose products are not all int8 keep
+    `fallback`."""
+    attention, feed_forward = block.attention, block.feed_forward
+    products = (
+        attention.qkv_product,
+        attention.o_proj.product,
+        feed_forward.gated_product,
+        feed_forward.down_proj.product,
+    )
+    if not all(hasattr(p, "packed") for p in products) or attention.head_dim > 256:
+        return fallback
+    qkv, o, gate_up, down = (p.packed for p in products)
+    qkv_bias = attention.qkv_product.bias
+
+    def step(block: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, n_keys: int | None):
+        attention = block.attention
+        cache, norms = attention.kv_cache, (block.attention_norm.weight, block.ffn_norm.weight)
+        if (
+            x.shape[:2] != (1, 1)
+            or n_keys is None
+            or cache is None
+            or not runs_int8_rows(x, qkv_bias)
+            or any(t.dtype != x.dtype for t in (*norms, cache.k_cache))
+            or not cache.k_cache.is_contiguous()
+        ):
+            return fallback(block, x, rope, input_pos, n_keys)
+        if attention.index_cache is not None:  # a dense step: the indexer's keys go stale from here
+            attention.index_cache.invalidate_from(n_keys - 1)
+        out = x.contiguous().clone()
+        cos, sin = (t.contiguous() for t in rope)
+        native_library().dsa_decode_layer_int8(
+            out.data_ptr(), x.shape[-1], norms[0].data_ptr(), norms[1].data_ptr(), block.attention_norm.eps,
+            qkv.q.data_ptr(), qkv.scales.data_ptr(), None if qkv_bias is None else qkv_bias.data_ptr(),
+            attention.n_head, attention.n_kv_head, attention.head_dim, cos.data_ptr(), sin.data_ptr(),
+            cache.k_cache.data_ptr(), cache.v_cache.data_ptr(), cache.k_cache.stride(1), n_keys - 1,
+            o.q.data_ptr(), o.scales.data_ptr(), gate_up.q.data_ptr(), gate_up.scales.data_ptr(),
+            gate_up.q.shape[0] // 2, down.q.data_ptr(), down.scales.data_ptr(), int(x.dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    return step
 
 
 def select_topk(

@@ -220,6 +220,13 @@ class FeedForward(nn.Module):
         return self.down_proj(self.gated_product(x, self.gate_proj, self.up_proj))
 
 
+def layer_step(
+    block: "Block", x: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor, n_keys: int | None
+) -> Tensor:
+    """A layer with dense attention, as `Block.dense_step` runs it where the backend has no compiled decode step."""
+    return block.layer(x, rope, input_pos, n_keys)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -236,8 +243,22 @@ class Block(nn.Module):
         n_keys: int | None,
         dsa: DSAConfig | None = None,
     ) -> Tensor:
+        if dsa is None:  # dense attention: the backend's step (use_backend), by default `layer`
+            return self.dense_step(self, x, rope, input_pos, n_keys)
+        return self.layer(x, rope, input_pos, n_keys, dsa)
+
+    def layer(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        input_pos: Tensor,
+        n_keys: int | None,
+        dsa: DSAConfig | None = None,
+    ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, input_pos, n_keys, dsa)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    dense_step = staticmethod(layer_step)
 
 
 class Transformer(nn.Module):
@@ -271,6 +292,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.use_backend(backend)
             layer.feed_forward.use_backend(backend)
+            layer.dense_step = backend.decode_layer(layer, layer_step)
         self.output.product = backend.product(self.output.weight)
         for module in self.modules():
             if isinstance(module, RMSNorm):
