@@ -1,6 +1,6 @@
 """The ask agent: one LangGraph StateGraph deciding whether and how to retrieve, then answering.
 
-decide → plan → retrieve → dedup → rerank → pack → generate → check, with two conditional edges: `decide`
+decide → plan → retrieve (+ bridge documents) → dedup → rerank → pack → generate → check, with two conditional edges: `decide`
 may go straight to `generate` (no retrieval), and `check` may send an unsupported answer back to `retrieve`
 once, with another strategy and a doubled budget. Every node appends what it decided and why to `trace`.
 Loaded parts (retriever, generator, options) travel in the run's context, so the graph itself can be
@@ -19,6 +19,7 @@ from langgraph.runtime import Runtime
 
 from dsarag.indexer_model.attention_policy import TopkBudget, answer_mode, topk_budget
 from dsarag.indexer_model.generate import GenerationResult, Generator
+from dsarag.rag.bridge import with_bridge_documents
 from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
 from dsarag.rag.pack import PackedContext, build_messages, pack_sources
@@ -187,23 +188,22 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 
 
 def retrieve(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
+    """The strategy's rankings; a semantic one also gets the bridge documents its best hits name."""
     started = time.perf_counter()
-    rankings = retrieve_rankings(
-        state["strategy"], state["queries"], runtime.context.retriever, state["retrieve_k"]
-    )
-    return {
-        "rankings": rankings,
-        "timings": {"retrieve_s": time.perf_counter() - started},
-        "trace": [
-            {
-                "node": "retrieve",
-                "strategy": state["strategy"],
-                "k": state["retrieve_k"],
-                "rankings": [len(ranking) for ranking in rankings],
-                "attempt": state["attempt"],
-            }
-        ],
+    retriever, k = runtime.context.retriever, state["retrieve_k"]
+    rankings = retrieve_rankings(state["strategy"], state["queries"], retriever, k)
+    entry = {
+        "node": "retrieve",
+        "strategy": state["strategy"],
+        "k": k,
+        "rankings": [len(ranking) for ranking in rankings],
+        "attempt": state["attempt"],
     }
+    if state["strategy"] == "semantic":
+        ranking, added = with_bridge_documents(state["question"], rankings[0], retriever, k)
+        rankings = [ranking]
+        entry["bridge"] = [f"{name} → {hit.citation}" for name, hit in added]
+    return {"rankings": rankings, "timings": {"retrieve_s": time.perf_counter() - started}, "trace": [entry]}
 
 
 def dedup(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
