@@ -44,13 +44,7 @@ from dsarag.indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
 from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
 from dsarag.indexer_model.indexer import LightningIndexer  # noqa: E402
 from dsarag.indexer_model.model import ModelArgs, Transformer  # noqa: E402
-from dsarag.kernels.indexer import (  # noqa: E402
-    index_scores,
-    quantize_fp8,
-    select_topk,
-    select_topk_fused,
-    topk_select,
-)
+from dsarag.kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
 from dsarag.kernels.sparse_attention import (  # noqa: E402
     dense_attention_decode,
     sparse_attention_decode,
@@ -185,56 +179,9 @@ def layer_row(length: int, fp8_too: bool) -> dict:
     row["sparse_attention_tflops"] = (
         4 * HEADS * HEAD_DIM * sparse_pairs(length, TOPK) / row["sparse_attention_ms"] / 1e9
     )
-    # FP8 K/V rows (one scale per row) for the gather: half the bytes it moves; launch parameters of both.
-    (k8, k_scale), (v8, v_scale) = quantize_fp8(k), quantize_fp8(v)
-    gather_fp8 = partial(
-        sparse_attention_prefill, q, k8, v8, indices, scale, k_scale=k_scale, v_scale=v_scale
-    )
-    reference = sparse_attention_prefill(q, k, v, indices, scale).float()
-    row["sparse_attention_fp8kv_rel_error"] = (
-        (gather_fp8().float() - reference).norm() / reference.norm()
-    ).item()
-    row["gather_sweep"] = []
-    for block_n, warps, stages in [(128, 4, 2), (64, 4, 3), (128, 8, 3), (64, 2, 2)]:
-        options = {"block_n": block_n, "num_warps": warps, "num_stages": stages}
-        row["gather_sweep"].append(
-            {
-                **options,
-                "bf16_ms": time_ms(partial(sparse_attention_prefill, q, k, v, indices, scale, **options)),
-                "fp8kv_ms": time_ms(partial(gather_fp8, **options)),
-            }
-        )
-    row["sparse_attention_fp8kv_ms"] = min(entry["fp8kv_ms"] for entry in row["gather_sweep"])
-    row["sparse_attention_fp8kv_tflops"] = (
-        4 * HEADS * HEAD_DIM * sparse_pairs(length, TOPK) / row["sparse_attention_fp8kv_ms"] / 1e9
-    )
     row["dsa_layer_ms"] = time_ms(lambda: (run_indexer(), sparse_attention_prefill(q, k, v, indices, scale)))
     row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["dsa_layer_ms"]
     row["topk_share"] = row["topk_ms"] / row["dsa_layer_ms"]
-    # The fused pass (scores and split in one kernel, no score buffer) against both kernels above.
-    select = partial(select_topk, idx_q, idx_w, idx_k, 0, length, TOPK)
-    buffered, fused = select(fused=False), select(fused=True)
-    row["fused_same_keys_share"] = (
-        (buffered.sort(-1).values == fused.sort(-1).values).all(-1).float().mean().item()
-    )
-    last = slice(max(0, length - 8192), length)  # the longest rows: the most likely to miss
-    _, missed = select_topk_fused(
-        idx_q[:, last], idx_w[:, last], idx_k, last.start, length, TOPK, 4, 64, return_fallback=True
-    )
-    row["fused_whole_row_share_last_8k"] = missed.float().mean().item()
-    del buffered, fused
-    row["indexer_ms"] = time_ms(partial(select, fused=False))
-    row["indexer_fused_ms"] = time_ms(partial(select, fused=True))
-    row["dsa_layer_fused_ms"] = time_ms(lambda: sparse_attention_prefill(q, k, v, select(fused=True), scale))
-    row["speedup_vs_dense_fused"] = row["dense_sdpa_ms"] / row["dsa_layer_fused_ms"]
-    row["dsa_layer_fused_fp8kv_ms"] = time_ms(
-        lambda: sparse_attention_prefill(
-            q, k8, v8, select(fused=True), scale, k_scale=k_scale, v_scale=v_scale
-        )
-    )
-    row["speedup_vs_dense_fused_fp8kv"] = row["dense_sdpa_ms"] / row["dsa_layer_fused_fp8kv_ms"]
-    # What the fused pass spends beyond scoring every causal pair (the score pass alone, written out).
-    row["topk_share_fused"] = (row["indexer_fused_ms"] - row["index_scores_ms"]) / row["dsa_layer_fused_ms"]
     if fp8_too:
         row["index_scores_fp8_ms"] = time_ms(lambda: run_indexer(fp8=True, topk=False))
         row["dsa_layer_fp8_ms"] = time_ms(
@@ -337,27 +284,6 @@ def tune(length: int) -> dict:
         run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n)
         ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
         result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})
-    return result
-
-
-def tune_fused(length: int) -> dict:
-    """Launch parameters of `select_topk_fused` on the last 8192 queries at one length."""
-    idx_q = torch.randn(1, length, INDEX_HEADS, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
-    idx_w = torch.randn(1, length, INDEX_HEADS, device="cuda", dtype=torch.bfloat16)
-    idx_k = torch.randn(1, length, INDEX_DIM, device="cuda", dtype=torch.bfloat16)
-    rows = slice(max(0, length - 8192), length)
-    select = partial(
-        select_topk_fused, idx_q[:, rows], idx_w[:, rows], idx_k, rows.start, length, TOPK, 4, 64
-    )
-    buffer = torch.empty(1, rows.stop - rows.start, length, dtype=torch.bfloat16, device="cuda")
-    scores = partial(index_scores, idx_q[:, rows], idx_w[:, rows], idx_k, rows.start, 4, 64, out=buffer)
-    result = {"length": length, "rows": rows.stop - rows.start, "index_scores_ms": time_ms(scores)}
-    result["buffered_ms"] = time_ms(lambda: topk_select(scores(), rows.start, length, TOPK))
-    result["fused"] = []
-    for block_q, block_k, warps in [(64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 128, 4), (64, 64, 4)]:
-        ms = time_ms(partial(select, block_q=block_q, block_k=block_k, num_warps=warps))
-        result["fused"].append({"block_q": block_q, "block_k": block_k, "warps": warps, "ms": ms})
-        print(json.dumps(result["fused"][-1]), flush=True)
     return result
 
 
@@ -504,9 +430,6 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-layers", action="store_true", help="decode rows (and e2e) only")
     parser.add_argument("--tune", type=int, help="only sweep launch parameters at this length")
-    parser.add_argument(
-        "--tune-fused", help="only sweep the fused select's launch parameters at these lengths"
-    )
     parser.add_argument("--skip-decode", action="store_true", help="layer rows (and e2e) only")
     parser.add_argument(
         "--topk-against",
@@ -514,10 +437,6 @@ def main() -> None:
         help="only time topk_select against this copy of dsarag_kernels/indexer.py",
     )
     args = parser.parse_args()
-    if args.tune_fused:
-        rows = [tune_fused(int(n)) for n in args.tune_fused.split(",")]
-        args.out.write_text(json.dumps(rows, indent=1))
-        return
     if args.tune:
         args.out.write_text(json.dumps(tune(args.tune), indent=1))
         print(args.out.read_text())

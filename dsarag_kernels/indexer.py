@@ -26,14 +26,25 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
-def _score_tile(
-    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, batch, rows, keys, positions, n_queries, n_keys, n_sink, window,
-    stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks, stride_qsb, stride_qst, stride_ksb,
+def _index_scores_kernel(
+    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr, start_ptr,
+    n_queries, n_keys, q_start, n_sink, window,
+    stride_qb, stride_qt, stride_qh,
+    stride_wb, stride_wt,
+    stride_kb, stride_ks,
+    stride_qsb, stride_qst, stride_ksb,
+    stride_ob, stride_ot,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """float32 scores of query rows x key columns: +inf for sinks and window, -inf in the future. The score
-    pass and the fused select both call it, so both see the same bf16 scores."""
+    pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if START_ON_DEVICE:  # a CUDA-graph decode step: the position changes at every replay
+        q_start = tl.load(start_ptr).to(tl.int32)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
+    if pid_k * BLOCK_K > last_query_pos:
+        return  # the whole tile is in the future: the top-k pass never reads it
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_queries
     key_ok = keys < n_keys
@@ -59,41 +70,14 @@ def _score_tile(
     if SCALED:
         k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
         scores = scores * k_scale[None, :]
+    positions = q_start + rows
     past = keys[None, :] <= positions[:, None]
     forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
-    return tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
-
-
-@triton.jit
-def _index_scores_kernel(
-    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr, start_ptr,
-    n_queries, n_keys, q_start, n_sink, window,
-    stride_qb, stride_qt, stride_qh,
-    stride_wb, stride_wt,
-    stride_kb, stride_ks,
-    stride_qsb, stride_qst, stride_ksb,
-    stride_ob, stride_ot,
-    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, START_ON_DEVICE: tl.constexpr,
-):  # fmt: skip
-    pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if START_ON_DEVICE:  # a CUDA-graph decode step: the position changes at every replay
-        q_start = tl.load(start_ptr).to(tl.int32)
-    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
-    if pid_k * BLOCK_K > last_query_pos:
-        return  # the whole tile is in the future: the top-k pass never reads it
-    scores = _score_tile(
-        q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, batch, rows, keys, q_start + rows, n_queries, n_keys,
-        n_sink, window, stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks,
-        stride_qsb, stride_qst, stride_ksb,
-        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
+    scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
     tl.store(
         out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
         scores.to(out_ptr.dtype.element_ty),
-        mask=(rows < n_queries)[:, None] & (keys < n_keys)[None, :],
+        mask=row_ok[:, None] & key_ok[None, :],
     )
 
 
@@ -170,23 +154,19 @@ def _order_key(scores):
 
 
 @triton.jit
-def _radix_topk(
-    row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, LISTED: tl.constexpr, GATHER: tl.constexpr
-):
+def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
     """Write the columns of the topk largest of n scores to row_out (exact; ties: the first ones win).
 
-    Element i is column i of the row, or with LISTED column row_cols[i] of a candidate list, whose score is
-    row_scores[row_cols[i]] with GATHER (a list into the row's scores), else row_scores[i] (a list that carries
-    its scores). Three passes: a histogram of the high byte of the order key (bin 0 = largest), a histogram of
-    the low byte inside the boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix
-    never holds, so they sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6
-    has none).
+    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list). Three passes:
+    a histogram of the high byte of the order key (bin 0 = largest), a histogram of the low byte inside the
+    boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix never holds, so they
+    sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6 has none).
     """
     high_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols = tl.load(row_cols + i, mask=i < n, other=0) if LISTED else i
-        key = _order_key(tl.load(row_scores + (cols if GATHER else i), mask=i < n, other=float("-inf")))
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
         high_hist += tl.histogram(255 - (key >> 8), 256)
     high_cum = tl.cumsum(high_hist, 0)
     high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
@@ -195,8 +175,8 @@ def _radix_topk(
     low_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols = tl.load(row_cols + i, mask=i < n, other=0) if LISTED else i
-        key = _order_key(tl.load(row_scores + (cols if GATHER else i), mask=i < n, other=float("-inf")))
+        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
         in_bin = (i < n) & (255 - (key >> 8) == high_bin)
         low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
@@ -208,8 +188,8 @@ def _radix_topk(
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
         valid = i < n
-        cols = tl.load(row_cols + i, mask=valid, other=0) if LISTED else i
-        key = _order_key(tl.load(row_scores + (cols if GATHER else i), mask=valid, other=float("-inf")))
+        cols = tl.load(row_cols + i, mask=valid, other=0) if INDIRECT else i
+        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
         rank_high = 255 - (key >> 8)
         rank_low = 255 - (key & 0xFF)
         above = valid & ((rank_high < high_bin) | ((rank_high == high_bin) & (rank_low < low_bin)))
@@ -224,14 +204,6 @@ def _radix_topk(
 
 
 @triton.jit
-def _write_short_row(row_out, row_len, topk, BLOCK: tl.constexpr):
-    """A row of at most topk keys selects them all: 0 ... row_len - 1, then -1 in the unused slots."""
-    for start in range(0, topk, BLOCK):
-        slots = start + tl.arange(0, BLOCK)
-        tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
-
-
-@triton.jit
 def _copy_list(src, dst, n, BLOCK: tl.constexpr):
     """dst[i] = src[i] for i < n (candidate and tie lists are int32 columns)."""
     for start in range(0, n, BLOCK):
@@ -241,16 +213,14 @@ def _copy_list(src, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _select_from_lists(
-    row_scores, row_cands, counts, row_out, topk, capacity,
-    BLOCK: tl.constexpr, SPLIT: tl.constexpr, GATHER: tl.constexpr,
-):  # fmt: skip
+    row_scores, row_cands, counts, row_out, topk, capacity, BLOCK: tl.constexpr, SPLIT: tl.constexpr
+):
     """Settle a row from its segments' lists, or return False when only the whole row can (`_topk_full_kernel`).
 
     Segment p's keys above the threshold sit at row_cands + p * (capacity + topk), its first keys equal to the
     threshold (at most topk) right after; counts holds the SPLIT above counts, then the SPLIT tie counts. With
     at least topk keys above (and none lost to a full list) the radix select runs on them; with fewer, the
-    top-k is every key above plus the first tied keys: no select is needed. GATHER: the keys' scores are read
-    from the row's scores (row_scores[col]); else row_scores is a list of them beside the first segment's.
+    top-k is every key above plus the first tied keys: no select is needed.
     """
     n_above = 0
     n_ties = 0
@@ -268,7 +238,7 @@ def _select_from_lists(
             _copy_list(row_cands + p * segment_stride, row_cands + offset, n, BLOCK=BLOCK)
             offset += n
         tl.debug_barrier()  # the select reads list entries that other threads of this program wrote
-        _radix_topk(row_scores, row_cands, row_out, n_above, topk, BLOCK=BLOCK, LISTED=True, GATHER=GATHER)
+        _radix_topk(row_scores, row_cands, row_out, n_above, topk, BLOCK=BLOCK, INDIRECT=True)
     if fill:
         offset = 0
         for p in tl.static_range(SPLIT):
@@ -307,7 +277,9 @@ def _topk_candidates_kernel(
     row_len = tl.minimum(q_start + row + 1, n_keys)  # keys beyond the query's position are never read
     if row_len <= topk:  # every key is selected; the rest are unused slots
         if part == 0:
-            _write_short_row(row_out, row_len, topk, BLOCK=BLOCK)
+            for start in range(0, topk, BLOCK):
+                slots = start + tl.arange(0, BLOCK)
+                tl.store(row_out + slots, tl.where(slots < row_len, slots, -1), mask=slots < topk)
             tl.store(row_status, 0)
         if SPLIT > 1:
             tl.store(counts + part, -1)
@@ -343,7 +315,7 @@ def _topk_candidates_kernel(
     if SPLIT == 1:
         tl.debug_barrier()  # the counts and lists were written by other threads of this program
         settled = _select_from_lists(
-            row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1, GATHER=True
+            row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1
         )
         tl.store(row_status, tl.where(settled, 0, 1))
 
@@ -363,7 +335,7 @@ def _topk_merge_kernel(
     row_cands = cand_ptr + batch * stride_cb + row * stride_ct
     row_out = out_ptr + batch * stride_ob + row * stride_ot
     settled = _select_from_lists(
-        row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT, GATHER=True
+        row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT
     )
     tl.store(status_ptr + batch * n_queries + row, tl.where(settled, 0, 1))
 
@@ -383,232 +355,7 @@ def _topk_full_kernel(
     row_len = tl.minimum(q_start + row + 1, n_keys)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
-                BLOCK=BLOCK, LISTED=False, GATHER=False)  # fmt: skip
-
-
-@triton.jit
-def _sample_scores_kernel(
-    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, out_ptr, n_queries, n_keys, q_start, n_sink, window,
-    stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks, stride_qsb, stride_qst, stride_ksb,
-    stride_ob, stride_ot,
-    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SAMPLE: tl.constexpr,
-):  # fmt: skip
-    """Scores of SAMPLE evenly spaced keys of each query block's shortest causal prefix (every row may see
-    them): a real matrix product shared by the block, unlike one gathered sample per row."""
-    pid_q, pid_s, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    span = tl.minimum(q_start + pid_q * BLOCK_Q + 1, n_keys)
-    slots = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
-    keys = (slots.to(tl.int64) * span // SAMPLE).to(tl.int32)
-    scores = _score_tile(
-        q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, batch, rows, keys, q_start + rows, n_queries, n_keys,
-        n_sink, window, stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks,
-        stride_qsb, stride_qst, stride_ksb,
-        N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
-    tl.store(
-        out_ptr + batch * stride_ob + rows[:, None] * stride_ot + slots[None, :],
-        scores.to(out_ptr.dtype.element_ty),
-        mask=(rows < n_queries)[:, None],
-    )
-
-
-@triton.jit
-def _sample_threshold_kernel(
-    sample_ptr, threshold_ptr, n_queries, q_start, n_keys, topk, stride_sb, stride_st,
-    ROWS: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_BLOCK_Q: tl.constexpr,
-):  # fmt: skip
-    """Each row's threshold (an order key): the sample's rank-th largest, the rank that keeps ~1.25 x topk keys
-    at or above plus a margin of 4 standard deviations (as `_topk_candidates_kernel`). Found bit by bit from
-    the top (the largest key with more than rank sampled keys at or above it): 16 counting passes over the
-    sample in registers instead of a sort."""
-    pid, batch = tl.program_id(0), tl.program_id(1)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_queries
-    sample = tl.load(
-        sample_ptr + batch * stride_sb + rows[:, None] * stride_st + tl.arange(0, SAMPLE)[None, :],
-        mask=row_ok[:, None],
-        other=float("-inf"),
-    )
-    keys = _order_key(sample)
-    span = tl.minimum(q_start + (rows // SAMPLE_BLOCK_Q) * SAMPLE_BLOCK_Q + 1, n_keys)
-    expected = SAMPLE * topk / span.to(tl.float32)
-    rank = tl.minimum(expected * 1.25 + 4.0 * tl.sqrt(expected) + 8.0, SAMPLE - 1).to(tl.int32)
-    threshold = tl.zeros((ROWS,), dtype=tl.int32)
-    for i in tl.static_range(16):
-        candidate = threshold | (1 << (15 - i))
-        at_or_above = tl.sum((keys >= candidate[:, None]).to(tl.int32), 1)
-        threshold = tl.where(at_or_above > rank, candidate, threshold)
-    tl.store(threshold_ptr + batch * n_queries + rows, threshold, mask=row_ok)
-
-
-@triton.jit
-def _score_candidates_kernel(
-    q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, threshold_ptr, cand_ptr, cand_score_ptr, count_ptr,
-    n_queries, n_keys, q_start, n_sink, window, topk, capacity,
-    stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks, stride_qsb, stride_qst, stride_ksb,
-    stride_cb, stride_ct, stride_csb, stride_cst,
-    N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The score pass fused with the split: each key tile's scores are compared with the rows' thresholds in
-    registers and only the keys above (col and score, up to `capacity`) and the first topk tied keys are
-    written. The scores never reach memory. One program owns its rows, so a row's lists fill in key order
-    with a prefix sum along the tile's row (no atomics, no scan across the block)."""
-    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: the last wave is short
-    batch = tl.program_id(1)
-    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < n_queries
-    positions = q_start + rows
-    threshold = tl.load(threshold_ptr + batch * n_queries + rows, mask=row_ok, other=0)
-    row_cands = cand_ptr + batch * stride_cb + rows * stride_ct
-    row_ties = row_cands + capacity
-    row_cand_scores = cand_score_ptr + batch * stride_csb + rows * stride_cst
-    last_key = tl.minimum(q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1, n_keys - 1)
-    n_above = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-    n_ties = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-    for start in range(0, last_key + 1, BLOCK_K):
-        keys = start + tl.arange(0, BLOCK_K)
-        scores = _score_tile(
-            q_ptr, w_ptr, k_ptr, q_scale_ptr, k_scale_ptr, batch, rows, keys, positions, n_queries, n_keys,
-            n_sink, window, stride_qb, stride_qt, stride_qh, stride_wb, stride_wt, stride_kb, stride_ks,
-            stride_qsb, stride_qst, stride_ksb,
-            N_HEADS=N_HEADS, HEAD_DIM=HEAD_DIM, SCALED=SCALED, UPCAST=UPCAST, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-        ).to(cand_score_ptr.dtype.element_ty)  # fmt: skip
-        key = _order_key(scores)
-        seen = row_ok[:, None] & (keys[None, :] <= positions[:, None]) & (keys < n_keys)[None, :]
-        above = seen & (key > threshold[:, None])
-        tie = seen & (key == threshold[:, None])
-        packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
-        ranks = tl.cumsum(packed, 1)
-        above_slot = n_above[:, None] + (ranks & 0xFFFF) - 1
-        tie_slot = n_ties[:, None] + (ranks >> 16) - 1
-        keep = above & (above_slot < capacity)
-        tl.store(row_cands[:, None] + above_slot, keys[None, :], mask=keep)
-        tl.store(row_cand_scores[:, None] + above_slot, scores, mask=keep)
-        tl.store(row_ties[:, None] + tie_slot, keys[None, :], mask=tie & (tie_slot < topk))
-        counts = tl.sum(packed, 1)
-        n_above += counts & 0xFFFF
-        n_ties += counts >> 16
-    counts_out = count_ptr + (batch * n_queries + rows) * 2
-    tl.store(counts_out, n_above, mask=row_ok)
-    tl.store(counts_out + 1, n_ties, mask=row_ok)
-
-
-@triton.jit
-def _settle_candidates_kernel(
-    cand_ptr, cand_score_ptr, count_ptr, status_ptr, out_ptr, n_queries, q_start, n_keys, topk, capacity,
-    stride_cb, stride_ct, stride_csb, stride_cst, stride_ob, stride_ot,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Settle each row from the lists `_score_candidates_kernel` wrote; status 1 where only the whole row can."""
-    row, batch = tl.program_id(0), tl.program_id(1)
-    row_out = out_ptr + batch * stride_ob + row * stride_ot
-    row_status = status_ptr + batch * n_queries + row
-    row_len = tl.minimum(q_start + row + 1, n_keys)
-    if row_len <= topk:
-        _write_short_row(row_out, row_len, topk, BLOCK=BLOCK)
-        tl.store(row_status, 0)
-    else:
-        settled = _select_from_lists(
-            cand_score_ptr + batch * stride_csb + row * stride_cst, cand_ptr + batch * stride_cb + row * stride_ct,
-            count_ptr + (batch * n_queries + row) * 2, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1, GATHER=False,
-        )  # fmt: skip
-        tl.store(row_status, tl.where(settled, 0, 1))
-
-
-def select_topk_fused(
-    q: Tensor,
-    w: Tensor,
-    k: Tensor,
-    q_start: int,
-    n_keys: int,
-    topk: int,
-    n_sink: int,
-    window: int,
-    q_scale: Tensor | None = None,
-    k_scale: Tensor | None = None,
-    out: Tensor | None = None,
-    block_q: int = 64,
-    block_k: int = 128,
-    sample: int | None = None,
-    block: int = 1024,
-    num_warps: int = 4,
-    return_fallback: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """`index_scores` then `topk_select` without the score buffer: the same indices (B, T, topk) int32.
-
-    Three launches: the scores of a sample of keys per query block give each row its threshold; the fused
-    pass scores every causal tile and keeps only the keys above the threshold and the first tied ones; one
-    program per row settles it from those lists. Rows the sample missed (as in `topk_select`) get the exact
-    select over their whole row from scores computed again. Prefill-shaped: one program per block_q queries
-    walks all their keys, so it wants thousands of queries (decode keeps `topk_select`'s split rows).
-    """
-    batch, n_queries, n_heads, head_dim = q.shape
-    device = q.device
-    if out is None:
-        out = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=device)
-    if sample is None:  # as topk_select
-        sample = max(16, min(1024, triton.next_power_of_2(n_keys) // 8))
-    capacity = 4 * topk
-    scaled = q_scale is not None
-    qs = (q_scale.stride(0), q_scale.stride(1), k_scale.stride(0)) if scaled else (0, 0, 0)
-    score_args = (q, w, k, q_scale if scaled else q, k_scale if scaled else q)
-    score_strides = (*q.stride()[:3], *w.stride()[:2], *k.stride()[:2], *qs)
-    meta = dict(N_HEADS=n_heads, HEAD_DIM=head_dim, SCALED=scaled, UPCAST=INTERPRETED, num_warps=num_warps)
-    n_blocks = triton.cdiv(n_queries, block_q)
-
-    sampled = torch.empty(batch, n_queries, sample, dtype=torch.bfloat16, device=device)
-    sample_block = min(block_k, sample)
-    _sample_scores_kernel[(n_blocks, sample // sample_block, batch)](
-        *score_args, sampled, n_queries, n_keys, q_start, n_sink, window, *score_strides,
-        sampled.stride(0), sampled.stride(1), BLOCK_Q=block_q, BLOCK_K=sample_block, SAMPLE=sample, **meta,
-    )  # fmt: skip
-    thresholds = torch.empty(batch, n_queries, dtype=torch.int32, device=device)
-    rows_per_sort = 8
-    _sample_threshold_kernel[(triton.cdiv(n_queries, rows_per_sort), batch)](
-        sampled, thresholds, n_queries, q_start, n_keys, topk, sampled.stride(0), sampled.stride(1),
-        ROWS=rows_per_sort, SAMPLE=sample, SAMPLE_BLOCK_Q=block_q, num_warps=8,
-    )  # fmt: skip
-    del sampled
-
-    # Per row: `capacity` keys above the threshold, then topk tied keys; their scores beside.
-    candidates = torch.empty(batch, n_queries, capacity + topk, dtype=torch.int32, device=device)
-    candidate_scores = torch.empty(batch, n_queries, capacity, dtype=torch.bfloat16, device=device)
-    counts = torch.empty(batch, n_queries, 2, dtype=torch.int32, device=device)
-    _score_candidates_kernel[(n_blocks, batch)](
-        *score_args, thresholds, candidates, candidate_scores, counts,
-        n_queries, n_keys, q_start, n_sink, window, topk, capacity, *score_strides,
-        candidates.stride(0), candidates.stride(1), candidate_scores.stride(0), candidate_scores.stride(1),
-        BLOCK_Q=block_q, BLOCK_K=block_k, **meta,
-    )  # fmt: skip
-    status = torch.empty(batch, n_queries, dtype=torch.int32, device=device)
-    _settle_candidates_kernel[(n_queries, batch)](
-        candidates, candidate_scores, counts, status, out, n_queries, q_start, n_keys, topk, capacity,
-        candidates.stride(0), candidates.stride(1), candidate_scores.stride(0), candidate_scores.stride(1),
-        out.stride(0), out.stride(1), BLOCK=block, num_warps=num_warps,
-    )  # fmt: skip
-    if status.any():  # rare (a sample that missed): the whole-row select on rescored rows, a few at a time
-        rows_per_pass = max(1, (1 << 28) // (batch * n_keys))
-        for t0 in range(0, n_queries, rows_per_pass):
-            rows = slice(t0, min(t0 + rows_per_pass, n_queries))
-            missed = status[:, rows].contiguous()
-            if not missed.any():
-                continue
-            scores = index_scores(
-                q[:, rows], w[:, rows], k, q_start + t0, n_sink, window,
-                q_scale[:, rows] if scaled else None, k_scale, block_q=block_q, block_k=block_k,
-            )  # fmt: skip
-            part = out[:, rows]
-            _topk_full_kernel[(rows.stop - t0, batch)](
-                scores, missed, part, missed, rows.stop - t0, q_start + t0, n_keys, topk,
-                scores.stride(0), scores.stride(1), part.stride(0), part.stride(1),
-                BLOCK=block, START_ON_DEVICE=False, num_warps=num_warps,
-            )  # fmt: skip
-    if return_fallback:
-        return out, status.bool()
-    return out
+                BLOCK=BLOCK, INDIRECT=False)  # fmt: skip
 
 
 def topk_select(
@@ -698,15 +445,12 @@ def select_topk(
     window: int = 64,
     fp8: bool = False,
     chunk_elements: int = 1 << 30,
-    fused: bool = False,
 ) -> Tensor:
     """Indices (B, T, topk) int32 for queries at q_start + t over keys k[:, :n_keys]: the GPU `select_topk`.
 
-    Query chunks keep the bf16 score buffer (or the fused pass's candidate lists) under `chunk_elements`
-    x 2 bytes (2 GiB by default) at any context length. fused: `select_topk_fused` (a host q_start only;
-    2x slower than the score buffer on an H100 at 32K-128K). q_start may be a one-element device tensor (a captured decode
-    step); n_keys then bounds the keys any replay may see (the cache length), and each row still reads only
-    its causal prefix.
+    Query chunks keep the bf16 score buffer under `chunk_elements` (2 GiB by default) at any context length.
+    q_start may be a one-element device tensor (a captured decode step); n_keys then bounds the keys any
+    replay may see (the cache length), and each row still reads only its causal prefix.
     """
     check_topk_holds_forced(topk, n_sink, window)
     batch, n_queries = q.shape[:2]
@@ -716,15 +460,6 @@ def select_topk(
         q, q_scale = quantize_fp8(q)
         k, k_scale = quantize_fp8(k)
     indices = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=q.device)
-    if fused:  # per row: 5 x topk int32 list slots and 4 x topk bf16 scores, 28 bytes x topk
-        chunk = max(1, min(n_queries, 2 * chunk_elements // (batch * 28 * topk)))
-        for t0 in range(0, n_queries, chunk):
-            rows = slice(t0, min(t0 + chunk, n_queries))
-            select_topk_fused(
-                q[:, rows], w[:, rows], k, q_start + t0, n_keys, topk, n_sink, window,
-                q_scale[:, rows] if fp8 else None, k_scale, out=indices[:, rows],
-            )  # fmt: skip
-        return indices
     chunk = max(1, min(n_queries, chunk_elements // max(1, batch * n_keys)))
     buffer = torch.empty(batch, chunk, n_keys, dtype=torch.bfloat16, device=q.device)
     for t0 in range(0, n_queries, chunk):

@@ -24,12 +24,9 @@ from dsarag.kernels.common import INTERPRETED, dot
 def _gather_attention_block(
     q, m_i, l_i, acc, k_base, v_base, idx_base, slot_start, slot_end, stride_ks, stride_vs, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    k_scale_base=None, v_scale_base=None, KV_SCALED: tl.constexpr = False,
 ):  # fmt: skip
     """Online-softmax update of (m_i, l_i, acc) over the selected keys in slots [slot_start, slot_end);
-    CONTIGUOUS: slot s is key s (dense attention, no index list). KV_SCALED: K and V rows are float8 with one
-    scale per row (half the bytes of bf16 rows: the gather is bound by the bytes it moves), widened to q's
-    dtype for the tensor cores."""
+    CONTIGUOUS: slot s is key s (dense attention, no index list)."""
     dims = tl.arange(0, HEAD_DIM)
     for start in range(slot_start, slot_end, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
@@ -40,22 +37,14 @@ def _gather_attention_block(
         valid = idx >= 0
         safe_idx = tl.where(valid, idx, 0).to(tl.int64)
         k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=valid[None, :], other=0.0)
-        if KV_SCALED:
-            k_scale = tl.load(k_scale_base + safe_idx, mask=valid, other=0.0)
-            scores = dot(q, k_t.to(q.dtype), UPCAST) * (k_scale * scale_log2)[None, :]
-        else:
-            scores = dot(q, k_t, UPCAST) * scale_log2  # (G_PAD, BLOCK_N), log2 domain
+        scores = dot(q, k_t, UPCAST) * scale_log2  # (G_PAD, BLOCK_N), log2 domain
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid slot changes nothing
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
-        if KV_SCALED:
-            v_scale = tl.load(v_scale_base + safe_idx, mask=valid, other=0.0)
-            acc = acc * alpha[:, None] + dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), UPCAST)
-        else:
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     return m_i, l_i, acc
@@ -63,15 +52,14 @@ def _gather_attention_block(
 
 @triton.jit
 def _sparse_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, k_scale_ptr, v_scale_ptr, topk, scale_log2,
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, topk, scale_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ib, stride_is, stride_it,
     stride_ob, stride_oh, stride_ot,
-    stride_scale_b, stride_scale_h,
     N_KV_HEADS: tl.constexpr, KV_PER_SET: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, KV_SCALED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     t, batch_group = tl.program_id(0), tl.program_id(1)
     batch, kv_head = batch_group // N_KV_HEADS, batch_group % N_KV_HEADS
@@ -92,8 +80,6 @@ def _sparse_prefill_kernel(
         idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is + t * stride_it, 0, topk,
         stride_ks, stride_vs, scale_log2,
         HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST, CONTIGUOUS=False,
-        k_scale_base=k_scale_ptr + batch * stride_scale_b + kv_head * stride_scale_h,
-        v_scale_base=v_scale_ptr + batch * stride_scale_b + kv_head * stride_scale_h, KV_SCALED=KV_SCALED,
     )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(
@@ -163,37 +149,29 @@ def sparse_attention_prefill(
     v_cache: Tensor,
     indices: Tensor,
     scale: float,
-    block_n: int = 128,
-    num_warps: int = 4,
+    block_n: int = 64,
+    num_warps: int = 2,
     num_stages: int = 2,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Gather attention for every query of q (B, Hq, T, d); every query needs at least one valid index.
 
-    With k_scale and v_scale (B, Hkv, S) float32, the caches are float8_e4m3fn rows, k ≈ k_cache * k_scale
-    (`indexer.quantize_fp8`)."""
+    64 keys a step on 2 warps: 3-6 % faster than 128 keys on 4 warps at 8K-128K on an H100 (docs/benchmarks.md)."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group, g_pad = _group_padding(n_heads, n_kv_heads)
     out = torch.empty_like(q)
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("indices", indices)):
         assert tensor.stride(-1) == 1, f"{name} must be contiguous in its last dimension"
-    scaled = k_scale is not None
-    if scaled:
-        assert k_scale.stride() == v_scale.stride() and k_scale.stride(-1) == 1
     indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
     _sparse_prefill_kernel[(n_queries, batch * n_kv_heads)](
-        q, k_cache, v_cache, indices, out, k_scale if scaled else q, v_scale if scaled else q,
-        indices.shape[-1], scale * 1.4426950408889634,
+        q, k_cache, v_cache, indices, out, indices.shape[-1], scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         indices.stride(0), stride_is, indices.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, UPCAST=INTERPRETED,
-        KV_SCALED=scaled, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 

@@ -8,7 +8,6 @@ from dsarag.kernels.indexer import (
     index_scores_reference,
     quantize_fp8,
     select_topk,
-    select_topk_fused,
     topk_select,
     topk_select_reference,
 )
@@ -169,46 +168,14 @@ def test_topk_select_returns_every_key_of_a_row_no_longer_than_topk(split):
     assert_selects_the_reference(got, scores, q_start=0, n_keys=300, topk=24)
 
 
-@pytest.mark.parametrize(("q_start", "negative"), [(260, False), (0, False), (260, True)])
-def test_fused_select_picks_what_the_score_buffer_path_picks(q_start, negative):
-    """Scores, threshold and split in one pass: the reference's keys from the same bf16 scores, with rows no
-    longer than topk (q_start 0) and, with negative weights, thousands of keys tied at 0 (the tie list)."""
-    q, w, k = indexer_inputs(batch=2, n_queries=20, n_keys=q_start + 20, seed=9)
-    w = -w.abs() if negative else w
-    options = {"block_q": 16, "block_k": 64}
-    got, fell_back = select_topk_fused(
-        q, w, k, q_start, q_start + 20, 64, 2, 4, sample=64, block=256, return_fallback=True, **options
-    )
-    assert not fell_back.any()
-    scores = index_scores(q, w, k, q_start, 2, 4, **options)
-    assert_selects_the_reference(got, scores, q_start=q_start, n_keys=q_start + 20, topk=64)
-
-
-def test_fused_select_rescores_the_rows_its_sample_missed():
-    """A sample rank too low for the row (small sample, small topk) keeps more keys than the list holds."""
-    q, w, k = indexer_inputs(batch=1, n_queries=12, n_keys=300, seed=10)
-    options = {"block_q": 16, "block_k": 64}
-    got, fell_back = select_topk_fused(
-        q, w, k, 288, 300, 24, 2, 4, sample=32, block=256, return_fallback=True, **options
-    )
-    assert fell_back.any()
-    scores = index_scores(q, w, k, 288, 2, 4, **options)
-    assert_selects_the_reference(got, scores, q_start=288, n_keys=300, topk=24)
-
-
 @pytest.mark.parametrize(
     ("dtype", "dim"), [(torch.bfloat16, 16), (torch.float32, 16), (torch.bfloat16, 128)]
 )  # 128: a widened layer's index heads (train.grow_dims)
-@pytest.mark.parametrize("fused", [False, True])
-def test_select_topk_matches_the_model_selection(dtype, dim, fused):
-    """Chunked: three chunks of the score buffer, or of the fused pass's lists."""
+def test_select_topk_matches_the_model_selection(dtype, dim):
     q, w, k = indexer_inputs(batch=1, n_queries=48, n_keys=80, dim=dim, seed=3)
     q, w, k = q.to(dtype), w.to(dtype), k.to(dtype)
     q_start = 32
-    chunk_elements = 16 * 28 * 20 // 2 if fused else 16 * 80
-    got = select_topk(
-        q, w, k, q_start, n_keys=80, topk=20, n_sink=2, window=3, chunk_elements=chunk_elements, fused=fused
-    )
+    got = select_topk(q, w, k, q_start, n_keys=80, topk=20, n_sink=2, window=3, chunk_elements=16 * 80)
     positions = torch.arange(q_start, q_start + 48, device=DEVICE)
     want = select_topk_torch(q, w, k, positions, 80, 20, n_sink=2, window=3, query_block=16, key_block=32)
     scores = index_scores_reference(q, w, k, q_start, n_sink=2, window=3)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from dsarag.kernels.indexer import quantize_fp8
 from dsarag.kernels.sparse_attention import (
     dense_attention_decode,
     merge_partials,
@@ -53,16 +52,6 @@ def test_prefill_kernel_matches_gather_attention_with_ragged_and_invalid_indices
     torch.testing.assert_close(
         got.float(), sparse_attention_torch(q, k, v, indices.long(), 0.25).float(), **tolerance_for(dtype)
     )
-
-
-def test_prefill_kernel_reads_float8_rows_with_their_scales():
-    """FP8 K/V caches (one scale per row): the attention of the rows they stand for."""
-    (q, k, v), indices = attention_inputs(torch.bfloat16)
-    (k8, k_scale), (v8, v_scale) = quantize_fp8(k), quantize_fp8(v)
-    got = sparse_attention_prefill(q, k8, v8, indices, 0.25, k_scale=k_scale, v_scale=v_scale)
-    k_rows, v_rows = k8.float() * k_scale[..., None], v8.float() * v_scale[..., None]
-    want = masked_dense_attention_reference(q.float(), k_rows, v_rows, indices.long(), scale=0.25)
-    torch.testing.assert_close(got.float(), want, **tolerance_for(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
