@@ -7,9 +7,11 @@ llama.cpp reads the registry model's GGUF (`dsarag models pull`) in its own quan
 safetensors converted from that GGUF (or float32 where the CPU has no AVX512-BF16) twice: decode steps over the
 model's own weights, and over int8 copies (`DSARAG_DECODE_WEIGHTS`). Each run feeds the same token ids (held-out
 text: the demo corpus, then Python's argparse.py), prefills them, then decodes `--new-tokens` greedily; the runs
-take turns within each repeat, so a load that comes and goes on a shared machine hits every engine alike. Attention
-is dense in both. Reported: median prefill seconds and median decode tokens/s (decode steps / their seconds, the
-sampling of each token included), and the load average around each length.
+take turns: each repeat prefills the prompt in every engine, then the engines run one greedy decode step each in
+turn (the step's argmax included), so a load that comes and goes on a shared machine hits every engine alike. Attention
+is dense in both. Reported: median prefill seconds, decode tokens/s as 1 / the median step (all steps of all repeats;
+a median, because bursts of other work on a shared machine stretch some steps by 10-100x), and the load average
+around each length.
 """
 
 import argparse
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from dsarag.base.paths import cache_dir
-from dsarag.indexer_model.generate import generate
+from dsarag.indexer_model.generate import decode_one_token, prefill, sample
 from dsarag.indexer_model.provision import registry_model
 from dsarag.indexer_model.resolve import resolve_model
 from dsarag.indexer_model.tokenizer import ChatTokenizer
@@ -78,34 +80,40 @@ class LlamaCpp:
             logits_all=False,
         )
         self.n_vocab = self.llm.n_vocab()
+        self.token = 0
 
     def next_token(self) -> int:
         logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
         return int(logits.argmax())
 
-    def run(self, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
-        """(prefill s, decode s, decode steps), as dsarag's generate counts them."""
+    def prefill(self, ids: list[int], new_tokens: int) -> None:
         self.llm.reset()
-        started = time.perf_counter()
         self.llm.eval(ids)
-        token = self.next_token()
-        prefill_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            self.llm.eval([token])
-            token = self.next_token()
-        return prefill_s, time.perf_counter() - started, new_tokens - 1
+        self.token = self.next_token()
+
+    def step(self) -> None:
+        self.llm.eval([self.token])
+        self.token = self.next_token()
 
 
 class Dsarag:
-    def __init__(self, folder: Path, tokenizer, decode_weights: str) -> None:
+    def __init__(self, folder: Path, decode_weights: str) -> None:
         self.name = f"dsarag {decode_weights}"
         self.model = load_model(folder, decode_weights=decode_weights)
-        self.tokenizer = tokenizer
+        self.token, self.position = torch.zeros(1, 1, dtype=torch.long), 0
 
-    def run(self, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
-        result = generate(self.model, ids, new_tokens, self.tokenizer.decode, set())
-        return result.prefill_s, result.decode_s, result.decode_steps
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], new_tokens: int) -> None:
+        """As `generate` runs a prompt: caches for the prompt and the new tokens, the first token from the prefill."""
+        self.model.setup_caches(max_batch_size=1, max_seq_len=len(ids) + new_tokens)
+        logits = prefill(self.model, torch.tensor([ids]), torch.arange(len(ids)))
+        self.token, self.position = sample(logits).view(1, 1), len(ids)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One of `generate`'s CPU decode steps: the token at the next position, then its greedy successor."""
+        logits = decode_one_token(self.model, self.token, torch.tensor([self.position]))
+        self.token, self.position = sample(logits).view(1, 1), self.position + 1
 
 
 def main() -> None:
@@ -138,7 +146,7 @@ def main() -> None:
     folder = resolve_model(registered.name)
     tokenizer = ChatTokenizer(folder)
     wanted = args.engines.split(",")
-    engines = [Dsarag(folder, tokenizer, choice) for choice in ("model", "int8") if choice in wanted]
+    engines = [Dsarag(folder, choice) for choice in ("model", "int8") if choice in wanted]
     if "llama.cpp" in wanted:
         context = max(lengths) + args.new_tokens + 8
         engines.insert(0, LlamaCpp(gguf, context, args.threads, args.llama_extra_buffers == "on"))
@@ -156,30 +164,43 @@ def main() -> None:
     for length in lengths:
         ids = prompt_ids(tokenizer, length)
         load_before = os.getloadavg()[0]
-        runs = {engine.name: [] for engine in engines}
+        prefills = {engine.name: [] for engine in engines}
+        steps = {engine.name: [] for engine in engines}
         for (
             engine
         ) in engines:  # warm-up: first-call costs (kernel builds, allocations) stay out of the medians
-            engine.run(ids[:64], 4)
+            engine.prefill(ids[:64], 4)
+            engine.step()
         for _ in range(args.repeats):
             for engine in engines:
-                prefill_s, decode_s, steps = engine.run(ids, args.new_tokens)
-                runs[engine.name].append((prefill_s, decode_s, steps))
-                print(
-                    f"  {length} {engine.name}: {prefill_s:.2f} s, {steps / decode_s:.2f} tok/s", flush=True
-                )
-        for name, measured in runs.items():
+                started = time.perf_counter()
+                engine.prefill(ids, args.new_tokens)
+                prefills[engine.name].append(time.perf_counter() - started)
+            for _ in range(args.new_tokens - 1):
+                for engine in engines:
+                    started = time.perf_counter()
+                    engine.step()
+                    steps[engine.name].append(time.perf_counter() - started)
+            print(
+                f"  {length}: "
+                + ", ".join(
+                    f"{n} {1 / statistics.median(s[-args.new_tokens + 1 :]):.2f} tok/s"
+                    for n, s in steps.items()
+                ),
+                flush=True,
+            )
+        for engine in engines:
             row = {
-                "engine": name,
+                "engine": engine.name,
                 "prompt_tokens": length,
-                "prefill_s": statistics.median(p for p, _, _ in measured),
-                "decode_tokens_per_s": statistics.median(steps / s for _, s, steps in measured),
-                "decode_tokens_per_s_all": [steps / s for _, s, steps in measured],
+                "prefill_s": statistics.median(prefills[engine.name]),
+                "decode_tokens_per_s": 1 / statistics.median(steps[engine.name]),
+                "decode_step_ms_quartiles": [1000 * q for q in statistics.quantiles(steps[engine.name], n=4)],
                 "load_average": [load_before, os.getloadavg()[0]],
             }
             report["rows"].append(row)
             print(
-                f"{length:>6} {name:<14} prefill {row['prefill_s']:7.2f} s  decode {row['decode_tokens_per_s']:6.2f}"
+                f"{length:>6} {engine.name:<14} prefill {row['prefill_s']:7.2f} s  decode {row['decode_tokens_per_s']:6.2f}"
                 f" tok/s  (load {load_before:.1f} → {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
