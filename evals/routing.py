@@ -39,7 +39,7 @@ def route(question: str, retriever: Retriever, generator: Generator) -> tuple[st
     decision = decide_retrieval(features, best[0].score if best else 0.0, scores["retrieval"])
     if decision.choice == "no_retrieve":
         return "none", decision.reason
-    strategy = choose_strategy(features, scores["strategy"])
+    strategy = choose_strategy(features, scores["strategy"], retriever.has_dated_documents)
     return strategy.choice, f"{decision.reason}; {strategy.reason}"
 
 

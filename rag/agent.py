@@ -156,7 +156,8 @@ def plan(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     if options.strategy is not None:
         strategy, strategy_reason = options.strategy, f"forced by --strategy {options.strategy}"
     else:
-        decision = choose_strategy(features, scores["strategy"])
+        dated = runtime.context.retriever.has_dated_documents
+        decision = choose_strategy(features, scores["strategy"], dated)
         strategy, strategy_reason = decision.choice, decision.reason + _without_model_vote(generator)
     complexity = choose_complexity(features, scores["complexity"])
     queries = [question]

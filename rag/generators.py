@@ -16,4 +16,3 @@ def open_generator(spec: str | None, device: str = "cpu") -> "Generator | Remote
     from dsarag.indexer_model.generate import load_generator
 
     return load_generator(spec, device=device)
-

@@ -90,6 +90,12 @@ class Retriever:
             if record.date == datetime.fromtimestamp(record.mtime_ns / 1e9, tz=UTC).date().isoformat()
         )
 
+    @cached_property
+    def has_dated_documents(self) -> bool:
+        """Whether any document states its own date: without one, a date in a question names a fact of the
+        documents (an encyclopedia's "in 2008"), not a time window over them."""
+        return any(path not in self.undated_paths for path in self.manifest.files)
+
     def newest_date(self) -> date:
         """The newest date a document states of itself (the reference for "latest" questions)."""
         dated = [row["date"] for row in self.rows if row["path"] not in self.undated_paths]

@@ -104,11 +104,14 @@ def decide_retrieval(features: QueryFeatures, corpus_cosine: float, llm: dict[st
     return Decision(choice, reason, _rounded({"retrieve": total, "no_retrieve": -total}))
 
 
-def choose_strategy(features: QueryFeatures, llm: dict[str, float]) -> Decision:
-    """semantic | multi-query | temporal | hybrid: LLM label log-probs + feature evidence, the best wins."""
+def choose_strategy(features: QueryFeatures, llm: dict[str, float], dated_documents: bool = True) -> Decision:
+    """semantic | multi-query | temporal | hybrid: LLM label log-probs + feature evidence, the best wins. Where
+    no document states its own date (`dated_documents` False), a date or recency word is no evidence for
+    'latest' (fitted on SQuAD / HotpotQA train questions, docs/evals.md)."""
+    timed = (features.window is not None or features.recency) and dated_documents
     evidence = {
         "lookup": 0.0,
-        "latest": _evidence(features.window is not None or features.recency, FEATURE_WEIGHT),
+        "latest": _evidence(timed, FEATURE_WEIGHT),
         "compare": _evidence(features.comparison, COMPARISON_WEIGHT)
         + NAMED_SIDES_WEIGHT * bool(features.compared),
         "exact": _evidence(bool(features.identifiers), FEATURE_WEIGHT),
@@ -120,6 +123,8 @@ def choose_strategy(features: QueryFeatures, llm: dict[str, float]) -> Decision:
         f"LLM prefers {max(llm, key=llm.__getitem__)!r}; features {', '.join(fired)} "
         f"→ {best!r} ({totals[best]:+.2f})"
     )
+    if (features.window is not None or features.recency) and not dated_documents:
+        reason += "; no document states its own date, so the question's date is not a time window"
     return Decision(LABEL_STRATEGY[best], reason, _rounded({LABEL_STRATEGY[k]: v for k, v in totals.items()}))
 
 

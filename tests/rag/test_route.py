@@ -144,6 +144,26 @@ def test_features_and_cosine_decide_with_the_model_scores_as_evidence():
     assert choose_strategy(query_features("Who leads the kitchen?"), lookup_leaning).choice == "semantic"
 
 
+def test_a_date_opens_a_time_window_only_over_documents_that_state_their_dates():
+    dated_question = query_features("What did Beyonce and Rowland found in 2005?")
+    undecided = {label: math.log(0.25) for label in ("lookup", "latest", "compare", "exact")}
+    assert choose_strategy(dated_question, undecided).choice == "temporal"
+    undated = choose_strategy(dated_question, undecided, dated_documents=False)
+    assert undated.choice == "semantic" and "not a time window" in undated.reason
+
+
+def test_a_store_knows_whether_any_document_states_its_date(tmp_path, embedder):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "encyclopedia.txt").write_text("Beyonce and Rowland founded a charity in 2005.\n")
+    store = ChunkStore(tmp_path / "store")
+    ingest_folder(folder, store, embedder)
+    assert not Retriever(store, embedder).has_dated_documents
+    (folder / "2023-11-02-minutes.md").write_text("The board met.\n")
+    ingest_folder(folder, store, embedder)
+    assert Retriever(store, embedder).has_dated_documents
+
+
 def test_a_forced_strategy_scores_only_the_complexity(retriever, tiny, forward_passes):
     question = "Who is the privacy officer?"
     label_scores("Who leads the kitchen?", tiny, tuple(CHOICES))  # caches the openings and calibrations
