@@ -735,12 +735,17 @@ void linear_rows_int8(const Value* x, const int8_t* q, const uint16_t* scales, c
   }
 }
 
-// out[j] = x . (scale * q)[j] for the n rows of q, shared among the calling team (an orphaned omp for).
-inline void team_product(const RoundedX& x, const int8_t* q, const uint16_t* scales, int64_t n, int k, float* out) {
+// out[j] = x . (scale * q)[j] for the n rows of q, shared among the calling team (an orphaned omp for), then
+// done(j) for each row the thread computed.
+template <typename Done = void (*)(int64_t)>
+void team_product(const RoundedX& x, const int8_t* q, const uint16_t* scales, int64_t n, int k, float* out,
+                  Done done = [](int64_t) {}) {
   const int64_t blocks = k / kQ8Block;
 #pragma omp for schedule(static)
   for (int64_t j0 = 0; j0 < n; j0 += kQ8Rows) {
-    q8_block(x, 0, q + j0 * k, scales + j0 * blocks, k, int(std::min<int64_t>(kQ8Rows, n - j0)), out + j0);
+    const int rows = int(std::min<int64_t>(kQ8Rows, n - j0));
+    q8_block(x, 0, q + j0 * k, scales + j0 * blocks, k, rows, out + j0);
+    for (int r = 0; r < rows; ++r) done(j0 + r);
   }
 }
 
@@ -819,7 +824,9 @@ void attend_one(const Value* q, const Value* keys, const Value* values, int64_t 
 // parallel region: norm, q/k/v product (+ bias), RoPE, the caches' new row, attention, o product + residual, norm,
 // gate/up product with silu, down product + residual; x (dim,) is updated in place. A decode step in PyTorch calls
 // about 60 operations a layer between the products, 20-80 us each on a core whose caches the products just
-// flushed; here they are a few loops. Every intermediate is rounded to Value where the PyTorch path rounds it.
+// flushed; here they are a few loops. Each thread rounds every product's x itself (a few thousand values), so the
+// threads meet only where one product needs all of another's rows: six barriers a layer. Every intermediate is
+// rounded to Value where the PyTorch path rounds it.
 template <typename Value>
 void decode_layer_int8(Value* x, int dim, const Value* attention_norm, const Value* ffn_norm, float eps,
                        const int8_t* qkv_q, const uint16_t* qkv_scales, const Value* qkv_bias, int n_heads,
@@ -831,19 +838,16 @@ void decode_layer_int8(Value* x, int dim, const Value* attention_norm, const Val
   const int group = n_heads / n_kv_heads;
   const int64_t n_keys = position + 1;
   const float scale = 1.0f / std::sqrt(float(head_dim));
-  std::vector<Value> normed(dim), qkv(n_qkv), q(n_q), k(n_kv), y(n_q), h(dim), act(hidden);
+  std::vector<Value> q(n_q), y(n_q), act(hidden);
   std::vector<float> projected(std::max(n_qkv, dim)), scores(n_heads * n_keys);
-  std::unique_ptr<RoundedX> input;  // the next product's x, rounded by one thread
 #pragma omp parallel num_threads(n_threads)
   {
+    std::vector<Value> normed(dim), h(dim);
+    rms_norm_rows(x, attention_norm, eps, 1, dim, normed.data());
+    team_product(RoundedX(normed.data(), 1, dim), qkv_q, qkv_scales, n_qkv, dim, projected.data());
 #pragma omp single
     {
-      rms_norm_rows(x, attention_norm, eps, 1, dim, normed.data());
-      input = std::make_unique<RoundedX>(normed.data(), 1, dim);
-    }
-    team_product(*input, qkv_q, qkv_scales, n_qkv, dim, projected.data());
-#pragma omp single
-    {
+      std::vector<Value> qkv(n_qkv), k(n_kv);
       for (int j = 0; j < n_qkv; ++j) qkv[j] = narrow<Value>(projected[j] + (qkv_bias ? widen(qkv_bias[j]) : 0.0f));
       rope_rows(qkv.data(), n_qkv, 1, n_heads, head_dim, cos, sin, q.data());
       rope_rows(qkv.data() + n_q, n_qkv, 1, n_kv_heads, head_dim, cos, sin, k.data());
@@ -858,21 +862,13 @@ void decode_layer_int8(Value* x, int dim, const Value* attention_norm, const Val
       attend_one(q.data() + head * head_dim, k_cache + at, v_cache + at, n_keys, head_dim, scale,
                  scores.data() + head * n_keys, y.data() + head * head_dim);
     }
-#pragma omp single
-    input = std::make_unique<RoundedX>(y.data(), 1, n_q);
-    team_product(*input, o_q, o_scales, dim, n_q, projected.data());
-#pragma omp single
-    {
-      for (int i = 0; i < dim; ++i) h[i] = narrow<Value>(widen(x[i]) + rounded<Value>(projected[i]));
-      rms_norm_rows(h.data(), ffn_norm, eps, 1, dim, normed.data());
-      input = std::make_unique<RoundedX>(normed.data(), 1, dim);
-    }
-    team_gated(*input, gate_up_q, gate_up_scales, hidden, dim, act.data());
-#pragma omp single
-    input = std::make_unique<RoundedX>(act.data(), 1, hidden);
-    team_product(*input, down_q, down_scales, dim, hidden, projected.data());
-#pragma omp single
-    for (int i = 0; i < dim; ++i) x[i] = narrow<Value>(widen(h[i]) + rounded<Value>(projected[i]));
+    team_product(RoundedX(y.data(), 1, n_q), o_q, o_scales, dim, n_q, projected.data());
+    for (int i = 0; i < dim; ++i) h[i] = narrow<Value>(widen(x[i]) + rounded<Value>(projected[i]));
+    rms_norm_rows(h.data(), ffn_norm, eps, 1, dim, normed.data());
+    team_gated(RoundedX(normed.data(), 1, dim), gate_up_q, gate_up_scales, hidden, dim, act.data());
+    // The residual lands row by row: x is read above only, before gate/up's barrier.
+    team_product(RoundedX(act.data(), 1, hidden), down_q, down_scales, dim, hidden, projected.data(),
+                 [&](int64_t j) { x[j] = narrow<Value>(widen(h[j]) + rounded<Value>(projected[j])); });
   }
 }
 
