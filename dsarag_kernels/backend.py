@@ -10,7 +10,8 @@
 
 Every backend's callables share one signature per step, so `indexer_model/dsa.py` calls them without asking
 which one runs. On the CPU a decode step's weight products run over int8 copies of the weights where the compiled
-kernels have them (`int8_decode`; `DSARAG_DECODE_WEIGHTS=model` keeps the model's own dtype). `selection` replaces
+kernels have them (`int8_decode`; `DSARAG_DECODE_WEIGHTS=model` keeps the model's own dtype), a dense layer's whole
+step in one compiled call (`decode_layer`). `selection` replaces
 the indexer's choice of keys (the oracle of `indexer_model/oracle.py`).
 """
 

@@ -1,5 +1,6 @@
 // DeepSeek Sparse Attention on the CPU: fused index scores + exact top-k, gather attention, and the indexer's
-// projection of a decode step's tokens; on AVX512-BF16 CPUs also a decode step's bf16 weight products.
+// projection of a decode step's tokens; on AVX512-BF16 CPUs also a decode step's bf16 weight products; with AVX2 a
+// decode step's int8 weight products and a dense layer's whole decode step (norms, products, RoPE, attention).
 // Compiled once per machine by dsarag_kernels/cpu_dsa.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes on float32 or bf16 buffers. PyTorch references: indexer_model.indexer.select_topk,
 // indexer_model.dsa.masked_dense_attention_reference, LightningIndexer.project and F.linear; the test is

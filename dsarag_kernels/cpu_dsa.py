@@ -1,5 +1,6 @@
 """DSA on the CPU through compiled C++ (cpu_dsa.cpp): fused index scores + exact top-k, gather attention, and the
-indexer's projection of a decode step; on CPUs with AVX512-BF16, a decode step's bf16 weight products too.
+indexer's projection, RMSNorm and RoPE of a decode step; on CPUs with AVX512-BF16 its bf16 weight products too; with
+AVX2 its int8 weight products and a dense layer's whole decode step (`int8_decode_layer`).
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
