@@ -25,6 +25,22 @@ QUESTION = "When is lunch?"
 MESSAGES = [{"role": "user", "content": "Name one colour."}]
 
 
+def answers_at_once(generator: RemoteGenerator, count: int, max_new_tokens: int) -> list[str]:
+    """`count` greedy answers to MESSAGES asked from as many threads at once."""
+    texts: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: texts.append(generator.answer(MESSAGES, max_new_tokens=max_new_tokens).text)
+        )
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return texts
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     running = start_server(tmp_path_factory.mktemp("remote-home"))
@@ -212,15 +228,7 @@ def test_the_meter_knows_deepseek_v32_and_marks_others_unknown(spec):
 def test_threads_share_one_remote_generator(spec):
     generator = open_generator(spec)
     assert isinstance(generator, RemoteGenerator)
-    texts: list[str] = []
-    threads = [
-        threading.Thread(target=lambda: texts.append(generator.answer(MESSAGES, max_new_tokens=4).text))
-        for _ in range(3)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    texts = answers_at_once(generator, 3, max_new_tokens=4)
     assert len(texts) == 3 and len(set(texts)) == 1  # greedy: the same reply, queued by the server
 
 
@@ -242,16 +250,7 @@ def test_bench_times_a_served_model_per_prompt_length(spec, tmp_path, run_cli):
 def test_a_busy_server_is_retried_with_back_off(tmp_path):
     busy = start_server(tmp_path, "--max-queue", "0")  # a second request while one runs gets 503
     try:
-        generator = open_generator(f"openai:{busy.url}/v1")
-        texts: list[str] = []
-        threads = [
-            threading.Thread(target=lambda: texts.append(generator.answer(MESSAGES, max_new_tokens=8).text))
-            for _ in range(2)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        texts = answers_at_once(open_generator(f"openai:{busy.url}/v1"), 2, max_new_tokens=8)
         assert len(texts) == 2 and texts[0] == texts[1]
         assert "/v1/chat/completions: 503" in (tmp_path / "serve.log").read_text()  # refused, then retried
     finally:
