@@ -44,7 +44,13 @@ _COMPARED = [
         rf"^(?:are|were|is|was|do|did|does|have|has|had)\s+(?:both\s+)?(?P<a>{_NAME}) and (?P<b>{_NAME})\s+(?=(?:both|the same|of the same|in the same|from the same|each|members|located|situated|from|considered|known|still|[a-z]+ed|[a-z]+s)\b)",
         re.I,
     ),
-    re.compile(rf",\s*(?P<a>{_NAME}) or (?P<b>{_NAME})\s*\?\s*$"),
+    re.compile(rf",\s*(?:the\s+)?(?P<a>{_NAME}) or (?:the\s+)?(?P<b>{_NAME})\s*\?\s*$"),
+    # "Which band was formed first The Exies or Circus Diablo?": no comma before the sides.
+    re.compile(
+        rf"^(?i:which)\b[^,?]*?\b(?i:first|earlier|later|older|younger|larger|bigger|smaller|longer|shorter|taller|"
+        rf"more|fewer)\s+(?:the\s+)?(?P<a>{_NAME}) or (?:the\s+)?(?P<b>{_NAME})\s*\?\s*$"
+    ),
+    re.compile(rf"^(?i:what do|what did) (?P<a>{_NAME}) and (?P<b>{_NAME}) (?i:have in common)"),
 ]
 _SUMMARY = re.compile(r"\b(summari[sz]e|summary|overview|outline|main points|key points|tl;?dr)\b", re.I)
 _REASONING = re.compile(r"\b(why|explain|step by step|reason|how would|what if|should)\b", re.I)

@@ -193,6 +193,19 @@ def test_a_comparison_names_both_sides_and_goes_to_multi_query(tiny):
         "Arthur's Magazine",
         "First for Women",
     )
+    assert query_features("Which band was formed first The Exies or Circus Diablo ?").compared == (
+        "The Exies",
+        "Circus Diablo",
+    )
+    assert query_features("Which plant is larger, the Pterocarya or the Cotula?").compared == (
+        "Pterocarya",
+        "Cotula",
+    )
+    assert query_features("What do E. B. White and Dan Masterson have in common?").compared == (
+        "E. B. White",
+        "Dan Masterson",
+    )
+    assert query_features("Which city hosted the 2008 Olympics?").compared == ()
     question = "Are Marian Gold and Jung Eun-ji members of the same band?"
     strategy = choose_strategy(
         query_features(question), label_scores(question, tiny, ("strategy",))["strategy"]
