@@ -446,10 +446,16 @@ def int8_joint_product(linears: list[nn.Linear], fallback: Callable, gated: bool
     return product
 
 
+# The compiled layer's attention reads a kv head's keys once per query head: past about 3K cached keys PyTorch's
+# SDPA is the faster attention (a step on one thread of the AMX Xeon, compiled against op by op: 2K keys 59 / 63 ms,
+# 4K 72 / 69, 8K 102 / 79).
+COMPILED_LAYER_MAX_KEYS = 2048
+
+
 def int8_decode_layer(block: nn.Module, fallback: Callable) -> Callable:
     """A dense layer's decode step (block, x, rope, input_pos, n_keys) -> x in one compiled call (cpu_dsa.cpp
     dsa_decode_layer_int8) over the int8 copies its products hold (`int8_product`, `int8_joint_product`): one token,
-    batch 1, a KV cache in x's dtype; other calls through `fallback`. Blocks whose products are not all int8 keep
+    batch 1, a KV cache in x's dtype, at most COMPILED_LAYER_MAX_KEYS keys; other calls through `fallback`. Blocks whose products are not all int8 keep
     `fallback`."""
     attention, feed_forward = block.attention, block.feed_forward
     products = (
@@ -469,6 +475,7 @@ def int8_decode_layer(block: nn.Module, fallback: Callable) -> Callable:
         if (
             x.shape[:2] != (1, 1)
             or n_keys is None
+            or n_keys > COMPILED_LAYER_MAX_KEYS
             or cache is None
             or not runs_int8_rows(x, qkv_bias)
             or any(t.dtype != x.dtype for t in (*norms, cache.k_cache))

@@ -202,6 +202,24 @@ def test_a_compiled_decode_layer_equals_the_layer_op_by_op(int8_kernels, dtype):
         assert got.topk(5).indices.equal(want.topk(5).indices)
 
 
+@pytest.mark.needs_compiler
+def test_a_long_cache_leaves_the_layer_op_by_op(int8_kernels, monkeypatch):
+    """Past COMPILED_LAYER_MAX_KEYS a layer runs op by op (PyTorch's attention); up to it, in one compiled call."""
+    library = cpu_dsa.native_library()
+    kernel, calls = library.dsa_decode_layer_int8, []
+    monkeypatch.setattr(library, "dsa_decode_layer_int8", lambda *args: calls.append(1) or kernel(*args))
+    model, prompt = small_model(), torch.randint(0, 512, (1, 20))
+    model.use_backend(resolve_backend("cpu", torch.float32, decode_weights="int8"))
+    model.setup_caches(1, 32)
+    with torch.inference_mode():
+        model(prompt, torch.arange(20))
+        model(prompt[:, -1:], torch.tensor([20]))
+        assert len(calls) == len(model.layers)
+        monkeypatch.setattr(cpu_dsa, "COMPILED_LAYER_MAX_KEYS", 20)
+        model(prompt[:, -1:], torch.tensor([21]))
+    assert len(calls) == len(model.layers)
+
+
 @pytest.mark.slow
 @pytest.mark.needs_compiler
 def test_the_avx2_build_equals_the_native_build(int8_kernels, tmp_path):
