@@ -223,7 +223,10 @@ def compare_modes(
     if first.attention not in ("dense", "sparse"):
         return {"skipped": f"{generator.name} chooses its own attention: compare the modes where it runs"}
     other_mode = "dense" if first.attention == "sparse" else "sparse"
-    if other_mode == "sparse" and not getattr(getattr(generator, "model", None), "has_indexers", True):
+    from dsarag.indexer_model.generate import Generator
+
+    local = isinstance(generator, Generator)  # a served model's indexers are the server's to know
+    if other_mode == "sparse" and local and not generator.model.has_indexers:
         return {"skipped": f"{generator.name} has no trained indexer: only dense attention can run"}
     other = generator.answer(
         messages,

@@ -32,9 +32,8 @@ class ModelShape:
     bytes_per_value: float = 2  # bf16 weights, KV and index keys
     # Architectures other than GQA + SwiGLU (a served DeepSeek-V3.2: MLA and mixture-of-experts) give these:
     attention_dim: float | None = None  # per head and key, (q·k dims + p·v dims) / 2; default head_dim
-    kv_values_per_token: int | None = (
-        None  # cached values per token and layer; default 2 · kv heads · head_dim
-    )
+    # Cached values per token and layer; default 2 · kv heads · head_dim.
+    kv_values_per_token: int | None = None
     active_layer_weights: float | None = None  # parameters of one block a token touches (its experts only)
     active_indexer_weights: float | None = None
 

@@ -15,6 +15,7 @@ A label missing from the list (a server that reports logprobs before the bias) s
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,11 +138,20 @@ def _positions(model: torch.nn.Module, start: int, end: int) -> Tensor:
 def label_logprob(top: dict[str, float], label: str, first_token: str | None) -> float:
     """A label's log-probability from a step's top tokens: its first token's where that token is known, else
     that of any listed token that starts the label (summed); the least listed where none is."""
+    return listed_logprob(
+        top, first_token, lambda token: bool(token.strip()) and label.startswith(token.strip())
+    )
+
+
+def listed_logprob(top: dict[str, float], first_token: str | None, matches: Callable[[str], bool]) -> float:
+    """The log-probability of a reply's start from a step's top tokens (token text → logprob): `first_token`'s
+    where the tokenizer names it, else the summed probability of the listed tokens that `matches`; a start the
+    list does not hold is at most as likely as its least likely entry."""
     floor = min(top.values())
     if first_token is not None:
         return top.get(first_token, floor)
-    starting = [value for token, value in top.items() if token.strip() and label.startswith(token.strip())]
-    return math.log(sum(math.exp(value) for value in starting)) if starting else floor
+    matching = [value for token, value in top.items() if matches(token)]
+    return math.log(sum(math.exp(value) for value in matching)) if matching else floor
 
 
 def first_token_ids(generator: Generator, labels: tuple[str, ...]) -> list[int]:

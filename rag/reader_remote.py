@@ -6,8 +6,7 @@ the short answer is generated freely, then must be found verbatim (case aside) i
 an answer no source holds is declined, as the local reader could never have written it.
 """
 
-import math
-
+from dsarag.rag.label_choice import listed_logprob
 from dsarag.rag.pack import PackedContext
 from dsarag.rag.reader import (
     DECLINE_MARGIN,
@@ -46,11 +45,7 @@ def read_served(
 def option_logprob(top: dict[str, float], word: str, first_token: str | None) -> float:
     """The log-probability of the reply starting with `word`: its exact token where the served model's
     tokenizer is known here, else any listed token that is the word (case and spaces aside)."""
-    floor = min(top.values())
-    if first_token is not None:
-        return top.get(first_token, floor)
-    same = [value for token, value in top.items() if token.strip().lower() == word]
-    return math.log(sum(math.exp(value) for value in same)) if same else floor
+    return listed_logprob(top, first_token, lambda token: token.strip().lower() == word)
 
 
 def read_yes_no_served(

@@ -26,7 +26,8 @@ class LogitHook:
 
     def __call__(self, ids: list[int], logits: Tensor) -> Tensor:
         if len(self.bias_ids):
-            logits = logits.float()  # a copy; bf16 would round a biased logit of ~100 to 0.5
+            # A float32 copy: bf16 would round a biased logit of ~100 to 0.5, and the caller's logits stay as they were.
+            logits = logits.to(torch.float32, copy=True)
             logits[self.bias_ids.to(logits.device)] += self.bias_values.to(logits.device)
         if not self.record:
             return logits
