@@ -52,9 +52,8 @@ class EvalOptions:
     device: str = "cpu"
     thresholds: list[str] = field(default_factory=list)  # "metric>=value" / "metric<=value", glob names
     fresh: bool = False  # forget finished items of an earlier run in the same folder
-    concurrency: int | None = (
-        None  # items computed at once; None: SERVED_IN_FLIGHT for a served model, else 1
-    )
+    # Items computed at once; None: SERVED_IN_FLIGHT for a served model, else 1.
+    concurrency: int | None = None
 
     def in_flight(self) -> int:
         from dsarag.rag.remote_endpoint import is_remote_spec
