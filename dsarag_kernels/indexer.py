@@ -5,7 +5,7 @@ Shapes (one layer, queries at contiguous positions q_start ... q_start + T - 1, 
 `select_topk` matches `torch_dsa.select_topk` (sinks and the local window always selected).
 
 Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16, causal tiles only) and
-`topk_select` reduces each row to its top-k: one pass splits off the keys above a threshold from a sorted sample
+`topk_select` reduces each row to its top-k: one pass splits off the keys above a threshold from a sample
 of the row (a few x k) and a list of the keys tied at it; an exact radix select (histograms of the high then
 the low byte of the bf16 score's order key, then an emit pass) runs on the keys above, or, when fewer than k
 lie above, the top-k is those plus the first tied keys. Only a sample that missed (more than 4 x k above, or
@@ -253,12 +253,41 @@ def _select_from_lists(
 
 
 @triton.jit
+def _split_block(
+    row_scores, row_cands, row_ties, start, end, threshold, n_above, n_ties, capacity, topk,
+    BLOCK: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Append the block's keys above the threshold and tied with it to their lists; return the new counts.
+
+    Whole blocks load unmasked: a mask that ends at an arbitrary column forces 2-byte loads, one element per
+    thread, and a warp scan per element."""
+    cols = start + tl.arange(0, BLOCK)
+    if MASKED:
+        valid = cols < end
+        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+        above = valid & (key > threshold)
+        tie = valid & (key == threshold)
+    else:
+        key = _order_key(tl.load(row_scores + cols))
+        above = key > threshold
+        tie = key == threshold
+    packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
+    ranks = tl.cumsum(packed, 0)
+    above_slot = n_above + (ranks & 0xFFFF) - 1
+    tie_slot = n_ties + (ranks >> 16) - 1
+    tl.store(row_cands + above_slot, cols, mask=above & (above_slot < capacity))
+    tl.store(row_ties + tie_slot, cols, mask=tie & (tie_slot < topk))
+    block_counts = tl.sum(packed, 0)
+    return n_above + (block_counts & 0xFFFF), n_ties + (block_counts >> 16)
+
+
+@triton.jit
 def _topk_candidates_kernel(
     scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk, capacity,
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
     SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Fast path: a threshold from a sorted sample of the row splits it in one pass into the keys above it (a
+    """Fast path: a threshold from a sample of the row splits it in one pass into the keys above it (a
     few x topk, up to `capacity` kept) and the keys equal to it (the first topk kept); `_select_from_lists`
     then settles the row. status[row] = 0 when done, 1 when the row needs `_topk_full_kernel`.
 
@@ -287,29 +316,32 @@ def _topk_candidates_kernel(
 
     # The sample rank keeps ~1.25 x topk keys at or above the threshold, plus a margin of 4 standard deviations.
     sample_cols = (tl.arange(0, SAMPLE).to(tl.int64) * row_len // SAMPLE).to(tl.int32)
-    sample = tl.sort(_order_key(tl.load(row_scores + sample_cols)), descending=True)
+    sample = _order_key(tl.load(row_scores + sample_cols))
     expected = SAMPLE * topk / row_len
     rank = tl.minimum(expected * 1.25 + 4.0 * tl.sqrt(expected) + 8.0, SAMPLE - 1).to(tl.int32)
-    threshold = tl.sum(tl.where(tl.arange(0, SAMPLE) == rank, sample, 0), 0)
+    # The sample's rank-th largest key, bit by bit from the top (the largest key with more than rank sampled keys
+    # at or above it): 16 counts cost less than sorting the sample.
+    threshold = rank * 0
+    for bit in tl.static_range(16):
+        candidate = threshold | (1 << (15 - bit))
+        threshold = tl.where(tl.sum((sample >= candidate).to(tl.int32), 0) > rank, candidate, threshold)
 
     segment = tl.cdiv(tl.cdiv(row_len, SPLIT), BLOCK) * BLOCK
-    seg_end = tl.minimum(part * segment + segment, row_len)
+    seg_start = part * segment
+    seg_end = tl.minimum(seg_start + segment, row_len)
+    full_end = seg_start + tl.maximum(seg_end - seg_start, 0) // BLOCK * BLOCK
     n_above = 0
     n_ties = 0
-    for start in range(part * segment, seg_end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        key = _order_key(tl.load(row_scores + cols, mask=cols < seg_end, other=float("-inf")))
-        above = (cols < seg_end) & (key > threshold)
-        tie = (cols < seg_end) & (key == threshold)
-        packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
-        ranks = tl.cumsum(packed, 0)
-        above_slot = n_above + (ranks & 0xFFFF) - 1
-        tie_slot = n_ties + (ranks >> 16) - 1
-        tl.store(row_cands + above_slot, cols, mask=above & (above_slot < capacity))
-        tl.store(row_ties + tie_slot, cols, mask=tie & (tie_slot < topk))
-        block_counts = tl.sum(packed, 0)
-        n_above += block_counts & 0xFFFF
-        n_ties += block_counts >> 16
+    for start in range(seg_start, full_end, BLOCK):
+        n_above, n_ties = _split_block(
+            row_scores, row_cands, row_ties, start, seg_end, threshold, n_above, n_ties, capacity, topk,
+            BLOCK=BLOCK, MASKED=False,
+        )  # fmt: skip
+    if full_end < seg_end:
+        n_above, n_ties = _split_block(
+            row_scores, row_cands, row_ties, full_end, seg_end, threshold, n_above, n_ties, capacity, topk,
+            BLOCK=BLOCK, MASKED=True,
+        )  # fmt: skip
     tl.store(counts + part, n_above)
     tl.store(counts + SPLIT + part, n_ties)
     if SPLIT == 1:
@@ -368,6 +400,8 @@ def topk_select(
     num_warps: int = 4,
     sample: int | None = None,
     split: int | None = None,
+    settle_block: int = 4096,
+    settle_warps: int = 16,
     return_fallback: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
@@ -375,15 +409,18 @@ def topk_select(
     Exact on the bf16 scores; among keys tied at the k-th largest score the lowest positions win, so the
     selection is `topk_select_reference`'s. `split`: programs per row (None: enough to fill the GPU when there
     are few rows, as in decode; a power of two). q_start: a host int or a one-element device tensor, as in
-    `index_scores`. return_fallback: also return a (B, T) bool tensor, True for the rows that needed the slow
-    radix select over the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer
-    than topk at or above it).
+    `index_scores`. settle_block, settle_warps: the launch of the kernels that settle one row per program from
+    lists or from the whole row (the split-row merge, the whole-row fallback): a launch waits for its few heavy
+    rows, so they get 16 warps where the candidates kernel, one program per row, runs best on 4.
+    return_fallback: also return a (B, T) bool tensor, True for the rows that needed the slow radix select over
+    the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer than
+    topk at or above it).
     """
     batch, n_queries, _ = scores.shape
     if out is None:
         out = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=scores.device)
     capacity = 4 * topk
-    if sample is None:  # 1024 keys at long context, fewer for short rows (the sort is per row)
+    if sample is None:  # 1024 keys at long context, fewer for short rows (16 counts over it per row)
         sample = max(16, min(1024, triton.next_power_of_2(n_keys) // 8))
     if split is None:  # ≈ 256 programs in all, each segment at least 8 blocks long
         split = max(1, min(256 // (batch * n_queries), n_keys // (8 * block)))
@@ -404,12 +441,12 @@ def topk_select(
         _topk_merge_kernel[(n_queries, batch)](
             scores, candidates, counts, status, out, n_queries, topk, capacity,
             scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
-            out.stride(1), BLOCK=block, SPLIT=split, num_warps=num_warps,
+            out.stride(1), BLOCK=settle_block, SPLIT=split, num_warps=settle_warps,
         )  # fmt: skip
     _topk_full_kernel[(n_queries, batch)](
         scores, status, out, start_ptr, n_queries, start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=block, START_ON_DEVICE=on_device, num_warps=num_warps,
+        BLOCK=settle_block, START_ON_DEVICE=on_device, num_warps=settle_warps,
     )  # fmt: skip
     if return_fallback:
         return out, status.bool()
