@@ -200,6 +200,14 @@ def ask(
             "declines a question naming a number the sources lack.",
         ),
     ] = "auto",
+    abstain: Annotated[
+        bool,
+        typer.Option(
+            "--abstain/--no-abstain",
+            help="Decline when the model's answerability probe judges that the sources do not answer (local "
+            "models with a probe beside their indexer checkpoint).",
+        ),
+    ] = True,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     attention: Annotated[
@@ -270,6 +278,7 @@ def ask(
         context_tokens=context_tokens,
         max_new_tokens=max_new_tokens,
         reader=reader,
+        abstain=abstain,
         temperature=temperature,
         attention=attention,
         attention_topk=topk,

@@ -144,6 +144,9 @@ def run(
     reader: Annotated[
         str, typer.Option("--reader", help="docqa: auto | span | free, as `dsarag ask --reader`.")
     ] = "auto",
+    abstain: Annotated[
+        bool, typer.Option("--abstain/--no-abstain", help="docqa: as `dsarag ask --abstain`.")
+    ] = True,
     context_tokens: Annotated[
         int,
         typer.Option("--context-tokens", help="docqa/temporal/latency: token budget of the packed sources."),
@@ -187,6 +190,7 @@ def run(
         indexes=indexes or None,
         attention=attention,
         reader=reader,
+        abstain=abstain,
         context_tokens=context_tokens,
         repeats=repeats,
         device=device,

@@ -98,4 +98,6 @@ def agent_answer(run: SuiteRun, retriever: Retriever, question: str, **ask: obje
             "short_answer": reading.answer,
             "answerability": reading.score,
         }
+    elif state.get("answerability") is not None:
+        reply["answerability"] = state["answerability"]
     return reply

@@ -47,6 +47,7 @@ class EvalOptions:
     indexes: list[str] | None = None  # retrieval: index settings such as "HNSW32:efSearch=64"
     attention: str = "auto"  # docqa: dense | sparse | auto
     reader: str = "auto"  # docqa: auto | span | free, as `ask --reader`
+    abstain: bool = True  # docqa: decline where the answerability probe says so, as `ask --abstain`
     context_tokens: int = 3072  # agent suites: token budget of the packed sources, as `ask --context-tokens`
     repeats: int = 1  # latency: asks per question and mode
     device: str = "cpu"
@@ -73,6 +74,7 @@ class EvalOptions:
             "seed",
             "attention",
             "reader",
+            "abstain",
             "context_tokens",
             "device",
         )

@@ -126,12 +126,14 @@ def generate(
     seed: int | None = None,
     dsa: DSAConfig | None = None,
     constrain: Callable[[list[int], Tensor], Tensor] | None = None,
+    after_prefill: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode until a stop token or `max_new_tokens`; `on_text` gets text deltas.
     With `dsa`, the prefill uses DeepSeek Sparse Attention, and so does every decode step unless
     `dsa.sparse_decode` is False. On a GPU the decode steps replay a CUDA graph (`GraphedDecoder`).
     `constrain(ids so far, logits (V,))` returns the logits to sample from (e.g. -inf outside the tokens
-    a copy of the sources allows)."""
+    a copy of the sources allows). `after_prefill()` returning True stops before the first token (stop
+    reason "declined": e.g. the answerability probe's verdict on the prefill)."""
     device = model.output.weight.device
     prompt_len = len(prompt_ids)
     total = prompt_len + max_new_tokens
@@ -157,7 +159,10 @@ def generate(
     started = time.perf_counter()
     step_dsa = dsa if dsa is not None and dsa.sparse_decode else None
     stop_reason, decode_steps, graphed = "max_new_tokens", 0, None
-    for position in range(prompt_len, total):
+    positions = range(prompt_len, total)
+    if after_prefill is not None and after_prefill():
+        stop_reason, positions = "declined", range(0)
+    for position in positions:
         token_id = int(token)
         if token_id in stop_ids:
             stop_reason = "eos"
@@ -269,9 +274,11 @@ class Generator:
         topk: int | None = None,
         reply_start: str = "",
         constrain: Callable[[list[int], Tensor], Tensor] | None = None,
+        after_prefill: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Generate the assistant's reply; `attention` is dense | sparse | auto (attention_policy.choose_attention).
-        `reply_start` is text the reply begins with (not returned); `constrain` as in `generate`."""
+        `reply_start` is text the reply begins with (not returned); `constrain` and `after_prefill` as in
+        `generate`."""
         prompt_ids = self.chat_prompt_ids(messages) + (
             self.tokenizer.encode(reply_start) if reply_start else []
         )
@@ -289,6 +296,7 @@ class Generator:
             seed=seed,
             dsa=dsa,
             constrain=constrain,
+            after_prefill=after_prefill,
         )
 
 

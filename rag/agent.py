@@ -10,6 +10,7 @@ built and drawn without loading anything.
 import operator
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, TypedDict
 
@@ -19,6 +20,7 @@ from langgraph.runtime import Runtime
 
 from dsarag.indexer_model.attention_policy import TopkBudget, answer_mode, topk_budget
 from dsarag.indexer_model.generate import GenerationResult, Generator
+from dsarag.rag.answerability import answer_probe
 from dsarag.rag.bridge import with_bridge_documents
 from dsarag.rag.dedup import dedup_rankings, drop_superseded_versions
 from dsarag.rag.grounding import Grounding, add_citations, check_grounding, cited_by_model
@@ -58,7 +60,8 @@ class AgentState(TypedDict, total=False):
     packed: PackedContext | None
     topk: TopkBudget
     generation: GenerationResult
-    reading: Reading | None  # the constrained reader's answer or refusal; None for a free answer
+    reading: Reading | None  # the constrained reader's answer or refusal, a refusal before reading; else None
+    answerability: float | None  # the answerability probe's score of a free answer's prompt
     # Each [n] of the final answer: who wrote it and whether its source holds the answer.
     citations: list[dict]
     grounding: Grounding
@@ -255,17 +258,24 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     )
     attention = answer_mode(options.attention, budget, options.critical)
     reading = declined_for_missing_terms(question, packed) if retrieved else None
+    gate = None
     if reading is not None:
         generation = GenerationResult(reading.reply(packed), [], prompt_tokens, 0, 0.0, 0.0, 0, "declined")
     elif mode == "free":
-        generation = generator.answer(
-            messages,
-            max_new_tokens=options.max_new_tokens,
-            temperature=options.temperature,
-            attention=attention,
-            topk=budget.topk,
-            on_text=runtime.context.on_text,
-        )
+        probe = answer_probe(generator) if retrieved and options.abstain else None
+        with probe.watch(generator.model) if probe else nullcontext() as gate:
+            generation = generator.answer(
+                messages,
+                max_new_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                attention=attention,
+                topk=budget.topk,
+                on_text=runtime.context.on_text,
+                after_prefill=gate.declines if gate else None,
+            )
+        if generation.stop_reason == "declined":
+            reading = Reading("probe", "", False, gate.score)
+            generation = replace(generation, text=reading.reply(packed))
     else:
         compared = state["features"].compared if "features" in state else ()
         reader = read_served if isinstance(generator, RemoteGenerator) else read
@@ -283,10 +293,17 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     }
     if reading is not None:
         entry["reading"] = reading.to_json() | {"features": reading.features}
+    answerability = gate.score if gate else None
+    if answerability is not None:
+        entry["answerability"] = {
+            "score": round(answerability, 3),
+            "threshold": round(gate.probe.threshold, 3),
+        }
     return {
         "topk": budget,
         "generation": generation,
         "reading": reading,
+        "answerability": answerability,
         "timings": {"prefill_s": generation.prefill_s, "decode_s": generation.decode_s},
         "trace": [entry],
     }
@@ -316,9 +333,15 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
         grounding = check_grounding(generation.text, packed.text)
         citations = cited_by_model(generation.text, [hit.text for hit in packed.sources])
     entry = {"node": "check", **grounding.to_json(), "attempt": state["attempt"]}
-    if grounding.supported or state["attempt"] >= MAX_ATTEMPTS:
+    # The probe judged the answer prompt itself; a bigger pack is not what it was fitted on.
+    probe_declined = reading is not None and reading.mode == "probe"
+    if grounding.supported or state["attempt"] >= MAX_ATTEMPTS or probe_declined:
         if not grounding.supported:
-            entry["retry"] = f"no: {MAX_ATTEMPTS} attempts made"
+            entry["retry"] = (
+                "no: the answerability probe declined"
+                if probe_declined
+                else (f"no: {MAX_ATTEMPTS} attempts made")
+            )
             return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}
         if reading is not None or citations:
             return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}

@@ -113,6 +113,7 @@ def ask(
     state = run_agent(question, context)
     timings |= state["timings"]
     generation, packed, reading = state["generation"], state.get("packed"), state.get("reading")
+    answerability = reading.score if reading else state.get("answerability")
     cost = meter_generation(generator, generation, GpuSpec(price_per_hour=options.price_per_hour))
     if options.compare_dense:
         cost["compare"] = compare_modes(generator, build_messages(question, packed), generation, options)
@@ -154,8 +155,8 @@ def ask(
         },
         ingest=report.to_json() if report else None,
         strategy=state["strategy"],
-        answerable=reading.answerable if reading else None,
-        answerability=round(reading.score, 3) if reading and reading.score is not None else None,
+        answerable=reading.answerable if reading else (None if answerability is None else True),
+        answerability=None if answerability is None else round(answerability, 3),
         short_answer=(reading.answer or None) if reading else None,
         citations=state.get("citations", []),
         trace=state["trace"],

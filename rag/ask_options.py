@@ -20,6 +20,7 @@ class AskOptions:
     strategy: str | None = None  # force one of STRATEGY_CHOICES; None: the agent decides
     critical: bool = False  # always dense attention
     reader: str = "auto"  # one of READERS: how the sources are read (rag/reader.py reading_mode)
+    abstain: bool = True  # decline where the answerability probe judges the sources silent (--no-abstain)
     compare_dense: bool = False  # also answer in the other attention mode and compare (rag/cost.py)
     price_per_hour: float = 2.0  # GPU $/hour of the cost meter
     record_cost: bool = True  # append the cost meter's row to the ledger (rag/cost_ledger.py)
@@ -41,8 +42,10 @@ class AskResult:
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
-    answerable: bool | None = None  # False: the reader found no answer in the sources and declined
-    answerability: float | None = None  # the reader's log-odds of answering against declining
+    answerable: bool | None = (
+        None  # False: declined (the reader or the answerability probe); None: not judged
+    )
+    answerability: float | None = None  # log-odds of answerable: the constrained reader's or the probe's
     short_answer: str | None = None  # the constrained reader's answer alone (a span of a source, yes, no)
     citations: list[dict] = field(default_factory=list)  # each [n]: by model | reader | tool, and verified
     trace: list[dict] = field(default_factory=list)  # every node's decision and reason, in order

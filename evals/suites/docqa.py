@@ -85,7 +85,7 @@ def score(item: QAItem, reply: dict) -> dict:
 def run(run: SuiteRun) -> SuiteResult:
     items = run.limited(load_qa(run.options.data or DEMO_QA))
     retriever = qa_retriever(run, items)
-    ask = {"attention": run.options.attention, "reader": run.options.reader}
+    ask = {"attention": run.options.attention, "reader": run.options.reader, "abstain": run.options.abstain}
     generator = run.generator()
 
     def answered(item: QAItem) -> dict:

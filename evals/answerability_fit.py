@@ -1,0 +1,167 @@
+"""Fit the answerability probe (rag/answerability.py) of a model on a development set's questions.
+
+    python -m dsarag.evals.answerability_fit --devset sq-fit --devset hp-fit [--out answerability.json]
+
+A development set is a folder made by `dsarag eval prepare` (qa.jsonl, docs/); its store is built in it.
+
+Each question is retrieved and packed as the agent packs a semantic route (6 chunks, bridge documents, dedup,
+3,072 tokens), and the answer prompt's prefill gives the probed layers' last-position states; a logistic
+regression (L2, standardized states) separates the answerable questions from the rest. The threshold declines
+`--false-decline` of the answerable questions, read from 5-fold out-of-fold scores so that it is not set on
+the questions that fitted the weights. Fit on a train split's `fit` half only; report on the `report` half.
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import Tensor
+
+from dsarag.evals.datasets import load_qa
+from dsarag.indexer_model.generate import Generator, load_generator
+from dsarag.rag.answerability import PROBE_FILE, AnswerabilityProbe
+from dsarag.rag.bridge import with_bridge_documents
+from dsarag.rag.dedup import dedup_rankings
+from dsarag.rag.embed import load_embedder
+from dsarag.rag.ingest import IngestOptions, ingest
+from dsarag.rag.pack import build_messages, pack_sources
+from dsarag.rag.retrieve import Retriever
+from dsarag.rag.store import ChunkStore
+
+DEFAULT_LAYERS = (12, 20)  # chosen by cross-validation on the SQuAD 2.0 fit half (docs/evals.md)
+
+
+@torch.inference_mode()
+def prompt_states(
+    generator: Generator, retriever: Retriever, question: str, layers: tuple[int, ...]
+) -> Tensor:
+    """The probed layers' states at the last position of the agent's answer prompt for `question`."""
+    hits = retriever.semantic(question, 6)
+    ranking, _ = with_bridge_documents(question, hits, retriever, 6)
+    kept = dedup_rankings([ranking], retriever.embedding).kept[:6]
+    packed = pack_sources(kept, generator.count_tokens, 3072)
+    ids = generator.chat_prompt_ids(build_messages(question, packed))
+    probe = AnswerabilityProbe(layers, (), (), (), 0.0, 0.0)
+    model = generator.model
+    model.setup_caches(1, len(ids))
+    with probe.watch(model) as gate:
+        model(torch.tensor([ids]), torch.arange(len(ids)), last_logits_only=True)
+    return torch.cat([gate.hidden[layer].float() for layer in layers])
+
+
+def logistic_fit(x: Tensor, y: Tensor, c: float) -> tuple[Tensor, float]:
+    """Weights and bias minimizing mean log-loss + |w|² / (2 c n) (scikit-learn's C = c) on standardized x."""
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    x, y = x.double(), y.double()
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, y)
+        value = value + weight.square().sum() / (2 * c * len(y))
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return weight.detach(), float(bias.detach())
+
+
+def fit_probe(
+    states: Tensor,
+    answerable: Tensor,
+    layers: tuple[int, ...],
+    c: float,
+    false_decline: float,
+    fitted_on: str,
+) -> tuple[AnswerabilityProbe, dict]:
+    """The probe on every question, its threshold from out-of-fold scores; with the out-of-fold rates."""
+    mean, scale = states.mean(0), states.std(0).clamp_min(1e-6)
+    x = (states - mean) / scale
+    order = list(range(len(x)))
+    random.Random(0).shuffle(order)
+    out_of_fold = torch.empty(len(x), dtype=torch.float64)
+    for fold in range(5):
+        held = torch.tensor(order[fold::5])
+        kept = torch.tensor(sorted(set(order) - set(order[fold::5])))
+        weight, bias = logistic_fit(x[kept], answerable[kept], c)
+        out_of_fold[held] = x[held].double() @ weight + bias
+    threshold = float(torch.quantile(out_of_fold[answerable.bool()], false_decline))
+    weight, bias = logistic_fit(x, answerable, c)
+    declined = out_of_fold < threshold
+    rates = {
+        "questions": len(x),
+        "answerable": int(answerable.sum()),
+        "out_of_fold_declined_unanswerable": float(declined[~answerable.bool()].double().mean()),
+        "out_of_fold_declined_answerable": float(declined[answerable.bool()].double().mean()),
+    }
+    probe = AnswerabilityProbe(
+        layers,
+        tuple(mean.tolist()),
+        tuple(scale.tolist()),
+        tuple(weight.tolist()),
+        bias,
+        threshold,
+        fitted_on,
+    )
+    return probe, rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devset", type=Path, action="append", required=True, help="repeatable")
+    parser.add_argument(
+        "--out", type=Path, help=f"default: {PROBE_FILE} beside the model's indexer checkpoint"
+    )
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
+    parser.add_argument("--c", type=float, default=0.003, help="inverse L2 strength")
+    parser.add_argument("--false-decline", type=float, default=0.07, help="answerable share to decline")
+    parser.add_argument("--features", type=Path, help="cache of the prompt states (.npz), reused if present")
+    args = parser.parse_args()
+    layers = tuple(int(n) for n in args.layers.split(","))
+    items = [(devset, item) for devset in args.devset for item in load_qa(devset / "qa.jsonl")]
+    labels = torch.tensor(
+        [float(item.meta.get("answerable", True) and bool(item.answers)) for _, item in items]
+    )
+    if args.features is not None and args.features.exists():
+        states = torch.from_numpy(np.load(args.features)["states"])
+    else:
+        generator = load_generator(args.model)
+        generator.attach_trained_indexers()
+        embedder = load_embedder()
+        retrievers = {}
+        for devset in args.devset:
+            store = ChunkStore(devset / "store")
+            ingest([devset / "docs"], store, embedder, IngestOptions())
+            retrievers[devset] = Retriever(store, embedder)
+        console = Console(stderr=True)
+        rows = []
+        for number, (devset, item) in enumerate(items, start=1):
+            rows.append(prompt_states(generator, retrievers[devset], item.question, layers))
+            if number % 50 == 0 or number == len(items):
+                console.log(f"[{number}/{len(items)}] prompt states")
+        states = torch.stack(rows)
+        if args.features is not None:
+            np.savez(args.features, states=states.numpy())
+    probe, rates = fit_probe(
+        states, labels, layers, args.c, args.false_decline, ", ".join(map(str, args.devset))
+    )
+    out = args.out
+    if out is None:
+        checkpoint = load_generator(args.model).attach_trained_indexers()
+        if checkpoint is None:
+            raise SystemExit("the model has no indexer checkpoint to put the probe beside: pass --out")
+        out = checkpoint / PROBE_FILE
+    probe.save(out)
+    print(json.dumps({"probe": str(out), "layers": layers, "threshold": probe.threshold, **rates}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
