@@ -12,6 +12,14 @@ turn (the step's argmax included), so a load that comes and goes on a shared mac
 is dense in both. Reported: median prefill seconds, decode tokens/s as 1 / the median step (all steps of all repeats;
 a median, because bursts of other work on a shared machine stretch some steps by 10-100x), and the load average
 around each length.
+
+A CPU without AVX-512 (most laptops: AVX2, FMA, F16C), emulated on a bigger one: cap both engines' instruction sets,
+
+    DSARAG_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        PYTHONPATH=/path/to/llama-avx2 .venv/bin/python benchmarks/llama_cpp_decode.py ...
+
+with llama-cpp-python built AVX2-only into its own folder (docs/benchmarks.md has the build command). The run refuses
+a cap that is not complete (PyTorch's kernels or llama.cpp's build still on AVX-512) and records the caps it ran under.
 """
 
 import argparse
@@ -33,9 +41,16 @@ from dsarag.indexer_model.provision import registry_model
 from dsarag.indexer_model.resolve import resolve_model
 from dsarag.indexer_model.tokenizer import ChatTokenizer
 from dsarag.indexer_model.weights import default_dtype, load_model
+from dsarag.kernels.cpu_dsa import cpu_isa
 
 DEMO_DOCS = Path(__file__).resolve().parents[1] / "corpora" / "demo" / "docs"
 FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+# What caps PyTorch's own kernels (ATen, oneDNN, MKL) to AVX2, read when they first run: set before starting Python.
+TORCH_AVX2_CAPS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
@@ -61,7 +76,7 @@ class LlamaCpp:
 
     def __init__(self, gguf: Path, context: int, threads: int, extra_buffers: bool) -> None:
         import llama_cpp.llama_cpp as bindings
-        from llama_cpp import Llama
+        from llama_cpp import Llama, llama_print_system_info
 
         defaults = bindings.llama_model_default_params
 
@@ -80,6 +95,10 @@ class LlamaCpp:
             logits_all=False,
         )
         self.n_vocab = self.llm.n_vocab()
+        self.system_info, self.library = (
+            llama_print_system_info().decode().strip(),
+            Path(bindings.__file__).parent,
+        )
         self.token = 0
 
     def next_token(self) -> int:
@@ -94,6 +113,32 @@ class LlamaCpp:
     def step(self) -> None:
         self.llm.eval([self.token])
         self.token = self.next_token()
+
+
+def isa_caps(llama: LlamaCpp | None) -> dict:
+    """The instruction sets each engine ran with; under DSARAG_CPU_ISA=avx2, refuse a cap one engine does not honour."""
+    caps = {
+        "DSARAG_CPU_ISA": cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{name: os.environ.get(name) for name in TORCH_AVX2_CAPS},
+        "llama_cpp_system_info": llama and llama.system_info,
+        "llama_cpp_library": llama and str(llama.library),
+    }
+    if caps["DSARAG_CPU_ISA"] != "avx2":
+        return caps
+    torch_capped = all(caps[name] == value for name, value in TORCH_AVX2_CAPS.items())
+    if not torch_capped or caps["torch_cpu_capability"] != "AVX2":
+        settings = " ".join(f"{name}={value}" for name, value in TORCH_AVX2_CAPS.items())
+        raise SystemExit(
+            f"DSARAG_CPU_ISA=avx2 caps dsarag's own kernels only: set {settings} as well (PyTorch's kernels run"
+            f" {caps['torch_cpu_capability']})"
+        )
+    if llama is not None and ("AVX512" in llama.system_info or "AVX2 = 1" not in llama.system_info):
+        raise SystemExit(
+            f"DSARAG_CPU_ISA=avx2, but the llama.cpp in {llama.library} says {llama.system_info!r}: put an"
+            " AVX2-only build of llama-cpp-python first on PYTHONPATH (docs/benchmarks.md)"
+        )
+    return caps
 
 
 class Dsarag:
@@ -129,7 +174,7 @@ def main() -> None:
     parser.add_argument(
         "--llama-extra-buffers",
         choices=("on", "off"),
-        default="off" if "amx_int8" in cpu_description()["flags"] else "on",
+        default="off" if "amx_int8" in cpu_description()["flags"] and cpu_isa() == "native" else "on",
         help="llama.cpp's repacked weight buffers; off on AMX CPUs, where its AMX product crashed (0.3.36)",
     )
     parser.add_argument("--out", type=Path)
@@ -146,14 +191,17 @@ def main() -> None:
     folder = resolve_model(registered.name)
     tokenizer = ChatTokenizer(folder)
     wanted = args.engines.split(",")
-    engines = [Dsarag(folder, choice) for choice in ("model", "int8") if choice in wanted]
+    engines = []
     if "llama.cpp" in wanted:
         context = max(lengths) + args.new_tokens + 8
-        engines.insert(0, LlamaCpp(gguf, context, args.threads, args.llama_extra_buffers == "on"))
+        engines.append(LlamaCpp(gguf, context, args.threads, args.llama_extra_buffers == "on"))
+    caps = isa_caps(engines[0] if engines else None)
+    engines += [Dsarag(folder, choice) for choice in ("model", "int8") if choice in wanted]
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": cpu_description(),
+        "isa_caps": caps,
         "threads": args.threads,
         "new_tokens": args.new_tokens,
         "dsarag_dtype": str(default_dtype("cpu")),

@@ -3,7 +3,9 @@ indexer's projection, RMSNorm and RoPE of a decode step; on CPUs with AVX512-BF1
 AVX2 its int8 weight products and a dense layer's whole decode step (`int8_decode_layer`).
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
-into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. Without a compiler, or when
+into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. `DSARAG_CPU_ISA=avx2` builds
+for AVX2, FMA and F16C only (`cpu_isa()`), as on most laptops: no AVX512-BF16, VNNI or AMX kernels, and the model
+in float32. Without a compiler, or when
 compiling fails, `native_library()` returns None and the model keeps the PyTorch path (torch_dsa.py), saying so
 once on stderr. The kernels run in float32: bf16 inputs are converted per call,
 except on CPUs with AVX512-BF16 (where the model runs in bf16), which take bf16 kernels (`avx512_bf16_ready()`), on
@@ -31,7 +33,11 @@ from torch import Tensor, nn
 from dsarag.kernels.torch_dsa import check_topk_holds_forced
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# $DSARAG_CPU_ISA -> the instruction sets the kernels are built for. avx2 (x86-64-v3: AVX2, FMA, F16C, BMI2) caps a
+# bigger CPU to a laptop's, to measure that class of machine here; PyTorch's own kernels take
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 for the same.
+CPU_ISA_FLAGS = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
 KEY_TILE = 24  # cpu_dsa.cpp kKeyTile: the index keys are laid out in tiles of this many keys
 HEAD_GROUP = 4  # cpu_dsa.cpp kHeadGroup: index heads are padded to a multiple of it
 # Fewer queries (a decode step) score a float32 index key cache row by row: tiling it in PyTorch would copy the whole
@@ -72,6 +78,18 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
 }
 
 
+def cpu_isa() -> str:
+    """$DSARAG_CPU_ISA, else native: the one place that reads it."""
+    choice = os.environ.get("DSARAG_CPU_ISA") or "native"
+    if choice not in CPU_ISA_FLAGS:
+        raise ValueError(f"DSARAG_CPU_ISA={choice!r}: use one of {', '.join(CPU_ISA_FLAGS)}")
+    return choice
+
+
+def compile_flags(isa: str) -> list[str]:
+    return [*FLAGS, CPU_ISA_FLAGS[isa]]
+
+
 def _machine_tag() -> str:
     """-march=native code runs only on CPUs with the same instruction sets: key the build by them."""
     try:
@@ -83,33 +101,33 @@ def _machine_tag() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, flags: list[str], target: Path) -> None:
     """Compile to a temporary file beside target, then rename: a concurrent or killed build leaves no half file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, text=True
+            [compiler, *flags, "-o", str(built), str(SOURCE)], check=True, capture_output=True, text=True
         )
         os.replace(built, target)
 
 
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None where they cannot be built (the PyTorch path runs)."""
+    """The compiled kernels for `cpu_isa()`, built on first use; None where they cannot be built (the PyTorch path
+    runs)."""
     from dsarag.base.paths import cache_dir
 
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         log.warning("no C++ compiler (g++ or $CXX) found: DSA on the CPU runs its slower PyTorch path")
         return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _machine_tag()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_dsa-{key}.so"
+    flags = compile_flags(cpu_isa())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, _machine_tag()]).encode())
+    target = cache_dir() / "kernels" / f"cpu_dsa-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
-            _build(compiler, target)
+            _build(compiler, flags, target)
         except (OSError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", "") or str(error)
             log.warning(

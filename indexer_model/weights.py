@@ -13,6 +13,7 @@ import torch
 from dsarag.base.errors import ModelError
 from dsarag.indexer_model.model import ModelArgs, Transformer
 from dsarag.kernels.backend import resolve_backend
+from dsarag.kernels.cpu_dsa import cpu_isa
 
 # HF parameter names → ours (module names in model.py).
 _RENAMES = (
@@ -77,7 +78,10 @@ def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 matmuls run ~3x
-    slower than fp32 (measured: 231 ms vs 71 ms for a 1100x896x4864 product on an AVX-512 Xeon without BF16)."""
+    slower than fp32 (measured: 231 ms vs 71 ms for a 1100x896x4864 product on an AVX-512 Xeon without BF16).
+    Never under DSARAG_CPU_ISA=avx2, which runs this CPU as one with AVX2 only."""
+    if cpu_isa() == "avx2":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -176,6 +176,34 @@ def test_without_a_compiler_the_torch_path_runs(monkeypatch):
         cpu_dsa.native_library.cache_clear()
 
 
+def test_the_avx2_switch_compiles_for_avx2_and_runs_the_model_in_float32(monkeypatch):
+    from dsarag.indexer_model.weights import default_dtype
+
+    monkeypatch.setenv("DSARAG_CPU_ISA", "avx2")
+    assert cpu_dsa.cpu_isa() == "avx2"
+    assert "-march=x86-64-v3" in cpu_dsa.compile_flags("avx2")
+    assert "-march=native" not in cpu_dsa.compile_flags("avx2")
+    assert default_dtype("cpu") == torch.float32
+    monkeypatch.setenv("DSARAG_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="DSARAG_CPU_ISA"):
+        cpu_dsa.cpu_isa()
+
+
+@pytest.mark.needs_compiler
+def test_the_avx2_build_runs_no_avx512_kernels(monkeypatch):
+    """DSARAG_CPU_ISA=avx2 builds a library of its own: no bf16 or AMX kernels, int8 products without VNNI."""
+    native = cpu_dsa.native_library()
+    monkeypatch.setenv("DSARAG_CPU_ISA", "avx2")
+    cpu_dsa.native_library.cache_clear()
+    try:
+        assert cpu_dsa.native_library()._name != native._name
+        assert not cpu_dsa.avx512_bf16_ready() and not cpu_dsa.amx_ready()
+        assert cpu_dsa.int8_ready() and not cpu_dsa.rounds_x_per_block()
+        assert resolve_backend("cpu", torch.float32).name == "cpu-fp32"
+    finally:
+        cpu_dsa.native_library.cache_clear()
+
+
 def small_integer_inputs(n_keys: int, n_heads: int, seed: int = 3):
     """bf16 index inputs whose scores are exact small integers in any order of summation: many ties, and the
     same scores in the bf16 (AMX) and float32 kernels."""
