@@ -5,9 +5,8 @@ AVX2 its int8 weight products and a dense layer's whole decode step (`int8_decod
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native -fopenmp, about 2 s)
 into `cache_dir()/kernels/` and loaded with ctypes; no network, no PyTorch headers. `DSARAG_CPU_ISA=avx2` builds
 for AVX2, FMA and F16C only (`cpu_isa()`), as on most laptops: no AVX512-BF16, VNNI or AMX kernels, and the model
-in float32. Without a compiler, or when
-compiling fails, `native_library()` returns None and the model keeps the PyTorch path (torch_dsa.py), saying so
-once on stderr. The kernels run in float32: bf16 inputs are converted per call,
+in float32. Without a compiler, or when compiling fails, `native_library()` returns None and the model keeps the
+PyTorch path (torch_dsa.py), saying so once on stderr. The kernels run in float32: bf16 inputs are converted per call,
 except on CPUs with AVX512-BF16 (where the model runs in bf16), which take bf16 kernels (`avx512_bf16_ready()`), on
 AMX tile products where the CPU has AMX too (`amx_ready()`). Same signatures as the PyTorch path, so an
 `AttentionBackend` (backend.py) holds either.
