@@ -79,9 +79,11 @@ _SIGNATURES = {  # pointers, then sizes, as declared in cpu_dsa.cpp
 
 def cpu_isa() -> str:
     """$DSARAG_CPU_ISA, else native: the one place that reads it."""
+    from dsarag.base.errors import BadInputError
+
     choice = os.environ.get("DSARAG_CPU_ISA") or "native"
     if choice not in CPU_ISA_FLAGS:
-        raise ValueError(f"DSARAG_CPU_ISA={choice!r}: use one of {', '.join(CPU_ISA_FLAGS)}")
+        raise BadInputError(f"DSARAG_CPU_ISA={choice!r}: use one of {', '.join(CPU_ISA_FLAGS)}, or unset it")
     return choice
 
 

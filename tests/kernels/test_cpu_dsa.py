@@ -6,6 +6,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from dsarag.base.errors import BadInputError
 from dsarag.indexer_model.dsa import DSAConfig, dsa_attention
 from dsarag.indexer_model.indexer import LightningIndexer
 from dsarag.kernels import cpu_dsa
@@ -185,7 +186,7 @@ def test_the_avx2_switch_compiles_for_avx2_and_runs_the_model_in_float32(monkeyp
     assert "-march=native" not in cpu_dsa.compile_flags("avx2")
     assert default_dtype("cpu") == torch.float32
     monkeypatch.setenv("DSARAG_CPU_ISA", "avx512")
-    with pytest.raises(ValueError, match="DSARAG_CPU_ISA"):
+    with pytest.raises(BadInputError, match="DSARAG_CPU_ISA"):
         cpu_dsa.cpu_isa()
 
 
