@@ -48,7 +48,11 @@ def list_suites(json_out: Annotated[bool, typer.Option("--json", help="Print one
 @eval_app.command("prepare")
 def prepare(
     dataset: Annotated[
-        str, typer.Argument(help="squad (SQuAD 2.0 JSON) | hotpot (HotpotQA distractor JSON)")
+        str,
+        typer.Argument(
+            help="squad (SQuAD 2.0 JSON) | hotpot (HotpotQA distractor JSON) | qa (a JSONL QA file with docs/ "
+            "beside it, e.g. corpora/demo/qa.jsonl)"
+        ),
     ],
     source: Annotated[
         Path, typer.Argument(help="The dataset file (use a train split, e.g. train-v2.0.json).")
@@ -71,14 +75,16 @@ def prepare(
     json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
 ) -> None:
     """Build a development set from public QA data: a folder of documents and qa.jsonl for `eval run docqa`."""
-    from dsarag.evals.devsets import prepare_hotpot, prepare_squad
+    from dsarag.evals.devsets import prepare_hotpot, prepare_qa, prepare_squad
 
     if dataset == "squad":
         devset = prepare_squad(source, out, articles, per_article, unanswerable, seed=seed, split=split)
     elif dataset == "hotpot":
         devset = prepare_hotpot(source, out, questions, seed=seed, split=split)
+    elif dataset == "qa":
+        devset = prepare_qa(source, out, seed=seed, split=split)
     else:
-        raise BadInputError(f"dataset {dataset!r}: use squad or hotpot")
+        raise BadInputError(f"dataset {dataset!r}: use squad, hotpot or qa")
     if json_out:
         sys.stdout.write(json.dumps(devset.to_json(), indent=2) + "\n")
     stderr.print(

@@ -2,7 +2,8 @@
 
     python -m dsarag.evals.answerability_fit --devset sq-fit --devset hp-fit [--out answerability.json]
 
-A development set is a folder made by `dsarag eval prepare` (qa.jsonl, docs/); its store is built in it.
+A development set is a folder made by `dsarag eval prepare` (qa.jsonl, docs/); its store and the questions'
+prompt states are kept in it, so a refit with other options reads them back.
 
 Each question is retrieved and packed as the agent packs a semantic route (6 chunks, bridge documents, dedup,
 3,072 tokens), and the answer prompt's prefill gives the probed layers' last-position states; a logistic
@@ -21,6 +22,7 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
+from dsarag.base.atomic import atomic_write
 from dsarag.evals.datasets import load_qa
 from dsarag.indexer_model.generate import Generator, load_generator
 from dsarag.rag.answerability import PROBE_FILE, AnswerabilityProbe
@@ -111,6 +113,36 @@ def fit_probe(
     return probe, rates
 
 
+def devset_states(
+    devset: Path, items: list, layers: tuple[int, ...], model: str | None, generator: list[Generator]
+) -> Tensor:
+    """The prompt states of a development set's questions, cached in its folder beside its store."""
+    cache = devset / f"prompt-states-{model or 'default'}-L{'-'.join(map(str, layers))}.npz"
+    if cache.exists():
+        return torch.from_numpy(np.load(cache)["states"])
+    if not generator:
+        generator.append(load_generator(model))
+        generator[0].attach_trained_indexers()
+    embedder = load_embedder()
+    store = ChunkStore(devset / "store")
+    ingest([devset / "docs"], store, embedder, IngestOptions())
+    retriever = Retriever(store, embedder)
+    console = Console(stderr=True)
+    rows = []
+    for number, item in enumerate(items, start=1):
+        rows.append(prompt_states(generator[0], retriever, item.question, layers))
+        if number % 50 == 0 or number == len(items):
+            console.log(f"{devset.name}: [{number}/{len(items)}] prompt states")
+    states = torch.stack(rows)
+    atomic_write(cache, lambda tmp: _save_states(tmp, states))
+    return states
+
+
+def _save_states(path: Path, states: Tensor) -> None:
+    with path.open("wb") as handle:  # a handle: np.savez would append .npz to the temporary name
+        np.savez(handle, states=states.numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,39 +155,22 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
     parser.add_argument("--c", type=float, default=0.003, help="inverse L2 strength")
     parser.add_argument("--false-decline", type=float, default=0.07, help="answerable share to decline")
-    parser.add_argument("--features", type=Path, help="cache of the prompt states (.npz), reused if present")
     args = parser.parse_args()
     layers = tuple(int(n) for n in args.layers.split(","))
-    items = [(devset, item) for devset in args.devset for item in load_qa(devset / "qa.jsonl")]
-    labels = torch.tensor(
-        [float(item.meta.get("answerable", True) and bool(item.answers)) for _, item in items]
-    )
-    if args.features is not None and args.features.exists():
-        states = torch.from_numpy(np.load(args.features)["states"])
-    else:
-        generator = load_generator(args.model)
-        generator.attach_trained_indexers()
-        embedder = load_embedder()
-        retrievers = {}
-        for devset in args.devset:
-            store = ChunkStore(devset / "store")
-            ingest([devset / "docs"], store, embedder, IngestOptions())
-            retrievers[devset] = Retriever(store, embedder)
-        console = Console(stderr=True)
-        rows = []
-        for number, (devset, item) in enumerate(items, start=1):
-            rows.append(prompt_states(generator, retrievers[devset], item.question, layers))
-            if number % 50 == 0 or number == len(items):
-                console.log(f"[{number}/{len(items)}] prompt states")
-        states = torch.stack(rows)
-        if args.features is not None:
-            np.savez(args.features, states=states.numpy())
+    generator: list[Generator] = []  # loaded once, when some development set's states are not cached yet
+    states, labels = [], []
+    for devset in args.devset:
+        items = load_qa(devset / "qa.jsonl")
+        labels += [float(item.meta.get("answerable", True) and bool(item.answers)) for item in items]
+        states.append(devset_states(devset, items, layers, args.model, generator))
+    states, labels = torch.cat(states), torch.tensor(labels)
     probe, rates = fit_probe(
         states, labels, layers, args.c, args.false_decline, ", ".join(map(str, args.devset))
     )
     out = args.out
     if out is None:
-        checkpoint = load_generator(args.model).attach_trained_indexers()
+        loaded = generator[0] if generator else load_generator(args.model)
+        checkpoint = loaded.indexer_checkpoint or loaded.attach_trained_indexers()
         if checkpoint is None:
             raise SystemExit("the model has no indexer checkpoint to put the probe beside: pass --out")
         out = checkpoint / PROBE_FILE

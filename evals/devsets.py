@@ -3,7 +3,7 @@
 `prepare_squad` turns SQuAD 2.0 articles into one text file each, with their answerable and unanswerable
 questions; `prepare_hotpot` turns HotpotQA distractor questions into a folder of short encyclopedia pages
 (every question's gold and distractor paragraphs, pooled), so both supporting pages must be found among
-many. Questions are drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a
+many; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a
 threshold fitted on one can be reported on the other. Use train splits only: the benchmarks' dev and test
 splits stay out of development.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dsarag.base.atomic import atomic_write
 from dsarag.base.errors import BadInputError, MissingInputError
+from dsarag.evals.datasets import load_qa
 
 SPLITS = ("fit", "report")
 
@@ -158,3 +159,18 @@ def prepare_hotpot(
             }
         )
     return _write(Path(folder), pages, rows, Path(source))
+
+
+def prepare_qa(source: Path, folder: Path, seed: int = 0, split: str = "fit") -> DevSet:
+    """A JSONL QA file with its `docs/` folder beside it (the demo corpus's layout: `corpora/demo/qa.jsonl`) →
+    one half of its questions, rows unchanged, and a copy of the documents (file names keep their dates)."""
+    source = Path(source)
+    docs = source.parent / "docs"
+    if not docs.is_dir():
+        raise MissingInputError(
+            f"{docs}: no docs/ folder beside {source.name} — put its documents there", docs
+        )
+    rows = [item.meta | {"id": item.id, "question": item.question, "answers": item.answers, "doc_ids": item.doc_ids}
+            for item in load_qa(source)]  # fmt: skip
+    pages = {path.name: path.read_text(encoding="utf-8").rstrip("\n") for path in sorted(docs.iterdir())}
+    return _write(Path(folder), pages, _half(rows, seed, split), source)

@@ -246,7 +246,8 @@ def pack(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
 def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     """Answer with the top-k budget of the task's complexity (dense below the DSA threshold). A question naming
     a number no source holds is declined; yes/no questions (and factoid ones under --reader span) go to the
-    constrained reader (yes, no, or a span copied from a source; or a refusal); others are answered freely."""
+    constrained reader (yes, no, or a span copied from a source; or a refusal); others are answered freely,
+    unless the model's answerability probe judges the prompt unanswerable after its prefill."""
     options, generator = runtime.context.options, runtime.context.generator
     question, packed = state["question"], state.get("packed")
     retrieved = packed is not None and bool(packed.sources)
@@ -337,11 +338,8 @@ def check(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     probe_declined = reading is not None and reading.mode == "probe"
     if grounding.supported or state["attempt"] >= MAX_ATTEMPTS or probe_declined:
         if not grounding.supported:
-            entry["retry"] = (
-                "no: the answerability probe declined"
-                if probe_declined
-                else (f"no: {MAX_ATTEMPTS} attempts made")
-            )
+            why = "the answerability probe declined" if probe_declined else f"{MAX_ATTEMPTS} attempts made"
+            entry["retry"] = f"no: {why}"
             return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}
         if reading is not None or citations:
             return {"grounding": grounding, "retry": False, "citations": citations, "trace": [entry]}

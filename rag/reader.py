@@ -59,7 +59,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])|\n")
 class Reading:
     """What the reader made of the sources: the reply, and how it was reached."""
 
-    mode: str  # "span" | "yes-no" | "missing" (declined before reading: a number or name no source holds)
+    # "span" | "yes-no" | "missing" (declined before reading: a number or name no source holds) | "probe"
+    # (declined after the prefill of a free answer: rag/answerability.py)
+    mode: str
     answer: str  # the short answer: a span of a source, "yes" or "no"; "" when declined
     answerable: bool
     score: float | None  # log P(best answer's first token) - log P(" none"): > -DECLINE_MARGIN answers

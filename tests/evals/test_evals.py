@@ -355,3 +355,22 @@ def test_devsets_from_squad_and_hotpot_keep_the_splits_apart(tmp_path):
     rows = load_qa(devset.questions)
     assert devset.counts["documents"] == 6 and len(rows) == 2
     assert all(len(row.doc_ids) == 2 and (devset.docs / row.doc_ids[0]).is_file() for row in rows)
+
+
+def test_a_qa_file_with_its_docs_splits_into_disjoint_halves_that_keep_rows_and_documents(tmp_path):
+    from dsarag.corpora.demo_corpus import DEMO_DOCS
+    from dsarag.evals.devsets import prepare_qa
+
+    demo_qa = DEMO_DOCS.parent / "qa.jsonl"
+    out = tmp_path
+    fit, report = (prepare_qa(demo_qa, out / split, split=split) for split in ("fit", "report"))
+    fit_rows, report_rows, all_rows = (load_qa(path) for path in (fit.questions, report.questions, demo_qa))
+    assert len(fit_rows) + len(report_rows) == len(all_rows) and len(fit_rows) == len(all_rows) // 2
+    assert not {row.id for row in fit_rows} & {row.id for row in report_rows}
+    original = {row.id: row for row in all_rows}
+    assert all(row == original[row.id] for row in fit_rows + report_rows)  # every field kept
+    assert sorted(path.name for path in fit.docs.iterdir()) == sorted(
+        path.name for path in DEMO_DOCS.iterdir()
+    )
+    with pytest.raises(MissingInputError, match="no docs/ folder"):
+        prepare_qa(fit.docs / "team-page.md", out / "x")  # a file whose folder has no docs/ inside
