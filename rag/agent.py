@@ -265,6 +265,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
     elif mode == "free":
         probe = answer_probe(generator) if retrieved and options.abstain else None
         with probe.watch(generator.model) if probe else nullcontext() as gate:
+            gated = {"after_prefill": gate.declines} if gate else {}  # a served model has no prefill to gate
             generation = generator.answer(
                 messages,
                 max_new_tokens=options.max_new_tokens,
@@ -272,7 +273,7 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> dict:
                 attention=attention,
                 topk=budget.topk,
                 on_text=runtime.context.on_text,
-                after_prefill=gate.declines if gate else None,
+                **gated,
             )
         if generation.stop_reason == "declined":
             reading = Reading("probe", "", False, gate.score)
