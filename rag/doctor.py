@@ -79,6 +79,7 @@ def run_doctor(
     _check_models(report, full)
     _check_caches(report, repair)
     _check_cpu_kernels(report)
+    _check_answerability_probes(report)
     _check_disk(report, [path for path in (store, cache_dir(), data_home()) if path is not None], min_free_mb)
     if store is not None:
         chunk_store = ChunkStore(store)
@@ -153,6 +154,28 @@ def _check_cpu_kernels(report: DoctorReport) -> None:
         "ok",
         f"compiled CPU kernels for sparse attention build and load (backend {backend.name}: {flavour}); {auto}",
     )
+
+
+def _check_answerability_probes(report: DoctorReport) -> None:
+    """Each shipped or trained answerability probe loads: a broken one would stop every `ask` of its model."""
+    from dsarag.base.errors import ModelError
+    from dsarag.indexer_model.checkpoint import checkpoint_folders
+    from dsarag.rag.answerability import PROBE_FILE, find_probe
+
+    for folder in checkpoint_folders():
+        try:
+            probe = find_probe(folder)
+        except ModelError as error:
+            fix = (
+                f"delete {folder / PROBE_FILE} (ask --no-abstain also skips it), or refit it: "
+                "python -m dsarag.evals.answerability_fit"
+            )
+            report.add("models", f"answerability probe {folder.name}", "fail", str(error), fix)
+            continue
+        if probe is not None:
+            layers = ", ".join(map(str, probe.layers))
+            detail = f"layers {layers}, declines below {probe.threshold:.2f}; ask --no-abstain turns it off"
+            report.add("models", f"answerability probe {folder.name}", "ok", detail)
 
 
 def _registry_names() -> set[str]:

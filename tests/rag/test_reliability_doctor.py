@@ -169,3 +169,17 @@ def test_the_doctor_table_puts_each_fix_under_its_check(tmp_path, run_cli):
     lines = err.splitlines()
     at = next(i for i, line in enumerate(lines) if "no store here" in line)
     assert "fix: dsarag ingest DIR" in lines[at + 1]  # the next table line, in the same cell
+
+
+def test_the_doctor_names_a_broken_answerability_probe_and_the_fix(tmp_path, monkeypatch, run_cli):
+    broken = tmp_path / "indexers" / "some-model"
+    broken.mkdir(parents=True)
+    (broken / "answerability.json").write_text("{not json")
+    monkeypatch.setenv("DSARAG_INDEXERS", str(tmp_path / "indexers"))
+    code, result = doctor(run_cli)
+    checks = {check["name"]: check for check in result["checks"]}
+    assert checks["answerability probe some-model"]["status"] == "fail" and code == result["exit_code"] != 0
+    assert "answerability_fit" in checks["answerability probe some-model"]["fix"]
+    assert (
+        checks["answerability probe qwen2.5-coder-0.5b-instruct"]["status"] == "ok"
+    )  # the shipped one loads
