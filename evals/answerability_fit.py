@@ -26,6 +26,7 @@ from dsarag.base.atomic import atomic_write
 from dsarag.evals.datasets import load_qa
 from dsarag.indexer_model.generate import Generator, load_generator
 from dsarag.rag.answerability import PROBE_FILE, AnswerabilityProbe
+from dsarag.rag.ask_options import AskOptions
 from dsarag.rag.bridge import with_bridge_documents
 from dsarag.rag.dedup import dedup_rankings
 from dsarag.rag.embed import load_embedder
@@ -35,6 +36,7 @@ from dsarag.rag.retrieve import Retriever
 from dsarag.rag.store import ChunkStore
 
 DEFAULT_LAYERS = (12, 20)  # chosen by cross-validation on the SQuAD 2.0 fit half (docs/evals.md)
+ASK_DEFAULTS = AskOptions(question="", store=None)  # the agent's chunks and context budget, as `ask` packs
 
 
 @torch.inference_mode()
@@ -42,10 +44,10 @@ def prompt_states(
     generator: Generator, retriever: Retriever, question: str, layers: tuple[int, ...]
 ) -> Tensor:
     """The probed layers' states at the last position of the agent's answer prompt for `question`."""
-    hits = retriever.semantic(question, 6)
-    ranking, _ = with_bridge_documents(question, hits, retriever, 6)
-    kept = dedup_rankings([ranking], retriever.embedding).kept[:6]
-    packed = pack_sources(kept, generator.count_tokens, 3072)
+    k = ASK_DEFAULTS.chunks
+    ranking, _ = with_bridge_documents(question, retriever.semantic(question, k), retriever, k)
+    kept = dedup_rankings([ranking], retriever.embedding).kept[:k]
+    packed = pack_sources(kept, generator.count_tokens, ASK_DEFAULTS.context_tokens)
     ids = generator.chat_prompt_ids(build_messages(question, packed))
     probe = AnswerabilityProbe(layers, (), (), (), 0.0, 0.0)
     model = generator.model

@@ -139,3 +139,17 @@ def test_the_fit_separates_the_kinds_and_declines_the_share_asked_of_the_answera
     assert abs(probe.weight[0]) > 5 * max(abs(probe.weight[1]), abs(probe.weight[2]))
     scores = torch.tensor([probe.score(state) for state in states])
     assert (scores[answerable.bool()] >= probe.threshold).float().mean() > 0.85
+
+
+def test_the_fit_reads_the_states_the_agent_scores(monkeypatch, embedder, tmp_path, tiny):
+    """prompt_states packs as the agent packs a semantic route: its states are the ones the gate scores."""
+    from dsarag.evals.answerability_fit import prompt_states
+    from dsarag.rag.retrieve import Retriever
+    from dsarag.rag.store import ChunkStore
+
+    probe = probe_for(tiny.model.args.dim, (1, 2), float("-inf"), weight=3.0)
+    state = ask_with_probe(monkeypatch, embedder, tmp_path, tiny, probe, max_new_tokens=2)
+    retriever = Retriever(ChunkStore(tmp_path / "store"), embedder)
+    states = prompt_states(tiny, retriever, "When does the community kitchen serve lunch?", (1, 2))
+    assert states.shape == (2 * tiny.model.args.dim,)
+    assert probe.score(states) == pytest.approx(state["answerability"], rel=1e-3, abs=1e-3)
