@@ -3,8 +3,9 @@
 `prepare_squad` turns SQuAD 2.0 articles into one text file each, with their answerable and unanswerable
 questions; `prepare_hotpot` turns HotpotQA distractor questions into a folder of short encyclopedia pages
 (every question's gold and distractor paragraphs, pooled), so both supporting pages must be found among
-many; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a
-threshold fitted on one can be reported on the other. Use train splits only: the benchmarks' dev and test
+many; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are
+drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a threshold fitted on one can be
+reported on the other. Use train splits only: the benchmarks' dev and test
 splits stay out of development.
 """
 
@@ -170,7 +171,10 @@ def prepare_qa(source: Path, folder: Path, seed: int = 0, split: str = "fit") ->
         raise MissingInputError(
             f"{docs}: no docs/ folder beside {source.name} — put its documents there", docs
         )
-    rows = [item.meta | {"id": item.id, "question": item.question, "answers": item.answers, "doc_ids": item.doc_ids}
-            for item in load_qa(source)]  # fmt: skip
+    rows = [
+        item.meta
+        | {"id": item.id, "question": item.question, "answers": item.answers, "doc_ids": item.doc_ids}
+        for item in load_qa(source)
+    ]
     pages = {path.name: path.read_text(encoding="utf-8").rstrip("\n") for path in sorted(docs.iterdir())}
     return _write(Path(folder), pages, _half(rows, seed, split), source)

@@ -42,9 +42,8 @@ class AskResult:
     ingest: dict | None = None
     extra: dict = field(default_factory=dict)
     strategy: str = "semantic"  # the strategy of the final answer ("none": answered without retrieval)
-    answerable: bool | None = (
-        None  # False: declined (the reader or the answerability probe); None: not judged
-    )
+    # False: declined (by the reader or the answerability probe); None: not judged.
+    answerable: bool | None = None
     answerability: float | None = None  # log-odds of answerable: the constrained reader's or the probe's
     short_answer: str | None = None  # the constrained reader's answer alone (a span of a source, yes, no)
     citations: list[dict] = field(default_factory=list)  # each [n]: by model | reader | tool, and verified

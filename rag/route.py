@@ -108,7 +108,8 @@ def choose_strategy(features: QueryFeatures, llm: dict[str, float], dated_docume
     """semantic | multi-query | temporal | hybrid: LLM label log-probs + feature evidence, the best wins. Where
     no document states its own date (`dated_documents` False), a date or recency word is no evidence for
     'latest' (fitted on SQuAD / HotpotQA train questions, docs/evals.md)."""
-    timed = (features.window is not None or features.recency) and dated_documents
+    dated_question = features.window is not None or features.recency
+    timed = dated_question and dated_documents
     evidence = {
         "lookup": 0.0,
         "latest": _evidence(timed, FEATURE_WEIGHT),
@@ -123,7 +124,7 @@ def choose_strategy(features: QueryFeatures, llm: dict[str, float], dated_docume
         f"LLM prefers {max(llm, key=llm.__getitem__)!r}; features {', '.join(fired)} "
         f"→ {best!r} ({totals[best]:+.2f})"
     )
-    if (features.window is not None or features.recency) and not dated_documents:
+    if dated_question and not dated_documents:
         reason += "; no document states its own date, so the question's date is not a time window"
     return Decision(LABEL_STRATEGY[best], reason, _rounded({LABEL_STRATEGY[k]: v for k, v in totals.items()}))
 

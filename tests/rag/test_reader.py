@@ -182,29 +182,23 @@ def test_a_citation_is_verified_only_where_its_source_holds_the_answer():
     assert cited_by_model("Tobias Achterberg [7].", sources)[0]["verified"] is False  # no such source
 
 
-def test_a_comparison_names_both_sides_and_goes_to_multi_query(tiny):
-    features = query_features("Were Scott Derrickson and Ed Wood of the same nationality?")
-    assert features.compared == ("Scott Derrickson", "Ed Wood") and features.comparison
-    assert query_features("Between Iain Banks and Irwin Shaw, which writer wrote more?").compared == (
-        "Iain Banks",
-        "Irwin Shaw",
-    )
-    assert query_features("Which magazine started first, Arthur's Magazine or First for Women?").compared == (
-        "Arthur's Magazine",
-        "First for Women",
-    )
-    assert query_features("Which band was formed first The Exies or Circus Diablo ?").compared == (
-        "The Exies",
-        "Circus Diablo",
-    )
-    assert query_features("Which plant is larger, the Pterocarya or the Cotula?").compared == (
-        "Pterocarya",
-        "Cotula",
-    )
-    assert query_features("What do E. B. White and Dan Masterson have in common?").compared == (
-        "E. B. White",
-        "Dan Masterson",
-    )
+@pytest.mark.parametrize(
+    ("question", "sides"),
+    [
+        ("Were Scott Derrickson and Ed Wood of the same nationality?", ("Scott Derrickson", "Ed Wood")),
+        ("Between Iain Banks and Irwin Shaw, which writer wrote more?", ("Iain Banks", "Irwin Shaw")),
+        ("Which magazine started first, Arthur's Magazine or First for Women?", ("Arthur's Magazine", "First for Women")),
+        ("Which band was formed first The Exies or Circus Diablo ?", ("The Exies", "Circus Diablo")),
+        ("Which plant is larger, the Pterocarya or the Cotula?", ("Pterocarya", "Cotula")),
+        ("What do E. B. White and Dan Masterson have in common?", ("E. B. White", "Dan Masterson")),
+    ],
+)  # fmt: skip
+def test_a_comparison_names_both_sides(question, sides):
+    assert query_features(question).compared == sides
+
+
+def test_a_comparison_goes_to_multi_query_and_a_plain_question_names_no_sides(tiny):
+    assert query_features("Were Scott Derrickson and Ed Wood of the same nationality?").comparison
     assert query_features("Which city hosted the 2008 Olympics?").compared == ()
     question = "Are Marian Gold and Jung Eun-ji members of the same band?"
     strategy = choose_strategy(
