@@ -1,8 +1,10 @@
 """Retrieval over one committed store generation: dense (FAISS) and lexical (BM25) search → hits with citations."""
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import cached_property
+from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -12,6 +14,8 @@ from dsarag.rag.index import search
 from dsarag.rag.store import ChunkStore, embeddings_of
 
 CHUNK_COLUMNS = ["chunk_id", "path", "text", "char_start", "char_end", "line_start", "line_end", "date"]
+TITLE_MAX_WORDS = 12  # a document's first line longer than this is prose, not its title
+_QUALIFIER = re.compile(r"\s*\([^()]*\)$")  # "Woman's Viewpoint (magazine)" is also "Woman's Viewpoint"
 
 
 @dataclass
@@ -42,11 +46,12 @@ class Retriever:
             lambda manifest: (
                 manifest,
                 store.read_index(manifest),
-                store.read_chunks(manifest, columns=[*CHUNK_COLUMNS, "embedding"]),
+                store.read_chunks(manifest, columns=[*CHUNK_COLUMNS, "title", "embedding"]),
             )
         )
         self.embeddings = embeddings_of(chunks)  # row i ↔ self.rows[i]; for near-duplicate checks
-        self.rows = chunks.drop_columns(["embedding"]).to_pylist()
+        self.rows = chunks.drop_columns(["title", "embedding"]).to_pylist()
+        self.record_titles = chunks.column("title").to_pylist()  # a corpus record's title column, else None
         self.row_of_id = {row["chunk_id"]: i for i, row in enumerate(self.rows)}
 
     @cached_property
@@ -76,6 +81,41 @@ class Retriever:
         return [
             Hit(**self.rows[row], score=score) for row, score in self.bm25.search(question, k) if score > 0
         ]
+
+    def best_chunk_of(self, path: str, question: str) -> Hit:
+        """The chunk of document `path` closest to the question."""
+        rows = self.rows_of_path[path]
+        scores = self.embeddings[rows] @ self.embedder.encode([question])[0]
+        best = int(np.argmax(scores))
+        return Hit(**self.rows[rows[best]], score=float(scores[best]))
+
+    @cached_property
+    def rows_of_path(self) -> dict[str, list[int]]:
+        rows: dict[str, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            rows.setdefault(row["path"], []).append(i)
+        return rows
+
+    @cached_property
+    def documents_titled(self) -> dict[str, list[str]]:
+        """Each title → the documents it names: a document's first line when it reads as a heading, a file's
+        name with underscores as spaces, a corpus record's title column; each also without a "(qualifier)"."""
+        documents: dict[str, list[str]] = {}
+        for path, rows in self.rows_of_path.items():
+            first = min(rows, key=lambda row: self.rows[row]["char_start"])
+            line = self.rows[first]["text"].strip().split("\n", 1)[0].lstrip("#").strip()
+            is_record = "#" in path  # a corpus file's record: the file's name is not its title
+            names = (
+                {self.record_titles[first] or ""}
+                if is_record
+                else {PurePosixPath(path).stem.replace("_", " ")}
+            )
+            if len(line.split()) <= TITLE_MAX_WORDS and not line.endswith("."):
+                names.add(line)
+            for name in names | {_QUALIFIER.sub("", name) for name in names}:
+                if len(name.strip()) >= 4:
+                    documents.setdefault(name.strip(), []).append(path)
+        return documents
 
     def embedding(self, chunk_id: int) -> np.ndarray:
         return self.embeddings[self.row_of_id[chunk_id]]
