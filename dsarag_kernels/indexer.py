@@ -154,20 +154,36 @@ def _order_key(scores):
 
 
 @triton.jit
-def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
+def _listed_key(row_scores, row_keys, i, n, INDIRECT: tl.constexpr):
+    """Order keys of elements i of `_radix_topk`'s list after its first pass (padding: the last bin)."""
+    if INDIRECT:
+        return tl.load(row_keys + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF
+    return _order_key(tl.load(row_scores + i, mask=i < n, other=float("-inf")))
+
+
+@triton.jit
+def _radix_topk(
+    row_scores, row_cols, row_keys, row_out, n, topk, BLOCK: tl.constexpr, INDIRECT: tl.constexpr
+):
     """Write the columns of the topk largest of n scores to row_out (exact; ties: the first ones win).
 
-    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list). Three passes:
-    a histogram of the high byte of the order key (bin 0 = largest), a histogram of the low byte inside the
-    boundary bin, then the emit pass. Padding lanes load -inf, which the causal prefix never holds, so they
-    sit in the last bin and are never emitted: no histogram mask is needed (Triton 3.6 has none).
+    Element i is column i of the row, or column row_cols[i] with INDIRECT (a candidate list; the first pass
+    gathers its scores once and keeps their order keys in row_keys[i], int16, for the later passes: a gathered
+    2-byte score costs a 32-byte memory sector). Three passes: a histogram of the high byte of the order key
+    (bin 0 = largest), a histogram of the low byte inside the boundary bin, then the emit pass. Padding lanes
+    load -inf, which the causal prefix never holds, so they sit in the last bin and are never emitted: no
+    histogram mask is needed (Triton 3.6 has none).
     """
     high_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
         cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
         key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
+        if INDIRECT:
+            tl.store(row_keys + i, key.to(tl.int16), mask=i < n)
         high_hist += tl.histogram(255 - (key >> 8), 256)
+    if INDIRECT:
+        tl.debug_barrier()  # the later passes read keys that other threads of this program wrote
     high_cum = tl.cumsum(high_hist, 0)
     high_bin = tl.sum((high_cum < topk).to(tl.int32), 0)
     need = topk - tl.sum(tl.where(high_cum < topk, high_hist, 0), 0)
@@ -175,8 +191,7 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
     low_hist = tl.zeros((256,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         i = start + tl.arange(0, BLOCK)
-        cols = tl.load(row_cols + i, mask=i < n, other=0) if INDIRECT else i
-        key = _order_key(tl.load(row_scores + cols, mask=i < n, other=float("-inf")))
+        key = _listed_key(row_scores, row_keys, i, n, INDIRECT=INDIRECT)
         in_bin = (i < n) & (255 - (key >> 8) == high_bin)
         low_hist += tl.histogram(tl.where(in_bin, 255 - (key & 0xFF), 255), 256)
     low_cum = tl.cumsum(low_hist, 0)
@@ -189,7 +204,7 @@ def _radix_topk(row_scores, row_cols, row_out, n, topk, BLOCK: tl.constexpr, IND
         i = start + tl.arange(0, BLOCK)
         valid = i < n
         cols = tl.load(row_cols + i, mask=valid, other=0) if INDIRECT else i
-        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
+        key = _listed_key(row_scores, row_keys, i, n, INDIRECT=INDIRECT)
         rank_high = 255 - (key >> 8)
         rank_low = 255 - (key & 0xFF)
         above = valid & ((rank_high < high_bin) | ((rank_high == high_bin) & (rank_low < low_bin)))
@@ -213,7 +228,7 @@ def _copy_list(src, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _select_from_lists(
-    row_scores, row_cands, counts, row_out, topk, capacity, BLOCK: tl.constexpr, SPLIT: tl.constexpr
+    row_scores, row_cands, row_keys, counts, row_out, topk, capacity, BLOCK: tl.constexpr, SPLIT: tl.constexpr
 ):
     """Settle a row from its segments' lists, or return False when only the whole row can (`_topk_full_kernel`).
 
@@ -238,7 +253,7 @@ def _select_from_lists(
             _copy_list(row_cands + p * segment_stride, row_cands + offset, n, BLOCK=BLOCK)
             offset += n
         tl.debug_barrier()  # the select reads list entries that other threads of this program wrote
-        _radix_topk(row_scores, row_cands, row_out, n_above, topk, BLOCK=BLOCK, INDIRECT=True)
+        _radix_topk(row_scores, row_cands, row_keys, row_out, n_above, topk, BLOCK=BLOCK, INDIRECT=True)
     if fill:
         offset = 0
         for p in tl.static_range(SPLIT):
@@ -254,21 +269,19 @@ def _select_from_lists(
 
 @triton.jit
 def _split_block(
-    row_scores, row_cands, row_ties, start, end, threshold, n_above, n_ties, capacity, topk,
+    scores, row_cands, row_ties, start, end, threshold, n_above, n_ties, capacity, topk,
     BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Append the block's keys above the threshold and tied with it to their lists; return the new counts.
 
-    Whole blocks load unmasked: a mask that ends at an arbitrary column forces 2-byte loads, one element per
-    thread, and a warp scan per element."""
+    `scores` are the block's BLOCK scores from column start on, loaded by the caller (-inf past `end`)."""
     cols = start + tl.arange(0, BLOCK)
+    key = _order_key(scores)
     if MASKED:
         valid = cols < end
-        key = _order_key(tl.load(row_scores + cols, mask=valid, other=float("-inf")))
         above = valid & (key > threshold)
         tie = valid & (key == threshold)
     else:
-        key = _order_key(tl.load(row_scores + cols))
         above = key > threshold
         tie = key == threshold
     packed = above.to(tl.int32) | (tie.to(tl.int32) << 16)
@@ -283,8 +296,8 @@ def _split_block(
 
 @triton.jit
 def _topk_candidates_kernel(
-    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk, capacity,
-    stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
+    scores_ptr, cand_ptr, key_ptr, count_ptr, status_ptr, out_ptr, start_ptr, n_queries, q_start, n_keys, topk,
+    capacity, stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
     SAMPLE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Fast path: a threshold from a sample of the row splits it in one pass into the keys above it (a
@@ -332,29 +345,38 @@ def _topk_candidates_kernel(
     full_end = seg_start + tl.maximum(seg_end - seg_start, 0) // BLOCK * BLOCK
     n_above = 0
     n_ties = 0
+    # Whole blocks load unmasked (a mask ending at an arbitrary column forces 2-byte loads), each one block
+    # ahead of its use, so the load is in flight during the previous block's scan and stores.
+    lanes = tl.arange(0, BLOCK)
+    block = tl.load(row_scores + seg_start + lanes, mask=seg_start + lanes < full_end, other=float("-inf"))
     for start in range(seg_start, full_end, BLOCK):
+        ahead = tl.where(start + BLOCK < full_end, start + BLOCK, start)
+        next_block = tl.load(row_scores + ahead + lanes)
         n_above, n_ties = _split_block(
-            row_scores, row_cands, row_ties, start, seg_end, threshold, n_above, n_ties, capacity, topk,
+            block, row_cands, row_ties, start, seg_end, threshold, n_above, n_ties, capacity, topk,
             BLOCK=BLOCK, MASKED=False,
         )  # fmt: skip
+        block = next_block
     if full_end < seg_end:
+        tail = tl.load(row_scores + full_end + lanes, mask=full_end + lanes < seg_end, other=float("-inf"))
         n_above, n_ties = _split_block(
-            row_scores, row_cands, row_ties, full_end, seg_end, threshold, n_above, n_ties, capacity, topk,
+            tail, row_cands, row_ties, full_end, seg_end, threshold, n_above, n_ties, capacity, topk,
             BLOCK=BLOCK, MASKED=True,
         )  # fmt: skip
     tl.store(counts + part, n_above)
     tl.store(counts + SPLIT + part, n_ties)
     if SPLIT == 1:
         tl.debug_barrier()  # the counts and lists were written by other threads of this program
+        row_keys = key_ptr + (batch * n_queries + row).to(tl.int64) * capacity
         settled = _select_from_lists(
-            row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1
+            row_scores, row_cands, row_keys, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=1
         )
         tl.store(row_status, tl.where(settled, 0, 1))
 
 
 @triton.jit
 def _topk_merge_kernel(
-    scores_ptr, cand_ptr, count_ptr, status_ptr, out_ptr, n_queries, topk, capacity,
+    scores_ptr, cand_ptr, key_ptr, count_ptr, status_ptr, out_ptr, n_queries, topk, capacity,
     stride_sb, stride_st, stride_cb, stride_ct, stride_ob, stride_ot,
     BLOCK: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
@@ -366,8 +388,9 @@ def _topk_merge_kernel(
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
     row_cands = cand_ptr + batch * stride_cb + row * stride_ct
     row_out = out_ptr + batch * stride_ob + row * stride_ot
+    row_keys = key_ptr + (batch * n_queries + row).to(tl.int64) * capacity
     settled = _select_from_lists(
-        row_scores, row_cands, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT
+        row_scores, row_cands, row_keys, counts, row_out, topk, capacity, BLOCK=BLOCK, SPLIT=SPLIT
     )
     tl.store(status_ptr + batch * n_queries + row, tl.where(settled, 0, 1))
 
@@ -386,7 +409,7 @@ def _topk_full_kernel(
         q_start = tl.load(start_ptr).to(tl.int32)
     row_len = tl.minimum(q_start + row + 1, n_keys)
     row_scores = scores_ptr + batch * stride_sb + row * stride_st
-    _radix_topk(row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
+    _radix_topk(row_scores, row_scores, row_scores, out_ptr + batch * stride_ob + row * stride_ot, row_len, topk,
                 BLOCK=BLOCK, INDIRECT=False)  # fmt: skip
 
 
@@ -430,16 +453,18 @@ def topk_select(
         batch, n_queries, split * (capacity + topk), dtype=torch.int32, device=scores.device
     )
     counts = torch.empty(batch, n_queries, 2, split, dtype=torch.int32, device=scores.device)
+    # The order keys of the list the select runs on, gathered from the scores once.
+    keys = torch.empty(batch, n_queries, capacity, dtype=torch.int16, device=scores.device)
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
     start, start_ptr, on_device = device_start(q_start, status)
     _topk_candidates_kernel[(n_queries, batch, split)](
-        scores, candidates, counts, status, out, start_ptr, n_queries, start, n_keys, topk, capacity,
+        scores, candidates, keys, counts, status, out, start_ptr, n_queries, start, n_keys, topk, capacity,
         scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0), out.stride(1),
         SAMPLE=sample, BLOCK=block, SPLIT=split, START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
     if split > 1:
         _topk_merge_kernel[(n_queries, batch)](
-            scores, candidates, counts, status, out, n_queries, topk, capacity,
+            scores, candidates, keys, counts, status, out, n_queries, topk, capacity,
             scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
             out.stride(1), BLOCK=settle_block, SPLIT=split, num_warps=settle_warps,
         )  # fmt: skip
