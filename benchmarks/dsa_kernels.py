@@ -273,14 +273,7 @@ def tune(length: int) -> dict:
         n = min(rows, length - t)
         index_scores(idx_q[:, t : t + n], idx_w[:, t : t + n], idx_k, t, 4, 64, out=buffer[:, :n])
         topk_select(buffer[:, :n], t, length, TOPK, out=indices[:, t : t + n])
-    for block_n, warps, stages in [
-        (128, 4, 2),
-        (128, 4, 1),
-        (128, 2, 2),
-        (256, 4, 2),
-        (256, 8, 2),
-        (128, 4, 3),
-    ]:
+    for block_n, warps, stages in [(32, 1, 3), (32, 1, 4), (16, 1, 3), (64, 1, 3), (32, 2, 3), (64, 2, 2)]:
         run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n)
         ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
         result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})
