@@ -73,12 +73,14 @@ def with_bridge_documents(
             documents.add(hit.path)
 
     titled = retriever.documents_titled
-    for title in dict.fromkeys(
-        title for hit in ranking[:HITS_READ] for title in titles_named_in(hit.text, question, titled)
-    ):
-        for path in titled[title]:
-            if path not in documents:
-                add(title, retriever.best_chunk_of(path, question))
+    linked: dict[str, str] = {}  # document → the title that links to it
+    for hit in ranking[:HITS_READ]:
+        for title in titles_named_in(hit.text, question, titled):
+            for path in titled[title]:
+                if path not in documents and len(linked) < BRIDGE_DOCUMENTS:
+                    linked.setdefault(path, title)
+    for hit in retriever.best_chunks_of(list(linked), question):
+        add(linked[hit.path], hit)
     names = list(
         dict.fromkeys(
             name for hit in ranking[:HITS_READ] for name in named_in(hit.text, question)[:NAMES_PER_HIT]

@@ -82,12 +82,18 @@ class Retriever:
             Hit(**self.rows[row], score=score) for row, score in self.bm25.search(question, k) if score > 0
         ]
 
-    def best_chunk_of(self, path: str, question: str) -> Hit:
-        """The chunk of document `path` closest to the question."""
-        rows = self.rows_of_path[path]
-        scores = self.embeddings[rows] @ self.embedder.encode([question])[0]
-        best = int(np.argmax(scores))
-        return Hit(**self.rows[rows[best]], score=float(scores[best]))
+    def best_chunks_of(self, paths: list[str], question: str) -> list[Hit]:
+        """For each document of `paths`, its chunk closest to the question."""
+        if not paths:
+            return []
+        vector = self.embedder.encode([question])[0]
+        hits = []
+        for path in paths:
+            rows = self.rows_of_path[path]
+            scores = self.embeddings[rows] @ vector
+            best = int(np.argmax(scores))
+            hits.append(Hit(**self.rows[rows[best]], score=float(scores[best])))
+        return hits
 
     @cached_property
     def rows_of_path(self) -> dict[str, list[int]]:

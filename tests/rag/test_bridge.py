@@ -21,19 +21,23 @@ DOCS = {
 }
 
 
+def _retriever(tmp_path: Path, embedder, docs: dict[str, str]) -> Retriever:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in docs.items():
+        (folder / name).write_text(text + "\n")
+    store = ChunkStore(tmp_path / "store")
+    ingest_folder(folder, store, embedder)
+    return Retriever(store, embedder)
+
+
 def test_names_the_question_does_not_hold_in_order():
     text = "The office of Barnaby Joyce moved. He met the Bank of England and Scott Buchholz in Canberra."
     assert named_in(text, QUESTION) == ["Barnaby Joyce", "Bank of England", "Canberra"]
 
 
 def test_the_document_a_best_hit_names_joins_the_ranking(tmp_path: Path, embedder):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name, text in DOCS.items():
-        (folder / name).write_text(text + "\n")
-    store = ChunkStore(tmp_path / "store")
-    ingest_folder(folder, store, embedder)
-    retriever = Retriever(store, embedder)
+    retriever = _retriever(tmp_path, embedder, DOCS)
     k = 3
     ranking = retriever.semantic(QUESTION, k)
     assert "barnaby.txt" not in [hit.path for hit in ranking[: k - BRIDGE_DOCUMENTS]]
@@ -47,24 +51,11 @@ def test_the_document_a_best_hit_names_joins_the_ranking(tmp_path: Path, embedde
 
 
 def test_a_ranking_whose_hits_name_nothing_new_is_unchanged(tmp_path: Path, embedder):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "kitchen.md").write_text("the kitchen serves lunch at noon on weekdays.\n")
-    store = ChunkStore(tmp_path / "store")
-    ingest_folder(folder, store, embedder)
-    retriever = Retriever(store, embedder)
+    retriever = _retriever(
+        tmp_path, embedder, {"kitchen.md": "the kitchen serves lunch at noon on weekdays."}
+    )
     ranking = retriever.semantic("When is lunch?", 3)
     assert with_bridge_documents("When is lunch?", ranking, retriever, 3) == (ranking, [])
-
-
-def _retriever(tmp_path: Path, embedder, docs: dict[str, str]) -> Retriever:
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name, text in docs.items():
-        (folder / name).write_text(text + "\n")
-    store = ChunkStore(tmp_path / "store")
-    ingest_folder(folder, store, embedder)
-    return Retriever(store, embedder)
 
 
 def test_documents_are_titled_by_heading_file_name_and_without_qualifier(tmp_path: Path, embedder):
