@@ -1,9 +1,9 @@
 """How much the top-k selections of neighbouring queries overlap, on the default model's real inputs.
 
-    .venv/bin/python benchmarks/selection_overlap.py --heldout heldout.npy --length 16384 --layers 0,3,9
+    .venv/bin/python benchmarks/selection_overlap.py --heldout heldout.npy --length 16384 --layers 0,3,9 --blocks 2,8
 
 A gather attention that shares K/V rows across a block of queries computes every query against the union of
-the block's selections; its useful share is k / union. For blocks of 8 to 128 consecutive queries (the last
+the block's selections; its useful share is k / union. For blocks of consecutive queries (the last
 `--queries` queries of a held-out window) this prints the mean union size in units of k, and how many
 64-key tiles the block touches out of all of them (a block-sparse kernel skips only the untouched ones).
 """
@@ -21,7 +21,6 @@ from dsarag.indexer_model.checkpoint import find_checkpoint, load_checkpoint, we
 from dsarag.indexer_model.train import N_SINK, WINDOW, frozen_attention_inputs, load_frozen_model  # noqa: E402
 from dsarag.kernels.torch_dsa import select_topk  # noqa: E402
 
-BLOCKS = (8, 16, 32, 64, 128)
 TILE = 64
 
 
@@ -44,6 +43,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,3,9", help="comma-separated layers")
     parser.add_argument("--queries", type=int, default=1024)
     parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--blocks", default="2,4,8,16,32,64,128", help="comma-separated block sizes")
     options = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -52,14 +52,15 @@ def main() -> None:
         find_checkpoint(weights_fingerprint(model)), model.args.dim, model.args.n_layer
     )
     layers = [int(layer) for layer in options.layers.split(",")]
+    blocks = [int(block) for block in options.blocks.split(",")]
     tokens = torch.from_numpy(np.load(options.heldout)[: options.length].astype(np.int64))[None]
     inputs = frozen_attention_inputs(model, tokens, max(layers) + 1)
     positions = torch.arange(tokens.shape[1])
     rows = slice(tokens.shape[1] - options.queries, tokens.shape[1])
     n_tiles = -(-tokens.shape[1] // TILE)
     print(f"{tokens.shape[1]} tokens, last {options.queries} queries, k = {options.topk}; union / k, tiles")
-    print("| layer | " + " | ".join(f"block {b}" for b in BLOCKS) + " |")
-    print("|---|" + "---|" * len(BLOCKS))
+    print("| layer | " + " | ".join(f"block {b}" for b in blocks) + " |")
+    print("|---|" + "---|" * len(blocks))
     for layer in layers:
         idx_q, idx_w, idx_k = indexers[layer].float().project(inputs[layer][0].float(), positions)
         selected = select_topk(
@@ -72,7 +73,7 @@ def main() -> None:
             N_SINK,
             WINDOW,
         )[0]
-        cells = [overlap(selected, block, options.topk) for block in BLOCKS]
+        cells = [overlap(selected, block, options.topk) for block in blocks]
         print(f"| {layer} | " + " | ".join(f"{u:.2f} k, {t:.0f}/{n_tiles}" for u, t in cells) + " |")
 
 
