@@ -89,6 +89,9 @@ class Reading:
             why = (
                 f" (none of them mentions {', '.join(missing)})" if missing and self.mode == "missing" else ""
             )
+            spelled = self.features.get("spelled_like", {})
+            if why and spelled:
+                why = why[:-1] + "; they mention " + ", ".join(spelled.values()) + ")"
             return f"The documents do not contain the answer{why}. Closest sources: {closest}."
         markers = "".join(f" [{number}]" for number in self.sources)
         if self.mode == "yes-no":
@@ -117,6 +120,9 @@ def declined_for_missing_terms(question: str, packed: PackedContext) -> Reading 
     features = {key: terms for key, terms in features.items() if terms}
     if not features:
         return None
+    spelled = {name: spelled_like(name, packed.text) for name in features.get("missing_names", [])}
+    if any(spelled.values()):
+        features["spelled_like"] = {name: word for name, word in spelled.items() if word}
     return Reading("missing", "", False, None, features=features)
 
 
@@ -327,6 +333,30 @@ def missing_names(question: str, source_text: str) -> list[str]:
         w for w in words[1:] if w[0].isupper() and not w.isupper() and len(w) >= 3 and w not in _NOT_NAMES
     ]
     return [name for name in dict.fromkeys(names) if _stem(name.lower()) not in held]
+
+
+def spelled_like(name: str, source_text: str) -> str | None:
+    """A word of the sources one typing slip from `name` (a letter added, dropped, changed or two swapped),
+    for names of 5 letters or more: "Brittish" → "British". The question may have a typo; the decline says so."""
+    if len(name) < 5:
+        return None
+    target = name.lower()
+    for word in dict.fromkeys(_ascii_words(source_text)):
+        if word[0].lower() == target[0] and word.lower() != target and _one_slip(target, word.lower()):
+            return word
+    return None
+
+
+def _one_slip(a: str, b: str) -> bool:
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+    if len(a) < len(b):  # one letter added
+        return a[first:] == b[first + 1 :]
+    swapped = first + 1 < len(a) and a[first] == b[first + 1] and a[first + 1] == b[first]
+    return a[first + 1 :] == b[first + 1 :] or (swapped and a[first + 2 :] == b[first + 2 :])
 
 
 def _answer_score(constraint: CopyConstraint, null_id: int) -> float:

@@ -20,6 +20,7 @@ from dsarag.rag.reader import (
     read,
     reading_mode,
     sentence_with,
+    spelled_like,
 )
 from dsarag.rag.retrieve import Hit
 from dsarag.rag.route import choose_strategy, label_scores
@@ -118,6 +119,30 @@ def test_the_refusal_names_what_the_sources_do_not_mention():
     assert missing_year.features == {"missing_numbers": ["2004"]}
     decade = "Was Spectre filmed in England in the 70's?"
     assert declined_for_missing_terms(decade, packed) is None
+
+
+def test_the_refusal_names_a_sources_word_one_typing_slip_from_a_missing_name():
+    packed = pack_sources(
+        [hit("They Flew Alone is a 1942 British biopic of the aviator Amy Johnson.", "flew.md")],
+        lambda text: 12,
+        400,
+    )
+    reading = declined_for_missing_terms(
+        "What was Amy Johnson, of the Brittish biopic, by profession?", packed
+    )
+    assert reading.features == {"missing_names": ["Brittish"], "spelled_like": {"Brittish": "British"}}
+    assert reading.reply(packed).startswith(
+        "The documents do not contain the answer (none of them mentions Brittish; they mention British)"
+    )
+    for slip, meant in (
+        ("Brtish", "British"),
+        ("Britisch", "British"),
+        ("Birtish", "British"),
+        ("Jonhson", "Johnson"),
+    ):
+        assert spelled_like(slip, packed.text) == meant
+    assert spelled_like("Austria", "Australia and Austrians") is None  # two letters apart: another name
+    assert spelled_like("Roston", "Boston harbour") is None  # the first letter differs
 
 
 def test_a_factoid_answer_is_a_span_of_the_source_it_cites(tiny):
