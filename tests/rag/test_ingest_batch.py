@@ -98,8 +98,10 @@ def test_jsonl_parquet_and_csv_corpora_with_column_options(tmp_path, embedder):
         str(by_path["b.parquet#r4"]["date"]) == "2024-05-15"
         and by_path["b.parquet#r4"]["source"] == "b.parquet"
     )
-    hits = Retriever(store, embedder).semantic("who discussed rainwater?", 1)
+    retriever = Retriever(store, embedder)
+    hits = retriever.semantic("who discussed rainwater?", 1)
     assert "rainwater" in hits[0].text
+    assert retriever.documents_titled["Note 7"] == ["c.csv#r7"]  # a record is titled by its column
     again = ingest(inputs, store, embedder, options())
     assert again.unchanged == 3 and not again.committed
 
