@@ -86,12 +86,12 @@ class Reading:
         if not self.answerable:
             closest = "; ".join(f"[{n}] {hit.citation}" for n, hit in enumerate(packed.sources[:3], start=1))
             missing = self.features.get("missing_numbers", []) + self.features.get("missing_names", [])
-            why = (
-                f" (none of them mentions {', '.join(missing)})" if missing and self.mode == "missing" else ""
+            notes = (
+                [f"none of them mentions {', '.join(missing)}"] if missing and self.mode == "missing" else []
             )
-            spelled = self.features.get("spelled_like", {})
-            if why and spelled:
-                why = why[:-1] + "; they mention " + ", ".join(spelled.values()) + ")"
+            if notes and self.features.get("spelled_like"):
+                notes.append(f"they mention {', '.join(self.features['spelled_like'].values())}")
+            why = f" ({'; '.join(notes)})" if notes else ""
             return f"The documents do not contain the answer{why}. Closest sources: {closest}."
         markers = "".join(f" [{number}]" for number in self.sources)
         if self.mode == "yes-no":
