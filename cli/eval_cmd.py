@@ -50,8 +50,8 @@ def prepare(
     dataset: Annotated[
         str,
         typer.Argument(
-            help="squad (SQuAD 2.0 JSON) | hotpot (HotpotQA distractor JSON) | qa (a JSONL QA file with docs/ "
-            "beside it, e.g. corpora/demo/qa.jsonl)"
+            help="squad (SQuAD 2.0 JSON) | hotpot (HotpotQA distractor JSON) | musique (MuSiQue-Ans JSON) | qa "
+            "(a JSONL QA file with docs/ beside it, e.g. corpora/demo/qa.jsonl)"
         ),
     ],
     source: Annotated[
@@ -70,21 +70,25 @@ def prepare(
     unanswerable: Annotated[
         int, typer.Option("--unanswerable", help="squad: unanswerable questions in all.", min=0)
     ] = 20,
-    questions: Annotated[int, typer.Option("--questions", help="hotpot: questions drawn.", min=1)] = 24,
+    questions: Annotated[
+        int, typer.Option("--questions", help="hotpot, musique: questions drawn.", min=1)
+    ] = 24,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the draw.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON on stdout.")] = False,
 ) -> None:
     """Build a development set from public QA data: a folder of documents and qa.jsonl for `eval run docqa`."""
-    from dsarag.evals.devsets import prepare_hotpot, prepare_qa, prepare_squad
+    from dsarag.evals.devsets import prepare_hotpot, prepare_musique, prepare_qa, prepare_squad
 
     if dataset == "squad":
         devset = prepare_squad(source, out, articles, per_article, unanswerable, seed=seed, split=split)
     elif dataset == "hotpot":
         devset = prepare_hotpot(source, out, questions, seed=seed, split=split)
+    elif dataset == "musique":
+        devset = prepare_musique(source, out, questions, seed=seed, split=split)
     elif dataset == "qa":
         devset = prepare_qa(source, out, seed=seed, split=split)
     else:
-        raise BadInputError(f"dataset {dataset!r}: use squad, hotpot or qa")
+        raise BadInputError(f"dataset {dataset!r}: use squad, hotpot, musique or qa")
     if json_out:
         sys.stdout.write(json.dumps(devset.to_json(), indent=2) + "\n")
     stderr.print(

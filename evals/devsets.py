@@ -3,7 +3,7 @@
 `prepare_squad` turns SQuAD 2.0 articles into one text file each, with their answerable and unanswerable
 questions; `prepare_hotpot` turns HotpotQA distractor questions into a folder of short encyclopedia pages
 (every question's gold and distractor paragraphs, pooled), so both supporting pages must be found among
-many; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are
+many; `prepare_musique` does the same for MuSiQue's 2- to 4-hop questions; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are
 drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a threshold fitted on one can be
 reported on the other. Use train splits only: the benchmarks' dev and test
 splits stay out of development.
@@ -157,6 +157,41 @@ def prepare_hotpot(
                 "kind": row.get("type", "multi-hop"),
                 "answerable": True,
                 "level": row.get("level", ""),
+            }
+        )
+    return _write(Path(folder), pages, rows, Path(source))
+
+
+def prepare_musique(
+    source: Path, folder: Path, questions: int = 24, seed: int = 0, split: str = "fit"
+) -> DevSet:
+    """MuSiQue-Ans JSON (a list of questions) → one page per paragraph title of the drawn questions (20 per
+    question, supporting and not, pooled) and their answerable questions, kind '2hop' / '3hop' / '4hop', with
+    the supporting pages as their documents; the answer's aliases are answers too."""
+    data = _load_json(Path(source), "MuSiQue (musique_ans_v1.0_train.json as a list)")
+    if not isinstance(data, list) or not data or "question_decomposition" not in data[0]:
+        raise BadInputError(
+            f"{source}: not MuSiQue JSON — expected a list of questions with paragraphs and "
+            "question_decomposition",
+            source,
+        )
+    pages: dict[str, str] = {}
+    rows: list[dict] = []
+    answerable = [row for row in data if str(row.get("answerable", True)) != "False"]
+    for row in _half(answerable, seed, split)[:questions]:
+        for paragraph in row["paragraphs"]:
+            if paragraph["paragraph_text"].strip():
+                title = paragraph["title"]
+                pages.setdefault(file_name(title), f"{title}\n\n{paragraph['paragraph_text'].strip()}")
+        gold = [paragraph["title"] for paragraph in row["paragraphs"] if paragraph.get("is_supporting")]
+        rows.append(
+            {
+                "id": row["id"],
+                "question": row["question"].strip(),
+                "answers": [row["answer"], *row.get("answer_aliases", [])],
+                "doc_ids": list(dict.fromkeys(file_name(title) for title in gold)),
+                "kind": row["id"].split("__")[0][:4],
+                "answerable": True,
             }
         )
     return _write(Path(folder), pages, rows, Path(source))

@@ -322,8 +322,8 @@ def test_docqa_separates_reading_from_retrieval_and_scores_abstention():
     assert result.details["routing"] == {"factoid": {"semantic": 3}, "unanswerable": {"semantic": 2}}
 
 
-def test_devsets_from_squad_and_hotpot_keep_the_splits_apart(tmp_path):
-    from dsarag.evals.devsets import prepare_hotpot, prepare_squad
+def test_devsets_from_squad_hotpot_and_musique_keep_the_splits_apart(tmp_path):
+    from dsarag.evals.devsets import prepare_hotpot, prepare_musique, prepare_squad
 
     paragraphs = [
         {"context": f"Paragraph {n} says the answer is A{n}.", "qas": [
@@ -355,6 +355,31 @@ def test_devsets_from_squad_and_hotpot_keep_the_splits_apart(tmp_path):
     rows = load_qa(devset.questions)
     assert devset.counts["documents"] == 6 and len(rows) == 2
     assert all(len(row.doc_ids) == 2 and (devset.docs / row.doc_ids[0]).is_file() for row in rows)
+    musique = tmp_path / "musique.json"
+    musique.write_text(json.dumps([
+        {"id": f"{hops}hop1__{n}_1", "question": f"M{n}?", "answer": f"A{n}", "answer_aliases": [f"Alias {n}"],
+         "answerable": n != 3, "question_decomposition": [],
+         "paragraphs": [{"idx": i, "title": f"T{n}-{i}", "paragraph_text": f"T{n}-{i} says.", "is_supporting": i < hops}
+                        for i in range(5)]}
+        for n, hops in enumerate((2, 3, 4, 2))
+    ]))  # fmt: skip
+    halves = [
+        prepare_musique(musique, tmp_path / f"mq-{split}", questions=5, split=split)
+        for split in ("fit", "report")
+    ]
+    rows = [row for half in halves for row in load_qa(half.questions)]
+    ids = sorted(row.id for row in rows)
+    assert ids == ["2hop1__0_1", "3hop1__1_1", "4hop1__2_1"]  # the unanswerable one left out
+    assert all(row.answers == [f"A{row.question[1]}", f"Alias {row.question[1]}"] for row in rows)
+    assert {row.meta["kind"]: len(row.doc_ids) for row in rows} == {"2hop": 2, "3hop": 3, "4hop": 4}
+    assert all(
+        (half.docs / doc).is_file()
+        for half in halves
+        for row in load_qa(half.questions)
+        for doc in row.doc_ids
+    )
+    with pytest.raises(BadInputError, match="not MuSiQue JSON"):
+        prepare_musique(hotpot, tmp_path / "wrong")
 
 
 def test_a_qa_file_with_its_docs_splits_into_disjoint_halves_that_keep_rows_and_documents(tmp_path):
