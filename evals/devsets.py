@@ -3,10 +3,10 @@
 `prepare_squad` turns SQuAD 2.0 articles into one text file each, with their answerable and unanswerable
 questions; `prepare_hotpot` turns HotpotQA distractor questions into a folder of short encyclopedia pages
 (every question's gold and distractor paragraphs, pooled), so both supporting pages must be found among
-many; `prepare_musique` does the same for MuSiQue's 2- to 4-hop questions; `prepare_qa` halves a JSONL QA file that has its documents beside it (the demo corpus). Questions are
-drawn with a seed; `split` keeps two disjoint halves of the questions apart, so a threshold fitted on one can be
-reported on the other. Use train splits only: the benchmarks' dev and test
-splits stay out of development.
+many; `prepare_musique` does the same for MuSiQue's 2- to 4-hop questions; `prepare_qa` halves a JSONL QA file
+that has its documents beside it (the demo corpus). Questions are drawn with a seed; `split` keeps two disjoint
+halves of the questions apart, so a threshold fitted on one can be reported on the other. Use train splits only:
+the benchmarks' dev and test splits stay out of development.
 """
 
 import hashlib
@@ -175,14 +175,14 @@ def prepare_musique(
             "question_decomposition",
             source,
         )
-    pages: dict[str, str] = {}
+    paragraphs: dict[str, dict[str, None]] = {}  # title → its distinct paragraphs, in order
     rows: list[dict] = []
+    # "answerable" is a bool in MuSiQue's files and the string "True" / "False" in some copies.
     answerable = [row for row in data if str(row.get("answerable", True)) != "False"]
     for row in _half(answerable, seed, split)[:questions]:
         for paragraph in row["paragraphs"]:
             if paragraph["paragraph_text"].strip():
-                title = paragraph["title"]
-                pages.setdefault(file_name(title), f"{title}\n\n{paragraph['paragraph_text'].strip()}")
+                paragraphs.setdefault(paragraph["title"], {})[paragraph["paragraph_text"].strip()] = None
         gold = [paragraph["title"] for paragraph in row["paragraphs"] if paragraph.get("is_supporting")]
         rows.append(
             {
@@ -194,6 +194,8 @@ def prepare_musique(
                 "answerable": True,
             }
         )
+    # Paragraphs sharing a title (MuSiQue has many) share its page, so no supporting one is lost.
+    pages = {file_name(title): "\n\n".join([title, *texts]) for title, texts in paragraphs.items()}
     return _write(Path(folder), pages, rows, Path(source))
 
 

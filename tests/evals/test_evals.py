@@ -360,7 +360,7 @@ def test_devsets_from_squad_hotpot_and_musique_keep_the_splits_apart(tmp_path):
         {"id": f"{hops}hop1__{n}_1", "question": f"M{n}?", "answer": f"A{n}", "answer_aliases": [f"Alias {n}"],
          "answerable": n != 3, "question_decomposition": [],
          "paragraphs": [{"idx": i, "title": f"T{n}-{i}", "paragraph_text": f"T{n}-{i} says.", "is_supporting": i < hops}
-                        for i in range(5)]}
+                        for i in range(5)] + [{"idx": 5, "title": "Shared", "paragraph_text": f"Shared {n}.", "is_supporting": False}]}
         for n, hops in enumerate((2, 3, 4, 2))
     ]))  # fmt: skip
     halves = [
@@ -378,6 +378,12 @@ def test_devsets_from_squad_hotpot_and_musique_keep_the_splits_apart(tmp_path):
         for row in load_qa(half.questions)
         for doc in row.doc_ids
     )
+    report = halves[1]
+    shared = [f"Shared {row.question[1]}." for row in load_qa(report.questions)]
+    assert (report.docs / "Shared.txt").read_text().strip().split("\n\n") == [
+        "Shared",
+        *shared,
+    ]  # one page per title
     with pytest.raises(BadInputError, match="not MuSiQue JSON"):
         prepare_musique(hotpot, tmp_path / "wrong")
 
