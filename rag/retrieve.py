@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from dsarag.corpora.corpus_files import CORPUS_KINDS
 from dsarag.rag.bm25 import BM25Index
 from dsarag.rag.embed import Embedder
 from dsarag.rag.index import search
@@ -110,7 +111,9 @@ class Retriever:
         for path, rows in self.rows_of_path.items():
             first = min(rows, key=lambda row: self.rows[row]["char_start"])
             line = self.rows[first]["text"].strip().split("\n", 1)[0].lstrip("#").strip()
-            is_record = "#" in path  # a corpus file's record: the file's name is not its title
+            file, _, record = path.partition("#")
+            # A corpus file's record ("notes.jsonl#r7"): the file's name is not its title.
+            is_record = bool(record) and PurePosixPath(file).suffix.lower() in CORPUS_KINDS
             names = (
                 {self.record_titles[first] or ""}
                 if is_record

@@ -66,6 +66,7 @@ def test_documents_are_titled_by_heading_file_name_and_without_qualifier(tmp_pat
             "Woman_s_Viewpoint_magazine.txt": "Woman's Viewpoint (magazine)\n\nA monthly published in Texas.",
             "rota.md": "# Kitchen rota\n\nLunch is served at noon.",
             "prose.txt": "This first line is a sentence, not a heading.\nMore text.",
+            "C#_tips.md": "Prefer records for immutable data.",
         },
     )
     titled = retriever.documents_titled
@@ -77,6 +78,7 @@ def test_documents_are_titled_by_heading_file_name_and_without_qualifier(tmp_pat
     assert titled["Woman s Viewpoint magazine"] == ["Woman_s_Viewpoint_magazine.txt"]
     assert titled["Kitchen rota"] == titled["rota"] == ["rota.md"]
     assert not any(title.startswith("This first line") for title in titled)
+    assert titled["C# tips"] == ["C#_tips.md"]  # a "#" in a plain file's name is not a corpus record
 
 
 def test_the_longest_title_inside_a_name_the_question_lacks():
