@@ -24,11 +24,14 @@ def indexer_inputs(batch: int, n_queries: int, n_keys: int, heads: int = 2, dim:
     return (t.to(DEVICE, torch.bfloat16) for t in (q, w, k))
 
 
-@pytest.mark.parametrize(("q_start", "n_queries"), [(0, 70), (37, 70), (300, 1), (290, 11)])
-def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start, n_queries):
-    """Prefill-shaped (64-row tiles) and decode-shaped (≤ 16 queries: 16-row tiles) calls."""
+@pytest.mark.parametrize(
+    ("q_start", "n_queries", "key_tiles"), [(0, 70, 1), (37, 70, 1), (300, 1, 1), (290, 11, 1), (200, 70, 2)]
+)
+def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start, n_queries, key_tiles):
+    """Prefill-shaped (64-row tiles) and decode-shaped (≤ 16 queries: 16-row tiles) calls; programs that walk
+    two key tiles, the second partly in the future or past the last key."""
     q, w, k = indexer_inputs(batch=2, n_queries=n_queries, n_keys=q_start + n_queries)
-    got = index_scores(q, w, k, q_start, n_sink=2, window=4).float()
+    got = index_scores(q, w, k, q_start, n_sink=2, window=4, block_k=64, key_tiles=key_tiles).float()
     want = index_scores_reference(q, w, k, q_start, n_sink=2, window=4)
     for row in range(q.shape[1]):  # tiles wholly in the future are never written: compare the causal prefix
         past = slice(0, q_start + row + 1)
@@ -89,10 +92,25 @@ def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
     scores[..., torch.arange(sample) * n_keys // sample] = 50.0
     scores = scores.to(DEVICE, torch.bfloat16)
     got, fell_back = topk_select(
-        scores, q_start=n_keys - 4, n_keys=n_keys, topk=40, sample=sample, return_fallback=True
+        scores,
+        q_start=n_keys - 4,
+        n_keys=n_keys,
+        topk=40,
+        sample=sample,
+        return_fallback=True,
+        engine="triton",
     )
     assert fell_back.all()
     assert_selects_the_reference(got, scores, q_start=n_keys - 4, n_keys=n_keys, topk=40)
+
+
+def test_topk_select_rejects_an_engine_it_cannot_run():
+    scores = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="engine 'fast'"):
+        topk_select(scores, 62, 64, 8, engine="fast")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="CUDA top-k needs"):
+            topk_select(scores, 62, 64, 8, engine="cuda")
 
 
 def test_topk_select_breaks_ties_by_position():
@@ -120,7 +138,10 @@ def test_topk_select_on_all_negative_index_weights_never_needs_the_whole_row(spl
     assert not fell_back.any()
     assert_selects_the_reference(got, scores, q_start=508, n_keys=512, topk=32)
     start = torch.tensor([508], device=DEVICE)  # a captured decode step reads the position on the device
-    assert torch.equal(topk_select(scores, start, 512, topk=32, block=64, split=split), got)
+    on_device = topk_select(
+        scores, start, 512, topk=32, block=64, split=split
+    )  # GPU, split 1: Triton vs CUDA
+    assert torch.equal(on_device.sort(-1).values, got.sort(-1).values)
 
 
 def rows_with_ties(n_keys: int, topk: int, seed: int) -> torch.Tensor:
@@ -166,6 +187,47 @@ def test_topk_select_returns_every_key_of_a_row_no_longer_than_topk(split):
         assert got[0, row].tolist() == list(range(row + 1)) + [-1] * (23 - row)
     assert not fell_back.any()
     assert_selects_the_reference(got, scores, q_start=0, n_keys=300, topk=24)
+
+
+CUDA_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="the CUDA top-k runs on a GPU only")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("kind", ["random", "negative", "ties"])
+def test_cuda_topk_matches_the_reference(kind):
+    """Rows over several 4,096-key steps of a thread block, ending mid-vector; k = 256."""
+    n_keys, topk = 12_000, 256
+    if kind == "ties":
+        scores = rows_with_ties(n_keys, topk, seed=9)
+    else:
+        q, w, k = indexer_inputs(batch=2, n_queries=6, n_keys=n_keys, heads=4, seed=9)
+        scores = index_scores(q, -w.abs() if kind == "negative" else w, k, n_keys - 6, n_sink=4, window=16)
+    q_start = n_keys - scores.shape[1]
+    got, fell_back = topk_select(scores, q_start, n_keys, topk, engine="cuda", return_fallback=True)
+    assert not fell_back.any()
+    assert_selects_the_reference(got, scores, q_start, n_keys, topk)
+    assert (got.diff(dim=-1) > 0).all()  # each row in column order
+
+
+@CUDA_ONLY
+def test_cuda_topk_hands_a_missed_sample_to_the_whole_row_select():
+    """Every sampled key (each 4th) scores lowest: all the others lie above the threshold and overflow the list."""
+    generator = torch.Generator().manual_seed(10)
+    scores = torch.randn(2, 1, 4096, generator=generator)
+    scores[..., ::4] = -50.0
+    scores = scores.to(DEVICE, torch.bfloat16)
+    got, fell_back = topk_select(scores, 4095, 4096, topk=64, engine="cuda", return_fallback=True)
+    assert fell_back.all()
+    assert_selects_the_reference(got, scores, 4095, 4096, 64)
+
+
+@CUDA_ONLY
+def test_cuda_topk_pads_rows_no_longer_than_topk():
+    scores = torch.randn(1, 40, 304, device=DEVICE).to(torch.bfloat16)
+    got = topk_select(scores, 0, 304, topk=24, engine="cuda")
+    for row in range(24):
+        assert got[0, row].tolist() == list(range(row + 1)) + [-1] * (23 - row)
+    assert_selects_the_reference(got, scores, q_start=0, n_keys=304, topk=24)
 
 
 @pytest.mark.parametrize(

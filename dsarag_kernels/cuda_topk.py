@@ -1,0 +1,84 @@
+"""The prefill top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
+
+`indexer.topk_select` runs it on a GPU for prefill chunks; the Triton kernels stay for decode, for the rows
+it hands back (status 1: the whole-row radix select) and everywhere it does not build. NVRTC ships with
+PyTorch's CUDA wheels, so nothing beyond PyTorch is needed; `torch.cuda._compile_kernel` is private API,
+so any failure to build leaves the Triton path in place. `indexer.topk_select_reference` is the oracle.
+"""
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("topk_rows.cu")
+THREADS, MIN_BLOCKS, PREFETCH = 512, 2, True
+
+log = logging.getLogger(__name__)
+
+
+def shared_bytes(topk: int, capacity: int) -> int:
+    """Dynamic shared memory of one row's lists: columns above the threshold and tied with it, order keys."""
+    return 4 * (capacity + topk) + 2 * capacity
+
+
+@functools.cache
+def compiled(threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
+    """The kernel for this GPU, or None where it does not build (no NVRTC, a PyTorch without the API)."""
+    defines = {"THREADS": threads, "MIN_BLOCKS": min_blocks, "PREFETCH": int(prefetch)}
+    try:
+        return torch.cuda._compile_kernel(
+            SOURCE.read_text(),
+            "topk_rows",
+            nvcc_options=[f"-D{k}={v}" for k, v in defines.items()] + ["-std=c++17"],
+        )
+    except Exception as error:  # any build failure leaves the Triton path
+        log.warning("CUDA top-k did not build (%s); the Triton top-k runs instead", error)
+        return None
+
+
+def usable(scores: Tensor) -> bool:
+    """Whether rows of `scores` (B, T, S) bf16 can take the CUDA kernel: 16-byte aligned rows on a GPU."""
+    return (
+        scores.is_cuda
+        and scores.dtype == torch.bfloat16
+        and scores.stride(-1) == 1
+        and scores.stride(0) % 8 == 0
+        and scores.stride(1) % 8 == 0
+        and scores.data_ptr() % 16 == 0
+        and compiled() is not None
+    )
+
+
+def topk_rows(
+    scores: Tensor,
+    q_start: int,
+    n_keys: int,
+    topk: int,
+    out: Tensor,
+    status: Tensor,
+    threads: int = THREADS,
+    min_blocks: int = MIN_BLOCKS,
+    prefetch: bool = PREFETCH,
+) -> None:
+    """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
+    the order open); status (B, T) int32: 1 for the rows left to the whole-row select, 0 for the rest.
+    `scores` must be `usable`; threads, min_blocks and prefetch pick the launch (defaults: the fastest measured)."""
+    batch, n_queries, _ = scores.shape
+    assert max(scores.stride(0), scores.stride(1), out.stride(0), out.stride(1)) < 2**31  # C ints
+    capacity = 4 * topk
+    kernel = compiled(threads, min_blocks, prefetch)
+    shared = shared_bytes(topk, capacity)
+    if shared >= 48 * 1024:
+        kernel.set_shared_memory_config(shared)
+    kernel(
+        grid=(n_queries, batch, 1),
+        block=(threads, 1, 1),
+        args=[
+            scores, out, status, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+            q_start, n_keys, topk, capacity,
+        ],
+        shared_mem=shared,
+    )  # fmt: skip
