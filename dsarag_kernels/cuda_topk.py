@@ -25,21 +25,24 @@ def shared_bytes(topk: int, capacity: int) -> int:
 
 
 @functools.cache
-def compiled(threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
-    """The kernel for this GPU, or None where it does not build (no NVRTC, a PyTorch without the API)."""
+def compiled(topk: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
+    """The kernel for this GPU, ready for `topk`'s shared memory, or None where it does not build (no NVRTC,
+    a PyTorch without the API, too little shared memory)."""
     defines = {"THREADS": threads, "MIN_BLOCKS": min_blocks, "PREFETCH": int(prefetch)}
     try:
-        return torch.cuda._compile_kernel(
+        kernel = torch.cuda._compile_kernel(
             SOURCE.read_text(),
             "topk_rows",
             nvcc_options=[f"-D{k}={v}" for k, v in defines.items()] + ["-std=c++17"],
         )
+        kernel.set_shared_memory_config(shared_bytes(topk, 4 * topk))
+        return kernel
     except Exception as error:  # any build failure leaves the Triton path
         log.warning("CUDA top-k did not build (%s); the Triton top-k runs instead", error)
         return None
 
 
-def usable(scores: Tensor) -> bool:
+def usable(scores: Tensor, topk: int) -> bool:
     """Whether rows of `scores` (B, T, S) bf16 can take the CUDA kernel: 16-byte aligned rows on a GPU."""
     return (
         scores.is_cuda
@@ -48,7 +51,7 @@ def usable(scores: Tensor) -> bool:
         and scores.stride(0) % 8 == 0
         and scores.stride(1) % 8 == 0
         and scores.data_ptr() % 16 == 0
-        and compiled() is not None
+        and compiled(topk) is not None
     )
 
 
@@ -69,10 +72,7 @@ def topk_rows(
     batch, n_queries, _ = scores.shape
     assert max(scores.stride(0), scores.stride(1), out.stride(0), out.stride(1)) < 2**31  # C ints
     capacity = 4 * topk
-    kernel = compiled(threads, min_blocks, prefetch)
-    shared = shared_bytes(topk, capacity)
-    if shared >= 48 * 1024:
-        kernel.set_shared_memory_config(shared)
+    kernel = compiled(topk, threads, min_blocks, prefetch)
     kernel(
         grid=(n_queries, batch, 1),
         block=(threads, 1, 1),
@@ -80,5 +80,5 @@ def topk_rows(
             scores, out, status, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
             q_start, n_keys, topk, capacity,
         ],
-        shared_mem=shared,
+        shared_mem=shared_bytes(topk, capacity),
     )  # fmt: skip

@@ -462,11 +462,13 @@ def topk_select(
     if engine not in ("auto", "cuda", "triton"):
         raise ValueError(f"top-k engine {engine!r}: use auto, cuda or triton")
     host_start = not isinstance(q_start, Tensor)
-    if engine == "cuda" and not (host_start and cuda_topk.usable(scores)):
+    if engine == "cuda" and not (host_start and cuda_topk.usable(scores, topk)):
         raise ValueError(
             "the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU and a host q_start"
         )
-    if engine == "cuda" or (engine == "auto" and split == 1 and host_start and cuda_topk.usable(scores)):
+    if engine == "cuda" or (
+        engine == "auto" and split == 1 and host_start and cuda_topk.usable(scores, topk)
+    ):
         cuda_topk.topk_rows(scores, q_start, n_keys, topk, out, status)
         _topk_full_kernel[(n_queries, batch)](
             scores, status, out, status, n_queries, q_start, n_keys, topk,
