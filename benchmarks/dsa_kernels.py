@@ -2,6 +2,7 @@
 
     python benchmarks/dsa_kernels.py --out results.json [--lengths 8192,32768,...] [--skip-e2e]
     python benchmarks/dsa_kernels.py --out topk.json --lengths 32768,131072 --topk-against old_indexer.py
+    python benchmarks/dsa_kernels.py --out engines.json --lengths 32768,131072 --topk-engines
 
 1. Per kernel at the default model's attention shape (14 q / 2 kv heads, d 64; indexer 4 x 64; k = 2048;
    batch 1): ms and TFLOP/s on the work actually done (causal pairs for the indexer, min(t + 1, k) keys per
@@ -19,6 +20,8 @@
    score ≤ 0: keys whose logits are all ≤ 0 tie at 0, the maximum) and from negative weights whose logits are
    all negative (every key but the sinks and window ties at 0); with the share of rows that needed the radix
    select over the whole row.
+5. `--topk-engines` (alone): the CUDA top-k (`dsarag_kernels/cuda_topk.py`) against the Triton one, prefill
+   chunks on the same three kinds of scores, with the rows whose key sets differ.
 Every random input is seeded; every timing is the median of repeated runs (at least 5) after warm-up.
 """
 
@@ -346,6 +349,32 @@ def topk_against(lengths: list[int], batches: list[int], baseline_path: Path) ->
     return rows
 
 
+def topk_engines(lengths: list[int]) -> list[dict]:
+    """The CUDA top-k against the Triton one on the same prefill chunks, each kind of index scores: every
+    chunk's ms (both engines twice, alternating), and the rows of the last chunk whose key sets differ."""
+    rows = []
+    for length in lengths:
+        for kind in ("random", "negative", "all-tied"):
+            torch.manual_seed(length)
+            idx_q, idx_w, idx_k = index_inputs(kind, 1, length, length)
+            chunk = max(1, min(length, (1 << 30) // length))
+            t_last = length - chunk
+            scores = index_scores(idx_q[:, t_last:], idx_w[:, t_last:], idx_k, t_last, 4, 64)
+            cuda, whole_row = topk_select(scores, t_last, length, TOPK, engine="cuda", return_fallback=True)
+            triton_ = topk_select(scores, t_last, length, TOPK, engine="triton")
+            differ = (cuda.sort(-1).values != triton_.sort(-1).values).any(-1)
+            row = {"length": length, "scores": kind, "rows_differing": int(differ.sum())}
+            row["cuda_whole_row_share"] = whole_row.float().mean().item()
+            indices = torch.empty(1, length, TOPK, dtype=torch.int32, device="cuda")
+            for engine in ("triton", "cuda", "triton", "cuda"):
+                ms = time_ms(partial(topk_prefill, topk_select, scores, length, indices, engine=engine))
+                row.setdefault(f"{engine}_ms", []).append(ms)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del scores, indices, cuda, triton_
+    return rows
+
+
 def default_model_with_indexers() -> Transformer:
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -429,7 +458,14 @@ def main() -> None:
         type=Path,
         help="only time topk_select against this copy of dsarag_kernels/indexer.py",
     )
+    parser.add_argument(
+        "--topk-engines", action="store_true", help="only time the CUDA top-k against the Triton one"
+    )
     args = parser.parse_args()
+    if args.topk_engines:
+        rows = topk_engines([int(n) for n in args.lengths.split(",")])
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "topk": rows}, indent=1))
+        return
     if args.tune:
         args.out.write_text(json.dumps(tune(args.tune), indent=1))
         print(args.out.read_text())

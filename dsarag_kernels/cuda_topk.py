@@ -1,9 +1,9 @@
 """The prefill top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
 
-`indexer.topk_select` runs it on a GPU for prefill chunks; the Triton kernels stay for decode, for the rows
-it hands back (status 1: the whole-row radix select) and everywhere it does not build. NVRTC ships with
-PyTorch's CUDA wheels, so nothing beyond PyTorch is needed; `torch.cuda._compile_kernel` is private API,
-so any failure to build leaves the Triton path in place. `indexer.topk_select_reference` is the oracle.
+`indexer.topk_select(..., engine="cuda")` runs it on prefill chunks; the Triton kernels settle the rows it
+hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
+PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes the engine
+unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
 """
 
 import functools
@@ -37,8 +37,8 @@ def compiled(topk: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, pr
         )
         kernel.set_shared_memory_config(shared_bytes(topk, 4 * topk))
         return kernel
-    except Exception as error:  # any build failure leaves the Triton path
-        log.warning("CUDA top-k did not build (%s); the Triton top-k runs instead", error)
+    except Exception as error:  # any build failure makes the engine unusable, not the caller fail
+        log.warning("the CUDA top-k did not build: %s", error)
         return None
 
 
@@ -68,7 +68,7 @@ def topk_rows(
 ) -> None:
     """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
     the order open); status (B, T) int32: 1 for the rows left to the whole-row select, 0 for the rest.
-    `scores` must be `usable`; threads, min_blocks and prefetch pick the launch (defaults: the fastest measured)."""
+    `scores` must be `usable`; threads, min_blocks and prefetch pick the launch."""
     batch, n_queries, _ = scores.shape
     assert max(scores.stride(0), scores.stride(1), out.stride(0), out.stride(1)) < 2**31  # C ints
     capacity = 4 * topk

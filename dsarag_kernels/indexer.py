@@ -36,54 +36,50 @@ def _index_scores_kernel(
     stride_qsb, stride_qst, stride_ksb,
     stride_ob, stride_ot,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEY_TILES: tl.constexpr, START_ON_DEVICE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     pid_q, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if START_ON_DEVICE:  # a CUDA-graph decode step: the position changes at every replay
         q_start = tl.load(start_ptr).to(tl.int32)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    keys = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     last_query_pos = q_start + tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, n_queries) - 1
-    first_key = pid_k * KEY_TILES * BLOCK_K
-    # Tiles entirely in the future are skipped: the top-k pass never reads them.
-    n_tiles = tl.minimum(KEY_TILES, tl.cdiv(tl.minimum(last_query_pos + 1, n_keys) - first_key, BLOCK_K))
+    if pid_k * BLOCK_K > last_query_pos:
+        return  # the whole tile is in the future: the top-k pass never reads it
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_queries
-    positions = q_start + rows
-    for tile in range(n_tiles):
-        keys = first_key + tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        key_ok = keys < n_keys
-        # Keys loaded transposed (d_I, BLOCK_K) so the dot needs no register transpose (fp8 wants K-major).
-        k_t = tl.load(
-            k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None],
-            mask=key_ok[None, :],
+    key_ok = keys < n_keys
+    # Keys loaded transposed (d_I, BLOCK_K) so the dot needs no register transpose (fp8 wants K-major).
+    k_t = tl.load(
+        k_ptr + batch * stride_kb + keys[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0
+    )
+    scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for head in tl.static_range(N_HEADS):
+        q = tl.load(
+            q_ptr + batch * stride_qb + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+            mask=row_ok[:, None],
             other=0.0,
         )
-        scores = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
-        for head in tl.static_range(N_HEADS):
-            q = tl.load(
-                q_ptr + batch * stride_qb + rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
+        logits = dot(q, k_t, UPCAST)
+        if SCALED:  # fp8: one scale per index-query vector and per key
+            q_scale = tl.load(
+                q_scale_ptr + batch * stride_qsb + rows * stride_qst + head, mask=row_ok, other=0.0
             )
-            logits = dot(q, k_t, UPCAST)
-            if SCALED:  # fp8: one scale per index-query vector and per key
-                q_scale = tl.load(
-                    q_scale_ptr + batch * stride_qsb + rows * stride_qst + head, mask=row_ok, other=0.0
-                )
-                logits = logits * q_scale[:, None]
-            weight = tl.load(w_ptr + batch * stride_wb + rows * stride_wt + head, mask=row_ok, other=0.0)
-            scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
-        if SCALED:
-            k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
-            scores = scores * k_scale[None, :]
-        past = keys[None, :] <= positions[:, None]
-        forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
-        scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
-        tl.store(
-            out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
-            scores.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & key_ok[None, :],
-        )
+            logits = logits * q_scale[:, None]
+        weight = tl.load(w_ptr + batch * stride_wb + rows * stride_wt + head, mask=row_ok, other=0.0)
+        scores += weight.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+    if SCALED:
+        k_scale = tl.load(k_scale_ptr + batch * stride_ksb + keys, mask=key_ok, other=0.0)
+        scores = scores * k_scale[None, :]
+    positions = q_start + rows
+    past = keys[None, :] <= positions[:, None]
+    forced = past & ((keys[None, :] < n_sink) | (keys[None, :] > positions[:, None] - window))
+    scores = tl.where(forced, float("inf"), tl.where(past, scores, float("-inf")))
+    tl.store(
+        out_ptr + batch * stride_ob + rows[:, None] * stride_ot + keys[None, :],
+        scores.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & key_ok[None, :],
+    )
 
 
 def device_start(q_start: int | Tensor, placeholder: Tensor) -> tuple[int, Tensor, bool]:
@@ -107,13 +103,11 @@ def index_scores(
     block_q: int | None = None,
     block_k: int = 128,
     num_warps: int = 4,
-    key_tiles: int = 1,
 ) -> Tensor:
     """Scores (B, T, S) bf16 for queries at q_start + i: +inf for sinks and window, -inf in the future.
 
     block_q None: 64 query rows per tile, 16 (the smallest MMA) when there are few queries, as in decode,
-    where a 64-row tile would be almost all padding (2.2x faster at 128K, batch 16). key_tiles: key tiles
-    each program walks in turn (its queries' loads then come from L1 after the first tile).
+    where a 64-row tile would be almost all padding (2.2x faster at 128K, batch 16).
 
     Tiles entirely in the future are left unwritten. With q_scale (B, T, H_I) and k_scale (B, S), q and k are
     float8_e4m3fn and the logits are rescaled (the FP8 indexer). q_start may be a one-element device tensor
@@ -126,7 +120,7 @@ def index_scores(
         out = torch.empty(batch, n_queries, n_keys, dtype=torch.bfloat16, device=q.device)
     scaled = q_scale is not None
     block_q = block_q or (16 if n_queries <= 16 else 64)
-    grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k * key_tiles), batch)
+    grid = (triton.cdiv(n_queries, block_q), triton.cdiv(n_keys, block_k), batch)
     start, start_ptr, on_device = device_start(q_start, q)
     _index_scores_kernel[grid](
         q, w, k, q_scale if scaled else q, k_scale if scaled else q, out, start_ptr,
@@ -138,7 +132,7 @@ def index_scores(
         k_scale.stride(0) if scaled else 0,
         out.stride(0), out.stride(1),
         N_HEADS=n_heads, HEAD_DIM=head_dim, SCALED=scaled, UPCAST=INTERPRETED, BLOCK_Q=block_q, BLOCK_K=block_k,
-        KEY_TILES=key_tiles, START_ON_DEVICE=on_device, num_warps=num_warps,
+        START_ON_DEVICE=on_device, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -433,7 +427,7 @@ def topk_select(
     settle_block: int = 4096,
     settle_warps: int = 16,
     return_fallback: bool = False,
-    engine: str = "auto",
+    engine: str = "triton",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Indices (B, T, topk) int32 of each row's topk largest scores among keys 0 ... q_start + t; -1 if fewer.
 
@@ -446,8 +440,8 @@ def topk_select(
     return_fallback: also return a (B, T) bool tensor, True for the rows that needed the slow radix select over
     the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer than
     topk at or above it).
-    engine: "cuda" splits and settles one row per thread block (cuda_topk.py), "triton" runs the candidates
-    kernel; "auto" takes CUDA for prefill-shaped calls (one program a row, a host q_start) where it builds.
+    engine: "triton" (the candidates kernel), or "cuda": one thread block settles each row (cuda_topk.py; prefill
+    calls with a host q_start, scores in 16-byte aligned rows). Not yet the default: not yet timed on a GPU.
     """
     batch, n_queries, _ = scores.shape
     if out is None:
@@ -459,16 +453,13 @@ def topk_select(
         split = max(1, min(256 // (batch * n_queries), n_keys // (8 * block)))
         split = 1 << (split.bit_length() - 1)
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
-    if engine not in ("auto", "cuda", "triton"):
-        raise ValueError(f"top-k engine {engine!r}: use auto, cuda or triton")
-    host_start = not isinstance(q_start, Tensor)
-    if engine == "cuda" and not (host_start and cuda_topk.usable(scores, topk)):
-        raise ValueError(
-            "the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU and a host q_start"
-        )
-    if engine == "cuda" or (
-        engine == "auto" and split == 1 and host_start and cuda_topk.usable(scores, topk)
-    ):
+    if engine not in ("triton", "cuda"):
+        raise ValueError(f"top-k engine {engine!r}: use triton or cuda")
+    if engine == "cuda":
+        if isinstance(q_start, Tensor) or not cuda_topk.usable(scores, topk):
+            raise ValueError(
+                "the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU and a host q_start"
+            )
         cuda_topk.topk_rows(scores, q_start, n_keys, topk, out, status)
         _topk_full_kernel[(n_queries, batch)](
             scores, status, out, status, n_queries, q_start, n_keys, topk,

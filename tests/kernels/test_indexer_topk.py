@@ -24,14 +24,11 @@ def indexer_inputs(batch: int, n_queries: int, n_keys: int, heads: int = 2, dim:
     return (t.to(DEVICE, torch.bfloat16) for t in (q, w, k))
 
 
-@pytest.mark.parametrize(
-    ("q_start", "n_queries", "key_tiles"), [(0, 70, 1), (37, 70, 1), (300, 1, 1), (290, 11, 1), (200, 70, 2)]
-)
-def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start, n_queries, key_tiles):
-    """Prefill-shaped (64-row tiles) and decode-shaped (≤ 16 queries: 16-row tiles) calls; programs that walk
-    two key tiles, the second partly in the future or past the last key."""
+@pytest.mark.parametrize(("q_start", "n_queries"), [(0, 70), (37, 70), (300, 1), (290, 11)])
+def test_index_scores_match_reference_with_sinks_window_and_causal_mask(q_start, n_queries):
+    """Prefill-shaped (64-row tiles) and decode-shaped (≤ 16 queries: 16-row tiles) calls."""
     q, w, k = indexer_inputs(batch=2, n_queries=n_queries, n_keys=q_start + n_queries)
-    got = index_scores(q, w, k, q_start, n_sink=2, window=4, block_k=64, key_tiles=key_tiles).float()
+    got = index_scores(q, w, k, q_start, n_sink=2, window=4).float()
     want = index_scores_reference(q, w, k, q_start, n_sink=2, window=4)
     for row in range(q.shape[1]):  # tiles wholly in the future are never written: compare the causal prefix
         past = slice(0, q_start + row + 1)
@@ -106,7 +103,7 @@ def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
 
 def test_topk_select_rejects_an_engine_it_cannot_run():
     scores = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="engine 'fast'"):
+    with pytest.raises(ValueError, match="engine 'fast': use triton or cuda"):
         topk_select(scores, 62, 64, 8, engine="fast")
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA top-k needs"):
