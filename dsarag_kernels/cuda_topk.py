@@ -1,7 +1,7 @@
 """The prefill top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
 
-`indexer.topk_select(..., engine="cuda")` runs it on prefill chunks; the Triton kernels settle the rows it
-hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
+`indexer.topk_select` runs it on prefill chunks; the Triton kernels settle the rows it hands back (status
+1: the whole-row radix select) and run decode steps. NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
 PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes the engine
 unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("topk_rows.cu")
-THREADS, MIN_BLOCKS, PREFETCH = 512, 2, True
+THREADS, MIN_BLOCKS, PREFETCH = 512, 3, True  # the fastest at 32K, within 3 % at 128K (H100)
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ def test_topk_select_falls_back_to_the_whole_row_when_the_sample_misses():
 
 def test_topk_select_rejects_an_engine_it_cannot_run():
     scores = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="engine 'fast': use triton or cuda"):
+    with pytest.raises(ValueError, match="engine 'fast': use auto, cuda or triton"):
         topk_select(scores, 62, 64, 8, engine="fast")
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA top-k needs"):
