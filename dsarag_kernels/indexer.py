@@ -9,7 +9,8 @@ Queries go in chunks: `index_scores` writes the chunk's scores (chunk x S, bf16,
 of the row (a few x k) and a list of the keys tied at it; an exact radix select (histograms of the high then
 the low byte of the bf16 score's order key, then an emit pass) runs on the keys above, or, when fewer than k
 lie above, the top-k is those plus the first tied keys. Only a sample that missed (more than 4 x k above, or
-fewer than k at or above) sends a row to the radix select over the whole row.
+fewer than k at or above) sends a row to the radix select over the whole row. On a GPU, prefill chunks run
+the same split, select and fallback with the CUDA kernel of cuda_topk.py, one thread block a row.
 Memory is O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
 """
 
