@@ -14,7 +14,7 @@
 #define THREADS 512
 #endif
 #ifndef MIN_BLOCKS
-#define MIN_BLOCKS 2
+#define MIN_BLOCKS 3
 #endif
 #ifndef PREFETCH
 #define PREFETCH 1
