@@ -305,6 +305,15 @@ def index_inputs(kind: str, batch: int, n_queries: int, length: int) -> tuple[Te
     return idx_q, idx_w, idx_k
 
 
+def last_chunk_scores(kind: str, length: int) -> Tensor:
+    """Seeded index scores (`index_inputs`) of the last query chunk at `length`, chunked as select_topk: 2 GiB
+    of bf16 scores."""
+    torch.manual_seed(length)
+    idx_q, idx_w, idx_k = index_inputs(kind, 1, length, length)
+    t_last = length - max(1, min(length, (1 << 30) // length))
+    return index_scores(idx_q[:, t_last:], idx_w[:, t_last:], idx_k, t_last, 4, 64)
+
+
 def topk_prefill(select, scores: Tensor, length: int, indices: Tensor, **options) -> list:
     """Every query chunk's top-k, each re-reading the last chunk's scores (as layer_row's top-k timing)."""
     chunk = scores.shape[1]
@@ -322,11 +331,7 @@ def topk_against(lengths: list[int], batches: list[int], baseline_path: Path) ->
     rows = []
     for length in lengths:
         for kind in ("random", "negative", "all-tied"):
-            torch.manual_seed(length)
-            idx_q, idx_w, idx_k = index_inputs(kind, 1, length, length)
-            chunk = max(1, min(length, (1 << 30) // length))  # as select_topk: 2 GiB of bf16 scores
-            t_last = length - chunk
-            scores = index_scores(idx_q[:, t_last:], idx_w[:, t_last:], idx_k, t_last, 4, 64)
+            scores = last_chunk_scores(kind, length)
             indices = torch.empty(1, length, TOPK, dtype=torch.int32, device="cuda")
             passes = topk_prefill(topk_select, scores, length, indices, return_fallback=True)
             row = {"length": length, "scores": kind, "pass": "prefill"}
@@ -355,11 +360,8 @@ def topk_engines(lengths: list[int]) -> list[dict]:
     rows = []
     for length in lengths:
         for kind in ("random", "negative", "all-tied"):
-            torch.manual_seed(length)
-            idx_q, idx_w, idx_k = index_inputs(kind, 1, length, length)
-            chunk = max(1, min(length, (1 << 30) // length))
-            t_last = length - chunk
-            scores = index_scores(idx_q[:, t_last:], idx_w[:, t_last:], idx_k, t_last, 4, 64)
+            scores = last_chunk_scores(kind, length)
+            t_last = length - scores.shape[1]
             cuda, whole_row = topk_select(scores, t_last, length, TOPK, engine="cuda", return_fallback=True)
             triton_ = topk_select(scores, t_last, length, TOPK, engine="triton")
             differ = (cuda.sort(-1).values != triton_.sort(-1).values).any(-1)

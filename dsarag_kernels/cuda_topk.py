@@ -25,9 +25,9 @@ def shared_bytes(topk: int, capacity: int) -> int:
 
 
 @functools.cache
-def compiled(topk: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
-    """The kernel for this GPU, ready for `topk`'s shared memory, or None where it does not build (no NVRTC,
-    a PyTorch without the API, too little shared memory)."""
+def compiled(shared: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
+    """The kernel for this GPU, allowed `shared` bytes of dynamic shared memory, or None where it does not
+    build (no NVRTC, a PyTorch without the API, too little shared memory)."""
     defines = {"THREADS": threads, "MIN_BLOCKS": min_blocks, "PREFETCH": int(prefetch)}
     try:
         kernel = torch.cuda._compile_kernel(
@@ -35,15 +35,16 @@ def compiled(topk: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, pr
             "topk_rows",
             nvcc_options=[f"-D{k}={v}" for k, v in defines.items()] + ["-std=c++17"],
         )
-        kernel.set_shared_memory_config(shared_bytes(topk, 4 * topk))
+        kernel.set_shared_memory_config(shared)
         return kernel
     except Exception as error:  # any build failure makes the engine unusable, not the caller fail
         log.warning("the CUDA top-k did not build: %s", error)
         return None
 
 
-def usable(scores: Tensor, topk: int) -> bool:
-    """Whether rows of `scores` (B, T, S) bf16 can take the CUDA kernel: 16-byte aligned rows on a GPU."""
+def usable(scores: Tensor, topk: int, capacity: int) -> bool:
+    """Whether rows of `scores` (B, T, S) bf16 can take the CUDA kernel with lists of `capacity` keys above
+    the threshold: 16-byte aligned rows on a GPU."""
     return (
         scores.is_cuda
         and scores.dtype == torch.bfloat16
@@ -51,7 +52,7 @@ def usable(scores: Tensor, topk: int) -> bool:
         and scores.stride(0) % 8 == 0
         and scores.stride(1) % 8 == 0
         and scores.data_ptr() % 16 == 0
-        and compiled(topk) is not None
+        and compiled(shared_bytes(topk, capacity)) is not None
     )
 
 
@@ -60,6 +61,7 @@ def topk_rows(
     q_start: int,
     n_keys: int,
     topk: int,
+    capacity: int,
     out: Tensor,
     status: Tensor,
     threads: int = THREADS,
@@ -67,18 +69,18 @@ def topk_rows(
     prefetch: bool = PREFETCH,
 ) -> None:
     """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
-    the order open); status (B, T) int32: 1 for the rows left to the whole-row select, 0 for the rest.
+    the order open); status (B, T) int32: 1 for the rows left to the whole-row select (more than `capacity`
+    keys above the sampled threshold, or fewer than topk at or above it), 0 for the rest.
     `scores` must be `usable`; threads, min_blocks and prefetch pick the launch."""
     batch, n_queries, _ = scores.shape
     assert max(scores.stride(0), scores.stride(1), out.stride(0), out.stride(1)) < 2**31  # C ints
-    capacity = 4 * topk
-    kernel = compiled(topk, threads, min_blocks, prefetch)
-    kernel(
+    shared = shared_bytes(topk, capacity)
+    compiled(shared, threads, min_blocks, prefetch)(
         grid=(n_queries, batch, 1),
         block=(threads, 1, 1),
         args=[
             scores, out, status, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
             q_start, n_keys, topk, capacity,
         ],
-        shared_mem=shared_bytes(topk, capacity),
+        shared_mem=shared,
     )  # fmt: skip

@@ -457,38 +457,33 @@ def topk_select(
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
     if engine not in ("auto", "cuda", "triton"):
         raise ValueError(f"top-k engine {engine!r}: use auto, cuda or triton")
-    cuda_applies = not isinstance(q_start, Tensor) and split == 1 and cuda_topk.usable(scores, topk)
+    cuda_applies = not isinstance(q_start, Tensor) and split == 1 and cuda_topk.usable(scores, topk, capacity)
     if engine == "cuda" and not cuda_applies:
         raise ValueError(
             "the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU, one program a row and a host q_start"
         )
-    if engine != "triton" and cuda_applies:
-        cuda_topk.topk_rows(scores, q_start, n_keys, topk, out, status)
-        _topk_full_kernel[(n_queries, batch)](
-            scores, status, out, status, n_queries, q_start, n_keys, topk,
-            scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-            BLOCK=settle_block, START_ON_DEVICE=False, num_warps=settle_warps,
-        )  # fmt: skip
-        return (out, status.bool()) if return_fallback else out
-    # Per segment: `capacity` slots for the keys above the threshold, then topk for the keys equal to it.
-    candidates = torch.empty(
-        batch, n_queries, split * (capacity + topk), dtype=torch.int32, device=scores.device
-    )
-    counts = torch.empty(batch, n_queries, 2, split, dtype=torch.int32, device=scores.device)
-    # The order keys of the list the select runs on, gathered from the scores once.
-    keys = torch.empty(batch, n_queries, capacity, dtype=torch.int16, device=scores.device)
     start, start_ptr, on_device = device_start(q_start, status)
-    _topk_candidates_kernel[(n_queries, batch, split)](
-        scores, candidates, keys, counts, status, out, start_ptr, n_queries, start, n_keys, topk, capacity,
-        scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0), out.stride(1),
-        SAMPLE=sample, BLOCK=block, SPLIT=split, START_ON_DEVICE=on_device, num_warps=num_warps,
-    )  # fmt: skip
-    if split > 1:
-        _topk_merge_kernel[(n_queries, batch)](
-            scores, candidates, keys, counts, status, out, n_queries, topk, capacity,
+    if engine != "triton" and cuda_applies:
+        cuda_topk.topk_rows(scores, q_start, n_keys, topk, capacity, out, status)
+    else:
+        # Per segment: `capacity` slots for the keys above the threshold, then topk for the keys equal to it.
+        candidates = torch.empty(
+            batch, n_queries, split * (capacity + topk), dtype=torch.int32, device=scores.device
+        )
+        counts = torch.empty(batch, n_queries, 2, split, dtype=torch.int32, device=scores.device)
+        # The order keys of the list the select runs on, gathered from the scores once.
+        keys = torch.empty(batch, n_queries, capacity, dtype=torch.int16, device=scores.device)
+        _topk_candidates_kernel[(n_queries, batch, split)](
+            scores, candidates, keys, counts, status, out, start_ptr, n_queries, start, n_keys, topk, capacity,
             scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
-            out.stride(1), BLOCK=settle_block, SPLIT=split, num_warps=settle_warps,
+            out.stride(1), SAMPLE=sample, BLOCK=block, SPLIT=split, START_ON_DEVICE=on_device, num_warps=num_warps,
         )  # fmt: skip
+        if split > 1:
+            _topk_merge_kernel[(n_queries, batch)](
+                scores, candidates, keys, counts, status, out, n_queries, topk, capacity,
+                scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
+                out.stride(1), BLOCK=settle_block, SPLIT=split, num_warps=settle_warps,
+            )  # fmt: skip
     _topk_full_kernel[(n_queries, batch)](
         scores, status, out, start_ptr, n_queries, start, n_keys, topk,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
