@@ -13,7 +13,8 @@
    flash-forced SDPA and the project's split dense decode kernel (flash decoding).
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
-   and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs).
+   and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs);
+   DSA again with the indexer's projection in PyTorch (`LightningIndexer.project`) instead of its fused kernel.
 4. `--topk-against PATH` (alone): `topk_select` against the one in a copy of dsarag_kernels/indexer.py (say
    `git show REV:dsarag_kernels/indexer.py > old_indexer.py`), prefill (every query chunk) and decode (batch 1
    and 16, replayed from a CUDA graph), on index scores from random weights, from weights all negative (every
@@ -32,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -393,6 +395,14 @@ def default_model_with_indexers() -> Transformer:
 def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
     model = default_model_with_indexers()
     dsa = DSAConfig(topk=TOPK)
+    triton_backend = model.attention_backend()
+    # The indexer's projection in PyTorch, as before the fused kernel (index_projection.py): its share of a step
+    torch_projection = replace(triton_backend, project_index=lambda indexer, x, pos: indexer.project(x, pos))
+    modes = (
+        ("dense", None, triton_backend),
+        ("dsa", dsa, triton_backend),
+        ("dsa_torch_projection", dsa, torch_projection),
+    )
     rows = []
     for length in lengths:
         torch.manual_seed(length)
@@ -400,7 +410,8 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
         model.setup_caches(1, length + 8)
         tokens = torch.randint(0, DEFAULT_MODEL.vocab_size, (1, length), device="cuda")
         positions = torch.arange(length, device="cuda")
-        for name, mode in (("dense", None), ("dsa", dsa)):
+        for name, mode, backend in modes:
+            model.use_backend(backend)
             model(tokens, positions, dsa=mode)  # warm-up (Triton compiles on the first call)
             seconds = []
             for _ in range(E2E_REPEATS):
@@ -423,7 +434,8 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
                 attention.index_cache.valid_until = length
             token = torch.randint(0, DEFAULT_MODEL.vocab_size, (batch, 1), device="cuda")
             position = torch.tensor([length], device="cuda")
-            for name, mode in (("dense", None), ("dsa", dsa)):
+            for name, mode, backend in modes:
+                model.use_backend(backend)
                 row[f"decode_b{batch}_{name}_ms"] = time_ms(
                     lambda mode=mode, token=token, position=position: model(token, position, dsa=mode)
                 )
@@ -436,6 +448,7 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
                 row[f"decode_b{batch}{kind}_speedup"] = (
                     row[f"decode_b{batch}_dense{kind}_ms"] / row[f"decode_b{batch}_dsa{kind}_ms"]
                 )
+        model.use_backend(triton_backend)
         model.clear_caches()
         torch.cuda.empty_cache()
         rows.append(row)

@@ -133,6 +133,7 @@ TORCH = AttentionBackend("torch", torch_dsa.select_topk, torch_dsa.sparse_attent
 
 
 def _triton(fp8: bool) -> AttentionBackend:
+    from dsarag.kernels.index_projection import project_index
     from dsarag.kernels.indexer import select_topk as triton_select_topk
     from dsarag.kernels.sparse_attention import dense_attention_decode
     from dsarag.kernels.sparse_attention import sparse_attention as triton_sparse_attention
@@ -158,7 +159,11 @@ def _triton(fp8: bool) -> AttentionBackend:
         return triton_sparse_attention(q, k_cache, v_cache, indices.to(torch.int32), scale)
 
     return AttentionBackend(
-        "triton-fp8" if fp8 else "triton", select_topk, sparse_attention, dense_decode=dense_attention_decode
+        "triton-fp8" if fp8 else "triton",
+        select_topk,
+        sparse_attention,
+        project_index=project_index,
+        dense_decode=dense_attention_decode,
     )
 
 

@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 
+def rope_inverse_frequencies(rope_dims: int, base: float, device: torch.device | str = "cpu") -> Tensor:
+    """The rotation speed of each pair of RoPE dims, float32 (rope_dims / 2,): angles are positions times these."""
+    return 1.0 / base ** (torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+
+
 def index_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
     """I (B, T, S) float32 = sum_j w[t,j] * ReLU(q[t,j] . k[s]); -inf where key position > query position."""
     # Logits in the inputs' dtype (bf16 products are 4x faster than fp32 on CPUs with AVX512-BF16, and the

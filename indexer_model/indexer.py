@@ -21,10 +21,9 @@ ROPE_LAYOUT = "half-split"  # NeoX / HF `rotate_half`: dims i and i + rope_dims/
 
 def rope_cos_sin(positions: Tensor, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (T, rope_dims) in float32 for the half-split layout."""
-    inv_freq = 1.0 / base ** (
-        torch.arange(0, rope_dims, 2, device=positions.device, dtype=torch.float32) / rope_dims
+    angles = positions.to(torch.float32)[:, None] * torch_dsa.rope_inverse_frequencies(
+        rope_dims, base, positions.device
     )
-    angles = positions.to(torch.float32)[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
