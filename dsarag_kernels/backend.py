@@ -2,7 +2,7 @@
 
 | name        | where                                   | selection and gather attention                 |
 |-------------|-----------------------------------------|------------------------------------------------|
-| `triton`    | a GPU (or the Triton interpreter)       | Triton: fused index scores + top-k, gather     |
+| `triton`    | a GPU (or the Triton interpreter)       | Triton (CUDA prefill top-k): scores, top-k, gather |
 | `cpu-amx`   | a CPU with AMX, the model in bf16       | compiled C++ (cpu_dsa.cpp), AMX tile products  |
 | `cpu-bf16`  | a CPU with AVX512-BF16, the model in bf16 | compiled C++, AVX512-BF16 dot products       |
 | `cpu-fp32`  | any CPU with a C++ compiler             | compiled C++ in float32                        |
@@ -11,10 +11,12 @@
 Every backend's callables share one signature per step, so `indexer_model/dsa.py` calls them without asking
 which one runs. On the CPU a decode step's weight products run over int8 copies of the weights where the compiled
 kernels have them (`int8_decode`; `DSARAG_DECODE_WEIGHTS=model` keeps the model's own dtype), a dense layer's whole
-step in one compiled call (`decode_layer`). `selection` replaces
-the indexer's choice of keys (the oracle of `indexer_model/oracle.py`).
+step in one compiled call (`decode_layer`). On a GPU the indexer's projection, each RMSNorm and each RoPE are one
+Triton launch (index_projection.py, triton_rows.py): a decode step replayed from a CUDA graph is bound by its
+launches. `selection` replaces the indexer's choice of keys (the oracle of `indexer_model/oracle.py`).
 """
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,23 +70,21 @@ class AttentionBackend:
     dense_decode: DenseDecode | None = None  # a graph-captured decode step's dense attention (GPU)
     selection: Selection | None = None  # a custom choice of keys in place of the indexer's
     int8_decode: bool = False  # decode steps' weight products over int8 copies of the weights (cpu_dsa.cpp)
-    compiled_rows: bool = False  # decode steps' RMSNorm and RoPE in compiled calls (cpu_dsa.cpp)
+    # The module whose rows_rms_norm and rows_rope run the model's norms and RoPE: "cpu_dsa" (a decode step's rows
+    # in one compiled call) or "triton_rows" (one launch on a GPU); None: PyTorch's.
+    rows: str | None = None
 
     def rms_norm(self, fallback: Callable) -> Callable:
-        """The RMSNorm (x, weight, eps) to run: with `compiled_rows` a decode step's in one compiled call."""
-        if not self.compiled_rows:
+        """The RMSNorm (x, weight, eps) to run: `rows`' where it applies, else `fallback`."""
+        if self.rows is None:
             return fallback
-        from dsarag.kernels import cpu_dsa
-
-        return cpu_dsa.rows_rms_norm(fallback)
+        return importlib.import_module(f"dsarag.kernels.{self.rows}").rows_rms_norm(fallback)
 
     def rope(self, fallback: Callable) -> Callable:
-        """The RoPE (x, (cos, sin)) to run: with `compiled_rows` a decode step's in one compiled call."""
-        if not self.compiled_rows:
+        """The RoPE (x, (cos, sin)) to run: `rows`' where it applies, else `fallback`."""
+        if self.rows is None:
             return fallback
-        from dsarag.kernels import cpu_dsa
-
-        return cpu_dsa.rows_rope(fallback)
+        return importlib.import_module(f"dsarag.kernels.{self.rows}").rows_rope(fallback)
 
     def product(self, weight: Tensor) -> Linear:
         """The product a Linear holding `weight` runs: `linear`, or with `int8_decode` its decode steps over an
@@ -164,6 +164,7 @@ def _triton(fp8: bool) -> AttentionBackend:
         sparse_attention,
         project_index=project_index,
         dense_decode=dense_attention_decode,
+        rows="triton_rows",
     )
 
 
@@ -179,7 +180,7 @@ def _compiled_cpu(dtype: torch.dtype, decode_weights: str) -> AttentionBackend:
         project_index=cpu_dsa.project_index,
         linear=cpu_dsa.linear if bf16 else F.linear,
         int8_decode=decode_weights == "int8" and cpu_dsa.int8_ready(),
-        compiled_rows=True,
+        rows="cpu_dsa",
     )
 
 
