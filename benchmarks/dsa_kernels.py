@@ -14,7 +14,7 @@
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
    and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs);
-   DSA again with the indexer's projection in PyTorch (`LightningIndexer.project`) instead of its fused kernel.
+   both again with the indexer's projection, RMSNorm and RoPE in PyTorch instead of one Triton launch each.
 4. `--topk-against PATH` (alone): `topk_select` against the one in a copy of dsarag_kernels/indexer.py (say
    `git show REV:dsarag_kernels/indexer.py > old_indexer.py`), prefill (every query chunk) and decode (batch 1
    and 16, replayed from a CUDA graph), on index scores from random weights, from weights all negative (every
@@ -396,12 +396,15 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
     model = default_model_with_indexers()
     dsa = DSAConfig(topk=TOPK)
     triton_backend = model.attention_backend()
-    # The indexer's projection in PyTorch, as before the fused kernel (index_projection.py): its share of a step
-    torch_projection = replace(triton_backend, project_index=lambda indexer, x, pos: indexer.project(x, pos))
+    # As before the fused launches: the indexer's projection, RMSNorm and RoPE in PyTorch (their share of a step)
+    pytorch_ops = replace(
+        triton_backend, project_index=lambda indexer, x, pos: indexer.project(x, pos), rows=None
+    )
     modes = (
         ("dense", None, triton_backend),
         ("dsa", dsa, triton_backend),
-        ("dsa_torch_projection", dsa, torch_projection),
+        ("dense_pytorch_ops", None, pytorch_ops),
+        ("dsa_pytorch_ops", dsa, pytorch_ops),
     )
     rows = []
     for length in lengths:
