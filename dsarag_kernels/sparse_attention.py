@@ -228,11 +228,61 @@ def _decode(
         N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=64, UPCAST=INTERPRETED,
         CONTIGUOUS=contiguous, num_warps=4, num_stages=2,
     )  # fmt: skip
-    out = merge_partials(m, lse_sum, acc)[:, :group]  # (B * Hkv, G, d)
-    return out.reshape(batch, n_heads, 1, head_dim).to(q.dtype)
+    return merge_partials(m, lse_sum, acc, group, q.dtype).view(batch, n_heads, 1, head_dim)
 
 
-def merge_partials(m: Tensor, lse_sum: Tensor, acc: Tensor) -> Tensor:
+@triton.jit
+def _merge_partials_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, n_splits,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """One query head of one (sequence, kv group): its splits' partials, SPLITS at a time with a running max
+    (a dense decode over a long cache has hundreds of splits)."""
+    bg, head = tl.program_id(0) // GROUP, tl.program_id(0) % GROUP
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    m_max = tl.full((1,), float("-inf"), tl.float32)
+    total = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((HEAD_DIM,), tl.float32)
+    for s0 in range(0, n_splits, SPLITS):
+        part = (bg * n_splits + s0 + splits) * G_PAD + head
+        ok = s0 + splits < n_splits
+        m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_max, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: every weight is 0
+        rescale = tl.exp2(m_max - m_safe)
+        weight = tl.exp2(m - m_safe)  # splits that saw no valid key have l = 0 and acc = 0
+        total = total * rescale + tl.sum(tl.load(l_ptr + part, mask=ok, other=0.0) * weight, 0)
+        partial = tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * rescale + tl.sum(partial * weight[:, None], 0)
+        m_max = m_new
+    out = acc / total
+    tl.store(out_ptr + (bg * GROUP + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def merge_partials(m: Tensor, lse_sum: Tensor, acc: Tensor, group: int, dtype: torch.dtype) -> Tensor:
+    """Split softmax partials (B * Hkv, splits, G_PAD) (max m and sum l in the log2 domain, unnormalized acc
+    (..., d)) combined over the splits: (B * Hkv, group, d) in `dtype`, one launch (PyTorch's merge is about ten,
+    and a graph-replayed decode step is bound by its launches). `merge_partials_reference` is the oracle."""
+    n_groups, n_splits, g_pad, head_dim = acc.shape
+    out = torch.empty(n_groups, group, head_dim, dtype=dtype, device=acc.device)
+    splits = max(2, min(64, triton.next_power_of_2(n_splits)))
+    _merge_partials_kernel[(n_groups * group,)](
+        m,
+        lse_sum,
+        acc,
+        out,
+        n_splits,
+        GROUP=group,
+        G_PAD=g_pad,
+        HEAD_DIM=head_dim,
+        SPLITS=splits,
+        num_warps=4,
+    )
+    return out
+
+
+def merge_partials_reference(m: Tensor, lse_sum: Tensor, acc: Tensor) -> Tensor:
     """Combine split softmax partials (max m and sum l in the log2 domain, unnormalized acc) along dim 1."""
     m_max = m.amax(dim=1, keepdim=True)
     m_max = torch.where(m_max == float("-inf"), 0.0, m_max)

@@ -6,6 +6,7 @@ import torch
 from dsarag.kernels.sparse_attention import (
     dense_attention_decode,
     merge_partials,
+    merge_partials_reference,
     sparse_attention_decode,
     sparse_attention_prefill,
 )
@@ -89,9 +90,24 @@ def test_merge_partials_equals_softmax_over_the_union():
     values = torch.randn(1, 2, 10, 3)
     m = scores.amax(-1)
     weights = torch.exp2(scores - m[..., None])
-    merged = merge_partials(m, weights.sum(-1), (weights[..., None] * values[:, :, None]).sum(-2))
+    merged = merge_partials_reference(m, weights.sum(-1), (weights[..., None] * values[:, :, None]).sum(-2))
     probs = torch.softmax(scores.flatten(1) * torch.log(torch.tensor(2.0)), dim=-1)
     torch.testing.assert_close(merged[0, 0], probs[0] @ values.flatten(1, 2)[0])
+
+
+@pytest.mark.parametrize("n_splits", [3, 150])  # 150: more splits than one pass of the kernel's loop takes
+def test_merge_kernel_equals_the_reference_with_empty_splits(n_splits):
+    generator = torch.Generator().manual_seed(1)
+    m = torch.randn(4, n_splits, 16, generator=generator)
+    lse_sum = torch.rand(4, n_splits, 16, generator=generator) + 0.5
+    acc = torch.randn(4, n_splits, 16, 8, generator=generator)
+    m[:, 1], lse_sum[:, 1], acc[:, 1] = float("-inf"), 0.0, 0.0  # a split that saw no valid key
+    empty = slice(0, n_splits - 1)  # one group's valid keys all in its last split: the running max starts late
+    m[2, empty], lse_sum[2, empty], acc[2, empty] = float("-inf"), 0.0, 0.0
+    m, lse_sum, acc = (t.to(DEVICE) for t in (m, lse_sum, acc))
+    got = merge_partials(m, lse_sum, acc, group=7, dtype=torch.float32)
+    want = merge_partials_reference(m, lse_sum, acc)[:, :7]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("index_sets", [1, 2])
