@@ -22,7 +22,8 @@
    all negative (every key but the sinks and window ties at 0); with the share of rows that needed the radix
    select over the whole row.
 5. `--topk-engines` (alone): the CUDA top-k (`dsarag_kernels/cuda_topk.py`) against the Triton one, prefill
-   chunks on the same three kinds of scores, with the rows whose key sets differ.
+   chunks on the same three kinds of scores, with the rows whose key sets differ; and the CUDA kernel alone with
+   1 to 4 steps of loads in flight ahead of its scan (`PREFETCH`).
 Every random input is seeded; every timing is the median of repeated runs (at least 5) after warm-up.
 """
 
@@ -49,6 +50,7 @@ from dsarag.indexer_model.cuda_graph import GraphedDecoder  # noqa: E402
 from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
 from dsarag.indexer_model.indexer import LightningIndexer  # noqa: E402
 from dsarag.indexer_model.model import ModelArgs, Transformer  # noqa: E402
+from dsarag.kernels import cuda_topk  # noqa: E402
 from dsarag.kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
 from dsarag.kernels.sparse_attention import (  # noqa: E402
     dense_attention_decode,
@@ -356,6 +358,17 @@ def topk_against(lengths: list[int], batches: list[int], baseline_path: Path) ->
     return rows
 
 
+CUDA_PREFETCH = (1, 2, 3, 4)
+
+
+def cuda_kernel_alone(
+    scores: Tensor, q_start: int, n_keys: int, topk: int, out: Tensor, prefetch: int
+) -> None:
+    """The CUDA top-k kernel without the whole-row select of the rows it hands back."""
+    status = torch.empty(scores.shape[:2], dtype=torch.int32, device=scores.device)
+    cuda_topk.topk_rows(scores, q_start, n_keys, topk, 4 * topk, out, status, prefetch=prefetch)
+
+
 def topk_engines(lengths: list[int]) -> list[dict]:
     """The CUDA top-k against the Triton one on the same prefill chunks, each kind of index scores: every
     chunk's ms (both engines twice, alternating), and the rows of the last chunk whose key sets differ."""
@@ -373,6 +386,16 @@ def topk_engines(lengths: list[int]) -> list[dict]:
             for engine in ("triton", "cuda", "triton", "cuda"):
                 ms = time_ms(partial(topk_prefill, topk_select, scores, length, indices, engine=engine))
                 row.setdefault(f"{engine}_ms", []).append(ms)
+            # The CUDA kernel alone (no whole-row fallback), each depth of loads in flight ahead of the scan
+            for depth in (*CUDA_PREFETCH, *CUDA_PREFETCH):
+                kernel = partial(cuda_kernel_alone, prefetch=depth)
+                row.setdefault(f"cuda_kernel_prefetch{depth}_ms", []).append(
+                    time_ms(partial(topk_prefill, kernel, scores, length, indices))
+                )
+                kernel(scores, t_last, length, TOPK, out=indices[:, t_last:])
+                row[f"cuda_kernel_prefetch{depth}_rows_differing"] = int(
+                    (indices[:, t_last:] != cuda).any(-1).logical_and(~whole_row).sum()
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
             del scores, indices, cuda, triton_

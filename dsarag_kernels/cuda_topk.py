@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("topk_rows.cu")
-THREADS, MIN_BLOCKS, PREFETCH = 512, 3, True  # the fastest at 32K, within 3 % at 128K (H100)
+# the fastest at 32K, within 3 % at 128K (H100); PREFETCH: how many steps' loads run ahead of the scan
+THREADS, MIN_BLOCKS, PREFETCH = 512, 3, 1
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,10 @@ def shared_bytes(topk: int, capacity: int) -> int:
 
 
 @functools.cache
-def compiled(shared: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: bool = PREFETCH):
+def compiled(shared: int, threads: int = THREADS, min_blocks: int = MIN_BLOCKS, prefetch: int = PREFETCH):
     """The kernel for this GPU, allowed `shared` bytes of dynamic shared memory, or None where it does not
     build (no NVRTC, a PyTorch without the API, too little shared memory)."""
-    defines = {"THREADS": threads, "MIN_BLOCKS": min_blocks, "PREFETCH": int(prefetch)}
+    defines = {"THREADS": threads, "MIN_BLOCKS": min_blocks, "PREFETCH": prefetch}
     try:
         kernel = torch.cuda._compile_kernel(
             SOURCE.read_text(),
@@ -66,7 +67,7 @@ def topk_rows(
     status: Tensor,
     threads: int = THREADS,
     min_blocks: int = MIN_BLOCKS,
-    prefetch: bool = PREFETCH,
+    prefetch: int = PREFETCH,
 ) -> None:
     """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
     the order open); status (B, T) int32: 1 for the rows left to the whole-row select (more than `capacity`

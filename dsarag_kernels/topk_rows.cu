@@ -7,8 +7,8 @@
 // Every compaction is a warp shuffle scan and one barrier, where Triton's block scan and layout shuffles
 // cost ~50 instructions a key. Rows the sample misjudged get status 1 for the whole-row radix select.
 //
-// THREADS (at least 256: one histogram bin a thread), MIN_BLOCKS and PREFETCH come from the compile options; the
-// dynamic shared memory holds the lists: cuda_topk.shared_bytes.
+// THREADS (at least 256: one histogram bin a thread), MIN_BLOCKS and PREFETCH (how many steps' loads run ahead)
+// come from the compile options; the dynamic shared memory holds the lists: cuda_topk.shared_bytes.
 
 #ifndef THREADS
 #define THREADS 512
@@ -135,14 +135,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
     }
 
     int n_above = 0, n_ties = 0, parity = 0;
-#if PREFETCH
-    uint4 ahead = whole_vector(row_scores, t * PER_THREAD, row_len);
+#if PREFETCH  // the next PREFETCH steps' loads are in flight during this step's scan and barrier
+    uint4 ahead[PREFETCH];
+#pragma unroll
+    for (int j = 0; j < PREFETCH; ++j) ahead[j] = whole_vector(row_scores, t * PER_THREAD + j * STEP, row_len);
 #endif
     for (int base = 0; base < row_len; base += STEP) {
         const int first = base + t * PER_THREAD;
-#if PREFETCH  // the next step's load is in flight during this step's scan and barrier
-        const uint4 v = ahead;
-        ahead = whole_vector(row_scores, first + STEP, row_len);
+#if PREFETCH
+        const uint4 v = ahead[0];
+#pragma unroll
+        for (int j = 0; j + 1 < PREFETCH; ++j) ahead[j] = ahead[j + 1];
+        ahead[PREFETCH - 1] = whole_vector(row_scores, first + PREFETCH * STEP, row_len);
 #else
         const uint4 v = whole_vector(row_scores, first, row_len);
 #endif
