@@ -22,8 +22,8 @@
    all negative (every key but the sinks and window ties at 0); with the share of rows that needed the radix
    select over the whole row.
 5. `--topk-engines` (alone): the CUDA top-k (`dsarag_kernels/cuda_topk.py`) against the Triton one, prefill
-   chunks on the same three kinds of scores, with the rows whose key sets differ; and the CUDA kernel alone with
-   1 to 4 steps of loads in flight ahead of its scan (`PREFETCH`).
+   chunks on the same three kinds of scores, with the rows whose key sets differ; the CUDA kernel alone with
+   1 to 4 steps of loads in flight ahead of its scan (`PREFETCH`); decode steps at batch 1 and 16 (graphed).
 Every random input is seeded; every timing is the median of repeated runs (at least 5) after warm-up.
 """
 
@@ -399,6 +399,24 @@ def topk_engines(lengths: list[int]) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del scores, indices, cuda, triton_
+        for batch in (1, 16):  # decode steps, replayed from a CUDA graph: the position on the device
+            torch.manual_seed(length * 1000 + batch)
+            idx_q, idx_w, idx_k = index_inputs("random", batch, 1, length)
+            position = torch.tensor([length - 1], device="cuda")
+            scores = index_scores(idx_q, idx_w, idx_k, position, 4, 64)
+            picked = {e: topk_select(scores, position, length, TOPK, engine=e) for e in ("triton", "cuda")}
+            differ = (picked["cuda"].sort(-1).values != picked["triton"].sort(-1).values).any(-1)
+            row = {
+                "length": length,
+                "scores": "random",
+                "pass": f"decode b{batch}",
+                "rows_differing": int(differ.sum()),
+            }
+            for engine in ("triton", "cuda", "triton", "cuda"):
+                step = graphed(partial(topk_select, scores, position, length, TOPK, engine=engine))
+                row.setdefault(f"{engine}_ms", []).append(time_ms(step))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 

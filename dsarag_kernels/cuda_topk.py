@@ -1,7 +1,7 @@
 """The prefill top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
 
-`indexer.topk_select` runs it on prefill chunks; the Triton kernels settle the rows it hands back (status
-1: the whole-row radix select) and run decode steps. NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
+`indexer.topk_select` runs it on prefill chunks (and on decode steps with engine="cuda"); the Triton kernels
+settle the rows it hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
 PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes the engine
 unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
 """
@@ -59,7 +59,7 @@ def usable(scores: Tensor, topk: int, capacity: int) -> bool:
 
 def topk_rows(
     scores: Tensor,
-    q_start: int,
+    q_start: int | Tensor,
     n_keys: int,
     topk: int,
     capacity: int,
@@ -72,16 +72,19 @@ def topk_rows(
     """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
     the order open); status (B, T) int32: 1 for the rows left to the whole-row select (more than `capacity`
     keys above the sampled threshold, or fewer than topk at or above it), 0 for the rest.
+    q_start: a host int, or a one-element int64 device tensor the kernel reads (a captured decode step).
     `scores` must be `usable`; threads, min_blocks and prefetch pick the launch."""
     batch, n_queries, _ = scores.shape
     assert max(scores.stride(0), scores.stride(1), out.stride(0), out.stride(1)) < 2**31  # C ints
+    on_device = isinstance(q_start, Tensor)
+    assert not on_device or q_start.dtype == torch.int64
     shared = shared_bytes(topk, capacity)
     compiled(shared, threads, min_blocks, prefetch)(
         grid=(n_queries, batch, 1),
         block=(threads, 1, 1),
         args=[
             scores, out, status, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-            q_start, n_keys, topk, capacity,
+            0 if on_device else q_start, n_keys, topk, capacity, q_start if on_device else status, int(on_device),
         ],
         shared_mem=shared,
     )  # fmt: skip

@@ -442,8 +442,9 @@ def topk_select(
     the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer than
     topk at or above it).
     engine: "cuda": one thread block settles each row (cuda_topk.py; 1.4-1.9x faster than the candidates
-    kernel at 32K and 128K on an H100), for prefill calls (a host q_start) on scores in 16-byte aligned rows;
-    "triton": the candidates kernel; "auto": CUDA where it applies and builds, else Triton.
+    kernel at 32K and 128K on an H100), on scores in 16-byte aligned rows (`split` does not apply);
+    "triton": the candidates kernel; "auto": CUDA for prefill calls (a host q_start, one program a row) where
+    it builds, else Triton.
     """
     batch, n_queries, _ = scores.shape
     if out is None:
@@ -457,13 +458,12 @@ def topk_select(
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
     if engine not in ("auto", "cuda", "triton"):
         raise ValueError(f"top-k engine {engine!r}: use auto, cuda or triton")
-    cuda_applies = not isinstance(q_start, Tensor) and split == 1 and cuda_topk.usable(scores, topk, capacity)
-    if engine == "cuda" and not cuda_applies:
-        raise ValueError(
-            "the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU, one program a row and a host q_start"
-        )
+    cuda_usable = cuda_topk.usable(scores, topk, capacity)
+    if engine == "cuda" and not cuda_usable:
+        raise ValueError("the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU")
+    prefill = not isinstance(q_start, Tensor) and split == 1
     start, start_ptr, on_device = device_start(q_start, status)
-    if engine != "triton" and cuda_applies:
+    if engine == "cuda" or (engine == "auto" and prefill and cuda_usable):
         cuda_topk.topk_rows(scores, q_start, n_keys, topk, capacity, out, status)
     else:
         # Per segment: `capacity` slots for the keys above the threshold, then topk for the keys equal to it.

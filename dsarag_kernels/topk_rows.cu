@@ -1,4 +1,4 @@
-// Exact top-k of each prefill row's bf16 index scores, one thread block a row (see cuda_topk.py).
+// Exact top-k of each row's bf16 index scores, one thread block a row (see cuda_topk.py).
 //
 // One read of the row splits off the keys above a threshold taken from a sample of it (kept in shared
 // memory with their order keys) and the first keys tied at it. With fewer than k above, the top-k is
@@ -98,7 +98,7 @@ __device__ __forceinline__ void boundary_bin(const unsigned* hist, int want, int
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
     const unsigned short* __restrict__ scores, int* __restrict__ out, int* __restrict__ status,
     int stride_sb, int stride_st, int stride_ob, int stride_ot, int q_start, int n_keys, int topk,
-    int capacity) {
+    int capacity, const long long* __restrict__ device_start, int start_on_device) {
     extern __shared__ int lists[];
     int* cand_col = lists;                    // capacity: the keys above the threshold
     int* tie_col = cand_col + capacity;       // topk: the first keys equal to it
@@ -111,6 +111,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
     const unsigned short* row_scores = scores + (long long)batch * stride_sb + (long long)row * stride_st;
     int* row_out = out + (long long)batch * stride_ob + (long long)row * stride_ot;
     int* row_status = status + (long long)batch * gridDim.x + row;
+    if (start_on_device) q_start = (int)*device_start;  // a decode step replayed from a CUDA graph
     const int row_len = min(q_start + row + 1, n_keys);
     if (row_len <= topk) {  // every key is selected; the rest are unused slots
         for (int i = t; i < topk; i += THREADS) row_out[i] = i < row_len ? i : -1;

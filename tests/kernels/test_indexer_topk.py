@@ -219,6 +219,30 @@ def test_cuda_topk_hands_a_missed_sample_to_the_whole_row_select():
 
 
 @CUDA_ONLY
+def test_cuda_topk_decode_step_reads_its_position_on_the_device_and_replays_in_a_graph():
+    """One row per sequence (batch 3) over a cache of 20,000 keys, the position in a device tensor; the
+    captured step selects again at each new position without a host sync."""
+    n_keys, topk = 20_000, 512
+    q, w, k = indexer_inputs(batch=3, n_queries=1, n_keys=n_keys, heads=4, seed=11)
+    position = torch.tensor([9_000], device=DEVICE)
+    scores = torch.empty(3, 1, n_keys, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty(3, 1, topk, dtype=torch.int32, device=DEVICE)
+
+    def step():
+        index_scores(q, w, k, position, n_sink=4, window=16, out=scores)
+        topk_select(scores, position, n_keys, topk, engine="cuda", out=out)
+
+    step()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for at in (9_000, 300, 19_999):
+        position.fill_(at)
+        graph.replay()
+        assert_selects_the_reference(out.clone(), scores[..., : at + 1], at, at + 1, topk)
+
+
+@CUDA_ONLY
 def test_cuda_topk_pads_rows_no_longer_than_topk():
     scores = torch.randn(1, 40, 304, device=DEVICE).to(torch.bfloat16)
     got = topk_select(scores, 0, 304, topk=24, engine="cuda")

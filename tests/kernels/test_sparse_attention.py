@@ -102,7 +102,9 @@ def test_merge_kernel_equals_the_reference_with_empty_splits(n_splits):
     lse_sum = torch.rand(4, n_splits, 16, generator=generator) + 0.5
     acc = torch.randn(4, n_splits, 16, 8, generator=generator)
     m[:, 1], lse_sum[:, 1], acc[:, 1] = float("-inf"), 0.0, 0.0  # a split that saw no valid key
-    empty = slice(0, n_splits - 1)  # one group's valid keys all in its last split: the running max starts late
+    empty = slice(
+        0, n_splits - 1
+    )  # one group's valid keys all in its last split: the running max starts late
     m[2, empty], lse_sum[2, empty], acc[2, empty] = float("-inf"), 0.0, 0.0
     m, lse_sum, acc = (t.to(DEVICE) for t in (m, lse_sum, acc))
     got = merge_partials(m, lse_sum, acc, group=7, dtype=torch.float32)
