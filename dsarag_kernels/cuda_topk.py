@@ -1,9 +1,9 @@
-"""The prefill top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
+"""The top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
 
 `indexer.topk_select` runs it on prefill chunks (and on decode steps with engine="cuda"); the Triton kernels
-settle the rows it hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels, so nothing beyond
-PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes the engine
-unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
+settle the rows it hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels,
+so nothing beyond PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes
+the engine unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
 """
 
 import functools
