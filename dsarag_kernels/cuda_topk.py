@@ -1,9 +1,9 @@
 """The top-k in CUDA (topk_rows.cu), compiled at first use with NVRTC through PyTorch.
 
-`indexer.topk_select` runs it on prefill chunks (and on decode steps with engine="cuda"); the Triton kernels
-settle the rows it hands back (status 1: the whole-row radix select). NVRTC ships with PyTorch's CUDA wheels,
-so nothing beyond PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a failure to build makes
-the engine unusable and `topk_select` says so. `indexer.topk_select_reference` is the oracle.
+`indexer.topk_select` runs it on prefill chunks (and on decode steps with engine="cuda"). NVRTC ships with
+PyTorch's CUDA wheels, so nothing beyond PyTorch is needed; `torch.cuda._compile_kernel` is private API, so a
+failure to build makes the engine unusable and `topk_select` says so. `indexer.topk_select_reference` is the
+oracle.
 """
 
 import functools
@@ -70,8 +70,8 @@ def topk_rows(
     prefetch: int = PREFETCH,
 ) -> None:
     """Each row's top-k into `out` (B, T, topk) int32 in column order, as `indexer.topk_select` (which leaves
-    the order open); status (B, T) int32: 1 for the rows left to the whole-row select (more than `capacity`
-    keys above the sampled threshold, or fewer than topk at or above it), 0 for the rest.
+    the order open); status (B, T) int32: 2 for the rows that took the radix select over the whole row (more
+    than `capacity` keys above the sampled threshold, or fewer than topk at or above it), 0 for the rest.
     q_start: a host int, or a one-element int64 device tensor the kernel reads (a captured decode step).
     `scores` must be `usable`; threads, min_blocks and prefetch pick the launch."""
     batch, n_queries, _ = scores.shape

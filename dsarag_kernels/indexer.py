@@ -10,7 +10,7 @@ of the row (a few x k) and a list of the keys tied at it; an exact radix select 
 the low byte of the bf16 score's order key, then an emit pass) runs on the keys above, or, when fewer than k
 lie above, the top-k is those plus the first tied keys. Only a sample that missed (more than 4 x k above, or
 fewer than k at or above) sends a row to the radix select over the whole row. On a GPU, prefill chunks run
-the same split, select and fallback with the CUDA kernel of cuda_topk.py, one thread block a row.
+the same split, select and whole-row select in the CUDA kernel of cuda_topk.py, one thread block a row.
 Memory is O(chunk x S), never S x S. `*_reference` functions beside each kernel are the PyTorch oracles for the tests.
 """
 
@@ -441,8 +441,9 @@ def topk_select(
     return_fallback: also return a (B, T) bool tensor, True for the rows that needed the slow radix select over
     the whole row (the sample's threshold kept more than 4 x topk keys above it, or fewer than
     topk at or above it).
-    engine: "cuda": one thread block settles each row (cuda_topk.py; 1.4-1.9x faster than the candidates
-    kernel at 32K and 128K on an H100), on scores in 16-byte aligned rows (`split` does not apply);
+    engine: "cuda": one thread block settles each row, a missed sample included (cuda_topk.py; 1.4-1.9x faster
+    than the candidates kernel at 32K and 128K on an H100), on scores in 16-byte aligned rows (`split` does
+    not apply);
     "triton": the candidates kernel; "auto": CUDA for prefill calls (a host q_start, one program a row) where
     it builds, else Triton.
     """
@@ -464,6 +465,7 @@ def topk_select(
     prefill = not isinstance(q_start, Tensor) and split == 1
     start, start_ptr, on_device = device_start(q_start, status)
     if engine == "cuda" or (engine == "auto" and prefill and cuda_usable):
+        # Settles every row itself: status 2 marks those its sample missed (the whole-row select ran).
         cuda_topk.topk_rows(scores, q_start, n_keys, topk, capacity, out, status)
     else:
         # Per segment: `capacity` slots for the keys above the threshold, then topk for the keys equal to it.
@@ -484,11 +486,11 @@ def topk_select(
                 scores.stride(0), scores.stride(1), candidates.stride(0), candidates.stride(1), out.stride(0),
                 out.stride(1), BLOCK=settle_block, SPLIT=split, num_warps=settle_warps,
             )  # fmt: skip
-    _topk_full_kernel[(n_queries, batch)](
-        scores, status, out, start_ptr, n_queries, start, n_keys, topk,
-        scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=settle_block, START_ON_DEVICE=on_device, num_warps=settle_warps,
-    )  # fmt: skip
+        _topk_full_kernel[(n_queries, batch)](
+            scores, status, out, start_ptr, n_queries, start, n_keys, topk,
+            scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+            BLOCK=settle_block, START_ON_DEVICE=on_device, num_warps=settle_warps,
+        )  # fmt: skip
     if return_fallback:
         return out, status.bool()
     return out

@@ -5,7 +5,7 @@
 // those plus the first tied keys; otherwise a radix select over the keys above (the high byte, then the
 // low byte of the order key) finds the k-th. Either way the row's top-k is written in column order.
 // Every compaction is a warp shuffle scan and one barrier, where Triton's block scan and layout shuffles
-// cost ~50 instructions a key. Rows the sample misjudged get status 1 for the whole-row radix select.
+// cost ~50 instructions a key. Rows the sample misjudged take a radix select over the whole row (status 2).
 //
 // THREADS (at least 256: one histogram bin a thread), MIN_BLOCKS and PREFETCH (how many steps' loads run ahead)
 // come from the compile options; the dynamic shared memory holds the lists: cuda_topk.shared_bytes.
@@ -92,6 +92,47 @@ __device__ __forceinline__ void boundary_bin(const unsigned* hist, int want, int
             *inside = want - (int)running;
         }
         running += local[j];
+    }
+}
+
+// The exact top-k of a row whose sampled threshold missed, over every key: a radix select (histograms of the
+// high, then the low byte of the order key over the whole row), then an emit pass in column order. Three
+// reads of the row by one block, where the Triton whole-row launch lasted as long as its slowest row.
+__device__ void select_whole_row(const unsigned short* row_scores, int row_len, int topk, int* row_out,
+                                 unsigned* hist, int* pick, unsigned (*sums)[WARPS], int parity) {
+    const int t = threadIdx.x;
+    if (t < 256) hist[t] = 0;
+    __syncthreads();
+    for (int i = t; i < row_len; i += THREADS) atomicAdd(&hist[255 - (order_key(row_scores[i]) >> 8)], 1u);
+    __syncthreads();
+    if (t < 32) boundary_bin(hist, topk, &pick[0], &pick[1]);
+    __syncthreads();
+    const int high_bin = pick[0], need = pick[1];
+    if (t < 256) hist[t] = 0;
+    __syncthreads();
+    for (int i = t; i < row_len; i += THREADS) {
+        const unsigned k = order_key(row_scores[i]);
+        if (255 - (int)(k >> 8) == high_bin) atomicAdd(&hist[255 - (k & 0xFFu)], 1u);
+    }
+    __syncthreads();
+    if (t < 32) boundary_bin(hist, need, &pick[2], &pick[3]);
+    __syncthreads();
+    const unsigned kth = ((unsigned)(255 - high_bin) << 8) | (unsigned)(255 - pick[2]);
+    const int ties_to_take = pick[3];
+
+    // A key's slot: the keys above the k-th before it, plus the ties before it (at most ties_to_take).
+    int n_greater = 0, n_equal = 0;
+    for (int base = 0; base < row_len; base += THREADS) {
+        const int i = base + t;
+        const unsigned k = i < row_len ? order_key(row_scores[i]) : 0u;
+        const bool greater = i < row_len && k > kth, equal = i < row_len && k == kth;
+        unsigned total;
+        const unsigned prefix = block_prefix((unsigned)greater | ((unsigned)equal << 16), sums[parity], &total);
+        parity ^= 1;
+        const int g = n_greater + (int)(prefix & 0xFFFFu), e = n_equal + (int)(prefix >> 16);
+        if (greater || (equal && e < ties_to_take)) row_out[g + min(e, ties_to_take)] = i;
+        n_greater += (int)(total & 0xFFFFu);
+        n_equal += (int)(total >> 16);
     }
 }
 
@@ -201,7 +242,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
 
     if (n_above < topk) {
         if (n_above + n_ties < topk) {  // the sample's threshold was too high: the whole row decides
-            if (t == 0) *row_status = 1;
+            select_whole_row(row_scores, row_len, topk, row_out, hist, pick, sums, parity);
+            if (t == 0) *row_status = 2;
             return;
         }
         // Both lists are in column order: merged by rank, the row's top-k comes out sorted.
@@ -212,7 +254,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
         return;
     }
     if (n_above > capacity) {  // the threshold was too low: the list overflowed
-        if (t == 0) *row_status = 1;
+        select_whole_row(row_scores, row_len, topk, row_out, hist, pick, sums, parity);
+        if (t == 0) *row_status = 2;
         return;
     }
 

@@ -243,6 +243,19 @@ def test_cuda_topk_decode_step_reads_its_position_on_the_device_and_replays_in_a
 
 
 @CUDA_ONLY
+def test_cuda_topk_selects_over_the_whole_row_when_the_sampled_threshold_is_too_high():
+    """Every sampled key (each 4th) scores highest: fewer than k keys lie at or above the threshold."""
+    generator = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 1, 4096, generator=generator)
+    scores[..., ::4] = torch.linspace(40.0, 60.0, 1024)
+    scores = scores.to(DEVICE, torch.bfloat16)
+    got, fell_back = topk_select(scores, 4095, 4096, topk=128, engine="cuda", return_fallback=True)
+    assert fell_back.all()
+    assert_selects_the_reference(got, scores, 4095, 4096, 128)
+    assert (got.diff(dim=-1) > 0).all()  # the whole-row select writes column order too
+
+
+@CUDA_ONLY
 def test_cuda_topk_pads_rows_no_longer_than_topk():
     scores = torch.randn(1, 40, 304, device=DEVICE).to(torch.bfloat16)
     got = topk_select(scores, 0, 304, topk=24, engine="cuda")
