@@ -3,6 +3,7 @@
     python benchmarks/dsa_kernels.py --out results.json [--lengths 8192,32768,...] [--skip-e2e]
     python benchmarks/dsa_kernels.py --out topk.json --lengths 32768,131072 --topk-against old_indexer.py
     python benchmarks/dsa_kernels.py --out engines.json --lengths 32768,131072 --topk-engines
+    python benchmarks/dsa_kernels.py --out profile.json --e2e-lengths 32768,131072 --profile
 
 1. Per kernel at the default model's attention shape (14 q / 2 kv heads, d 64; indexer 4 x 64; k = 2048;
    batch 1): ms and TFLOP/s on the work actually done (causal pairs for the indexer, min(t + 1, k) keys per
@@ -24,6 +25,8 @@
 5. `--topk-engines` (alone): the CUDA top-k (`dsarag_kernels/cuda_topk.py`) against the Triton one, prefill
    chunks on the same three kinds of scores, with the rows whose key sets differ; the CUDA kernel alone with
    1 to 4 steps of loads in flight ahead of its scan (`PREFETCH`); decode steps at batch 1 and 16 (graphed).
+6. `--profile` (alone): the GPU kernels of one model prefill and one decode step (eager; the same kernels a
+   graph replays), dense and DSA, at the end-to-end lengths: launches, device ms and the longest kernels.
 Every random input is seeded; every timing is the median of repeated runs (at least 5) after warm-up.
 """
 
@@ -500,6 +503,68 @@ def e2e_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
     return rows
 
 
+def kernel_table(run, repeats: int = 1) -> dict:
+    """The GPU kernels `run` launches, from the PyTorch profiler: their count, device ms (a run's), and the 25
+    longest (name, ms, launches)."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in profiler.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return {
+        "launches": sum(e.count for e in events) // repeats,
+        "device_ms": sum(e.self_device_time_total for e in events) / 1e3 / repeats,
+        "kernels": [
+            (e.key[:100], round(e.self_device_time_total / 1e3 / repeats, 3), e.count // repeats)
+            for e in events[:25]
+        ],
+    }
+
+
+@torch.inference_mode()
+def profile_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
+    """Where the time goes: the kernels of one model prefill and of one decode step (eager, as a CUDA graph
+    replays them), dense and DSA, at each length; the wall time beside the device time shows the launch gaps."""
+    model = default_model_with_indexers()
+    dsa = DSAConfig(topk=TOPK)
+    rows = []
+    for length in lengths:
+        torch.manual_seed(length)
+        model.setup_caches(max(decode_batches), length + 8)
+        tokens = torch.randint(0, DEFAULT_MODEL.vocab_size, (1, length), device="cuda")
+        positions = torch.arange(length, device="cuda")
+        for name, mode in (("dense", None), ("dsa", dsa)):
+            row = {"length": length, "attention": name, "pass": "prefill"}
+            row.update(kernel_table(partial(model, tokens, positions, dsa=mode)))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for layer in model.layers:  # the caches as after a prefill of `length` tokens (random content)
+            attention = layer.attention
+            for cache in (
+                attention.kv_cache.k_cache,
+                attention.kv_cache.v_cache,
+                attention.index_cache.k_cache,
+            ):
+                cache.normal_()
+            attention.index_cache.valid_until = length
+        position = torch.tensor([length], device="cuda")
+        for batch in decode_batches:
+            token = torch.randint(0, DEFAULT_MODEL.vocab_size, (batch, 1), device="cuda")
+            for name, mode in (("dense", None), ("dsa", dsa)):
+                step = partial(model, token, position, dsa=mode, whole_cache=True)
+                row = {"length": length, "attention": name, "pass": f"decode b{batch}"}
+                row.update(kernel_table(step, repeats=5))
+                row["graph_ms"] = time_ms(graphed(step))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        model.clear_caches()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -520,7 +585,16 @@ def main() -> None:
     parser.add_argument(
         "--topk-engines", action="store_true", help="only time the CUDA top-k against the Triton one"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="only the kernel tables of a model prefill and decode step"
+    )
     args = parser.parse_args()
+    if args.profile:
+        rows = profile_rows(
+            [int(n) for n in args.e2e_lengths.split(",")], [int(n) for n in args.decode_batches.split(",")]
+        )
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "profile": rows}, indent=1))
+        return
     if args.topk_engines:
         rows = topk_engines([int(n) for n in args.lengths.split(",")])
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "topk": rows}, indent=1))
