@@ -10,7 +10,8 @@
    query for the sparse attention); the top-k pass in ms and GB/s of scores read.
 2. One DSA attention layer (index scores + top-k + gather attention, bf16 and FP8 indexer) against the
    fastest `F.scaled_dot_product_attention` backend at that shape (cuDNN, flash and memory-efficient are each
-   timed; the row names the winner); the share of the layer spent in top-k. Decode: DSA against the faster of
+   timed; the row names the winner); the share of the layer spent in top-k. The gather again with query pairs
+   sharing their keys (`pairs=True`), on these selections and on selections whose neighbours share keys. Decode: DSA against the faster of
    flash-forced SDPA and the project's split dense decode kernel (flash decoding).
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
@@ -54,7 +55,7 @@ from dsarag.indexer_model.dsa import DSAConfig  # noqa: E402
 from dsarag.indexer_model.indexer import LightningIndexer  # noqa: E402
 from dsarag.indexer_model.model import ModelArgs, Transformer  # noqa: E402
 from dsarag.kernels import cuda_topk  # noqa: E402
-from dsarag.kernels.indexer import index_scores, quantize_fp8, topk_select  # noqa: E402
+from dsarag.kernels.indexer import index_scores, quantize_fp8, select_topk, topk_select  # noqa: E402
 from dsarag.kernels.sparse_attention import (  # noqa: E402
     dense_attention_decode,
     sparse_attention_decode,
@@ -139,6 +140,16 @@ def fastest(candidates: dict) -> tuple[str, float, dict]:
     return best, ran[best], timings
 
 
+def pair_union(indices: Tensor, pairs: int = 4096) -> float:
+    """The mean number of keys that the last `pairs` pairs of neighbouring queries chose together, in units of k:
+    2 when they share none, 1 when they chose the same keys."""
+    rows = indices[0, -2 * pairs :].long()
+    both = torch.cat((rows[0::2], rows[1::2]), dim=-1).sort(dim=-1).values
+    repeated = ((both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)).sum(-1)
+    chosen = (both >= 0).sum(-1)
+    return ((chosen - repeated).float().mean() / indices.shape[-1]).item()
+
+
 def layer_row(length: int, fp8_too: bool) -> dict:
     """Kernels and one attention layer at context `length`, batch 1, bf16."""
     device = "cuda"
@@ -188,6 +199,25 @@ def layer_row(length: int, fp8_too: bool) -> dict:
     row["sparse_attention_ms"] = time_ms(lambda: sparse_attention_prefill(q, k, v, indices, scale))
     row["sparse_attention_tflops"] = (
         4 * HEADS * HEAD_DIM * sparse_pairs(length, TOPK) / row["sparse_attention_ms"] / 1e9
+    )
+    # Query pairs sharing their gathered keys (rows ascending: the CUDA top-k's order), on these selections and
+    # on selections from index queries shared by each pair, plus noise (the shipped indexers' neighbours share
+    # a third to a half of their keys: docs/benchmarks.md, "Neighbouring queries' selections")
+    row["pair_union"] = pair_union(indices)
+    row["sparse_attention_pairs_ms"] = time_ms(
+        lambda: sparse_attention_prefill(q, k, v, indices, scale, pairs=True)
+    )
+    shared_q = idx_q.clone()
+    shared_q[:, 1::2] = 0.8 * idx_q[:, 0::2] + 0.6 * idx_q[:, 1::2]
+    shared_w = idx_w.clone()
+    shared_w[:, 1::2] = idx_w[:, 0::2]
+    correlated = select_topk(shared_q, shared_w, idx_k, 0, length, TOPK)
+    row["correlated_pair_union"] = pair_union(correlated)
+    row["sparse_attention_correlated_ms"] = time_ms(
+        lambda: sparse_attention_prefill(q, k, v, correlated, scale)
+    )
+    row["sparse_attention_correlated_pairs_ms"] = time_ms(
+        lambda: sparse_attention_prefill(q, k, v, correlated, scale, pairs=True)
     )
     row["dsa_layer_ms"] = time_ms(lambda: (run_indexer(), sparse_attention_prefill(q, k, v, indices, scale)))
     row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["dsa_layer_ms"]
@@ -287,6 +317,12 @@ def tune(length: int) -> dict:
         run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n)
         ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
         result["attention"].append({"block_n": block_n, "warps": warps, "stages": stages, "ms": ms})
+    for block_n, warps, stages in [(32, 1, 3), (32, 1, 2), (16, 1, 3), (32, 4, 3), (64, 4, 2)]:  # query pairs
+        run = partial(sparse_attention_prefill, q, k, v, indices, scale, block_n=block_n, pairs=True)
+        ms = time_ms(partial(run, num_warps=warps, num_stages=stages))
+        result["attention"].append(
+            {"pairs": True, "block_n": block_n, "warps": warps, "stages": stages, "ms": ms}
+        )
     return result
 
 

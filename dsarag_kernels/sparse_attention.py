@@ -90,6 +90,107 @@ def _sparse_prefill_kernel(
 
 
 @triton.jit
+def _in_sorted(row_ptr, n, keys, LOG2_N: tl.constexpr):
+    """Whether each of `keys` is among the n ascending keys at row_ptr (-1 slots after them): a bisection."""
+    lo = tl.zeros_like(keys)
+    hi = lo + n
+    for _ in tl.static_range(LOG2_N):
+        mid = (lo + hi) // 2
+        value = tl.load(row_ptr + mid, mask=mid < n, other=-1)
+        below = (value >= 0) & (value < keys)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return tl.load(row_ptr + lo, mask=lo < n, other=-1) == keys
+
+
+@triton.jit
+def _pair_gather_block(
+    q, m_i, l_i, acc, k_base, v_base, own_idx, other_idx, topk, own_rows, other_rows, stride_ks, stride_vs,
+    scale_log2, SHARED: tl.constexpr, LOG2_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update over one query's selected keys (own_idx, ascending): rows `own_rows` attend to each;
+    with SHARED the other query's rows also attend to the keys both chose, without it those keys are skipped
+    (the first pass took them)."""
+    dims = tl.arange(0, HEAD_DIM)
+    for start in range(0, topk, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        idx = tl.load(own_idx + slots, mask=slots < topk, other=-1)
+        both = _in_sorted(other_idx, topk, idx, LOG2_N=LOG2_K) & (idx >= 0)
+        if SHARED:
+            key_ok = idx >= 0
+            allowed = (own_rows[:, None] & key_ok[None, :]) | (other_rows[:, None] & both[None, :])
+        else:
+            key_ok = (idx >= 0) & ~both
+            allowed = own_rows[:, None] & key_ok[None, :]
+        safe_idx = tl.where(key_ok, idx, 0).to(tl.int64)
+        k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0)
+        scores = tl.where(allowed, dot(q, k_t, UPCAST) * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=key_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _sparse_prefill_pairs_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, n_queries, topk, scale_log2,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ib, stride_is, stride_it,
+    stride_ob, stride_oh, stride_ot,
+    N_KV_HEADS: tl.constexpr, KV_PER_SET: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_K: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Queries 2p and 2p + 1 of one kv group in one program: the rows of the tile are both queries' heads
+    (G_PAD each), and each key either chose is gathered once: the keys of the first query's list (the second's
+    rows take those it chose too), then the second's keys the first did not choose."""
+    pair, batch_group = tl.program_id(0), tl.program_id(1)
+    batch, kv_head = batch_group // N_KV_HEADS, batch_group % N_KV_HEADS
+    rows = tl.arange(0, 2 * G_PAD)
+    t = 2 * pair + rows // G_PAD
+    heads = kv_head * GROUP + rows % G_PAD
+    row_ok = (rows % G_PAD < GROUP) & (t < n_queries)
+    first_rows = row_ok & (rows < G_PAD)
+    second_rows = row_ok & (rows >= G_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + batch * stride_qb + heads[:, None] * stride_qh + t[:, None] * stride_qt + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    idx_base = idx_ptr + batch * stride_ib + (kv_head // KV_PER_SET) * stride_is
+    first_idx = idx_base + (2 * pair) * stride_it
+    # A missing second query (odd n_queries) reads the first's list again: its rows are masked anyway.
+    second_idx = idx_base + tl.minimum(2 * pair + 1, n_queries - 1) * stride_it
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    m_i = tl.full((2 * G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((2 * G_PAD,), tl.float32)
+    acc = tl.zeros((2 * G_PAD, HEAD_DIM), tl.float32)
+    m_i, l_i, acc = _pair_gather_block(
+        q, m_i, l_i, acc, k_base, v_base, first_idx, second_idx, topk, first_rows, second_rows, stride_ks,
+        stride_vs, scale_log2, SHARED=True, LOG2_K=LOG2_K, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+    )  # fmt: skip
+    m_i, l_i, acc = _pair_gather_block(
+        q, m_i, l_i, acc, k_base, v_base, second_idx, first_idx, topk, second_rows, first_rows, stride_ks,
+        stride_vs, scale_log2, SHARED=False, LOG2_K=LOG2_K, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
+    )  # fmt: skip
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows attended to nothing
+    tl.store(
+        out_ptr + batch * stride_ob + heads[:, None] * stride_oh + t[:, None] * stride_ot + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, pos_ptr, topk, slots_per_split, scale_log2,
     stride_qb, stride_qh,
@@ -152,11 +253,14 @@ def sparse_attention_prefill(
     block_n: int = 32,
     num_warps: int = 1,
     num_stages: int = 3,
+    pairs: bool = False,
 ) -> Tensor:
     """Gather attention for every query of q (B, Hq, T, d); every query needs at least one valid index.
 
     32 keys a step on one warp, 3 stages deep: the fastest launch measured at 32K and 128K on an H100
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). pairs: neighbouring queries share a program and each key either chose is gathered
+    once (a trained indexer's neighbours choose a third or more of the same keys); needs every row of indices
+    ascending, its -1 slots after its keys (the CUDA top-k's order). Not yet timed on a GPU: not the default."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group, g_pad = _group_padding(n_heads, n_kv_heads)
@@ -164,6 +268,20 @@ def sparse_attention_prefill(
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("indices", indices)):
         assert tensor.stride(-1) == 1, f"{name} must be contiguous in its last dimension"
     indices, stride_is, kv_per_set = _index_sets(indices, n_kv_heads)
+    if pairs:
+        pair_pad = max(8, triton.next_power_of_2(group))  # two queries' heads fill the 16 rows of an MMA
+        _sparse_prefill_pairs_kernel[(triton.cdiv(n_queries, 2), batch * n_kv_heads)](
+            q, k_cache, v_cache, indices, out, n_queries, indices.shape[-1], scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            indices.stride(0), stride_is, indices.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            N_KV_HEADS=n_kv_heads, KV_PER_SET=kv_per_set, GROUP=group, G_PAD=pair_pad, HEAD_DIM=head_dim,
+            BLOCK_N=block_n, LOG2_K=indices.shape[-1].bit_length(), UPCAST=INTERPRETED, num_warps=num_warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+        return out
     _sparse_prefill_kernel[(n_queries, batch * n_kv_heads)](
         q, k_cache, v_cache, indices, out, indices.shape[-1], scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),

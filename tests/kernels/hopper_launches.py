@@ -63,6 +63,10 @@ LAUNCHES = {
     "gather attention, decode": (
         sparse_attention._sparse_decode_kernel, DECODE_POINTERS, {**ATTENTION, "BLOCK_N": 64, "CONTIGUOUS": False}, 4,
     ),
+    "gather attention, query pairs": (
+        sparse_attention._sparse_prefill_pairs_kernel, {"idx_ptr": "i32"},
+        {**ATTENTION, "G_PAD": 8, "BLOCK_N": 32, "LOG2_K": 12}, 1,
+    ),
     "dense decode": (
         sparse_attention._sparse_decode_kernel, DECODE_POINTERS, {**ATTENTION, "BLOCK_N": 64, "CONTIGUOUS": True}, 4,
     ),

@@ -76,6 +76,35 @@ def test_dense_decode_kernel_attends_to_every_key_up_to_a_device_position(positi
     torch.testing.assert_close(got, want, **tolerance_for(torch.float32))
 
 
+def sorted_neighbour_indices(batch: int, sets: int, n_queries: int, n_keys: int, topk: int) -> torch.Tensor:
+    """Ascending rows, -1 after the keys, where each query keeps about half of its predecessor's keys (as a
+    trained indexer's neighbours do); some rows are short."""
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    previous = torch.randperm(n_keys, generator=generator)[:topk]
+    for t in range(batch * sets * n_queries):
+        kept = previous[torch.randperm(topk, generator=generator)[: topk // 2]]
+        fresh = torch.randperm(n_keys, generator=generator)
+        fresh = fresh[~torch.isin(fresh, kept)][: topk - len(kept)]
+        previous = torch.cat((kept, fresh))
+        row = previous.sort().values
+        if t % 5 == 3:  # a short row: its last slots unused
+            row = torch.cat((row[: topk // 3], torch.full((topk - topk // 3,), -1)))
+        rows.append(row)
+    return torch.stack(rows).view(batch, sets, n_queries, topk).to(DEVICE, torch.int32)
+
+
+@pytest.mark.parametrize("n_queries", [6, 7])  # 7: the last pair has one query
+@pytest.mark.parametrize("sets", [1, 2])
+def test_pair_gather_equals_the_reference_on_sorted_rows(n_queries, sets):
+    (q, k, v), _ = attention_inputs(torch.float32, n_queries=n_queries, n_keys=90, topk=24)
+    indices = sorted_neighbour_indices(2, sets, n_queries, 90, 24)
+    indices = indices[:, 0] if sets == 1 else indices
+    got = sparse_attention_prefill(q, k, v, indices, scale=0.25, block_n=16, pairs=True)
+    want = masked_dense_attention_reference(q, k, v, indices.long(), scale=0.25)
+    torch.testing.assert_close(got, want, **tolerance_for(torch.float32))
+
+
 def test_more_slots_than_keys_is_fine():
     (q, k, v), indices = attention_inputs(torch.float32, n_queries=2, n_keys=8, topk=8)
     wide = torch.full((2, 2, 70), -1, dtype=torch.int32, device=DEVICE)  # k > t: most slots unused
