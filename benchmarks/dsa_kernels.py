@@ -11,8 +11,9 @@
 2. One DSA attention layer (index scores + top-k + gather attention, bf16 and FP8 indexer) against the
    fastest `F.scaled_dot_product_attention` backend at that shape (cuDNN, flash and memory-efficient are each
    timed; the row names the winner); the share of the layer spent in top-k. The gather again with query pairs
-   sharing their keys (`pairs=True`), on these selections and on selections whose neighbours share keys. Decode: DSA against the faster of
-   flash-forced SDPA and the project's split dense decode kernel (flash decoding).
+   sharing their keys (`pairs=True`), on these selections and on selections whose neighbours share keys.
+   Decode: DSA against the faster of flash-forced SDPA and the project's split dense decode kernel (flash
+   decoding).
 3. End to end: the default model's architecture (random weights: speed does not depend on them; RoPE
    positions beyond the trained 32K are fine for speed) prefill dense vs DSA, and one decode step at batch 1
    and 16 with caches of L tokens, eager and replayed from a CUDA graph (`GraphedDecoder`, as `generate` runs);
@@ -201,8 +202,8 @@ def layer_row(length: int, fp8_too: bool) -> dict:
         4 * HEADS * HEAD_DIM * sparse_pairs(length, TOPK) / row["sparse_attention_ms"] / 1e9
     )
     # Query pairs sharing their gathered keys (rows ascending: the CUDA top-k's order), on these selections and
-    # on selections from index queries shared by each pair, plus noise (the shipped indexers' neighbours share
-    # a third to a half of their keys: docs/benchmarks.md, "Neighbouring queries' selections")
+    # on selections from index queries shared by each pair, plus noise (the shipped indexers' neighbouring pairs
+    # share half to two thirds of their keys: docs/benchmarks.md, "Neighbouring queries' selections")
     row["pair_union"] = pair_union(indices)
     row["sparse_attention_pairs_ms"] = time_ms(
         lambda: sparse_attention_prefill(q, k, v, indices, scale, pairs=True)
@@ -425,7 +426,7 @@ def topk_engines(lengths: list[int]) -> list[dict]:
             for engine in ("triton", "cuda", "triton", "cuda"):
                 ms = time_ms(partial(topk_prefill, topk_select, scores, length, indices, engine=engine))
                 row.setdefault(f"{engine}_ms", []).append(ms)
-            # The CUDA kernel alone (no whole-row fallback), each depth of loads in flight ahead of the scan
+            # The CUDA kernel alone at each depth of loads in flight ahead of its scan
             for depth in (*CUDA_PREFETCH, *CUDA_PREFETCH):
                 kernel = partial(cuda_kernel_alone, prefetch=depth)
                 row.setdefault(f"cuda_kernel_prefetch{depth}_ms", []).append(
@@ -563,7 +564,8 @@ def kernel_table(run, repeats: int = 1) -> dict:
 @torch.inference_mode()
 def profile_rows(lengths: list[int], decode_batches: list[int]) -> list[dict]:
     """Where the time goes: the kernels of one model prefill and of one decode step (eager, as a CUDA graph
-    replays them), dense and DSA, at each length; the wall time beside the device time shows the launch gaps."""
+    replays them), dense and DSA, at each length; a decode step's graph-replayed ms beside its device time
+    shows what its launches cost."""
     model = default_model_with_indexers()
     dsa = DSAConfig(topk=TOPK)
     rows = []
