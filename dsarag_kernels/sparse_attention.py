@@ -1,11 +1,12 @@
 """Triton gather attention for DSA: each query attends only to the keys its indexer selected.
 
 Shapes as in `indexer_model.dsa`: q (B, Hq, T, d); KV cache (B, Hkv, S, d); indices (B, T, k) int32 shared by
-all heads, or (B, sets, T, k) with one set per group of kv heads; -1 in unused slots. One program serves one query and one kv group: every gathered K/V row is
-loaded once and used by all G = Hq / Hkv query heads of the group (the heads are the rows of the tile, padded
-to 16 for the tensor cores). Softmax is online (flash-attention style) in float32.
+all heads, or (B, sets, T, k) with one set per group of kv heads; -1 in unused slots. One program serves one
+query and one kv group: every gathered K/V row is loaded once and used by all G = Hq / Hkv query heads of the
+group (the heads are the rows of the tile, padded to 16 for the tensor cores). Softmax is online (flash-attention style) in float32.
 
-Prefill: one program per (query, kv group). Decode (T = 1): the k selected keys are split across programs
+Prefill: one program per (query, kv group), or with `pairs` per two neighbouring queries, whose heads share
+the tile and whose common keys are gathered once. Decode (T = 1): the k selected keys are split across programs
 that each write a partial (max, sum, output), merged by `merge_partials` — enough parallelism at batch 1.
 The same decode kernel runs dense attention over a whole preallocated cache up to a position read on the
 device (`dense_attention_decode`): the dense half of a decode step captured in a CUDA graph.
