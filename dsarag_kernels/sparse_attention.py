@@ -3,7 +3,8 @@
 Shapes as in `indexer_model.dsa`: q (B, Hq, T, d); KV cache (B, Hkv, S, d); indices (B, T, k) int32 shared by
 all heads, or (B, sets, T, k) with one set per group of kv heads; -1 in unused slots. One program serves one
 query and one kv group: every gathered K/V row is loaded once and used by all G = Hq / Hkv query heads of the
-group (the heads are the rows of the tile, padded to 16 for the tensor cores). Softmax is online (flash-attention style) in float32.
+group (the heads are the rows of the tile, padded to 16 for the tensor cores). Softmax is online
+(flash-attention style) in float32.
 
 Prefill: one program per (query, kv group), or with `pairs` per two neighbouring queries, whose heads share
 the tile and whose common keys are gathered once. Decode (T = 1): the k selected keys are split across programs
