@@ -23,13 +23,33 @@ from dsarag.kernels.common import INTERPRETED, dot
 
 
 @triton.jit
+def _attend(
+    q, m_i, l_i, acc, k_base, v_base, idx, key_ok, allowed, stride_ks, stride_vs, scale_log2,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (m_i, l_i, acc) by the keys `idx` that are key_ok (only those rows are loaded),
+    each row of q attending where `allowed` (rows x keys, or 1 x keys for every row)."""
+    dims = tl.arange(0, HEAD_DIM)
+    safe_idx = tl.where(key_ok, idx, 0).to(tl.int64)
+    k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0)
+    scores = dot(q, k_t, UPCAST) * scale_log2  # (rows, keys), log2 domain
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key changes nothing
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=key_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _gather_attention_block(
     q, m_i, l_i, acc, k_base, v_base, idx_base, slot_start, slot_end, stride_ks, stride_vs, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, CONTIGUOUS: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (m_i, l_i, acc) over the selected keys in slots [slot_start, slot_end);
     CONTIGUOUS: slot s is key s (dense attention, no index list)."""
-    dims = tl.arange(0, HEAD_DIM)
     for start in range(slot_start, slot_end, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         if CONTIGUOUS:
@@ -37,18 +57,10 @@ def _gather_attention_block(
         else:
             idx = tl.load(idx_base + slots, mask=slots < slot_end, other=-1)
         valid = idx >= 0
-        safe_idx = tl.where(valid, idx, 0).to(tl.int64)
-        k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=valid[None, :], other=0.0)
-        scores = dot(q, k_t, UPCAST) * scale_log2  # (G_PAD, BLOCK_N), log2 domain
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid slot changes nothing
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend(
+            q, m_i, l_i, acc, k_base, v_base, idx, valid, valid[None, :], stride_ks, stride_vs, scale_log2,
+            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST,
+        )  # fmt: skip
     return m_i, l_i, acc
 
 
@@ -114,7 +126,6 @@ def _pair_gather_block(
     """Online-softmax update over one query's selected keys (own_idx, ascending): rows `own_rows` attend to each;
     with SHARED the other query's rows also attend to the keys both chose, without it those keys are skipped
     (the first pass took them)."""
-    dims = tl.arange(0, HEAD_DIM)
     for start in range(0, topk, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         idx = tl.load(own_idx + slots, mask=slots < topk, other=-1)
@@ -125,17 +136,10 @@ def _pair_gather_block(
         else:
             key_ok = (idx >= 0) & ~both
             allowed = own_rows[:, None] & key_ok[None, :]
-        safe_idx = tl.where(key_ok, idx, 0).to(tl.int64)
-        k_t = tl.load(k_base + safe_idx[None, :] * stride_ks + dims[:, None], mask=key_ok[None, :], other=0.0)
-        scores = tl.where(allowed, dot(q, k_t, UPCAST) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        v = tl.load(v_base + safe_idx[:, None] * stride_vs + dims[None, :], mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend(
+            q, m_i, l_i, acc, k_base, v_base, idx, key_ok, allowed, stride_ks, stride_vs, scale_log2,
+            HEAD_DIM=HEAD_DIM, UPCAST=UPCAST,
+        )  # fmt: skip
     return m_i, l_i, acc
 
 

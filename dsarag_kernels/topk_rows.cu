@@ -95,30 +95,40 @@ __device__ __forceinline__ void boundary_bin(const unsigned* hist, int want, int
     }
 }
 
-// The exact top-k of a row whose sampled threshold missed, over every key: a radix select (histograms of the
-// high, then the low byte of the order key over the whole row), then an emit pass in column order. Three
-// reads of the row by one block, where the Triton whole-row launch lasted as long as its slowest row.
-__device__ void select_whole_row(const unsigned short* row_scores, int row_len, int topk, int* row_out,
-                                 unsigned* hist, int* pick, unsigned (*sums)[WARPS], int parity) {
+// The k-th largest of n order keys (key_at(i)) by a radix select, bins ranked largest first: the high byte,
+// then the low byte; and how many keys equal to it the top-k takes.
+template <typename KeyAt>
+__device__ __forceinline__ void radix_kth(KeyAt key_at, int n, int topk, unsigned* hist, int* pick, unsigned* kth,
+                                          int* ties_to_take) {
     const int t = threadIdx.x;
     if (t < 256) hist[t] = 0;
     __syncthreads();
-    for (int i = t; i < row_len; i += THREADS) atomicAdd(&hist[255 - (order_key(row_scores[i]) >> 8)], 1u);
+    for (int i = t; i < n; i += THREADS) atomicAdd(&hist[255 - (key_at(i) >> 8)], 1u);
     __syncthreads();
     if (t < 32) boundary_bin(hist, topk, &pick[0], &pick[1]);
     __syncthreads();
     const int high_bin = pick[0], need = pick[1];
     if (t < 256) hist[t] = 0;
     __syncthreads();
-    for (int i = t; i < row_len; i += THREADS) {
-        const unsigned k = order_key(row_scores[i]);
+    for (int i = t; i < n; i += THREADS) {
+        const unsigned k = key_at(i);
         if (255 - (int)(k >> 8) == high_bin) atomicAdd(&hist[255 - (k & 0xFFu)], 1u);
     }
     __syncthreads();
     if (t < 32) boundary_bin(hist, need, &pick[2], &pick[3]);
     __syncthreads();
-    const unsigned kth = ((unsigned)(255 - high_bin) << 8) | (unsigned)(255 - pick[2]);
-    const int ties_to_take = pick[3];
+    *kth = ((unsigned)(255 - high_bin) << 8) | (unsigned)(255 - pick[2]);
+    *ties_to_take = pick[3];
+}
+
+// The exact top-k of a row whose sampled threshold missed, over every key, then an emit pass in column order:
+// three reads of the row by one block, where the Triton whole-row launch lasted as long as its slowest row.
+__device__ void select_whole_row(const unsigned short* row_scores, int row_len, int topk, int* row_out,
+                                 unsigned* hist, int* pick, unsigned (*sums)[WARPS], int parity) {
+    const int t = threadIdx.x;
+    unsigned kth;
+    int ties_to_take;
+    radix_kth([&](int i) { return order_key(row_scores[i]); }, row_len, topk, hist, pick, &kth, &ties_to_take);
 
     // A key's slot: the keys above the k-th before it, plus the ties before it (at most ties_to_take).
     int n_greater = 0, n_equal = 0;
@@ -259,25 +269,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_rows(
         return;
     }
 
-    // Radix select over the keys above: bins ranked largest first, the high byte, then the low byte.
-    if (t < 256) hist[t] = 0;
-    __syncthreads();
-    for (int i = t; i < n_above; i += THREADS) atomicAdd(&hist[255 - (cand_key[i] >> 8)], 1u);
-    __syncthreads();
-    if (t < 32) boundary_bin(hist, topk, &pick[0], &pick[1]);
-    __syncthreads();
-    const int high_bin = pick[0], need = pick[1];
-    if (t < 256) hist[t] = 0;
-    __syncthreads();
-    for (int i = t; i < n_above; i += THREADS) {
-        const unsigned k = cand_key[i];
-        if (255 - (int)(k >> 8) == high_bin) atomicAdd(&hist[255 - (k & 0xFFu)], 1u);
-    }
-    __syncthreads();
-    if (t < 32) boundary_bin(hist, need, &pick[2], &pick[3]);
-    __syncthreads();
-    const unsigned kth = ((unsigned)(255 - high_bin) << 8) | (unsigned)(255 - pick[2]);
-    const int ties_to_take = pick[3];
+    // Radix select over the keys above.
+    unsigned kth;
+    int ties_to_take;
+    radix_kth([&](int i) { return (unsigned)cand_key[i]; }, n_above, topk, hist, pick, &kth, &ties_to_take);
 
     // Emit in list order, which is column order, so the row's top-k comes out sorted: every key above the
     // k-th key and the first ties_to_take keys equal to it (the lowest positions win, as the reference).
