@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsarag.kernels.torch_dsa import check_topk_holds_forced
+from dsarag.kernels.torch_dsa import check_topk_holds_forced, wants_gradient
 
 SOURCE = Path(__file__).with_name("cpu_dsa.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -177,11 +177,6 @@ def _f32_rows(cache: Tensor) -> Tensor:
     return _rows(cache.to(torch.float32))
 
 
-def _wants_gradient(*tensors: Tensor) -> bool:
-    """The compiled kernels have no backward: calls that autograd must follow stay in PyTorch."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def projects_natively(indexer: nn.Module, x: Tensor) -> bool:
     """Whether `index_projection` serves x: a few new tokens (a decode step) on the CPU, in float32 or bf16 like
     the indexer's weights, with no gradient wanted (the kernel has no backward)."""
@@ -191,7 +186,7 @@ def projects_natively(indexer: nn.Module, x: Tensor) -> bool:
         and x.shape[1] < FEW_QUERIES
         and x.dtype in (torch.float32, torch.bfloat16)
         and all(p.dtype == x.dtype and p.is_contiguous() for p in params)
-        and not _wants_gradient(x, *params)
+        and not wants_gradient(x, *params)
     )
 
 
@@ -238,7 +233,7 @@ def runs_linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.shape[-1] % AMX_DEPTH == 0
         and _all_bf16(*tensors)
         and weight.is_contiguous()
-        and not _wants_gradient(*tensors)
+        and not wants_gradient(*tensors)
         and avx512_bf16_ready()
     )
 
@@ -270,7 +265,7 @@ def _runs_rows(x: Tensor, n_rows: int, *others: Tensor) -> bool:
         and n_rows < FEW_QUERIES
         and x.dtype in (torch.float32, torch.bfloat16)
         and all(t.dtype == x.dtype for t in others)
-        and not _wants_gradient(x, *others)
+        and not wants_gradient(x, *others)
     )
 
 
@@ -389,7 +384,7 @@ def runs_int8_rows(x: Tensor, bias: Tensor | None) -> bool:
         and x.numel() < FEW_QUERIES * x.shape[-1]
         and x.dtype in (torch.float32, torch.bfloat16)
         and all(t.dtype == x.dtype for t in tensors)
-        and not _wants_gradient(*tensors)
+        and not wants_gradient(*tensors)
     )
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from dsarag.kernels.common import INTERPRETED
+from dsarag.kernels.common import runs_in_triton
 from dsarag.kernels.torch_dsa import rope_inverse_frequencies
 
 
@@ -86,11 +86,9 @@ def projects_fused(indexer: nn.Module, x: Tensor) -> bool:
     """Whether `index_projection` serves x: on a GPU (or the Triton interpreter), no gradient wanted (the kernel
     has no backward), power-of-two head shapes with RoPE on the first half of each head."""
     params = (indexer.wq.weight, indexer.wk.weight, indexer.weights_proj.weight, *indexer.k_norm.parameters())
-    wants_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
     n_heads, head_dim = indexer.n_heads, indexer.head_dim
     return (
-        (x.is_cuda or INTERPRETED)
-        and not wants_gradient
+        runs_in_triton(x, *params)
         and n_heads & (n_heads - 1) == 0
         and head_dim & (head_dim - 1) == 0
         and indexer.rope_dims * 2 == head_dim

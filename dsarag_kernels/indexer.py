@@ -459,12 +459,15 @@ def topk_select(
     status = torch.empty(batch, n_queries, dtype=torch.int32, device=scores.device)
     if engine not in ("auto", "cuda", "triton"):
         raise ValueError(f"top-k engine {engine!r}: use auto, cuda or triton")
-    cuda_usable = cuda_topk.usable(scores, topk, capacity)
-    if engine == "cuda" and not cuda_usable:
-        raise ValueError("the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU")
     prefill = not isinstance(q_start, Tensor) and split == 1
+    # Checked (and built) only where it would run: Triton calls and auto decode steps never ask.
+    use_cuda = (engine == "cuda" or (engine == "auto" and prefill)) and cuda_topk.usable(
+        scores, topk, capacity
+    )
+    if engine == "cuda" and not use_cuda:
+        raise ValueError("the CUDA top-k needs bf16 scores in 16-byte aligned rows on a GPU")
     start, start_ptr, on_device = device_start(q_start, status)
-    if engine == "cuda" or (engine == "auto" and prefill and cuda_usable):
+    if use_cuda:
         # Settles every row itself: status 2 marks those its sample missed (the whole-row select ran).
         cuda_topk.topk_rows(scores, q_start, n_keys, topk, capacity, out, status)
     else:

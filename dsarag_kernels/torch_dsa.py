@@ -41,6 +41,12 @@ def _selection_scores(q: Tensor, w: Tensor, k: Tensor, q_positions: Tensor, k_po
     return scores.masked_fill_(future, float("-inf"))
 
 
+def wants_gradient(*tensors: Tensor) -> bool:
+    """Whether autograd must follow a call on these tensors: the compiled and Triton kernels have no backward,
+    so such calls stay in PyTorch."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def check_topk_holds_forced(topk: int, n_sink: int, window: int) -> None:
     """Every selection path's first check: k must have room for the sinks and the window it always keeps."""
     if topk < n_sink + window:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsarag.kernels.common import INTERPRETED
+from dsarag.kernels.common import runs_in_triton
 
 
 @triton.jit
@@ -53,18 +53,12 @@ def _rope_kernel(
     )
 
 
-def _runs_here(*tensors: Tensor) -> bool:
-    """On a GPU (or the interpreter) and no gradient wanted: the kernels have no backward."""
-    wants_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return all(t.is_cuda or INTERPRETED for t in tensors) and not wants_gradient
-
-
 def rows_rms_norm(fallback: Callable) -> Callable:
     """The RMSNorm (x, weight, eps) -> normed x: one launch on a GPU, else `fallback`."""
 
     def norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         dim = x.shape[-1]
-        if not _runs_here(x, weight) or x.stride(-1) != 1 or not weight.is_contiguous():
+        if not runs_in_triton(x, weight) or x.stride(-1) != 1 or not weight.is_contiguous():
             return fallback(x, weight, eps)
         rows = x.reshape(-1, dim)
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -85,7 +79,7 @@ def rows_rope(fallback: Callable) -> Callable:
         cos, sin = cos_sin
         batch, n_rows, n_heads, head_dim = x.shape
         if (
-            not _runs_here(x, cos, sin)
+            not runs_in_triton(x, cos, sin)
             or cos.dtype != torch.float32
             or x.stride(3) != 1
             or head_dim & (head_dim - 1)
